@@ -1,0 +1,46 @@
+"""HDF5 store of per-token activations and metrics: the only package that imports h5py.
+
+Write with `open_writer(path, metadata=...)` (append / resume / crash-safe, one writer per file),
+read lazily without torch with `open_cache(path)`, overview with `summarize(path)`. The layout is
+schema v1 (`cache.schema`, `cache/SCHEMA.md`); bfloat16 is stored as raw bits (`cache.bf16`).
+"""
+
+from cache.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
+from cache.errors import (
+    CacheCorruptError,
+    CacheError,
+    CacheInputError,
+    CacheLockedError,
+    CacheMismatchError,
+    CacheVersionError,
+    DuplicateTraceError,
+    NotACacheError,
+    TraceNotFoundError,
+)
+from cache.reader import CachedTrace, CacheReader, LazyArray, SiteInfo, open_cache, summarize
+from cache.schema import SCHEMA_VERSION
+from cache.writer import CacheWriter, SiteArray, open_writer
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CacheCorruptError",
+    "CacheError",
+    "CacheInputError",
+    "CacheLockedError",
+    "CacheMismatchError",
+    "CacheReader",
+    "CacheVersionError",
+    "CacheWriter",
+    "CachedTrace",
+    "DuplicateTraceError",
+    "LazyArray",
+    "NotACacheError",
+    "SiteArray",
+    "SiteInfo",
+    "TraceNotFoundError",
+    "bf16_bits_to_float32",
+    "float32_to_bf16_bits",
+    "open_cache",
+    "open_writer",
+    "summarize",
+]

@@ -1,0 +1,54 @@
+"""Errors raised by the HDF5 cache; all are `probes.errors.ProbesError`s (one line each in the CLI).
+
+Every message names the file and says how to fix the problem.
+"""
+
+from probes.errors import ProbesError
+
+__all__ = [
+    "CacheCorruptError",
+    "CacheError",
+    "CacheInputError",
+    "CacheLockedError",
+    "CacheMismatchError",
+    "CacheVersionError",
+    "DuplicateTraceError",
+    "NotACacheError",
+    "TraceNotFoundError",
+]
+
+
+class CacheError(ProbesError):
+    """Base class of every cache error."""
+
+
+class CacheInputError(CacheError, ValueError):
+    """An array, name, id or attribute that the writer cannot store as given."""
+
+
+class CacheLockedError(CacheError):
+    """The file is held by another process (HDF5's file lock, errno 11)."""
+
+
+class CacheCorruptError(CacheError):
+    """The file is truncated or damaged (e.g. a writer died before its first flush)."""
+
+
+class NotACacheError(CacheError):
+    """The file is not HDF5, or is HDF5 without this toolkit's schema attributes."""
+
+
+class CacheVersionError(CacheError):
+    """The file's `schema_version` is not one this toolkit reads or appends to."""
+
+
+class CacheMismatchError(CacheError, ValueError):
+    """Appending would mix models, tokenizers or run configs in one file."""
+
+
+class DuplicateTraceError(CacheError, ValueError):
+    """A trace id was written twice in one run."""
+
+
+class TraceNotFoundError(CacheError, LookupError):
+    """A trace id that the cache does not hold (or holds only incompletely)."""
