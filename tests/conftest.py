@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 _ROOT = Path(__file__).resolve().parents[1]
 _SHARED_DATA_CANDIDATES = (_ROOT.parent / "shared" / "data", _ROOT / "shared" / "data")
@@ -17,6 +18,15 @@ def _shared_data(relative: str) -> Path:
         f"shared test data {relative!r} not found under "
         f"{[str(b) for b in _SHARED_DATA_CANDIDATES]}"
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny test models run fastest on one thread (and CI machines have two shared cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

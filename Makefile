@@ -1,0 +1,33 @@
+# Two commands for a fresh machine (Python >= 3.10, pip, make):
+#   make demo   build .venv, install the toolkit, run the demo on the built-in tiny-reasoner
+#   make test   build .venv, install the toolkit with its test extras, run the test suite
+# torch is pinned here (2.13.0, the CPU build on our machines); on a GPU box install the torch
+# build you want into .venv first, `pip install -e .` keeps it.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH := torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+.PHONY: demo test install reasoner eval-reasoner
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m probes.run demo --out demo-out
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+# Retrain the shipped checkpoint (deterministic, about 10-15 min on 2 CPU cores) and re-measure it.
+reasoner: $(VENV)/.installed
+	$(PY) -m probes.reasoner.train
+	$(PY) -m probes.reasoner.evaluate
+
+eval-reasoner: $(VENV)/.installed
+	$(PY) -m probes.reasoner.evaluate
