@@ -1,7 +1,9 @@
 """The end-to-end demo on the built-in `tiny-reasoner` and its 200 sample traces.
 
 `run_demo` loads the model, reads and tokenizes the sample traces, labels every token, runs the
-model and returns a JSON-able summary; `format_summary` renders it as a short report.
+model and returns a JSON-able summary; `format_summary` renders it as a short report. With an
+output folder it also writes `summary.json` and an HDF5 cache `run.h5` of the traces (resid_post
+and delta of every layer on the trajectory tokens, float16; see `probes.capture`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from probes.answers import answer_scores, without_trajectory
+from probes.capture import CacheConfig, cache_traces
 from probes.categories import CATEGORY_CODES, categorize, count_categories, load_lexicon
 from probes.models import load_model
 from probes.traces import read_traces, tokenize_traces
@@ -24,14 +27,16 @@ def run_demo(*, out: Path | None = None, limit: int | None = None, device: str =
     """Run the pipeline and summarise it.
 
     Args:
-        out: If given, a folder (created) that receives `summary.json`.
+        out: If given, a folder (created) that receives `summary.json` and the cache `run.h5`
+            (replaced if present).
         limit: Use only the first `limit` sample traces.
         device: Where the model runs (`cpu`, `cuda`, `auto`).
 
     Returns:
         The summary: `n_traces`, `tokens_per_category`, `answer_accuracy` (fraction, full
         trajectory), `answer_accuracy_no_trajectory`, `mean_answer_nll`,
-        `mean_answer_nll_no_trajectory`, per-phrase counts, model record and timing.
+        `mean_answer_nll_no_trajectory`, per-phrase counts, model record and timing; with `out`
+        also `cache` (path, bytes, n_traces, sites, seconds).
     """
     t0 = time.perf_counter()
     loaded = load_model("tiny-reasoner", device=device)
@@ -60,10 +65,22 @@ def run_demo(*, out: Path | None = None, limit: int | None = None, device: str =
         "answer_accuracy_no_trajectory": float(np.mean([s.correct for s in bare])),
         "mean_answer_nll": float(np.mean([s.nll for s in full])),
         "mean_answer_nll_no_trajectory": float(np.mean([s.nll for s in bare])),
-        "seconds": round(time.perf_counter() - t0, 2),
     }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        cfg = CacheConfig(limit=limit)
+        run = cache_traces(loaded, SAMPLE_TRACES, out / "run.h5", cfg, overwrite=True)
+        summary["cache"] = {
+            "path": str(out / "run.h5"),
+            "bytes": run.file_bytes,
+            "n_traces": run.n_written,
+            "sites": list(cfg.sites),
+            "positions": cfg.positions,
+            "dtype": cfg.dtype,
+            "seconds": round(run.seconds_total, 2),
+        }
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    if out is not None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
 
@@ -83,8 +100,15 @@ def format_summary(s: dict) -> str:
     lines += [
         f"greedy answer accuracy: {s['answer_accuracy']:.3f} with the trajectory, "
         f"{s['answer_accuracy_no_trajectory']:.3f} without",
-        f"mean answer NLL (nats/token): {s['mean_answer_nll']:.3f} with the trajectory, "
-        f"{s['mean_answer_nll_no_trajectory']:.3f} without",
-        f"took {s['seconds']:.1f}s",
+        f"mean answer NLL (nats/token): {s['mean_answer_nll']:.3g} with the trajectory, "
+        f"{s['mean_answer_nll_no_trajectory']:.3g} without",
     ]
+    if "cache" in s:
+        c = s["cache"]
+        lines.append(
+            f"cache: {c['path']} ({c['bytes'] / 2**20:.1f} MiB; {c['n_traces']} traces, "
+            f"{' + '.join(c['sites'])} of every layer on {c['positions']} tokens, {c['dtype']}; "
+            f"inspect it with `python -m probes.run inspect {c['path']}`)"
+        )
+    lines.append(f"took {s['seconds']:.1f}s")
     return "\n".join(lines)
