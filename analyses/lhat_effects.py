@@ -1,0 +1,1091 @@
+"""Behavioural per-token effects on the L̂ curve, category comparisons with controls, L̂ trends.
+
+Everything here works on one trace's L̂ curve (MEASUREMENTS §1.3, M8) and its per-token category
+arrays (`probes.categories.categorize`), all as numpy arrays. Pure functions; no model, no I/O.
+
+Conventions (as in `probes.lhat`):
+
+* `lhat` is float [T+1]; index t = number of trajectory tokens in the prefix (`lhat[0]`: no
+  trajectory, `lhat[T]`: the full trajectory).
+* Trajectory tokens are indexed 0..T−1. The change caused by token i is `lhat[i+1] − lhat[i]`.
+* A phrase occurrence covers trajectory tokens `[a, b)` (an `Occurrence`).
+
+Per token i (MEASUREMENTS §1.4):
+
+    Δ_i = lhat[i+1] − lhat[i],  |Δ_i|,  ρ_i = |Δ_i| / lhat[i],  λ_i = log lhat[i+1] − log lhat[i]
+
+Per occurrence [a, b) (the change across the whole phrase; for b = a + 1 it is the token's):
+
+    Δ = lhat[b] − lhat[a],  ρ = |Δ| / lhat[a],  λ = log lhat[b] − log lhat[a]
+
+so the phrase Δ is the sum of its tokens' Δs. With `raml_notebook=True` the window is RaML's
+notebook's `[a, b+1]` (one token past the word; the off-by-one is reproduced on purpose, §1.4),
+and `raml_notebook_occurrences` reproduces the notebook's word matching (no-space ids only, up to
+the first `</think>`).
+
+Statistics treat traces as units (MEASUREMENTS §7.5): `token_effects` builds one trace's table
+(including the controls), `per_trace_aggregates` reduces each category / control / phrase to one
+number per trace, `category_comparison` compares them with `analyses.stats.compare_paired`
+(bootstrap CIs over traces, Wilcoxon signed-rank, Cliff's δ, Holm over every comparison made).
+
+Controls (reflection words are mostly paragraph-initial, §7.1):
+
+* *paragraph-initial ordinary* tokens (`paragraph_starts` from the token strings);
+* *position-matched ordinary* tokens: the ordinary token(s) nearest to each reflection
+  occurrence (`position_matched_ordinary`);
+* *shuffled labels*: the trajectory's labels permuted within the trace (`shuffled_labels`); the
+  null compares the tokens that got the "reflection" label with an equally large random sample of
+  the tokens that got the "ordinary" label (two exchangeable random token sets, so the within-trace
+  difference is symmetric about 0 and the Wilcoxon test is exact under the null).
+
+Also: `lhat_trend` (does L̂ fall along the trajectory?) and `compare_curves` (e.g. thinking vs
+no-thinking curves: final L̂, area under the normalised curve, half-change time).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+from scipy import signal, stats
+
+from analyses.stats import PairedComparison, bootstrap_ci, cliffs_delta, compare_paired, holm
+
+__all__ = [
+    "DEFAULT_PAIRS",
+    "DELIMITER",
+    "METRICS",
+    "ORDINARY",
+    "RAML_NOTEBOOK_WORDS",
+    "REFLECTION",
+    "ComparisonTable",
+    "CurveComparison",
+    "Occurrence",
+    "TraceEffects",
+    "category_comparison",
+    "compare_curves",
+    "curve_summaries",
+    "ema",
+    "format_comparison_table",
+    "lhat_trend",
+    "occurrence_effects",
+    "paragraph_starts",
+    "per_trace_aggregates",
+    "phrase_occurrences",
+    "pooled_values",
+    "position_matched_ordinary",
+    "raml_notebook_occurrences",
+    "shuffled_labels",
+    "token_effects",
+    "token_metrics",
+]
+
+ORDINARY, REFLECTION, DELIMITER = 0, 1, 2
+"""Category codes of trajectory tokens (equal to `probes.categories.CATEGORY_CODES`; not imported
+so that this package stays free of the tokenizer stack)."""
+
+METRICS = ("delta", "abs_delta", "rho", "lam", "abs_lam")
+"""Metric names: signed change Δ, |Δ|, RaML's relative change ρ, log-ratio λ, |λ|."""
+
+RAML_NOTEBOOK_WORDS = (
+    "wait", "Wait", "retry", "Retry", "recheck", "Recheck",
+    "however", "However", "alternatively", "Alternatively",
+)
+"""The reflection words of RaML's `pseudo_gradient_descent.ipynb` (cell 26), in its order."""
+
+DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (
+    ("reflection", "ordinary"),
+    ("delimiter", "ordinary"),
+    ("reflection", "delimiter"),
+    ("reflection", "paragraph_initial"),
+    ("reflection", "position_matched"),
+    ("shuffled_reflection", "shuffled_ordinary"),
+)
+"""Comparisons made by `category_comparison` (per-phrase ones are added to these).
+
+The shuffled-label null pairs shuffled "reflection" tokens with an equally large random sample of
+shuffled "ordinary" tokens: two exchangeable random token sets of one trace, so they differ by
+chance only. Two alternatives are *not* nulls: shuffled reflection against the real ordinary
+tokens (the shuffled set contains real reflection tokens, so a real effect leaks into it), and
+shuffled reflection against *all* shuffled-ordinary tokens (the mean of a few tokens against the
+mean of hundreds: with heavy-tailed |ΔL̂| the small set's mean is usually below the large set's,
+so the signed-rank test can reject without any effect)."""
+
+_UNITS = ("phrase", "first_token", "token")
+_SET_NAMES = (
+    "reflection", "delimiter", "ordinary", "paragraph_initial", "position_matched",
+    "shuffled_reflection", "shuffled_ordinary",
+)
+
+
+class Occurrence(NamedTuple):
+    """A phrase occurrence covering trajectory tokens `[start, end)` (0-based).
+
+    Attributes:
+        start: First trajectory token.
+        end: One past the last trajectory token.
+        category: Category code (1 reflection, 2 delimiter).
+        phrase_id: Phrase id (lexicon id, or index into `RAML_NOTEBOOK_WORDS` for notebook
+            matches); -1 when unknown.
+    """
+
+    start: int
+    end: int
+    category: int
+    phrase_id: int
+
+
+# --------------------------------------------------------------------------------------------------
+# Curves and per-token metrics
+
+
+def _as_curve(lhat: np.ndarray | Sequence[float]) -> np.ndarray:
+    arr = np.asarray(lhat, dtype=np.float64)
+    if arr.ndim != 1 or arr.size < 1:
+        raise ValueError(f"An L̂ curve must be 1-D with T+1 >= 1 points, got shape {arr.shape}.")
+    return arr
+
+
+def _safe_log(x: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(x > 0, np.log(np.where(x > 0, x, 1.0)), np.nan)
+
+
+def _window_metrics(lhat: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> dict[str, np.ndarray]:
+    """Metrics of the change lhat[lo] → lhat[hi] (NaN where hi is past the curve)."""
+    lo = np.asarray(lo, dtype=np.int64)
+    hi = np.asarray(hi, dtype=np.int64)
+    ok = (hi < lhat.size) & (lo >= 0)
+    before = np.where(ok, lhat[np.clip(lo, 0, lhat.size - 1)], np.nan)
+    after = np.where(ok, lhat[np.clip(hi, 0, lhat.size - 1)], np.nan)
+    delta = after - before
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rho = np.where(before == 0, np.nan, np.abs(delta) / before)
+    lam = _safe_log(after) - _safe_log(before)
+    return {
+        "delta": delta,
+        "abs_delta": np.abs(delta),
+        "rho": rho,
+        "lam": lam,
+        "abs_lam": np.abs(lam),
+    }
+
+
+def token_metrics(lhat: np.ndarray | Sequence[float]) -> dict[str, np.ndarray]:
+    """Per-token Δ, |Δ|, ρ, λ, |λ| of one curve.
+
+    Index i belongs to trajectory token i (the change `lhat[i] → lhat[i+1]`); equal to
+    `probes.lhat.delta_lhat`, `relative_change` and `log_ratio`.
+
+    Args:
+        lhat: float [T+1] L̂ curve.
+
+    Returns:
+        {metric: float64 [T]} for the names in `METRICS`; ρ is NaN where `lhat[i] = 0` (RaML's
+        notebook skips those), λ where either point is not positive.
+    """
+    arr = _as_curve(lhat)
+    t = np.arange(arr.size - 1)
+    return _window_metrics(arr, t, t + 1)
+
+
+def occurrence_effects(
+    lhat: np.ndarray | Sequence[float],
+    occurrences: Sequence[Occurrence] | Sequence[tuple[int, int, int, int]],
+    *,
+    raml_notebook: bool = False,
+) -> dict[str, np.ndarray]:
+    """Metrics of the change across each phrase occurrence.
+
+    Default window: `lhat[a] → lhat[b]` for an occurrence `[a, b)`, i.e. from the prefix just
+    before the phrase to the prefix that ends with its last token (MEASUREMENTS §1.4, toolkit
+    definition `ρ(w) = |L̂_{e(w)} − L̂_{s(w)−1}| / L̂_{s(w)−1}`). Its Δ equals the sum of the
+    token Δs of the phrase.
+
+    `raml_notebook=True`: RaML notebook window `lhat[a] → lhat[b+1]`, one token *past* the word
+    (the notebook's `|L̂_{i+|w|} − L̂_{i−1}| / L̂_{i−1}`; the off-by-one is kept on purpose to
+    reproduce its numbers). Applied to Δ and λ too. NaN when `b + 1 > T` (no such prefix).
+
+    Args:
+        lhat: float [T+1] L̂ curve.
+        occurrences: `(start, end, ...)` tuples in trajectory token coordinates.
+        raml_notebook: Use the notebook's window.
+
+    Returns:
+        {metric: float64 [n_occurrences]} for the names in `METRICS`.
+    """
+    arr = _as_curve(lhat)
+    starts = np.array([int(o[0]) for o in occurrences], dtype=np.int64)
+    ends = np.array([int(o[1]) for o in occurrences], dtype=np.int64)
+    bad = np.any(starts < 0) or np.any(ends <= starts) or np.any(ends > arr.size - 1)
+    if starts.size and bad:
+        raise ValueError(
+            f"Occurrences must satisfy 0 <= start < end <= T = {arr.size - 1}; got "
+            f"{list(zip(starts.tolist(), ends.tolist()))[:5]}..."
+        )
+    return _window_metrics(arr, starts, ends + 1 if raml_notebook else ends)
+
+
+def ema(values: np.ndarray | Sequence[float], alpha: float) -> np.ndarray:
+    """Exponential moving average `s_0 = x_0, s_t = α x_t + (1 − α) s_{t−1}` (RaML plots: α=0.01).
+
+    Args:
+        values: float [n].
+        alpha: Smoothing factor in (0, 1]; 1 returns the input.
+
+    Returns:
+        float64 [n].
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}.")
+    if x.size == 0:
+        return x.copy()
+    out, _ = signal.lfilter([alpha], [1.0, alpha - 1.0], x, zi=[(1.0 - alpha) * x[0]])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Occurrences
+
+
+def phrase_occurrences(
+    category: np.ndarray,
+    phrase_id: np.ndarray | None = None,
+    is_first: np.ndarray | None = None,
+    traj_span: tuple[int, int] | None = None,
+) -> list[Occurrence]:
+    """Phrase occurrences from per-token arrays, in trajectory token coordinates.
+
+    An occurrence starts at a reflection/delimiter token that is a phrase's first token
+    (`is_first`), or whose category or phrase differs from the previous token's; it runs while the
+    following tokens carry the same category and phrase and are not a first token.
+
+    Args:
+        category: uint8 per-token category codes (`TokenCategories.category`), over the whole
+            sequence when `traj_span` is given, else over the trajectory only.
+        phrase_id: int per-token phrase ids (-1 none), same length; None: runs of one category.
+        is_first: bool per-token "first token of its occurrence", same length; None: runs only.
+        traj_span: `(start, end)` of the trajectory in the arrays (`tt.spans["trajectory"]`), or
+            None when the arrays already cover the trajectory only.
+
+    Returns:
+        The occurrences, sorted by start; `start`/`end` are 0-based trajectory token indices.
+    """
+    cat = np.asarray(category)
+    sl = slice(*traj_span) if traj_span is not None else slice(None)
+    cat = cat[sl].astype(np.int64)
+    n = cat.size
+    pid = (np.asarray(phrase_id)[sl].astype(np.int64) if phrase_id is not None
+           else np.full(n, -1, dtype=np.int64))
+    first = (np.asarray(is_first)[sl].astype(bool) if is_first is not None
+             else np.zeros(n, dtype=bool))
+    if pid.size != n or first.size != n:
+        raise ValueError("category, phrase_id and is_first must have the same length.")
+    labelled = (cat == REFLECTION) | (cat == DELIMITER)
+    prev_cat = np.concatenate([[-1], cat[:-1]])
+    prev_pid = np.concatenate([[-2], pid[:-1]])
+    prev_lab = np.concatenate([[False], labelled[:-1]])
+    new = labelled & (first | ~prev_lab | (prev_cat != cat) | (prev_pid != pid))
+    starts = np.flatnonzero(new)
+    breaks = np.flatnonzero(new | ~labelled)
+    out = []
+    for s in starts:
+        k = np.searchsorted(breaks, s, side="right")
+        e = int(breaks[k]) if k < breaks.size else n
+        out.append(Occurrence(int(s), e, int(cat[s]), int(pid[s])))
+    return out
+
+
+def _find_subsequence(ids: np.ndarray, pattern: np.ndarray) -> np.ndarray:
+    """Start indices where `pattern` occurs in `ids` (overlaps allowed)."""
+    m = pattern.size
+    if m == 0 or ids.size < m:
+        return np.zeros(0, dtype=np.int64)
+    windows = np.lib.stride_tricks.sliding_window_view(ids, m)
+    return np.flatnonzero(np.all(windows == pattern[None, :], axis=1))
+
+
+def raml_notebook_occurrences(
+    traj_token_ids: np.ndarray | Sequence[int],
+    tokenizer_encode: Callable[[str], Sequence[int]],
+    think_close_id: int | Sequence[int] | None = None,
+    *,
+    words: Sequence[str] = RAML_NOTEBOOK_WORDS,
+) -> list[Occurrence]:
+    """Reflection words matched exactly as RaML's notebook does (MEASUREMENTS §1.4).
+
+    Each word is matched by the id sequence `tokenizer_encode(word)`, i.e. its spelling *without*
+    a leading space. So a line-initial "Wait" (after "\\n\\n", or after punctuation when the
+    tokenizer splits there) is found, but a mid-sentence " wait" (a different BPE id) is not.
+    Only tokens before the first `</think>` are scanned; a match must end before it. Words are
+    matched independently (the notebook keeps one list per word).
+
+    Args:
+        traj_token_ids: int [T] trajectory token ids.
+        tokenizer_encode: `str -> ids` without special tokens, e.g.
+            `lambda s: tok.encode(s, add_special_tokens=False)` (a callable, so that this module
+            does not import transformers).
+        think_close_id: Id of `</think>` (or its id sequence when it is several tokens); None: scan
+            everything.
+        words: The word list (default: the notebook's ten).
+
+    Returns:
+        `Occurrence(start, end, 1, word_index)` per match (word_index into `words`), sorted by
+        (start, word_index).
+    """
+    ids = np.asarray(traj_token_ids, dtype=np.int64)
+    stop = ids.size
+    if think_close_id is not None:
+        close = np.atleast_1d(np.asarray(think_close_id, dtype=np.int64))
+        hits = _find_subsequence(ids, close)
+        if hits.size:
+            stop = int(hits[0])
+    scan = ids[:stop]
+    out = []
+    for w_idx, word in enumerate(words):
+        pattern = np.asarray(list(tokenizer_encode(word)), dtype=np.int64)
+        for s in _find_subsequence(scan, pattern):
+            out.append(Occurrence(int(s), int(s) + pattern.size, REFLECTION, w_idx))
+    return sorted(out, key=lambda o: (o.start, o.phrase_id))
+
+
+# --------------------------------------------------------------------------------------------------
+# Controls
+
+
+def paragraph_starts(token_strings: Sequence[str], *, include_first: bool = False) -> np.ndarray:
+    """Which tokens start a paragraph ("\\n\\n"-separated), from the decoded token strings.
+
+    Token i starts a paragraph when it holds a non-whitespace character and the whitespace run just
+    before its first non-whitespace character (possibly spread over earlier tokens, e.g. "\\n" +
+    "\\n", or inside the token, e.g. "\\n\\nWait") contains at least two newlines. So both "the
+    previous token ends with \\n\\n" and "the token starts with \\n\\n" count. Whitespace-only
+    tokens never start a paragraph.
+
+    Args:
+        token_strings: Decoded text of every token (e.g. `tok.decode([id])` or slices of the text by
+            the offset mapping), not byte-level symbols such as "ĊĊ".
+        include_first: Also mark the first token with non-whitespace text.
+
+    Returns:
+        bool [n].
+    """
+    out = np.zeros(len(token_strings), dtype=bool)
+    pending_newlines = 0
+    seen_content = False
+    for i, s in enumerate(token_strings):
+        stripped = s.lstrip()
+        if not stripped:
+            pending_newlines += s.count("\n")
+            continue
+        lead = s[: len(s) - len(stripped)]
+        newlines = pending_newlines + lead.count("\n")
+        out[i] = newlines >= 2 or (include_first and not seen_content)
+        seen_content = True
+        trail = s[len(s.rstrip()):]
+        pending_newlines = trail.count("\n")
+    return out
+
+
+def position_matched_ordinary(
+    occurrence_starts: np.ndarray | Sequence[int],
+    ordinary_mask: np.ndarray,
+    rng: np.random.Generator | int | None = None,
+    k: int = 1,
+    *,
+    window: int | None = None,
+) -> np.ndarray:
+    """Ordinary tokens matched in position to each occurrence (a control for position effects).
+
+    Default: for each occurrence start s, the k ordinary tokens nearest to s (|i − s| smallest;
+    ties, e.g. s−1 against s+1, broken at random). With `window=w`: k ordinary tokens drawn at
+    random without replacement from those with |i − s| <= w (fewer if fewer exist).
+
+    Args:
+        occurrence_starts: int [n_occ] first trajectory token of each occurrence.
+        ordinary_mask: bool [T] tokens eligible as controls (ordinary, inside no phrase).
+        rng: Generator or seed for tie-breaking / sampling.
+        k: Controls per occurrence.
+        window: Sample within ±window tokens instead of taking the nearest.
+
+    Returns:
+        int64 [n_occ, k] trajectory token indices; -1 where no control was found.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}.")
+    rng = np.random.default_rng(rng)
+    starts = np.asarray(occurrence_starts, dtype=np.int64).reshape(-1)
+    cand = np.flatnonzero(np.asarray(ordinary_mask, dtype=bool))
+    out = np.full((starts.size, k), -1, dtype=np.int64)
+    if cand.size == 0:
+        return out
+    for r, s in enumerate(starts):
+        dist = np.abs(cand - s)
+        if window is None:
+            jitter = dist + rng.random(cand.size) * 0.5  # < 1: breaks ties only
+            take = min(k, cand.size)
+            chosen = cand[np.argsort(jitter, kind="stable")[:take]]
+        else:
+            pool = cand[dist <= window]
+            take = min(k, pool.size)
+            chosen = rng.choice(pool, size=take, replace=False) if take else pool[:0]
+        out[r, : chosen.size] = np.sort(chosen)
+    return out
+
+
+def shuffled_labels(
+    category_codes: np.ndarray, rng: np.random.Generator | int | None = None
+) -> np.ndarray:
+    """Category labels permuted among a trace's trajectory tokens (counts preserved): the null.
+
+    Args:
+        category_codes: [T] labels of one trace's trajectory tokens.
+        rng: Generator or seed.
+
+    Returns:
+        A permutation of `category_codes` (same dtype).
+    """
+    return np.random.default_rng(rng).permutation(np.asarray(category_codes))
+
+
+# --------------------------------------------------------------------------------------------------
+# One trace's table
+
+
+@dataclass(frozen=True)
+class TraceEffects:
+    """Per-token and per-occurrence effects of one trace, with its control sets.
+
+    Attributes:
+        lhat: float64 [T+1] the curve.
+        token: {metric: float64 [T]} per-token Δ, |Δ|, ρ, λ, |λ| (`token_metrics`).
+        labels: uint8 [T] labels used for the sets: 1/2 on tokens inside a reflection/delimiter
+            occurrence, 0 on ordinary tokens (other codes passed in are kept and excluded).
+        occurrences: The occurrences (trajectory coordinates).
+        occ: {metric: float64 [n_occ]} across each occurrence (`occurrence_effects`).
+        paragraph_initial: bool [T] ordinary tokens that start a paragraph, or None when no
+            paragraph starts were given.
+        position_matched: int64 [n_reflection_occ, k] matched ordinary tokens (-1 none).
+        shuffled: [T] `labels` permuted within the trace.
+        shuffled_ordinary: int64 [n] a random sample, as large as the shuffled reflection set, of
+            the tokens whose shuffled label is ordinary (the null's comparison set).
+        raml_notebook: Whether `occ` uses the notebook window.
+    """
+
+    lhat: np.ndarray
+    token: dict[str, np.ndarray]
+    labels: np.ndarray
+    occurrences: tuple[Occurrence, ...]
+    occ: dict[str, np.ndarray]
+    paragraph_initial: np.ndarray | None
+    position_matched: np.ndarray
+    shuffled: np.ndarray
+    shuffled_ordinary: np.ndarray
+    raml_notebook: bool = False
+
+    @property
+    def n_tokens(self) -> int:
+        """T, the number of trajectory tokens."""
+        return int(self.labels.size)
+
+    @property
+    def ordinary_mask(self) -> np.ndarray:
+        """bool [T] ordinary tokens (inside no occurrence)."""
+        return self.labels == ORDINARY
+
+    def unit_values(self, name: str, metric: str = "abs_delta", unit: str = "phrase") -> np.ndarray:
+        """The metric values of one set's units in this trace.
+
+        Args:
+            name: A set name (`reflection`, `delimiter`, `ordinary`, `paragraph_initial`,
+                `position_matched`, `shuffled_reflection`, `shuffled_ordinary`) or `phrase:<id>`
+                (by numeric phrase id).
+            metric: One of `METRICS`.
+            unit: How phrase sets count (`reflection`, `delimiter`, `phrase:*`): `"phrase"` one
+                value per occurrence across the whole phrase; `"first_token"` the token value of
+                each occurrence's first token; `"token"` every token inside the occurrences.
+                Control sets are always single tokens.
+
+        Returns:
+            float64 [n_units] (NaN entries kept; e.g. ρ at L̂ = 0).
+        """
+        _check_metric(metric)
+        if unit not in _UNITS:
+            raise ValueError(f"unit must be one of {_UNITS}, got {unit!r}.")
+        tok = self.token[metric]
+        if name == "ordinary":
+            return tok[self.ordinary_mask]
+        if name == "paragraph_initial":
+            return tok[self.paragraph_initial] if self.paragraph_initial is not None else tok[:0]
+        if name == "position_matched":
+            idx = self.position_matched.reshape(-1)
+            return tok[idx[idx >= 0]]
+        if name == "shuffled_reflection":
+            return tok[self.shuffled == REFLECTION]
+        if name == "shuffled_ordinary":
+            return tok[self.shuffled_ordinary]
+        if name in ("reflection", "delimiter"):
+            code = REFLECTION if name == "reflection" else DELIMITER
+            sel = [i for i, o in enumerate(self.occurrences) if o.category == code]
+        elif name.startswith("phrase:"):
+            pid = int(name.split(":", 1)[1])
+            sel = [i for i, o in enumerate(self.occurrences) if o.phrase_id == pid]
+        else:
+            raise ValueError(f"Unknown set name {name!r}.")
+        if unit == "phrase":
+            return self.occ[metric][np.asarray(sel, dtype=np.int64)]
+        if unit == "first_token":
+            return tok[np.asarray([self.occurrences[i].start for i in sel], dtype=np.int64)]
+        idx = [t for i in sel for t in range(self.occurrences[i].start, self.occurrences[i].end)]
+        return tok[np.asarray(sorted(set(idx)), dtype=np.int64)]
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
+
+
+def token_effects(
+    lhat: np.ndarray | Sequence[float],
+    category: np.ndarray,
+    phrase_id: np.ndarray | None = None,
+    is_first: np.ndarray | None = None,
+    *,
+    traj_span: tuple[int, int] | None = None,
+    occurrences: Sequence[Occurrence] | None = None,
+    raml_notebook: bool = False,
+    paragraph_start: np.ndarray | None = None,
+    n_matched: int = 1,
+    match_window: int | None = None,
+    rng: np.random.Generator | int | None = None,
+) -> TraceEffects:
+    """Build one trace's effect table: per-token and per-phrase metrics plus the control sets.
+
+    Example:
+        >>> cats = categorize(tt, lexicon)
+        >>> fx = token_effects(lhat, cats.category, cats.phrase_id, cats.is_first,
+        ...                    traj_span=tt.spans["trajectory"],
+        ...                    paragraph_start=paragraph_starts(traj_token_strings), rng=gen)
+
+    Args:
+        lhat: float [T+1] the trace's L̂ curve.
+        category: uint8 category codes, over the whole sequence with `traj_span`, else [T].
+        phrase_id: Phrase ids aligned with `category` (-1 none), or None.
+        is_first: First-token flags aligned with `category`, or None.
+        traj_span: The trajectory's `(start, end)` in the arrays, or None if they are [T] already.
+        occurrences: Occurrences to use instead of those in the arrays (e.g. from
+            `raml_notebook_occurrences`). Tokens they cover become reflection/delimiter; the rest
+            keep `category` except that lexicon phrases they do not cover become ordinary.
+        raml_notebook: Use the notebook's `[a, b+1]` window for the occurrence metrics.
+        paragraph_start: bool [T] "token starts a paragraph" (`paragraph_starts`), or None to
+            skip that control.
+        n_matched: Position-matched controls per reflection occurrence.
+        match_window: If set, sample the matched controls within ±window instead of nearest.
+        rng: Generator (pass one shared generator over all traces) or seed; None: seed 0.
+
+    Returns:
+        The `TraceEffects`.
+
+    Raises:
+        ValueError: If `lhat` does not have T+1 points or arrays disagree in length.
+    """
+    curve = _as_curve(lhat)
+    cat = np.asarray(category)
+    if traj_span is not None:
+        cat = cat[slice(*traj_span)]
+    n = cat.size
+    if curve.size != n + 1:
+        raise ValueError(f"lhat has {curve.size} points but the trajectory has {n} tokens "
+                         f"(expected T+1 = {n + 1}).")
+    rng = np.random.default_rng(0 if rng is None else rng)
+    if occurrences is None:
+        occs = phrase_occurrences(category, phrase_id, is_first, traj_span)
+    else:
+        occs = sorted((Occurrence(*map(int, o[:4])) for o in occurrences),
+                      key=lambda o: (o.start, o.phrase_id))
+
+    labels = cat.astype(np.uint8).copy()
+    labels[(labels == REFLECTION) | (labels == DELIMITER)] = ORDINARY
+    for o in occs:
+        if not 0 <= o.start < o.end <= n:
+            raise ValueError(f"Occurrence {o} is outside the trajectory (T = {n}).")
+        labels[o.start:o.end] = o.category
+
+    para = None
+    if paragraph_start is not None:
+        ps = np.asarray(paragraph_start, dtype=bool)
+        if ps.size != n:
+            raise ValueError(f"paragraph_start has {ps.size} entries, the trajectory {n}.")
+        para = ps & (labels == ORDINARY)
+
+    refl_starts = [o.start for o in occs if o.category == REFLECTION]
+    matched = position_matched_ordinary(refl_starts, labels == ORDINARY, rng, n_matched,
+                                        window=match_window)
+    shuffled = shuffled_labels(labels, rng)
+    pool = np.flatnonzero(shuffled == ORDINARY)
+    size = min(int(np.sum(shuffled == REFLECTION)), pool.size)
+    shuffled_ord = np.sort(rng.choice(pool, size=size, replace=False)) if size else pool[:0]
+    return TraceEffects(
+        lhat=curve,
+        token=token_metrics(curve),
+        labels=labels,
+        occurrences=tuple(occs),
+        occ=occurrence_effects(curve, occs, raml_notebook=raml_notebook),
+        paragraph_initial=para,
+        position_matched=matched,
+        shuffled=shuffled,
+        shuffled_ordinary=shuffled_ord.astype(np.int64),
+        raml_notebook=raml_notebook,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Aggregation and comparison
+
+
+def _phrase_label(pid: int, phrase_names: Mapping[int, str] | Sequence[str] | None) -> str:
+    if phrase_names is None:
+        return f"phrase:{pid}"
+    try:
+        return f"phrase:{phrase_names[pid]}"
+    except (KeyError, IndexError):
+        return f"phrase:{pid}"
+
+
+def _reduce(values: np.ndarray, statistic: str) -> float:
+    v = values[~np.isnan(values)]
+    if v.size == 0:
+        return float("nan")
+    return float(np.mean(v) if statistic == "mean" else np.median(v))
+
+
+def per_trace_aggregates(
+    effects: Sequence[TraceEffects],
+    metric: str = "abs_delta",
+    statistic: str = "mean",
+    *,
+    unit: str = "phrase",
+    phrase_names: Mapping[int, str] | Sequence[str] | None = None,
+    phrases: bool = True,
+) -> dict[str, np.ndarray]:
+    """One number per trace for every category, control and phrase.
+
+    Args:
+        effects: One `TraceEffects` per trace (the traces are the units).
+        metric: One of `METRICS`.
+        statistic: `"mean"` or `"median"` over a trace's units (NaNs ignored).
+        unit: Phrase-set unit (see `TraceEffects.unit_values`): `"phrase"` (whole occurrence,
+            default), `"first_token"` or `"token"`.
+        phrase_names: Phrase id → name (e.g. `[p.phrase for p in lexicon.phrases]`, or
+            `RAML_NOTEBOOK_WORDS` for notebook occurrences); ids without a name keep the number.
+        phrases: Also return the per-phrase sets.
+
+    Returns:
+        {name: float64 [n_traces]} (NaN where a trace has no unit of that set) for `reflection`,
+        `delimiter`, `ordinary`, `paragraph_initial`, `position_matched`, `shuffled_reflection`,
+        `shuffled_ordinary` (the size-matched null sample, see `DEFAULT_PAIRS`) and, with `phrases`,
+        `phrase:<name>` for every phrase seen.
+    """
+    _check_metric(metric)
+    if statistic not in ("mean", "median"):
+        raise ValueError(f"statistic must be 'mean' or 'median', got {statistic!r}.")
+    n = len(effects)
+    out = {name: np.full(n, np.nan) for name in _SET_NAMES}
+    pids = sorted({o.phrase_id for fx in effects for o in fx.occurrences if o.phrase_id >= 0})
+    for i, fx in enumerate(effects):
+        for name in _SET_NAMES:
+            out[name][i] = _reduce(fx.unit_values(name, metric, unit), statistic)
+    if phrases:
+        for pid in pids:
+            label = _phrase_label(pid, phrase_names)
+            vals = np.full(n, np.nan)
+            for i, fx in enumerate(effects):
+                vals[i] = _reduce(fx.unit_values(f"phrase:{pid}", metric, unit), statistic)
+            out[label] = vals
+    return out
+
+
+def pooled_values(
+    effects: Sequence[TraceEffects],
+    metric: str = "abs_delta",
+    *,
+    unit: str = "phrase",
+    names: Sequence[str] = ("reflection", "delimiter", "ordinary", "paragraph_initial",
+                            "position_matched"),
+) -> dict[str, np.ndarray]:
+    """All units of each set pooled over traces (for distribution plots; not for tests).
+
+    Args:
+        effects: Per-trace tables.
+        metric: One of `METRICS`.
+        unit: Phrase-set unit (see `TraceEffects.unit_values`).
+        names: Sets to pool.
+
+    Returns:
+        {name: float64 [n_units]} with NaNs dropped.
+    """
+    out = {}
+    for name in names:
+        parts = [fx.unit_values(name, metric, unit) for fx in effects]
+        v = np.concatenate(parts) if parts else np.zeros(0)
+        out[name] = v[~np.isnan(v)]
+    return out
+
+
+@dataclass(frozen=True)
+class ComparisonTable:
+    """Category comparisons with traces as units, Holm-corrected over all rows.
+
+    Attributes:
+        rows: One `PairedComparison` per comparison (defaults first, then phrase vs baseline).
+        meta: Free-form labels (metric, statistic, unit, matching mode, ...).
+    """
+
+    rows: tuple[PairedComparison, ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form: `{"meta": {...}, "rows": [PairedComparison.to_dict(), ...]}`."""
+        return {"meta": dict(self.meta), "rows": [r.to_dict() for r in self.rows]}
+
+    def row(self, a: str, b: str) -> PairedComparison:
+        """The comparison of `a` against `b`."""
+        for r in self.rows:
+            if r.a == a and r.b == b:
+                return r
+        raise KeyError(f"No comparison {a!r} vs {b!r}.")
+
+
+def category_comparison(
+    per_trace: Mapping[str, np.ndarray],
+    *,
+    pairs: Sequence[tuple[str, str]] = DEFAULT_PAIRS,
+    phrases: bool = True,
+    phrase_baseline: str = "ordinary",
+    min_phrase_traces: int = 5,
+    n_boot: int = 2000,
+    seed: int = 0,
+    meta: Mapping[str, Any] | None = None,
+) -> ComparisonTable:
+    """Compare categories, controls and phrases across traces (MEASUREMENTS §7.5).
+
+    Each comparison pairs two per-trace aggregates within traces (`analyses.stats.compare_paired`):
+    medians and means with bootstrap 95% CIs resampling traces, the median within-trace difference
+    with its CI, Cliff's δ, a two-sided Wilcoxon signed-rank p-value, and Holm's adjustment over
+    *all* comparisons made here (default pairs plus phrase comparisons).
+
+    Args:
+        per_trace: From `per_trace_aggregates`.
+        pairs: (A, B) comparisons; names must be keys of `per_trace`.
+        phrases: Add `phrase:<name>` vs `phrase_baseline` for every phrase present in at least
+            `min_phrase_traces` traces together with the baseline (rarer phrases would only
+            enlarge the Holm family without any power).
+        phrase_baseline: The set phrases are compared with.
+        min_phrase_traces: See `phrases`.
+        n_boot: Bootstrap resamples per CI.
+        seed: Base seed.
+        meta: Labels stored in the table (e.g. `{"metric": "abs_delta", "unit": "phrase"}`).
+
+    Returns:
+        The `ComparisonTable`.
+
+    Raises:
+        KeyError: If a pair names a set missing from `per_trace`.
+    """
+    all_pairs = list(pairs)
+    for a, b in all_pairs:
+        for name in (a, b):
+            if name not in per_trace:
+                raise KeyError(f"{name!r} is not in per_trace (keys: {sorted(per_trace)}).")
+    if phrases:
+        if phrase_baseline not in per_trace:
+            raise KeyError(f"{phrase_baseline!r} is not in per_trace.")
+        base = np.asarray(per_trace[phrase_baseline], float)
+        for name in per_trace:
+            if not name.startswith("phrase:"):
+                continue
+            vals = np.asarray(per_trace[name], float)
+            if int(np.sum(~np.isnan(vals) & ~np.isnan(base))) >= min_phrase_traces:
+                all_pairs.append((name, phrase_baseline))
+    rows = compare_paired({k: np.asarray(v, float) for k, v in per_trace.items()}, all_pairs,
+                          n_boot=n_boot, seed=seed) if all_pairs else []
+    return ComparisonTable(rows=tuple(rows), meta=dict(meta or {}))
+
+
+def _fmt(x: float) -> str:
+    return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}"
+
+
+def _fmt_ci(x: float, ci: tuple[float, float]) -> str:
+    return f"{_fmt(x)} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def _fmt_p(p: float) -> str:
+    if p is None or math.isnan(p):
+        return "nan"
+    return f"{p:.2e}" if p < 1e-3 else f"{p:.4f}"
+
+
+def format_comparison_table(table: ComparisonTable | Sequence[PairedComparison]) -> str:
+    """Aligned text table of a `ComparisonTable`.
+
+    Columns: comparison, n traces, median A [95% CI], median B [CI], median within-trace difference
+    [CI], Cliff's δ, Wilcoxon p, Holm-adjusted p.
+
+    Args:
+        table: The table (or a list of `PairedComparison`).
+
+    Returns:
+        The table as text (header, rule, one line per comparison; the meta line first, if any).
+    """
+    rows = table.rows if isinstance(table, ComparisonTable) else tuple(table)
+    header = ["comparison", "n", "median A [CI]", "median B [CI]", "median diff [CI]",
+              "cliff δ", "p", "p_holm"]
+    body = [
+        [f"{r.a} vs {r.b}", str(r.n_traces), _fmt_ci(r.median_a, r.ci_median_a),
+         _fmt_ci(r.median_b, r.ci_median_b), _fmt_ci(r.median_diff, r.ci_median_diff),
+         _fmt(r.cliffs_delta), _fmt_p(r.wilcoxon_p), _fmt_p(r.p_holm)]
+        for r in rows
+    ]
+    widths = [max(len(line[c]) for line in [header, *body]) for c in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    lines = []
+    if isinstance(table, ComparisonTable) and table.meta:
+        lines.append(", ".join(f"{k}={v}" for k, v in table.meta.items()))
+    lines += [line(header), "  ".join("-" * w for w in widths)]
+    lines += [line(b) for b in body]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Trend along the trajectory and curve comparisons
+
+
+def _spearman(y: np.ndarray) -> float:
+    if y.size < 2 or np.any(np.isnan(y)) or np.all(y == y[0]):
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(stats.spearmanr(np.arange(y.size), y).statistic)
+
+
+def _wilcoxon_one_sample(x: np.ndarray) -> float:
+    x = x[~np.isnan(x)]
+    if x.size < 2 or not np.any(x != 0):
+        return float("nan")
+    return float(stats.wilcoxon(x, zero_method="wilcox", alternative="two-sided").pvalue)
+
+
+def lhat_trend(
+    lhat_curves: Iterable[np.ndarray | Sequence[float]], *, n_boot: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """Does L̂ fall along the trajectory? Per trace and across traces (RaML Fig. 3-style claim).
+
+    Per trace: `lhat_0` (no trajectory), `lhat_T` (full), `change = lhat_T − lhat_0`, `falls`
+    (`lhat_T < lhat_0`) and `spearman`, the Spearman correlation of L̂_t with t (negative = falling;
+    NaN for constant or too short curves).
+
+    Args:
+        lhat_curves: One [T+1] curve per trace (lengths may differ).
+        n_boot: Bootstrap resamples.
+        seed: Seed.
+
+    Returns:
+        JSON-able dict: `per_trace` ({name: list}), `n_traces`, `share_falling` and its bootstrap
+        CI `share_falling_ci`, `median_change` with `median_change_ci`, `mean_change`,
+        `wilcoxon_p` (two-sided signed-rank test of the changes against 0), `median_spearman` with
+        `median_spearman_ci`, `share_negative_spearman`.
+    """
+    curves = [_as_curve(c) for c in lhat_curves]
+    l0 = np.array([c[0] for c in curves], dtype=np.float64)
+    lt = np.array([c[-1] for c in curves], dtype=np.float64)
+    change = lt - l0
+    falls = (lt < l0).astype(np.float64)
+    rho = np.array([_spearman(c) for c in curves], dtype=np.float64)
+    ok_rho = rho[~np.isnan(rho)]
+    nan2 = [float("nan"), float("nan")]
+    return {
+        "per_trace": {
+            "lhat_0": l0.tolist(), "lhat_T": lt.tolist(), "change": change.tolist(),
+            "falls": falls.astype(bool).tolist(), "spearman": rho.tolist(),
+        },
+        "n_traces": len(curves),
+        "share_falling": float(falls.mean()) if falls.size else float("nan"),
+        "share_falling_ci": list(bootstrap_ci(falls, np.mean, n_boot=n_boot, seed=seed)),
+        "median_change": float(np.median(change)) if change.size else float("nan"),
+        "median_change_ci": list(bootstrap_ci(change, n_boot=n_boot, seed=seed + 1)),
+        "mean_change": float(change.mean()) if change.size else float("nan"),
+        "wilcoxon_p": _wilcoxon_one_sample(change),
+        "median_spearman": float(np.median(ok_rho)) if ok_rho.size else float("nan"),
+        "median_spearman_ci": (list(bootstrap_ci(ok_rho, n_boot=n_boot, seed=seed + 2))
+                               if ok_rho.size else nan2),
+        "share_negative_spearman": float(np.mean(ok_rho < 0)) if ok_rho.size else float("nan"),
+    }
+
+
+def curve_summaries(lhat_curves: Iterable[np.ndarray | Sequence[float]]) -> dict[str, np.ndarray]:
+    """Per-curve summaries used to compare two sets of curves.
+
+    * `final`: L̂_T.
+    * `auc`: area under the normalised curve `L̂_t / L̂_0` over `x = t / T ∈ [0, 1]`
+      (trapezoid; 1 = no progress, smaller = faster/larger decrease). NaN if T = 0 or L̂_0 = 0.
+    * `half_time`: the first `t / T` at which L̂ has covered half its total change
+      (`(L̂_t − L̂_0) / (L̂_T − L̂_0) >= 0.5`); NaN if L̂_T = L̂_0 or T = 0. Small = early
+      convergence.
+
+    Args:
+        lhat_curves: One [T+1] curve per trace.
+
+    Returns:
+        {"final", "auc", "half_time": float64 [n]}.
+    """
+    final, auc, half = [], [], []
+    for c in lhat_curves:
+        y = _as_curve(c)
+        t = y.size - 1
+        final.append(y[-1])
+        if t == 0 or y[0] == 0:
+            auc.append(np.nan)
+        else:
+            r = y / y[0]
+            auc.append(float(np.sum(r[:-1] + r[1:]) / (2.0 * t)))  # trapezoid, dx = 1/T
+        total = y[-1] - y[0]
+        if t == 0 or total == 0:
+            half.append(np.nan)
+        else:
+            reached = np.flatnonzero((y - y[0]) / total >= 0.5)
+            half.append(reached[0] / t if reached.size else np.nan)
+    return {"final": np.asarray(final, float), "auc": np.asarray(auc, float),
+            "half_time": np.asarray(half, float)}
+
+
+@dataclass(frozen=True)
+class CurveComparison:
+    """One summary (e.g. final L̂) of curve set A against curve set B.
+
+    Attributes:
+        metric: `final`, `auc` or `half_time` (`curve_summaries`).
+        a, b: Set names.
+        paired: Whether curve i of A and B belong to the same trace/question.
+        n_a, n_b: Curves with a finite value (paired: the pairs, both counts equal).
+        median_a, median_b: Medians; `ci_median_a`, `ci_median_b` their bootstrap CIs.
+        median_diff: Paired: median of the within-pair differences A − B; unpaired: median A −
+            median B. `ci_median_diff` its bootstrap CI.
+        cliffs_delta: Cliff's δ of A against B.
+        test: `"wilcoxon"` (paired signed-rank) or `"mannwhitneyu"`.
+        p: Two-sided p-value; `p_holm` Holm-adjusted over the metrics compared.
+    """
+
+    metric: str
+    a: str
+    b: str
+    paired: bool
+    n_a: int
+    n_b: int
+    median_a: float
+    median_b: float
+    ci_median_a: tuple[float, float]
+    ci_median_b: tuple[float, float]
+    median_diff: float
+    ci_median_diff: tuple[float, float]
+    cliffs_delta: float
+    test: str
+    p: float
+    p_holm: float = float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return asdict(self)
+
+
+def _diff_of_medians_ci(
+    a: np.ndarray, b: np.ndarray, n_boot: int, seed: int
+) -> tuple[float, float]:
+    if a.size < 2 or b.size < 2:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    ma = np.median(a[rng.integers(0, a.size, (n_boot, a.size))], axis=1)
+    mb = np.median(b[rng.integers(0, b.size, (n_boot, b.size))], axis=1)
+    lo, hi = np.quantile(ma - mb, [0.025, 0.975])
+    return (float(lo), float(hi))
+
+
+def compare_curves(
+    curves_a: Sequence[np.ndarray | Sequence[float]],
+    curves_b: Sequence[np.ndarray | Sequence[float]],
+    *,
+    names: tuple[str, str] = ("thinking", "no_thinking"),
+    paired: bool = True,
+    metrics: Sequence[str] = ("final", "auc", "half_time"),
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> dict[str, CurveComparison]:
+    """Compare two sets of L̂ curves, e.g. thinking vs no-thinking (MEASUREMENTS §1.5).
+
+    For no-thinking curves the caller inserts the NoThinking delimiter "Therefore, after all this,
+    I believe the answer is" after `<think>` (RaML/QwQ) as the trajectory; this function only
+    compares curve summaries (`curve_summaries`): final L̂ ("converges to a worse point"), area
+    under the normalised curve and half-change time ("converges faster").
+
+    Args:
+        curves_a: Curves of set A (e.g. thinking).
+        curves_b: Curves of set B; with `paired`, curve i belongs to the same question as A's i.
+        names: Set names.
+        paired: Pair by index (Wilcoxon signed-rank, bootstrap of within-pair differences);
+            otherwise independent samples (Mann–Whitney U, bootstrap of the median difference).
+        metrics: Summaries to compare.
+        n_boot: Bootstrap resamples.
+        seed: Seed.
+
+    Returns:
+        {metric: CurveComparison}, Holm-adjusted over `metrics`.
+
+    Raises:
+        ValueError: If `paired` and the two sets differ in size, or an unknown metric.
+    """
+    if paired and len(curves_a) != len(curves_b):
+        raise ValueError(f"paired=True needs equally many curves, got {len(curves_a)} and "
+                         f"{len(curves_b)}.")
+    sa, sb = curve_summaries(curves_a), curve_summaries(curves_b)
+    out: list[CurveComparison] = []
+    for i, m in enumerate(metrics):
+        if m not in sa:
+            raise ValueError(f"Unknown metric {m!r}; use final, auc or half_time.")
+        a, b = sa[m], sb[m]
+        s = seed + 10 * i
+        if paired:
+            (r,) = compare_paired({names[0]: a, names[1]: b}, [names], n_boot=n_boot, seed=s)
+            out.append(CurveComparison(
+                metric=m, a=names[0], b=names[1], paired=True, n_a=r.n_traces, n_b=r.n_traces,
+                median_a=r.median_a, median_b=r.median_b, ci_median_a=r.ci_median_a,
+                ci_median_b=r.ci_median_b, median_diff=r.median_diff,
+                ci_median_diff=r.ci_median_diff, cliffs_delta=r.cliffs_delta, test="wilcoxon",
+                p=r.wilcoxon_p))
+        else:
+            a, b = a[~np.isnan(a)], b[~np.isnan(b)]
+            if a.size and b.size and not (np.all(a == a[0]) and np.all(b == a[0])):
+                p = float(stats.mannwhitneyu(a, b, alternative="two-sided").pvalue)
+            else:
+                p = float("nan")
+            med_a = float(np.median(a)) if a.size else float("nan")
+            med_b = float(np.median(b)) if b.size else float("nan")
+            out.append(CurveComparison(
+                metric=m, a=names[0], b=names[1], paired=False, n_a=int(a.size), n_b=int(b.size),
+                median_a=med_a, median_b=med_b,
+                ci_median_a=bootstrap_ci(a, n_boot=n_boot, seed=s),
+                ci_median_b=bootstrap_ci(b, n_boot=n_boot, seed=s + 1),
+                median_diff=med_a - med_b,
+                ci_median_diff=_diff_of_medians_ci(a, b, n_boot, s + 2),
+                cliffs_delta=cliffs_delta(a, b), test="mannwhitneyu", p=p))
+    adjusted = holm([c.p for c in out])
+    return {c.metric: CurveComparison(**{**asdict(c), "p_holm": float(p)})
+            for c, p in zip(out, adjusted, strict=True)}
