@@ -1,0 +1,290 @@
+"""`python -m probes.run lhat`: the L̂ curve of every trace, written into an HDF5 cache.
+
+For each trace: tokenize and label it, compute L̂_t for t = 0..T with `probes.lhat.lhat_fast`
+(optionally re-checking K random prefixes the slow, RaML way), derive the per-token quantities and
+store them in the trace's group: `lhat` float32 [T+1], `lhat_delta`, `lhat_rho`, `lhat_log_ratio`
+float32 [T] (index i = trajectory token i). An existing cache (e.g. from `cache`) gains these arrays
+in its trace groups; a new file gets trace groups with tokens and categories only. Resumable: a
+trace that already has `lhat` is skipped.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from probes.errors import ProbesError
+from probes.models import LoadedModel, load_model
+from probes.traces import ANSWER_SUFFIX, DEFAULT_SCAFFOLD
+
+LHAT_ARRAYS = ("lhat", "lhat_delta", "lhat_rho", "lhat_log_ratio")
+NO_THINKING_DELIMITER = "Therefore, after all this, I believe the answer is"
+"""RaML's no-thinking mode: the trajectory is only this delimiter (after `<think>`)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LhatConfig:
+    """Settings of an `lhat` run.
+
+    Attributes:
+        check_naive: Per trace, re-run this many random prefixes one forward each (the RaML
+            method) and record the largest |fast − naive|.
+        seed: Seed of the prefix sampling for `check_naive`.
+        chunk_size: Prefill chunk (tokens) through the KV cache.
+        max_pack_tokens: Tokens per packed forward of scaffold + answer copies.
+        limit: Use only the first N traces.
+        prompt_format: Prompt format string; None = chat template or the documented default.
+        scaffold: The answer scaffold appended after each prefix.
+        no_thinking: Replace each trajectory by the NoThinking delimiter (RaML's no-thinking mode),
+            for the thinking vs no-thinking comparison.
+    """
+
+    check_naive: int = 0
+    seed: int = 0
+    chunk_size: int = 512
+    max_pack_tokens: int = 512
+    limit: int | None = None
+    prompt_format: str | None = None
+    scaffold: str = DEFAULT_SCAFFOLD
+    no_thinking: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("check_naive", "chunk_size", "max_pack_tokens"):
+            if getattr(self, name) < (0 if name == "check_naive" else 1):
+                raise ProbesError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 1:
+            raise ProbesError(f"--limit must be at least 1, got {self.limit}")
+
+
+@dataclass
+class LhatRunResult:
+    """What an `lhat` run did; `to_dict()` is the CLI's JSON."""
+
+    out: str
+    n_traces: int = 0
+    n_written: int = 0
+    n_skipped: int = 0
+    n_too_long: int = 0
+    n_bad_lines: int = 0
+    seconds: float = 0.0
+    naive_max_abs_diff: float | None = None
+    n_naive_prefixes: int = 0
+    lhat_first_median: float | None = None
+    lhat_last_median: float | None = None
+    per_trace_seconds: list[float] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (without per-trace timings)."""
+        d = asdict(self)
+        d.pop("per_trace_seconds")
+        return d
+
+
+def per_token_arrays(lhat: np.ndarray) -> dict[str, np.ndarray]:
+    """L̂ and its per-token derivatives as stored (float32; index i = trajectory token i)."""
+    from probes.lhat import delta_lhat, log_ratio, relative_change
+
+    lhat = np.asarray(lhat, np.float64)
+    return {
+        "lhat": lhat.astype(np.float32),
+        "lhat_delta": delta_lhat(lhat).astype(np.float32),
+        "lhat_rho": relative_change(lhat).astype(np.float32),
+        "lhat_log_ratio": log_ratio(lhat).astype(np.float32),
+    }
+
+
+def token_texts(tt) -> list[str]:
+    """Decoded text of each trajectory token, sliced from the trajectory by its offsets."""
+    text = tt.trajectory_text
+    return [text[s:e] for s, e in tt.trajectory_offsets.tolist()]
+
+
+def label_arrays(tt, cats) -> dict[str, np.ndarray]:
+    """What `compare` needs besides categories, so it can run from the cache alone.
+
+    `phrase_id` int16 [n_tokens] (-1: none), `phrase_first` uint8 [n_tokens], and
+    `paragraph_start` uint8 [T] (trajectory token starts a "\n\n" paragraph).
+    """
+    from analyses.lhat_effects import paragraph_starts
+
+    return {
+        "phrase_id": cats.phrase_id.astype(np.int16),
+        "phrase_first": cats.is_first.astype(np.uint8),
+        "paragraph_start": paragraph_starts(token_texts(tt)).astype(np.uint8),
+    }
+
+
+def _no_thinking(trace):
+    """The trace with its trajectory replaced by `<think>` + the NoThinking delimiter."""
+    from dataclasses import replace
+
+    return replace(trace, trajectory=f"<think>\n{NO_THINKING_DELIMITER}")
+
+
+def _existing(out: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """Stored metadata and, per complete trace, its tokens, whether it has `lhat`, and sites."""
+    if not out.exists():
+        return None, {}
+    from cache import open_cache
+
+    with open_cache(out) as reader:
+        meta = dict(reader.metadata)
+        traces = {}
+        for tr in reader:
+            traces[tr.id] = {
+                "tokens": np.asarray(tr.tokens),
+                "has_lhat": "lhat" in tr.names(),
+            }
+        meta["_has_sites"] = bool(reader.sites)
+    return meta, traces
+
+
+def lhat_traces(
+    model: str | LoadedModel,
+    traces_path: Path,
+    out: Path,
+    cfg: LhatConfig,
+    *,
+    device: str = "auto",
+    dtype: str = "float32",
+    progress: bool = True,
+) -> LhatRunResult:
+    """Compute and store the L̂ curve of every trace.
+
+    Args:
+        model: A model spec for `load_model`, or a loaded model.
+        traces_path: JSONL traces.
+        out: The HDF5 cache (created, or extended when it exists).
+        cfg: Run settings.
+        device: Where the model runs.
+        dtype: Model dtype.
+        progress: Show a tqdm bar on stderr.
+
+    Returns:
+        Counts, timing and (with `check_naive`) the largest |fast − naive| seen.
+
+    Raises:
+        ProbesError: Bad input, a cache made with another model / tokenizer / scaffold, or a trace
+            whose stored tokens differ from this tokenization.
+    """
+    from tqdm import tqdm
+
+    from cache import open_writer
+    from probes.capture import run_metadata
+    from probes.categories import categorize, load_lexicon
+    from probes.lhat import lhat_fast, lhat_naive
+    from probes.traces import read_traces, tokenize_traces
+
+    t0 = time.perf_counter()
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+    traceset = read_traces(traces_path)
+    traces = traceset.traces[: cfg.limit] if cfg.limit is not None else list(traceset.traces)
+    if cfg.no_thinking:
+        traces = [_no_thinking(t) for t in traces]
+    tokenized, too_long = tokenize_traces(
+        traces, loaded.tokenizer, prompt_format=cfg.prompt_format, scaffold=cfg.scaffold,
+        max_tokens=loaded.arch.n_ctx,
+    )
+    lexicon = load_lexicon()
+    config = {
+        "sites": {},
+        "positions": "none",
+        "storage_dtype": None,
+        "prompt_format": cfg.prompt_format,
+        "scaffold": cfg.scaffold,
+        "answer_suffix": ANSWER_SUFFIX,
+    }
+    meta = run_metadata(loaded, lexicon, config=config, info={"traces": str(traces_path)})
+    stored_meta, stored = _existing(out)
+    if stored_meta is not None:
+        stored_config = stored_meta.get("config", {})
+        for key in ("prompt_format", "scaffold", "answer_suffix"):
+            if stored_config.get(key) != config[key]:
+                raise ProbesError(
+                    f"{out} was written with {key}={stored_config.get(key)!r}, this run uses "
+                    f"{config[key]!r}; L̂ must use the cached tokenization: pass the same settings "
+                    "or write to another --out"
+                )
+        meta["config"] = stored_config  # the identity check then compares model/tokenizer/lexicon
+    has_sites = bool(stored_meta and stored_meta.get("_has_sites"))
+
+    result = LhatRunResult(out=str(out), n_too_long=len(too_long),
+                           n_bad_lines=len(traceset.problems))
+    rng = random.Random(cfg.seed)
+    diffs: list[float] = []
+    firsts, lasts = [], []
+    bar = tqdm(tokenized, desc="lhat", unit="trace", disable=not progress, leave=False)
+    with open_writer(out, metadata=meta, mode="append") as writer:
+        for tt in bar:
+            tid = tt.trace.id
+            prior = stored.get(tid)
+            if prior is None and has_sites:
+                result.n_skipped += 1  # not in the activation cache: keep its site layout intact
+                continue
+            if prior is not None and prior["has_lhat"]:
+                result.n_skipped += 1
+                continue
+            if prior is not None and not np.array_equal(prior["tokens"], tt.ids):
+                raise ProbesError(
+                    f"trace {tid!r} in {out} has other tokens than this tokenization of "
+                    f"{traces_path}; the cache was made from different traces or settings: use "
+                    "another --out"
+                )
+            ts = time.perf_counter()
+            cats = categorize(tt, lexicon)
+            res = lhat_fast(loaded, tt, chunk_size=cfg.chunk_size, max_pack_tokens=cfg.max_pack_tokens)
+            arrays = {**per_token_arrays(res.lhat), **label_arrays(tt, cats)}
+            attrs: dict[str, Any] = {"lhat_method": "packed-kv", "lhat_scaffold": cfg.scaffold}
+            if cfg.check_naive:
+                n_t = len(res.lhat)
+                check = sorted(rng.sample(range(n_t), min(cfg.check_naive, n_t)))
+                naive = lhat_naive(loaded, tt, ts=check)
+                diff = float(np.max(np.abs(naive - res.lhat[check].astype(np.float64))))
+                diffs.append(diff)
+                result.n_naive_prefixes += len(check)
+                attrs["lhat_naive_max_abs_diff"] = diff
+            if prior is None:
+                writer.write_trace(
+                    tid, tokens=tt.ids, category=cats.category, spans=tt.spans, arrays=arrays,
+                    text={"question": tt.trace.question, "answer": tt.trace.answer},
+                    source=f"{traces_path.name}:{tt.trace.line_no}", attrs=attrs,
+                )
+            else:
+                writer.add_to_trace(tid, arrays, attrs=attrs)
+            result.n_written += 1
+            result.per_trace_seconds.append(time.perf_counter() - ts)
+            firsts.append(float(res.lhat[0]))
+            lasts.append(float(res.lhat[-1]))
+            bar.set_postfix(last_lhat=f"{res.lhat[-1]:.3g}")
+    result.n_traces = len(tokenized)
+    result.seconds = round(time.perf_counter() - t0, 3)
+    if diffs:
+        result.naive_max_abs_diff = max(diffs)
+    if firsts:
+        result.lhat_first_median = float(np.median(firsts))
+        result.lhat_last_median = float(np.median(lasts))
+    return result
+
+
+def format_lhat_run(r: LhatRunResult) -> str:
+    """Human summary of a run."""
+    lines = [
+        f"lhat: {r.n_written} traces written, {r.n_skipped} skipped, {r.n_too_long} too long, "
+        f"{r.n_bad_lines} bad lines -> {r.out} ({r.seconds:.1f}s)",
+    ]
+    if r.lhat_first_median is not None:
+        lines.append(
+            f"median L̂ with no trajectory {r.lhat_first_median:.3g}, after the full trajectory "
+            f"{r.lhat_last_median:.3g} (nats / answer token)"
+        )
+    if r.naive_max_abs_diff is not None:
+        lines.append(
+            f"per-prefix re-run check: {r.n_naive_prefixes} prefixes, max |fast - naive| = "
+            f"{r.naive_max_abs_diff:.2e} nats"
+        )
+    return "\n".join(lines)
