@@ -66,6 +66,133 @@ def _add_categories(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_categories)
 
 
+def _add_cache(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cache",
+        help="capture activations of every trace into an HDF5 cache (resumable)",
+        description=(
+            "Read JSONL traces, tokenize them into prompt/trajectory/scaffold/answer spans, label "
+            "every token, run the model over each trace in chunks through its KV cache and write "
+            "the chosen sites, stacked over layers as [tokens, layers, d], into one HDF5 file "
+            "(schema: cache/SCHEMA.md). Every trace is committed on its own: a killed run keeps "
+            "the complete traces and --resume finishes the rest."
+        ),
+    )
+    p.add_argument("--model", required=True,
+                   help="tiny-reasoner, a local model folder, or a hub id in the local HF cache")
+    p.add_argument("--traces", type=Path, required=True, help="JSONL traces")
+    p.add_argument("--out", type=Path, required=True, help="the .h5 file (its folder must exist)")
+    p.add_argument(
+        "--sites", nargs="+", default=None, metavar="SITE",
+        help="components for every layer (resid_post, delta, attn_out, mlp_out, resid_pre, "
+             "resid_mid, ...), explicit sites such as L3.resid_post, or global ones (embed, "
+             "ln_final); space- or comma-separated (default: resid_post delta)",
+    )
+    p.add_argument("--positions", choices=["trajectory", "all"], default="trajectory",
+                   help="tokens that get rows: the trajectory (default) or every token")
+    p.add_argument("--dtype", choices=["float16", "float32", "bfloat16"], default="float16",
+                   help="storage dtype of the sites (default float16)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N traces")
+    p.add_argument("--resume", action="store_true",
+                   help="add the missing traces to an existing file (complete ones are skipped)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="parameter dtype the model is loaded in (default float32)")
+    p.add_argument("--chunk-size", type=int, default=512,
+                   help="tokens per forward through the KV cache (default 512)")
+    p.add_argument("--backend", choices=["auto", "hf", "bridge"], default="auto",
+                   help="hf: plain HF forward (residual-level sites); bridge: TransformerLens "
+                        "hooks (any site); auto: hf when the sites allow it")
+    p.add_argument("--max-ram-mib", type=float, default=64.0,
+                   help="per-trace output above this size is spooled to a temporary file beside "
+                        "--out instead of RAM (default 64)")
+    p.add_argument("--lexicon", type=Path, action="append", default=[],
+                   help="extra lexicon JSON merged into the built-in one (repeatable)")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad JSONL line")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=_cmd_cache)
+
+
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="summarise an HDF5 cache: model, schema, traces, sites, shapes, sizes, completeness",
+        description=(
+            "Open a cache read-only (no model needed) and print its model, schema version, run "
+            "config, number of complete and interrupted traces, and every site's dtype, shape "
+            "[rows, layers, d], layers and size on disk."
+        ),
+    )
+    p.add_argument("path", type=Path, help="the .h5 cache")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=_cmd_inspect)
+
+
+def _add_lhat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lhat",
+        help="answer NLL after every trajectory prefix (RaML's L-hat), exact and fast, into a cache",
+        description=(
+            "For every trace compute L-hat_t, the mean NLL of the gold answer when the scaffold "
+            "'\\n\\n**Final Answer**\\n\\\\boxed{' and the answer follow the first t trajectory "
+            "tokens, for t = 0..T: one chunked prefill plus packed scaffold+answer copies with their "
+            "own attention-mask blocks and position ids (equal to re-running every prefix). Writes "
+            "lhat [T+1], lhat_delta, lhat_rho, lhat_log_ratio [T] and phrase labels into each trace "
+            "group of --out (an existing cache gains them; resumable)."
+        ),
+    )
+    p.add_argument("--model", required=True,
+                   help="tiny-reasoner, a local model folder, or a hub id in the local HF cache")
+    p.add_argument("--traces", type=Path, required=True, help="JSONL traces")
+    p.add_argument("--out", type=Path, required=True, help="the .h5 cache (created or extended)")
+    p.add_argument("--check-naive", type=int, default=0, metavar="K",
+                   help="re-run K random prefixes per trace one forward each and report the "
+                        "largest |fast - naive| (default 0)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N traces")
+    p.add_argument("--no-thinking", action="store_true",
+                   help="replace each trajectory by the NoThinking delimiter (write to another --out)")
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk (default 512)")
+    p.add_argument("--max-pack-tokens", type=int, default=512,
+                   help="tokens per packed forward of scaffold+answer copies (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --check-naive prefixes")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="parameter dtype the model is loaded in (default float32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--json", action="store_true", help="end with one JSON object")
+    p.set_defaults(func=_cmd_lhat)
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="compare L-hat effects of reflection / delimiter / ordinary tokens (cache only)",
+        description=(
+            "From the cache alone (no model): per-trace aggregates of the chosen per-token metric "
+            "for reflection, delimiter and ordinary tokens, each lexicon phrase, and the controls "
+            "(paragraph-initial ordinary tokens, position-matched ordinary tokens, shuffled labels), "
+            "compared across traces with bootstrap 95%% CIs, Wilcoxon signed-rank tests, Cliff's "
+            "delta and Holm's correction; whether L-hat falls along the trajectory; RePro scores."
+        ),
+    )
+    p.add_argument("path", type=Path, help="the .h5 cache with L-hat curves (from `lhat`)")
+    p.add_argument("--metric", default="abs_delta",
+                   choices=["abs_delta", "delta", "rho", "lam", "abs_lam"],
+                   help="per-token quantity: |dL|, dL, RaML's rho, log-ratio, |log-ratio|")
+    p.add_argument("--unit", default="phrase", choices=["phrase", "first_token", "token"],
+                   help="a phrase counts as a whole (default), by its first token, or per token")
+    p.add_argument("--statistic", default="mean", choices=["mean", "median"],
+                   help="per-trace aggregate (default mean)")
+    p.add_argument("--raml-notebook", action="store_true",
+                   help="RaML notebook's window for phrase changes (one token past the word)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of controls and bootstrap")
+    p.add_argument("--plots", type=Path, default=None, help="folder for PNG plots")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=_cmd_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -78,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
     _add_demo(sub)
     _add_categories(sub)
+    _add_cache(sub)
+    _add_inspect(sub)
+    _add_lhat(sub)
+    _add_compare(sub)
     return parser
 
 
@@ -115,6 +246,94 @@ def _cmd_categories(args: argparse.Namespace) -> int:
         print(json.dumps(counts, ensure_ascii=False, sort_keys=True))
     else:
         print(format_category_table(counts))
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from probes.capture import DEFAULT_COMPONENTS, CacheConfig, cache_traces, format_run
+
+    hf_logging.disable_progress_bar()  # our own bar shows progress; keep errors one line
+
+    sites = (
+        tuple(s for item in args.sites for s in item.split(",") if s)
+        if args.sites else DEFAULT_COMPONENTS
+    )
+    cfg = CacheConfig(
+        sites=sites,
+        positions=args.positions,
+        dtype=args.dtype,
+        chunk_size=args.chunk_size,
+        limit=args.limit,
+        lexicon=tuple(str(p) for p in args.lexicon),
+        backend=args.backend,
+        max_ram_mib=args.max_ram_mib,
+        strict=args.strict,
+    )
+    try:
+        result = cache_traces(
+            args.model,
+            args.traces,
+            args.out,
+            cfg,
+            resume=args.resume,
+            progress=not args.no_progress,
+            device=args.device,
+            model_dtype=args.model_dtype,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+    except KeyboardInterrupt:
+        print(f"interrupted: the complete traces in {args.out} are kept; rerun with --resume to "
+              "finish", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False, sort_keys=True))
+    else:
+        print(format_run(result))
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from probes.capture import format_inspect, inspect_cache
+
+    summary = inspect_cache(args.path)
+    if args.json:
+        print(json.dumps(summary, ensure_ascii=False, sort_keys=True))
+    else:
+        print(format_inspect(summary))
+    return 0
+
+
+def _cmd_lhat(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from probes.lhat_run import LhatConfig, format_lhat_run, lhat_traces
+
+    hf_logging.disable_progress_bar()
+    cfg = LhatConfig(
+        check_naive=args.check_naive, seed=args.seed, chunk_size=args.chunk_size,
+        max_pack_tokens=args.max_pack_tokens, limit=args.limit, no_thinking=args.no_thinking,
+    )
+    result = lhat_traces(args.model, args.traces, args.out, cfg, device=args.device,
+                         dtype=args.model_dtype, progress=not args.no_progress)
+    print(format_lhat_run(result), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(result.to_dict(), sort_keys=True))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from probes.compare_run import CompareConfig, compare_cache, format_report, report_json
+
+    cfg = CompareConfig(metric=args.metric, unit=args.unit, statistic=args.statistic,
+                        raml_notebook=args.raml_notebook, n_boot=args.n_boot, seed=args.seed,
+                        plots=args.plots)
+    report = compare_cache(args.path, cfg)
+    if args.json:
+        print(json.dumps(report_json(report), ensure_ascii=False, sort_keys=True))
+    else:
+        print(format_report(report))
     return 0
 
 
