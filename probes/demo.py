@@ -9,6 +9,7 @@ and delta of every layer on the trajectory tokens, float16; see `probes.capture`
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import numpy as np
 from probes.answers import answer_scores, without_trajectory
 from probes.capture import CacheConfig, cache_traces
 from probes.categories import CATEGORY_CODES, categorize, count_categories, load_lexicon
+from probes.compare_run import CompareConfig, compare_cache
+from probes.lhat_run import LhatConfig, lhat_traces
 from probes.models import load_model
 from probes.traces import read_traces, tokenize_traces
 
@@ -66,12 +69,70 @@ def run_demo(*, out: Path | None = None, limit: int | None = None, device: str =
         "mean_answer_nll": float(np.mean([s.nll for s in full])),
         "mean_answer_nll_no_trajectory": float(np.mean([s.nll for s in bare])),
     }
+    with tempfile.TemporaryDirectory(prefix="probes-demo-") as scratch:
+        folder = out if out is not None else Path(scratch)
+        folder.mkdir(parents=True, exist_ok=True)
+        summary.update(_cache_and_lhat(loaded, folder, limit=limit, keep=out is not None))
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        cfg = CacheConfig(limit=limit)
-        run = cache_traces(loaded, SAMPLE_TRACES, out / "run.h5", cfg, overwrite=True)
-        summary["cache"] = {
-            "path": str(out / "run.h5"),
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    return summary
+
+
+def _verdict(row: dict) -> str:
+    lo, hi = row["ci_median_diff"]
+    significant = row["p_holm"] is not None and row["p_holm"] < 0.05
+    if significant and lo > 0:
+        return "more"
+    if significant and hi < 0:
+        return "less"
+    return "not distinguishably more or less"
+
+
+def _cache_and_lhat(loaded, folder: Path, *, limit: int | None, keep: bool) -> dict:
+    """Write the activation cache, add L̂ curves to it, compare categories, draw the plots."""
+    from probes.compare_run import report_json
+
+    cfg = CacheConfig(limit=limit)
+    path = folder / "run.h5"
+    run = cache_traces(loaded, SAMPLE_TRACES, path, cfg, overwrite=True, progress=False)
+    lhat = lhat_traces(loaded, SAMPLE_TRACES, path, LhatConfig(limit=limit, check_naive=2),
+                       progress=False)
+    report = report_json(compare_cache(
+        path, CompareConfig(n_boot=1000, plots=folder / "plots" if keep else None)
+    ))
+    trend = report["trend"]
+    rows = {(r["a"], r["b"]): r for r in report["table"]["rows"]}
+    refl = rows[("reflection", "ordinary")]
+    part: dict = {
+        "lhat": {
+            "n_traces": lhat.n_written,
+            "seconds": lhat.seconds,
+            "naive_max_abs_diff": lhat.naive_max_abs_diff,
+            "median_lhat_no_trajectory": lhat.lhat_first_median,
+            "median_lhat_full_trajectory": lhat.lhat_last_median,
+            "share_falling": trend["share_falling"],
+            "median_change": trend["median_change"],
+            "median_change_ci": trend["median_change_ci"],
+            "wilcoxon_p": trend["wilcoxon_p"],
+        },
+        "reflection_vs_ordinary": {
+            "metric": "mean |dL| per trace (a phrase counts as a whole)",
+            "n_traces": refl["n_traces"],
+            "median_reflection": refl["median_a"],
+            "median_ordinary": refl["median_b"],
+            "median_diff": refl["median_diff"],
+            "median_diff_ci": refl["ci_median_diff"],
+            "cliffs_delta": refl["cliffs_delta"],
+            "p_holm": refl["p_holm"],
+            "reflections_move_lhat": _verdict(refl),
+        },
+        "comparison_table": report["table"],
+        "plots": report["plots"],
+    }
+    if keep:
+        part["cache"] = {
+            "path": str(path),
             "bytes": run.file_bytes,
             "n_traces": run.n_written,
             "sites": list(cfg.sites),
@@ -79,10 +140,7 @@ def run_demo(*, out: Path | None = None, limit: int | None = None, device: str =
             "dtype": cfg.dtype,
             "seconds": round(run.seconds_total, 2),
         }
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
-    if out is not None:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    return summary
+    return part
 
 
 def format_summary(s: dict) -> str:
@@ -110,5 +168,24 @@ def format_summary(s: dict) -> str:
             f"{' + '.join(c['sites'])} of every layer on {c['positions']} tokens, {c['dtype']}; "
             f"inspect it with `python -m probes.run inspect {c['path']}`)"
         )
+    lh, rv = s["lhat"], s["reflection_vs_ordinary"]
+    lo, hi = lh["median_change_ci"]
+    lines.append(
+        f"L̂ (answer NLL after each trajectory prefix, {lh['n_traces']} traces): falls along the "
+        f"trajectory in {lh['share_falling']:.0%} of traces, median change {lh['median_change']:.3g} "
+        f"[95% CI {lo:.3g}, {hi:.3g}] nats (Wilcoxon p {lh['wilcoxon_p']:.2g}); fast = per-prefix "
+        f"re-run within {lh['naive_max_abs_diff']:.1e} nats"
+    )
+    lo, hi = rv["median_diff_ci"]
+    lines.append(
+        f"reflections vs ordinary tokens ({rv['metric']}, {rv['n_traces']} traces): "
+        f"{rv['median_reflection']:.3g} vs {rv['median_ordinary']:.3g}, difference "
+        f"{rv['median_diff']:.3g} [95% CI {lo:.3g}, {hi:.3g}], Cliff's delta {rv['cliffs_delta']:.2f}, "
+        f"Holm p {rv['p_holm']:.2g}: reflections move L̂ {rv['reflections_move_lhat']} than "
+        "ordinary tokens"
+    )
+    if s["plots"]:
+        lines.append(f"plots: {', '.join(s['plots'])}")
+    lines.append("full table: `python -m probes.run compare <cache>`")
     lines.append(f"took {s['seconds']:.1f}s")
     return "\n".join(lines)

@@ -220,7 +220,11 @@ def _print_bad_lines(problems, *, limit: int = 10) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
     from probes.demo import format_summary, run_demo
+
+    hf_logging.disable_progress_bar()
 
     summary = run_demo(out=args.out, limit=args.limit, device=args.device)
     if args.json:

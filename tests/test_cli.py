@@ -23,12 +23,22 @@ def test_demo_json_summary(capsys, tmp_path):
     assert min(cats.values()) > 0
     assert summary["n_traces_with_reflection"] >= 6  # at least 20% of the traces
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert summary["cache"]["n_traces"] == 30 and (tmp_path / "run.h5").is_file()
+    lh = summary["lhat"]
+    assert lh["n_traces"] == 30 and lh["naive_max_abs_diff"] <= 1e-4
+    assert lh["share_falling"] >= 0.9  # the answer becomes certain along the trajectory
+    rv = summary["reflection_vs_ordinary"]
+    lo, hi = rv["median_diff_ci"]
+    assert lo <= rv["median_diff"] <= hi
+    assert rv["reflections_move_lhat"] in ("more", "less", "not distinguishably more or less")
+    assert all(p.endswith(".png") and (tmp_path / "plots").is_dir() for p in summary["plots"])
 
 
 def test_demo_table(capsys):
     assert main(["demo", "--limit", "5", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "greedy answer accuracy" in out and "tokens per category" in out
+    assert "falls along the trajectory" in out and "reflections vs ordinary tokens" in out
 
 
 def test_categories_json_on_the_samples(capsys):
