@@ -1,8 +1,8 @@
 # Two commands for a fresh machine (Python >= 3.10, pip, make):
 #   make demo   build .venv, install the toolkit, run the demo on the built-in tiny-reasoner
 #   make test   build .venv, install the toolkit with its test extras, run the test suite
-# torch is pinned here (2.13.0, the CPU build on our machines); on a GPU box install the torch
-# build you want into .venv first, `pip install -e .` keeps it.
+# torch is pinned here (2.13.0, the CPU build on our machines) and installed only when .venv has
+# no torch yet: on a GPU box install the torch build you want into .venv first and it is kept.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +11,7 @@ TORCH := torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH)
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
