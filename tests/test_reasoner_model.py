@@ -96,3 +96,21 @@ def test_training_is_deterministic(tmp_path):
     assert (a / "tokenizer.json").read_text() == (b / "tokenizer.json").read_text()
     loaded = load_model(str(a), device="cpu")
     assert loaded.arch.n_layers == 1 and loaded.arch.d_model == 32
+
+
+def test_builtin_bridge_matches_hf_and_kv_cache_parity(reasoner):
+    """The built-in Qwen2 through the bridge: logits equal HF's, prefix + suffix via the KV cache
+    equal the full sequence (guards against the transformers >= 5.24 cache bug)."""
+    from probes.models import kv_parity
+
+    p = generate_problems(1, seed=21)[0]
+    tt = tokenize_trace(train_mod.problem_trace(p), reasoner.tokenizer)
+    ids = torch.as_tensor(tt.ids)[None]
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(CHECKPOINT, attn_implementation="eager").eval()
+    with torch.inference_mode():
+        bridge_logits = reasoner.bridge(ids, return_type="logits")
+        hf_logits = fresh(ids).logits  # a plain HF model, not the one the bridge wraps
+    assert torch.equal(bridge_logits, hf_logits)
+    assert kv_parity(reasoner, ids, split=tt.spans["trajectory"][0] + 20) <= 1e-4
