@@ -28,10 +28,14 @@ class CompareConfig:
         metric: Per-token quantity compared (|ΔL̂| by default; RaML's ρ is `rho`).
         unit: How a phrase counts: "phrase" (change across the whole phrase), "first_token", "token".
         statistic: Per-trace aggregate ("mean" or "median").
-        raml_notebook: Use RaML's notebook window (one token past the word) for phrase changes.
+        raml_notebook: Reproduce RaML's notebook: its ten reflection words matched by their ids
+            without a leading space up to `</think>`, and its window (one token past the word).
         n_boot: Bootstrap resamples.
         seed: Seed of the controls (position matching, label shuffling) and the bootstrap.
         plots: Folder for PNG plots, or None.
+        versus: A second cache of the same traces (e.g. `lhat --no-thinking`): its curves are
+            compared with this one's, paired by trace id (final L̂, area under the normalised
+            curve, half-change time).
     """
 
     metric: str = "abs_delta"
@@ -41,6 +45,7 @@ class CompareConfig:
     n_boot: int = 2000
     seed: int = 0
     plots: Path | None = None
+    versus: Path | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in COMPARE_METRICS:
@@ -85,6 +90,8 @@ def load_curves(path: Path) -> tuple[list[dict[str, Any]], Any]:
                 "is_first": np.asarray(tr["phrase_first"][:]).astype(bool),
                 "paragraph_start": np.asarray(tr["paragraph_start"][:]).astype(bool),
                 "traj_span": tuple(tr.spans["trajectory"]),
+                "raml_occ": (np.asarray(tr["raml_notebook_occurrences"][:], np.int64)
+                             if "raml_notebook_occurrences" in tr.names() else None),
             })
     if not rows:
         raise ProbesError(
@@ -97,6 +104,8 @@ def load_curves(path: Path) -> tuple[list[dict[str, Any]], Any]:
 def compare_cache(path: Path, cfg: CompareConfig) -> dict[str, Any]:
     """Run the comparison; returns a JSON-able report (`table`, `trend`, `repro`, `plots`)."""
     from analyses.lhat_effects import (
+        RAML_NOTEBOOK_WORDS,
+        Occurrence,
         category_comparison,
         format_comparison_table,
         lhat_trend,
@@ -108,9 +117,21 @@ def compare_cache(path: Path, cfg: CompareConfig) -> dict[str, Any]:
 
     rows, names = load_curves(path)
     rng = np.random.default_rng(cfg.seed)
+    if cfg.raml_notebook:
+        # the notebook's own matching (no-space word ids, up to </think>) and its window
+        if any(r["raml_occ"] is None for r in rows):
+            raise ProbesError(
+                f"{path} has no RaML-notebook matches; re-run `python -m probes.run lhat` with "
+                "this version to store them"
+            )
+        names = list(RAML_NOTEBOOK_WORDS)
     effects = [
         token_effects(
             r["lhat"], r["category"], r["phrase_id"], r["is_first"], traj_span=r["traj_span"],
+            occurrences=(
+                [Occurrence(int(a), int(b), 1, int(w)) for a, b, w in r["raml_occ"]]
+                if cfg.raml_notebook else None
+            ),
             raml_notebook=cfg.raml_notebook, paragraph_start=r["paragraph_start"], rng=rng,
         )
         for r in rows
@@ -148,10 +169,29 @@ def compare_cache(path: Path, cfg: CompareConfig) -> dict[str, Any]:
         },
         "plots": [],
     }
+    if cfg.versus is not None:
+        report["versus"] = _versus(rows, cfg)
     if cfg.plots is not None:
         report["plots"] = _plots(cfg.plots, rows, effects, pooled_values(effects, cfg.metric, unit=cfg.unit),
                                  cfg.metric)
     return report
+
+
+def _versus(rows, cfg: CompareConfig) -> dict[str, Any]:
+    from analyses.lhat_effects import compare_curves
+
+    other, _ = load_curves(cfg.versus)
+    by_id = {r["id"]: r["lhat"] for r in other}
+    common = [r for r in rows if r["id"] in by_id]
+    if len(common) < 2:
+        raise ProbesError(
+            f"{cfg.versus} shares {len(common)} trace ids with the compared cache; --versus needs "
+            "the L̂ curves of the same traces (e.g. `lhat --no-thinking` on the same file)"
+        )
+    result = compare_curves([r["lhat"] for r in common], [by_id[r["id"]] for r in common],
+                            names=("this", "versus"), n_boot=cfg.n_boot, seed=cfg.seed)
+    return {"versus": str(cfg.versus), "n_pairs": len(common),
+            "metrics": {k: v.to_dict() for k, v in result.items()}}
 
 
 def _plots(folder: Path, rows, effects, pooled, metric) -> list[str]:
@@ -202,6 +242,13 @@ def format_report(report: dict[str, Any]) -> str:
     if rp["median_final_score"] is not None:
         lines.append(f"RePro final score (median over {rp['n_traces']} traces): "
                      f"{rp['median_final_score']:.3f}  [{rp['formula']}]")
+    if "versus" in report:
+        vs = report["versus"]
+        lines.append(f"versus {vs['versus']} ({vs['n_pairs']} paired traces):")
+        for name, m in vs["metrics"].items():
+            lines.append(f"  {name:<10} median {m['median_a']:.3g} vs {m['median_b']:.3g}, "
+                         f"diff {m['median_diff']:.3g}, Cliff's delta {m['cliffs_delta']:.2f}, "
+                         f"p_holm {m['p_holm']:.2g}")
     for p in report["plots"]:
         lines.append(f"plot: {p}")
     return "\n".join(lines)

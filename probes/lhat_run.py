@@ -104,18 +104,32 @@ def token_texts(tt) -> list[str]:
     return [text[s:e] for s, e in tt.trajectory_offsets.tolist()]
 
 
-def label_arrays(tt, cats) -> dict[str, np.ndarray]:
+def label_arrays(tt, cats, tokenizer) -> dict[str, np.ndarray]:
     """What `compare` needs besides categories, so it can run from the cache alone.
 
-    `phrase_id` int16 [n_tokens] (-1: none), `phrase_first` uint8 [n_tokens], and
-    `paragraph_start` uint8 [T] (trajectory token starts a "\n\n" paragraph).
+    `phrase_id` int16 [n_tokens] (-1: none), `phrase_first` uint8 [n_tokens],
+    `paragraph_start` uint8 [T] (trajectory token starts a blank-line paragraph), and
+    `raml_notebook_occurrences` int32 [n, 3] (start, end, word index into
+    `analyses.lhat_effects.RAML_NOTEBOOK_WORDS`, trajectory coordinates): RaML's notebook matching
+    (ids of each word without a leading space, up to the first `</think>`), for
+    `compare --raml-notebook`.
     """
-    from analyses.lhat_effects import paragraph_starts
+    from analyses.lhat_effects import paragraph_starts, raml_notebook_occurrences
 
+    a, b = tt.spans["trajectory"]
+    close = tokenizer.convert_tokens_to_ids("</think>")
+    if close is None or close == tokenizer.unk_token_id:
+        close = None
+    occ = raml_notebook_occurrences(
+        tt.ids[a:b], lambda w: tokenizer.encode(w, add_special_tokens=False), close
+    )
     return {
         "phrase_id": cats.phrase_id.astype(np.int16),
         "phrase_first": cats.is_first.astype(np.uint8),
         "paragraph_start": paragraph_starts(token_texts(tt)).astype(np.uint8),
+        "raml_notebook_occurrences": np.asarray(
+            [(o.start, o.end, o.phrase_id) for o in occ], dtype=np.int32
+        ).reshape(-1, 3),
     }
 
 
@@ -238,7 +252,7 @@ def lhat_traces(
             ts = time.perf_counter()
             cats = categorize(tt, lexicon)
             res = lhat_fast(loaded, tt, chunk_size=cfg.chunk_size, max_pack_tokens=cfg.max_pack_tokens)
-            arrays = {**per_token_arrays(res.lhat), **label_arrays(tt, cats)}
+            arrays = {**per_token_arrays(res.lhat), **label_arrays(tt, cats, loaded.tokenizer)}
             attrs: dict[str, Any] = {"lhat_method": "packed-kv", "lhat_scaffold": cfg.scaffold}
             if cfg.check_naive:
                 n_t = len(res.lhat)

@@ -189,6 +189,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="seed of controls and bootstrap")
     p.add_argument("--plots", type=Path, default=None, help="folder for PNG plots")
+    p.add_argument("--versus", type=Path, default=None,
+                   help="a second cache of the same traces (e.g. from `lhat --no-thinking`): "
+                        "compare the curves, paired by trace id")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=_cmd_compare)
 
@@ -332,7 +335,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     cfg = CompareConfig(metric=args.metric, unit=args.unit, statistic=args.statistic,
                         raml_notebook=args.raml_notebook, n_boot=args.n_boot, seed=args.seed,
-                        plots=args.plots)
+                        plots=args.plots, versus=args.versus)
     report = compare_cache(args.path, cfg)
     if args.json:
         print(json.dumps(report_json(report), ensure_ascii=False, sort_keys=True))

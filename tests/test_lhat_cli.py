@@ -77,3 +77,35 @@ def test_compare_without_lhat_is_a_one_line_error(tmp_path, capsys):
     assert main(["compare", str(missing)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "none.h5" in err[0]
+
+
+def test_raml_notebook_mode_uses_its_word_matches(lhat_cache, capsys):
+    with open_cache(lhat_cache) as reader:
+        occ = [reader.trace(i)["raml_notebook_occurrences"][:] for i in reader.trace_ids()]
+        traj = [reader.trace(i).tokens[slice(*reader.trace(i).spans["trajectory"])]
+                for i in reader.trace_ids()]
+    assert sum(len(o) for o in occ) > 0 and all(o.shape[1] == 3 for o in occ)
+    for o, ids in zip(occ, traj, strict=True):
+        assert all(0 <= a < b <= len(ids) for a, b, _ in o)
+    assert main(["compare", str(lhat_cache), "--raml-notebook", "--json", "--n-boot", "100"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["table"]["meta"]["raml_notebook"] is True
+    names = {r["a"] for r in report["table"]["rows"]}
+    assert not any(n.startswith("phrase:") and n[7:] not in
+                   ("wait", "Wait", "retry", "Retry", "recheck", "Recheck", "however", "However",
+                    "alternatively", "Alternatively") for n in names)
+
+
+def test_thinking_versus_no_thinking(samples, lhat_cache, tmp_path, capsys):
+    nothink = tmp_path / "nothink.h5"
+    assert main(["lhat", "--model", "tiny-reasoner", "--traces", str(samples), "--out",
+                 str(nothink), "--no-thinking", "--device", "cpu", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(lhat_cache), "--versus", str(nothink), "--json",
+                 "--n-boot", "200"]) == 0
+    vs = json.loads(capsys.readouterr().out)["versus"]
+    assert vs["n_pairs"] == 24
+    final = vs["metrics"]["final"]
+    # with its reasoning the model is sure of the answer; with only the delimiter it is not
+    assert final["median_a"] < 0.01 < 1.0 < final["median_b"]
+    assert final["p_holm"] < 0.01
