@@ -79,9 +79,16 @@ def run_demo(*, out: Path | None = None, limit: int | None = None, device: str =
     return summary
 
 
+def _num(x, spec: str) -> str:
+    """Format a number that may be missing (None/NaN when too few traces have the category)."""
+    return "n/a" if x is None or x != x else format(x, spec)
+
+
 def _verdict(row: dict) -> str:
     lo, hi = row["ci_median_diff"]
-    significant = row["p_holm"] is not None and row["p_holm"] < 0.05
+    if row["p_holm"] is None or lo is None or hi is None:
+        return "not measurable (too few traces with reflections)"
+    significant = row["p_holm"] < 0.05
     if significant and lo > 0:
         return "more"
     if significant and hi < 0:
@@ -133,7 +140,7 @@ def _cache_and_lhat(loaded, folder: Path, *, limit: int | None, keep: bool) -> d
     if keep:
         part["cache"] = {
             "path": str(path),
-            "bytes": run.file_bytes,
+            "bytes": path.stat().st_size,  # activations and the L̂ arrays
             "n_traces": run.n_written,
             "sites": list(cfg.sites),
             "positions": cfg.positions,
@@ -172,17 +179,19 @@ def format_summary(s: dict) -> str:
     lo, hi = lh["median_change_ci"]
     lines.append(
         f"L̂ (answer NLL after each trajectory prefix, {lh['n_traces']} traces): falls along the "
-        f"trajectory in {lh['share_falling']:.0%} of traces, median change {lh['median_change']:.3g} "
-        f"[95% CI {lo:.3g}, {hi:.3g}] nats (Wilcoxon p {lh['wilcoxon_p']:.2g}); fast = per-prefix "
-        f"re-run within {lh['naive_max_abs_diff']:.1e} nats"
+        f"trajectory in {_num(lh['share_falling'], '.0%')} of traces, median change "
+        f"{_num(lh['median_change'], '.3g')} [95% CI {_num(lo, '.3g')}, {_num(hi, '.3g')}] nats "
+        f"(Wilcoxon p {_num(lh['wilcoxon_p'], '.2g')}); fast = per-prefix re-run within "
+        f"{_num(lh['naive_max_abs_diff'], '.1e')} nats"
     )
     lo, hi = rv["median_diff_ci"]
     lines.append(
         f"reflections vs ordinary tokens ({rv['metric']}, {rv['n_traces']} traces): "
-        f"{rv['median_reflection']:.3g} vs {rv['median_ordinary']:.3g}, difference "
-        f"{rv['median_diff']:.3g} [95% CI {lo:.3g}, {hi:.3g}], Cliff's delta {rv['cliffs_delta']:.2f}, "
-        f"Holm p {rv['p_holm']:.2g}: reflections move L̂ {rv['reflections_move_lhat']} than "
-        "ordinary tokens"
+        f"{_num(rv['median_reflection'], '.3g')} vs {_num(rv['median_ordinary'], '.3g')}, "
+        f"difference {_num(rv['median_diff'], '.3g')} [95% CI {_num(lo, '.3g')}, {_num(hi, '.3g')}], "
+        f"Cliff's delta {_num(rv['cliffs_delta'], '.2f')}, Holm p {_num(rv['p_holm'], '.2g')}: "
+        + (rv["reflections_move_lhat"] if rv["reflections_move_lhat"].startswith("not measurable")
+           else f"reflections move L̂ {rv['reflections_move_lhat']} than ordinary tokens")
     )
     if s["plots"]:
         lines.append(f"plots: {', '.join(s['plots'])}")
