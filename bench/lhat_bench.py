@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from probes.lhat import lhat_fast, lhat_naive  # noqa: E402
 from probes.models import LoadedModel, boot_model  # noqa: E402
 from probes.traces import SPAN_NAMES, TokenizedTrace, Trace  # noqa: E402
+from probes.tiny import byte_tokenizer as _byte_tokenizer
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -66,20 +67,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _byte_tokenizer() -> Any:
-    """A 257-token byte-level tokenizer built in memory (ids are synthetic; it is only required)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<|endoftext|>": 0}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
-    )
 
 
 def build_model(args: argparse.Namespace, n_ctx: int) -> LoadedModel:

@@ -17,13 +17,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
     LlamaConfig,
     PretrainedConfig,
-    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
 )
@@ -41,6 +39,7 @@ from probes.lhat import (
 )
 from probes.models import LoadedModel, boot_model, load_model
 from probes.traces import SPAN_NAMES, TokenizedTrace, Trace, tokenize_trace
+from probes.tiny import byte_tokenizer as _byte_tokenizer
 
 VOCAB = 320
 FP32_TOL = 1e-4  # nats; measured ~1e-6
@@ -60,16 +59,6 @@ def _single_thread() -> Iterator[None]:
 # Tiny models and synthetic traces
 
 
-def _byte_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {"<|endoftext|>": 0}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
-    )
 
 
 _COMMON = dict(vocab_size=VOCAB, initializer_range=0.2)

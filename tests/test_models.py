@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
 from transformers import (
     AutoModelForCausalLM,
@@ -29,7 +28,6 @@ from transformers import (
     LlamaConfig,
     PretrainedConfig,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
 )
@@ -38,6 +36,7 @@ from transformers import __version__ as TRANSFORMERS_VERSION
 from probes import models as models_mod
 from probes.errors import ModelNotFoundError, ProbesError
 from probes.models import ArchInfo, LoadedModel, boot_model, kv_parity, load_model
+from probes.tiny import byte_tokenizer as _byte_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STORIES = SHARED_DATA / "models" / "stories260K"
@@ -59,17 +58,6 @@ HF_TOL = 1e-6  # bridge vs HF eager, fp32; measured 0.0
 # ----------------------------------------------------------------------------------------------
 
 
-def _byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A 257-token byte-level BPE (no merges) built in memory: no files, no download."""
-    vocab = {"<|endoftext|>": 0}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
-    )
 
 
 def _qwen2_config(vocab: int) -> PretrainedConfig:

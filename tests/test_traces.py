@@ -130,7 +130,7 @@ def test_strict_raises_on_first_bad_line(tmp_path):
         {"question": "Q", "trajectory": "", "answer": "1"},
         "{not json",
     ])
-    with pytest.raises(TraceFormatError, match=rf"t\.jsonl:2: empty 'trajectory'"):
+    with pytest.raises(TraceFormatError, match=r"t\.jsonl:2: empty 'trajectory'"):
         read_traces(path, strict=True)
 
 

@@ -10,33 +10,21 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
     LlamaConfig,
     PretrainedConfig,
-    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
 )
 
 from probes.models import LoadedModel, boot_model
+from probes.tiny import byte_tokenizer
 
 VOCAB = 300  # the byte tokenizer has 257 tokens; the model's vocab may be larger
 
 
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """A 257-token byte-level BPE (no merges) built in memory."""
-    vocab = {"<|endoftext|>": 0}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
-    )
 
 
 def _qwen2() -> PretrainedConfig:
