@@ -1,0 +1,297 @@
+"""Per-token attention "updates" at one answer query position (MEASUREMENTS.md §7.3 M1–M4).
+
+For one query position `q` (e.g. the position predicting the first answer token) and every key
+`t ≤ q`, per layer ℓ and query head h, from ONE bridge forward with hooks:
+
+* M1 `mass` = p_{h,t}: the pattern row of q.
+* M2 `contrib_norm` = ‖c_{h,t}‖ with c_{h,t} = p_{h,t} W_O^h v_{g(h),t} (exact decomposition of
+  attn_out at q: Σ_{h,t} c_{h,t} + b_O = attn_out_q); `contrib_sum_norm` = ‖Σ_h c_{h,t}‖.
+* M4 `loo_norm` = ‖δz_{h,t}‖ with δz = p (v_t − z)/(1 − p) = z − z^{(∖t)} (leave-one-out of key t
+  from head h's softmax at row q); `loo_out_norm` = ‖W_O^h δz_{h,t}‖ and `loo_sum_norm` =
+  ‖Σ_h W_O^h δz_{h,t}‖ (the residual-space context vector δ^ℓ_{q,t}).
+* M3 (Dai dual form, relaxed linear attention) with RoPE-rotated keys/queries k̃, q̃ as the softmax
+  sees them: ΔW_{g,t} = v_{g,t} k̃_{g,t}ᵀ (d_h × d_h, never materialised). Following §7.3 M3 the
+  update itself is UNSCALED (`dai_fro` = ‖v_t‖‖k̃_t‖, per KV head, shape [L, H_kv, T], shared by
+  the G query heads of the group), and its action on the query is reported both unscaled
+  (`dai_action_norm` = ‖v_t‖ |k̃_t·q̃_h|) and with the softmax temperature 1/√d_h
+  (`dai_scaled_action_norm` = ‖v_t‖ |s_{h,t}|, s the pre-softmax score). Agreement diagnostics
+  between the relaxed-linear and the softmax outputs (§7.3 M3 names a Spearman correlation over t
+  between v_t (k̃_t·q̃)/√d_h and p_t v_t, which are vectors; we make it concrete as):
+  `dai_spearman[ℓ, h]` = Spearman over t of ‖v_t‖·s_{h,t} (signed relaxed weight) vs ‖v_t‖·p_{h,t}
+  (i.e. of the per-token contributions' signed sizes), and `dai_cos[ℓ, h]` = cos(Σ_t v_t s_{h,t},
+  z_h) (direction of the relaxed-linear output vs the real softmax output; scale-free, so the
+  softmax normaliser does not matter).
+
+GQA: query head h reads KV head g(h) = h // (H / H_kv). Values are taken from `attn.v` as the
+bridge computes them (raw HF weights, b_V included: Dai's ‖v‖ is NOT invariant to b_V, LOO is).
+Key axis: all keys 0..q inclusive (the last one is q itself), so the sums are exact; slice
+`[..., :q]` for the strict "t < q" keys. Only Llama-style models with RoPE (Qwen2, Llama, Qwen3)
+are supported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hooks import capture
+from probes.errors import ProbesError
+from probes.models import LoadedModel
+
+__all__ = [
+    "QueryCapture",
+    "TokenUpdates",
+    "UpdatesError",
+    "capture_query",
+    "layer_terms",
+    "o_proj_weights",
+    "token_updates",
+]
+
+
+class UpdatesError(ProbesError, ValueError):
+    """Unsupported model or bad query position for `token_updates`."""
+
+
+@dataclass
+class TokenUpdates:
+    """Per-token attention quantities at one query position (float32 numpy arrays).
+
+    Shapes: L = n_layers, H = n_heads, H_kv = n_kv_heads, T = q + 1 keys (0..q inclusive).
+
+    Attributes:
+        query: The query position q.
+        keys: Key positions [T] (= arange(q + 1)).
+        mass: M1 attention mass p [L, H, T] (sums to 1 over T).
+        contrib_norm: M2 ‖p W_O^h v_t‖ [L, H, T].
+        contrib_sum_norm: M2 ‖Σ_h p W_O^h v_t‖ [L, T].
+        loo_norm: M4 ‖δz_{h,t}‖ [L, H, T] (d_h space).
+        loo_out_norm: M4 ‖W_O^h δz_{h,t}‖ [L, H, T].
+        loo_sum_norm: M4 ‖Σ_h W_O^h δz_{h,t}‖ [L, T] (residual-space context vector).
+        dai_fro: M3 ‖v_t k̃_tᵀ‖_F = ‖v_t‖‖k̃_t‖ [L, H_kv, T] (unscaled, per KV head).
+        dai_action_norm: M3 ‖v_t (k̃_t·q̃_h)‖ [L, H, T] (unscaled).
+        dai_scaled_action_norm: M3 the same times 1/√d_h (= ‖v_t‖ |s_{h,t}|) [L, H, T].
+        dai_action_out_norm: M3 ‖W_O^h v_t‖ |s_{h,t}| [L, H, T] (scaled action in the residual).
+        dai_spearman: Spearman over t of ‖v_t‖ s_{h,t} vs ‖v_t‖ p_{h,t} [L, H].
+        dai_cos: cos(Σ_t v_t s_{h,t}, z_h) [L, H].
+        score: Pre-softmax scores s = q̃·k̃/√d_h [L, H, T].
+        scale: 1/√d_h.
+        gqa_group: G = H / H_kv.
+    """
+
+    query: int
+    keys: np.ndarray
+    mass: np.ndarray
+    contrib_norm: np.ndarray
+    contrib_sum_norm: np.ndarray
+    loo_norm: np.ndarray
+    loo_out_norm: np.ndarray
+    loo_sum_norm: np.ndarray
+    dai_fro: np.ndarray
+    dai_action_norm: np.ndarray
+    dai_scaled_action_norm: np.ndarray
+    dai_action_out_norm: np.ndarray
+    dai_spearman: np.ndarray
+    dai_cos: np.ndarray
+    score: np.ndarray
+    scale: float
+    gqa_group: int
+
+    def dai_fro_per_query_head(self) -> np.ndarray:
+        """`dai_fro` repeated over each GQA group: [L, H, T] (do not sum it over heads)."""
+        return np.repeat(self.dai_fro, self.gqa_group, axis=1)
+
+
+def o_proj_weights(loaded: LoadedModel) -> list[tuple[Tensor, Tensor | None]]:
+    """The output projection of every layer, from the HF modules.
+
+    Args:
+        loaded: A booted Llama-style model (`model.layers[i].self_attn.o_proj`).
+
+    Returns:
+        Per layer `(W, b)`: W = `o_proj.weight` [d_model, H·d_h] (y = z Wᵀ + b), b or None.
+
+    Raises:
+        UpdatesError: If the model has no `model.layers[i].self_attn.o_proj`.
+    """
+    try:
+        layers = loaded.hf_model.model.layers
+        out = []
+        for layer in layers:
+            o_proj = layer.self_attn.o_proj
+            out.append((o_proj.weight, o_proj.bias))
+    except AttributeError as exc:
+        raise UpdatesError(
+            f"token_updates needs a Llama-style HF model (model.layers[i].self_attn.o_proj); "
+            f"{loaded.arch.family!r} does not have one."
+        ) from exc
+    return out
+
+
+def _ranks(x: Tensor) -> Tensor:
+    """Ranks along the last axis (0-based; ties broken by order, fine for float data)."""
+    return x.argsort(dim=-1).argsort(dim=-1).to(torch.float64)
+
+
+def _spearman(a: Tensor, b: Tensor) -> Tensor:
+    """Spearman correlation along the last axis (NaN where one side is constant)."""
+    ra, rb = _ranks(a), _ranks(b)
+    ra = ra - ra.mean(-1, keepdim=True)
+    rb = rb - rb.mean(-1, keepdim=True)
+    return (ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1))
+
+
+@dataclass
+class QueryCapture:
+    """The raw tensors one hooked forward yields for one query position (float32, CPU).
+
+    Attributes:
+        query: The query position q.
+        rot_k: Per layer, rotated keys [T, H_kv, d_h] for keys 0..q.
+        v: Per layer, values [T, H_kv, d_h].
+        rot_q: Per layer, rotated query of q [H, d_h].
+        z: Per layer, z at q [H, d_h].
+        pattern: Per layer, pattern row of q [H, T].
+        attn_out: Per layer, attention output at q [d_model].
+    """
+
+    query: int
+    rot_k: list[Tensor]
+    v: list[Tensor]
+    rot_q: list[Tensor]
+    z: list[Tensor]
+    pattern: list[Tensor]
+    attn_out: list[Tensor]
+
+
+@torch.no_grad()
+def capture_query(loaded: LoadedModel, ids: Tensor, query: int) -> QueryCapture:
+    """Run the bridge once with hooks and keep what M1–M4 need for query position `query`.
+
+    Args:
+        loaded: A booted RoPE model (Qwen2 / Llama / Qwen3 family).
+        ids: Token ids [1, N] (or [N]); batch 1.
+        query: Query position q, 0 <= q < N.
+
+    Returns:
+        The captured tensors (keys 0..q, query row q).
+
+    Raises:
+        UpdatesError: For a model without RoPE or a query out of range.
+    """
+    arch = loaded.arch
+    if arch.positional != "rope":
+        raise UpdatesError(
+            f"token_updates needs RoPE-rotated q/k (attn.rot_q/rot_k); {arch.family!r} has "
+            f"positional={arch.positional!r}."
+        )
+    ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
+    n = int(ids.shape[1])
+    if not 0 <= query < n:
+        raise UpdatesError(f"query={query} is outside the sequence of {n} tokens.")
+    L = arch.n_layers
+    kv_sites = [f"L{l}.attn.{c}" for l in range(L) for c in ("rot_k", "v")]
+    q_sites = [f"L{l}.{c}" for l in range(L)
+               for c in ("attn.rot_q", "attn.z", "attn.pattern", "attn_out")]
+    with (
+        capture(loaded, kv_sites, positions=slice(0, query + 1), dtype="float32") as kv_store,
+        capture(loaded, q_sites, positions=[query], dtype="float32") as q_store,
+    ):
+        loaded.bridge(ids.to(loaded.device))
+    kv, qs = kv_store.result(), q_store.result()
+    return QueryCapture(
+        query=query,
+        rot_k=[kv[f"L{l}.attn.rot_k"] for l in range(L)],
+        v=[kv[f"L{l}.attn.v"] for l in range(L)],
+        rot_q=[qs[f"L{l}.attn.rot_q"][0] for l in range(L)],
+        z=[qs[f"L{l}.attn.z"][0] for l in range(L)],
+        pattern=[qs[f"L{l}.attn.pattern"][:, 0, : query + 1] for l in range(L)],
+        attn_out=[qs[f"L{l}.attn_out"][0] for l in range(L)],
+    )
+
+
+def layer_terms(cap: QueryCapture, layer: int, w_o: Tensor) -> dict[str, Tensor]:
+    """The exact per-token vectors of one layer in float64 (transient [H, T, d] tensors).
+
+    Args:
+        cap: Output of `capture_query`.
+        layer: Layer index.
+        w_o: That layer's `o_proj.weight` [d_model, H·d_h].
+
+    Returns:
+        Dict with `p` [H, T], `v_h` / `k_h` [H, T, d_h] (KV heads expanded with g(h) = h // G),
+        `q` / `z` [H, d_h], `wv` = W_O^h v_t [H, T, d], `c` = p W_O^h v_t [H, T, d],
+        `dz` = p (v_t − z)/(1 − p) [H, T, d_h], `dz_out` = W_O^h δz [H, T, d],
+        `dots` = k̃_t·q̃_h [H, T], `relaxed` = Σ_t v_t (k̃_t·q̃_h)/√d_h [H, d_h].
+    """
+    f64 = torch.float64
+    k = cap.rot_k[layer].to(f64)                          # [T, H_kv, d_h]
+    v = cap.v[layer].to(f64)
+    q = cap.rot_q[layer].to(f64)                          # [H, d_h]
+    z = cap.z[layer].to(f64)
+    p = cap.pattern[layer].to(f64)                        # [H, T]
+    H, d_h = q.shape
+    G = H // k.shape[1]
+    w = w_o.detach().to("cpu", f64).reshape(-1, H, d_h)   # [d, H, d_h]
+    v_h = v.repeat_interleave(G, dim=1).transpose(0, 1)   # [H, T, d_h]
+    k_h = k.repeat_interleave(G, dim=1).transpose(0, 1)
+    wv = torch.einsum("dhe,hte->htd", w, v_h)
+    dz = p[..., None] * (v_h - z[:, None, :]) / (1.0 - p)[..., None]
+    dots = torch.einsum("hte,he->ht", k_h, q)
+    return {
+        "p": p, "v_h": v_h, "k_h": k_h, "q": q, "z": z, "wv": wv,
+        "c": p[..., None] * wv, "dz": dz, "dz_out": torch.einsum("dhe,hte->htd", w, dz),
+        "dots": dots, "relaxed": torch.einsum("ht,hte->he", dots / d_h**0.5, v_h),
+        "kv_fro": (v.norm(dim=-1) * k.norm(dim=-1)).T,    # [H_kv, T]
+    }
+
+
+def token_updates(loaded: LoadedModel, ids: Tensor, query: int) -> TokenUpdates:
+    """Compute M1–M4 for one query position from one hooked bridge forward.
+
+    Example:
+        >>> upd = token_updates(loaded, ids, query=ids.shape[1] - 1)
+        >>> upd.mass.shape                     # [n_layers, n_heads, query + 1]
+
+    Args:
+        loaded: A booted RoPE model (Qwen2 / Llama / Qwen3 family, batch 1).
+        ids: Token ids [1, N] (or [N]).
+        query: Query position q, 0 <= q < N (keys are 0..q).
+
+    Returns:
+        The per-token quantities (float32; computed in float64 from the captured fp32 tensors).
+
+    Raises:
+        UpdatesError: For a model without RoPE/o_proj or a query out of range.
+    """
+    weights = o_proj_weights(loaded)
+    cap = capture_query(loaded, ids, query)
+    d_h = loaded.arch.d_head
+    scale = 1.0 / float(np.sqrt(d_h))
+    out: dict[str, list[Tensor]] = {k: [] for k in (
+        "mass", "contrib_norm", "contrib_sum_norm", "loo_norm", "loo_out_norm", "loo_sum_norm",
+        "dai_fro", "dai_action_norm", "dai_scaled_action_norm", "dai_action_out_norm",
+        "dai_spearman", "dai_cos", "score")}
+    for l in range(loaded.arch.n_layers):
+        t = layer_terms(cap, l, weights[l][0])
+        p, s = t["p"], t["dots"] * scale
+        v_norm = t["v_h"].norm(dim=-1)                    # [H, T]
+        out["mass"].append(p)
+        out["contrib_norm"].append(t["c"].norm(dim=-1))
+        out["contrib_sum_norm"].append(t["c"].sum(0).norm(dim=-1))
+        out["loo_norm"].append(t["dz"].norm(dim=-1))
+        out["loo_out_norm"].append(t["dz_out"].norm(dim=-1))
+        out["loo_sum_norm"].append(t["dz_out"].sum(0).norm(dim=-1))
+        out["dai_fro"].append(t["kv_fro"])
+        out["dai_action_norm"].append(v_norm * t["dots"].abs())
+        out["dai_scaled_action_norm"].append(v_norm * s.abs())
+        out["dai_action_out_norm"].append(t["wv"].norm(dim=-1) * s.abs())
+        out["dai_spearman"].append(_spearman(v_norm * s, v_norm * p))
+        out["dai_cos"].append(torch.nn.functional.cosine_similarity(t["relaxed"], t["z"], dim=-1))
+        out["score"].append(s)
+    arrays = {k: torch.stack(vs).to(torch.float32).numpy() for k, vs in out.items()}
+    return TokenUpdates(query=query, keys=np.arange(query + 1), scale=scale,
+                        gqa_group=loaded.arch.gqa_group, **arrays)
