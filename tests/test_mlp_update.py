@@ -16,10 +16,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
-    LlamaConfig,
     PretrainedConfig,
-    Qwen2Config,
-    Qwen3Config,
 )
 
 from hooks import capture
@@ -34,18 +31,10 @@ from probes.mlp_update import (
     rms_norm,
 )
 from probes.models import LoadedModel, boot_model
-from probes.tiny import byte_tokenizer
-
-_COMMON = {
-    "vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-    "initializer_range": 0.2,
-}
+from probes.tiny import TINY_FAMILIES, byte_tokenizer, tiny_config
 
 CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
-    "qwen2": lambda: Qwen2Config(**_COMMON, tie_word_embeddings=True),
-    "llama": lambda: LlamaConfig(**_COMMON, attention_bias=True),
-    "qwen3": lambda: Qwen3Config(**_COMMON, head_dim=16),
+    family: (lambda family=family: tiny_config(family)) for family in TINY_FAMILIES
 }
 N_TOKENS = 24
 TRAJ = list(range(4, 16))           # trajectory keys τ_0..τ_11
