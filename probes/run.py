@@ -66,6 +66,19 @@ def _add_categories(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_categories)
 
 
+def _add_model_run_args(p: argparse.ArgumentParser, *, out_help: str) -> None:
+    """The flags every model-running command over a traces file shares (cache, lhat)."""
+    p.add_argument("--model", required=True,
+                   help="tiny-reasoner, a local model folder, or a hub id in the local HF cache")
+    p.add_argument("--traces", type=Path, required=True, help="JSONL traces")
+    p.add_argument("--out", type=Path, required=True, help=out_help)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N traces")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="parameter dtype the model is loaded in (default float32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
 def _add_cache(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "cache",
@@ -78,10 +91,7 @@ def _add_cache(sub: argparse._SubParsersAction) -> None:
             "the complete traces and --resume finishes the rest."
         ),
     )
-    p.add_argument("--model", required=True,
-                   help="tiny-reasoner, a local model folder, or a hub id in the local HF cache")
-    p.add_argument("--traces", type=Path, required=True, help="JSONL traces")
-    p.add_argument("--out", type=Path, required=True, help="the .h5 file (its folder must exist)")
+    _add_model_run_args(p, out_help="the .h5 file (its folder must exist)")
     p.add_argument(
         "--sites", nargs="+", default=None, metavar="SITE",
         help="components for every layer (resid_post, delta, attn_out, mlp_out, resid_pre, "
@@ -92,12 +102,8 @@ def _add_cache(sub: argparse._SubParsersAction) -> None:
                    help="tokens that get rows: the trajectory (default) or every token")
     p.add_argument("--dtype", choices=["float16", "float32", "bfloat16"], default="float16",
                    help="storage dtype of the sites (default float16)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N traces")
     p.add_argument("--resume", action="store_true",
                    help="add the missing traces to an existing file (complete ones are skipped)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    p.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                   help="parameter dtype the model is loaded in (default float32)")
     p.add_argument("--chunk-size", type=int, default=512,
                    help="tokens per forward through the KV cache (default 512)")
     p.add_argument("--backend", choices=["auto", "hf", "bridge"], default="auto",
@@ -109,7 +115,6 @@ def _add_cache(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lexicon", type=Path, action="append", default=[],
                    help="extra lexicon JSON merged into the built-in one (repeatable)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad JSONL line")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=_cmd_cache)
 
@@ -142,24 +147,16 @@ def _add_lhat(sub: argparse._SubParsersAction) -> None:
             "group of --out (an existing cache gains them; resumable)."
         ),
     )
-    p.add_argument("--model", required=True,
-                   help="tiny-reasoner, a local model folder, or a hub id in the local HF cache")
-    p.add_argument("--traces", type=Path, required=True, help="JSONL traces")
-    p.add_argument("--out", type=Path, required=True, help="the .h5 cache (created or extended)")
+    _add_model_run_args(p, out_help="the .h5 cache (created or extended)")
     p.add_argument("--check-naive", type=int, default=0, metavar="K",
                    help="re-run K random prefixes per trace one forward each and report the "
                         "largest |fast - naive| (default 0)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N traces")
     p.add_argument("--no-thinking", action="store_true",
                    help="replace each trajectory by the NoThinking delimiter (write to another --out)")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk (default 512)")
     p.add_argument("--max-pack-tokens", type=int, default=512,
                    help="tokens per packed forward of scaffold+answer copies (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed of the --check-naive prefixes")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    p.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
-                   help="parameter dtype the model is loaded in (default float32)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="end with one JSON object")
     p.set_defaults(func=_cmd_lhat)
 
