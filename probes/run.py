@@ -67,7 +67,7 @@ def _add_categories(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_model_run_args(p: argparse.ArgumentParser, *, out_help: str) -> None:
-    """The flags every model-running command over a traces file shares (cache, lhat)."""
+    """The flags every model-running command over a traces file shares (cache, lhat, updates)."""
     p.add_argument("--model", required=True,
                    help="tiny-reasoner, a local model folder, or a hub id in the local HF cache")
     p.add_argument("--traces", type=Path, required=True, help="JSONL traces")
@@ -161,6 +161,29 @@ def _add_lhat(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_lhat)
 
 
+def _add_updates(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "updates",
+        help="per-token implicit updates (attention M1-M4, MLP M5) at the answer query, into a cache",
+        description=(
+            "For every trace, at the position that predicts the first answer token, compute per "
+            "layer and per trajectory token the attention mass (mean over heads), the summed-head "
+            "contribution and leave-one-out norms, the Dai outer-product norm (summed over KV "
+            "heads) and the Dherin MLP step sizes and consecutive cosine; store them as upd_* "
+            "float32 [n_layers, T] in each trace group of --out (an existing cache gains them; "
+            "resumable). --control random-init uses random weights of the same architecture "
+            "(write to another --out)."
+        ),
+    )
+    _add_model_run_args(p, out_help="the .h5 cache (created or extended)")
+    p.add_argument("--control", choices=["none", "random-init"], default="none",
+                   help="none: the trained weights (default); random-init: a seeded random "
+                        "initialisation of the same architecture (needs its own --out)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --control random-init")
+    p.add_argument("--json", action="store_true", help="end with one JSON object")
+    p.set_defaults(func=_cmd_updates)
+
+
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
@@ -208,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache(sub)
     _add_inspect(sub)
     _add_lhat(sub)
+    _add_updates(sub)
     _add_compare(sub)
     return parser
 
@@ -322,6 +346,21 @@ def _cmd_lhat(args: argparse.Namespace) -> int:
     result = lhat_traces(args.model, args.traces, args.out, cfg, device=args.device,
                          dtype=args.model_dtype, progress=not args.no_progress)
     print(format_lhat_run(result), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(result.to_dict(), sort_keys=True))
+    return 0
+
+
+def _cmd_updates(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from probes.updates_run import UpdatesConfig, format_updates_run, updates_traces
+
+    hf_logging.disable_progress_bar()
+    cfg = UpdatesConfig(control=args.control, seed=args.seed, limit=args.limit)
+    result = updates_traces(args.model, args.traces, args.out, cfg, device=args.device,
+                            dtype=args.model_dtype, progress=not args.no_progress)
+    print(format_updates_run(result), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(result.to_dict(), sort_keys=True))
     return 0
