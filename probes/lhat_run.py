@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from probes.errors import ProbesError
 from probes.models import LoadedModel, load_model
-from probes.traces import ANSWER_SUFFIX, DEFAULT_SCAFFOLD
+from probes.traces import DEFAULT_SCAFFOLD
 
 LHAT_ARRAYS = ("lhat", "lhat_delta", "lhat_rho", "lhat_log_ratio")
 NO_THINKING_DELIMITER = "Therefore, after all this, I believe the answer is"
@@ -76,13 +76,9 @@ class LhatRunResult:
     n_naive_prefixes: int = 0
     lhat_first_median: float | None = None
     lhat_last_median: float | None = None
-    per_trace_seconds: list[float] = field(default_factory=list, repr=False)
-
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (without per-trace timings)."""
-        d = asdict(self)
-        d.pop("per_trace_seconds")
-        return d
+        """JSON-able form."""
+        return asdict(self)
 
 
 def per_token_arrays(lhat: np.ndarray) -> dict[str, np.ndarray]:
@@ -140,24 +136,6 @@ def _no_thinking(trace):
     return replace(trace, trajectory=f"<think>\n{NO_THINKING_DELIMITER}")
 
 
-def _existing(out: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
-    """Stored metadata and, per complete trace, its tokens, whether it has `lhat`, and sites."""
-    if not out.exists():
-        return None, {}
-    from cache import open_cache
-
-    with open_cache(out) as reader:
-        meta = dict(reader.metadata)
-        traces = {}
-        for tr in reader:
-            traces[tr.id] = {
-                "tokens": np.asarray(tr.tokens),
-                "has_lhat": "lhat" in tr.names(),
-            }
-        meta["_has_sites"] = bool(reader.sites)
-    return meta, traces
-
-
 def lhat_traces(
     model: str | LoadedModel,
     traces_path: Path,
@@ -186,13 +164,10 @@ def lhat_traces(
         ProbesError: Bad input, a cache made with another model / tokenizer / scaffold, or a trace
             whose stored tokens differ from this tokenization.
     """
-    from tqdm import tqdm
-
-    from cache import open_writer
-    from probes.capture import run_metadata
     from probes.categories import categorize, load_lexicon
     from probes.lhat import lhat_fast, lhat_naive
-    from probes.traces import read_traces, tokenize_traces
+    from probes.trace_arrays import add_trace_arrays
+    from probes.traces import read_traces
 
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
@@ -200,89 +175,48 @@ def lhat_traces(
     traces = traceset.traces[: cfg.limit] if cfg.limit is not None else list(traceset.traces)
     if cfg.no_thinking:
         traces = [_no_thinking(t) for t in traces]
-    tokenized, too_long = tokenize_traces(
-        traces, loaded.tokenizer, prompt_format=cfg.prompt_format, scaffold=cfg.scaffold,
-        max_tokens=loaded.arch.n_ctx,
-    )
     lexicon = load_lexicon()
-    config = {
-        "sites": {},
-        "positions": "none",
-        "storage_dtype": None,
-        "prompt_format": cfg.prompt_format,
-        "scaffold": cfg.scaffold,
-        "answer_suffix": ANSWER_SUFFIX,
-    }
-    meta = run_metadata(loaded, lexicon, config=config, info={"traces": str(traces_path)})
-    stored_meta, stored = _existing(out)
-    if stored_meta is not None:
-        stored_config = stored_meta.get("config", {})
-        for key in ("prompt_format", "scaffold", "answer_suffix"):
-            if stored_config.get(key) != config[key]:
-                raise ProbesError(
-                    f"{out} was written with {key}={stored_config.get(key)!r}, this run uses "
-                    f"{config[key]!r}; L̂ must use the cached tokenization: pass the same settings "
-                    "or write to another --out"
-                )
-        meta["config"] = stored_config  # the identity check then compares model/tokenizer/lexicon
-    has_sites = bool(stored_meta and stored_meta.get("_has_sites"))
-
-    result = LhatRunResult(out=str(out), n_too_long=len(too_long),
-                           n_bad_lines=len(traceset.problems))
     rng = random.Random(cfg.seed)
     diffs: list[float] = []
-    firsts, lasts = [], []
-    bar = tqdm(tokenized, desc="lhat", unit="trace", disable=not progress, leave=False)
-    with open_writer(out, metadata=meta, mode="append") as writer:
-        for tt in bar:
-            tid = tt.trace.id
-            prior = stored.get(tid)
-            if prior is None and has_sites:
-                result.n_skipped += 1  # not in the activation cache: keep its site layout intact
-                continue
-            if prior is not None and prior["has_lhat"]:
-                result.n_skipped += 1
-                continue
-            if prior is not None and not np.array_equal(prior["tokens"], tt.ids):
-                raise ProbesError(
-                    f"trace {tid!r} in {out} has other tokens than this tokenization of "
-                    f"{traces_path}; the cache was made from different traces or settings: use "
-                    "another --out"
-                )
-            ts = time.perf_counter()
-            cats = categorize(tt, lexicon)
-            res = lhat_fast(loaded, tt, chunk_size=cfg.chunk_size, max_pack_tokens=cfg.max_pack_tokens)
-            arrays = {**per_token_arrays(res.lhat), **label_arrays(tt, cats, loaded.tokenizer)}
-            attrs: dict[str, Any] = {"lhat_method": "packed-kv", "lhat_scaffold": cfg.scaffold}
-            if cfg.check_naive:
-                n_t = len(res.lhat)
-                check = sorted(rng.sample(range(n_t), min(cfg.check_naive, n_t)))
-                naive = lhat_naive(loaded, tt, ts=check)
-                diff = float(np.max(np.abs(naive - res.lhat[check].astype(np.float64))))
-                diffs.append(diff)
-                result.n_naive_prefixes += len(check)
-                attrs["lhat_naive_max_abs_diff"] = diff
-            if prior is None:
-                writer.write_trace(
-                    tid, tokens=tt.ids, category=cats.category, spans=tt.spans, arrays=arrays,
-                    text={"question": tt.trace.question, "answer": tt.trace.answer},
-                    source=f"{traces_path.name}:{tt.trace.line_no}", attrs=attrs,
-                )
-            else:
-                writer.add_to_trace(tid, arrays, attrs=attrs)
-            result.n_written += 1
-            result.per_trace_seconds.append(time.perf_counter() - ts)
-            firsts.append(float(res.lhat[0]))
-            lasts.append(float(res.lhat[-1]))
-            bar.set_postfix(last_lhat=f"{res.lhat[-1]:.3g}")
-    result.n_traces = len(tokenized)
-    result.seconds = round(time.perf_counter() - t0, 3)
-    if diffs:
-        result.naive_max_abs_diff = max(diffs)
-    if firsts:
-        result.lhat_first_median = float(np.median(firsts))
-        result.lhat_last_median = float(np.median(lasts))
-    return result
+    n_checked: list[int] = []
+    firsts: list[float] = []
+    lasts: list[float] = []
+
+    def compute(tt):
+        res = lhat_fast(loaded, tt, chunk_size=cfg.chunk_size, max_pack_tokens=cfg.max_pack_tokens)
+        arrays = {**per_token_arrays(res.lhat),
+                  **label_arrays(tt, categorize(tt, lexicon), loaded.tokenizer)}
+        attrs: dict[str, Any] = {"lhat_method": "packed-kv", "lhat_scaffold": cfg.scaffold}
+        if cfg.check_naive:
+            n_t = len(res.lhat)
+            check = sorted(rng.sample(range(n_t), min(cfg.check_naive, n_t)))
+            naive = lhat_naive(loaded, tt, ts=check)
+            diff = float(np.max(np.abs(naive - res.lhat[check].astype(np.float64))))
+            diffs.append(diff)
+            n_checked.append(len(check))
+            attrs["lhat_naive_max_abs_diff"] = diff
+        firsts.append(float(res.lhat[0]))
+        lasts.append(float(res.lhat[-1]))
+        return arrays, attrs
+
+    run = add_trace_arrays(
+        loaded, traces, out, compute, done_key="lhat", command="lhat", traces_path=traces_path,
+        n_bad_lines=len(traceset.problems), prompt_format=cfg.prompt_format, scaffold=cfg.scaffold,
+        progress=progress,
+    )
+    return LhatRunResult(
+        out=str(out),
+        n_traces=run.n_traces,
+        n_written=run.n_written,
+        n_skipped=run.n_skipped,
+        n_too_long=run.n_too_long,
+        n_bad_lines=run.n_bad_lines,
+        seconds=round(time.perf_counter() - t0, 3),
+        naive_max_abs_diff=max(diffs) if diffs else None,
+        n_naive_prefixes=sum(n_checked),
+        lhat_first_median=float(np.median(firsts)) if firsts else None,
+        lhat_last_median=float(np.median(lasts)) if lasts else None,
+    )
 
 
 def format_lhat_run(r: LhatRunResult) -> str:

@@ -25,7 +25,7 @@ to another --out file (appending it to a trained-model cache is refused by the i
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ import numpy as np
 
 from probes.errors import ProbesError
 from probes.models import LoadedModel, load_model
-from probes.traces import ANSWER_SUFFIX, DEFAULT_SCAFFOLD
+from probes.traces import DEFAULT_SCAFFOLD
 
 UPDATE_ARRAYS = ("upd_contrib", "upd_loo", "upd_mass", "upd_dai_fro", "upd_sigma_gate",
                  "upd_sigma_up", "upd_cos_gate")
@@ -78,13 +78,9 @@ class UpdatesRunResult:
     n_too_long: int = 0
     n_bad_lines: int = 0
     seconds: float = 0.0
-    per_trace_seconds: list[float] = field(default_factory=list, repr=False)
-
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (without per-trace timings)."""
-        d = asdict(self)
-        d.pop("per_trace_seconds")
-        return d
+        """JSON-able form."""
+        return asdict(self)
 
 
 def random_init_model(loaded: LoadedModel, seed: int) -> LoadedModel:
@@ -146,20 +142,6 @@ def _f32(x) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(x)).astype(np.float32)
 
 
-def _existing(out: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
-    """Stored metadata and, per complete trace, its tokens and whether it has `upd_contrib`."""
-    if not out.exists():
-        return None, {}
-    from cache import open_cache
-
-    with open_cache(out) as reader:
-        meta = dict(reader.metadata)
-        traces = {tr.id: {"tokens": np.asarray(tr.tokens), "done": "upd_contrib" in tr.names()}
-                  for tr in reader}
-        meta["_has_sites"] = bool(reader.sites)
-    return meta, traces
-
-
 def updates_traces(
     model: str | LoadedModel,
     traces_path: Path,
@@ -189,12 +171,8 @@ def updates_traces(
             trained-model cache included) / tokenizer / scaffold, or a trace whose stored tokens
             differ from this tokenization.
     """
-    from tqdm import tqdm
-
-    from cache import open_writer
-    from probes.capture import run_metadata
-    from probes.categories import categorize, load_lexicon
-    from probes.traces import read_traces, tokenize_traces
+    from probes.trace_arrays import add_trace_arrays
+    from probes.traces import read_traces
 
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
@@ -202,73 +180,24 @@ def updates_traces(
         loaded = random_init_model(loaded, cfg.seed)
     traceset = read_traces(traces_path)
     traces = traceset.traces[: cfg.limit] if cfg.limit is not None else list(traceset.traces)
-    tokenized, too_long = tokenize_traces(
-        traces, loaded.tokenizer, prompt_format=cfg.prompt_format, scaffold=cfg.scaffold,
-        max_tokens=loaded.arch.n_ctx,
-    )
-    lexicon = load_lexicon()
-    config = {
-        "sites": {},
-        "positions": "none",
-        "storage_dtype": None,
-        "prompt_format": cfg.prompt_format,
-        "scaffold": cfg.scaffold,
-        "answer_suffix": ANSWER_SUFFIX,
-    }
-    meta = run_metadata(loaded, lexicon, config=config, info={"traces": str(traces_path)})
-    stored_meta, stored = _existing(out)
-    if stored_meta is not None:
-        stored_config = stored_meta.get("config", {})
-        for key in ("prompt_format", "scaffold", "answer_suffix"):
-            if stored_config.get(key) != config[key]:
-                raise ProbesError(
-                    f"{out} was written with {key}={stored_config.get(key)!r}, this run uses "
-                    f"{config[key]!r}; updates must use the cached tokenization: pass the same "
-                    "settings or write to another --out"
-                )
-        meta["config"] = stored_config  # the identity check then compares model/tokenizer/lexicon
-    has_sites = bool(stored_meta and stored_meta.get("_has_sites"))
 
-    result = UpdatesRunResult(out=str(out), control=cfg.control, n_too_long=len(too_long),
-                              n_bad_lines=len(traceset.problems))
-    bar = tqdm(tokenized, desc="updates", unit="trace", disable=not progress, leave=False)
-    with open_writer(out, metadata=meta, mode="append") as writer:
-        for tt in bar:
-            tid = tt.trace.id
-            prior = stored.get(tid)
-            if prior is None and has_sites:
-                result.n_skipped += 1  # not in the activation cache: keep its site layout intact
-                continue
-            if prior is not None and prior["done"]:
-                result.n_skipped += 1
-                continue
-            if prior is not None and not np.array_equal(prior["tokens"], tt.ids):
-                raise ProbesError(
-                    f"trace {tid!r} in {out} has other tokens than this tokenization of "
-                    f"{traces_path}; the cache was made from different traces or settings: use "
-                    "another --out"
-                )
-            a, b = tt.spans["trajectory"]
-            if b <= a or tt.spans["answer"][1] <= tt.spans["answer"][0]:
-                result.n_empty += 1  # no trajectory key or no answer token: nothing to measure
-                continue
-            ts = time.perf_counter()
-            arrays, query = trace_update_arrays(loaded, tt)
-            attrs: dict[str, Any] = {"upd_query": query, "upd_control": cfg.control}
-            if prior is None:
-                cats = categorize(tt, lexicon)
-                writer.write_trace(
-                    tid, tokens=tt.ids, category=cats.category, spans=tt.spans, arrays=arrays,
-                    text={"question": tt.trace.question, "answer": tt.trace.answer},
-                    source=f"{traces_path.name}:{tt.trace.line_no}", attrs=attrs,
-                )
-            else:
-                writer.add_to_trace(tid, arrays, attrs=attrs)
-            result.n_written += 1
-            result.per_trace_seconds.append(time.perf_counter() - ts)
-    result.n_traces = len(tokenized)
-    result.seconds = round(time.perf_counter() - t0, 3)
-    return result
+    def compute(tt):
+        a, b = tt.spans["trajectory"]
+        if b <= a or tt.spans["answer"][1] <= tt.spans["answer"][0]:
+            return None  # no trajectory key or no answer token: nothing to measure
+        arrays, query = trace_update_arrays(loaded, tt)
+        return arrays, {"upd_query": query, "upd_control": cfg.control}
+
+    run = add_trace_arrays(
+        loaded, traces, out, compute, done_key="upd_contrib", command="updates",
+        traces_path=traces_path, n_bad_lines=len(traceset.problems),
+        prompt_format=cfg.prompt_format, scaffold=cfg.scaffold, progress=progress,
+    )
+    return UpdatesRunResult(
+        out=str(out), control=cfg.control, n_traces=run.n_traces, n_written=run.n_written,
+        n_skipped=run.n_skipped, n_empty=run.n_left_out, n_too_long=run.n_too_long,
+        n_bad_lines=run.n_bad_lines, seconds=round(time.perf_counter() - t0, 3),
+    )
 
 
 def format_updates_run(r: UpdatesRunResult) -> str:
