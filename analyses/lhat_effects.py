@@ -65,6 +65,7 @@ __all__ = [
     "ComparisonTable",
     "CurveComparison",
     "Occurrence",
+    "TokenSets",
     "TraceEffects",
     "category_comparison",
     "compare_curves",
@@ -82,6 +83,7 @@ __all__ = [
     "shuffled_labels",
     "token_effects",
     "token_metrics",
+    "token_sets",
 ]
 
 ORDINARY, REFLECTION, DELIMITER = 0, 1, 2
@@ -595,13 +597,130 @@ def token_effects(
         ValueError: If `lhat` does not have T+1 points or arrays disagree in length.
     """
     curve = _as_curve(lhat)
+    n = _trajectory_length(category, traj_span)
+    if curve.size != n + 1:
+        raise ValueError(f"lhat has {curve.size} points but the trajectory has {n} tokens "
+                         f"(expected T+1 = {n + 1}).")
+    sets = token_sets(
+        category, phrase_id, is_first, traj_span=traj_span, occurrences=occurrences,
+        paragraph_start=paragraph_start, n_matched=n_matched, match_window=match_window, rng=rng,
+    )
+    return TraceEffects(
+        lhat=curve,
+        token=token_metrics(curve),
+        labels=sets.labels,
+        occurrences=sets.occurrences,
+        occ=occurrence_effects(curve, sets.occurrences, raml_notebook=raml_notebook),
+        paragraph_initial=sets.paragraph_initial,
+        position_matched=sets.position_matched,
+        shuffled=sets.shuffled,
+        shuffled_ordinary=sets.shuffled_ordinary,
+        raml_notebook=raml_notebook,
+    )
+
+
+def _trajectory_length(category: np.ndarray, traj_span: tuple[int, int] | None) -> int:
+    cat = np.asarray(category)
+    return int(cat[slice(*traj_span)].size if traj_span is not None else cat.size)
+
+
+@dataclass(frozen=True)
+class TokenSets:
+    """One trace's token labels, phrase occurrences and control sets, independent of any metric.
+
+    The same sets serve every per-token quantity: the L̂ effects (`token_effects`) and the
+    mechanistic per-layer arrays (`analyses.update_effects`).
+
+    Attributes:
+        labels: uint8 [T] 1/2 on tokens inside a reflection/delimiter occurrence, 0 on ordinary
+            tokens (other codes passed in are kept and belong to no set).
+        occurrences: The occurrences (trajectory coordinates), sorted by start.
+        paragraph_initial: bool [T] ordinary tokens that start a paragraph, or None.
+        position_matched: int64 [n_reflection_occ, k] matched ordinary tokens (-1 none).
+        shuffled: [T] `labels` permuted within the trace.
+        shuffled_ordinary: int64 [n] a random sample, as large as the shuffled reflection set, of
+            the tokens whose shuffled label is ordinary.
+    """
+
+    labels: np.ndarray
+    occurrences: tuple[Occurrence, ...]
+    paragraph_initial: np.ndarray | None
+    position_matched: np.ndarray
+    shuffled: np.ndarray
+    shuffled_ordinary: np.ndarray
+
+    @property
+    def n_tokens(self) -> int:
+        """T, the number of trajectory tokens."""
+        return int(self.labels.size)
+
+    def indices(self, name: str, unit: str = "token") -> np.ndarray:
+        """Trajectory token indices of one set.
+
+        Args:
+            name: `reflection`, `delimiter`, `ordinary`, `paragraph_initial`, `position_matched`,
+                `shuffled_reflection`, `shuffled_ordinary` or `phrase:<id>`.
+            unit: For phrase sets: `"token"` every token inside the occurrences, `"first_token"`
+                each occurrence's first token (`"phrase"` is not a token set and is refused).
+                Control sets are single tokens either way.
+
+        Returns:
+            int64 sorted unique indices (a token may appear once even if matched twice).
+        """
+        if unit not in ("token", "first_token"):
+            raise ValueError(f"TokenSets.indices: unit must be 'token' or 'first_token', got {unit!r}.")
+        if name == "ordinary":
+            return np.flatnonzero(self.labels == ORDINARY)
+        if name == "paragraph_initial":
+            return (np.flatnonzero(self.paragraph_initial) if self.paragraph_initial is not None
+                    else np.zeros(0, np.int64))
+        if name == "position_matched":
+            idx = self.position_matched.reshape(-1)
+            return np.unique(idx[idx >= 0])
+        if name == "shuffled_reflection":
+            return np.flatnonzero(self.shuffled == REFLECTION)
+        if name == "shuffled_ordinary":
+            return np.asarray(self.shuffled_ordinary, np.int64)
+        if name in ("reflection", "delimiter"):
+            code = REFLECTION if name == "reflection" else DELIMITER
+            occs = [o for o in self.occurrences if o.category == code]
+        elif name.startswith("phrase:"):
+            pid = int(name.split(":", 1)[1])
+            occs = [o for o in self.occurrences if o.phrase_id == pid]
+        else:
+            raise ValueError(f"Unknown set name {name!r}.")
+        if unit == "first_token":
+            return np.unique(np.asarray([o.start for o in occs], np.int64))
+        return np.unique(np.asarray([t for o in occs for t in range(o.start, o.end)], np.int64))
+
+
+def token_sets(
+    category: np.ndarray,
+    phrase_id: np.ndarray | None = None,
+    is_first: np.ndarray | None = None,
+    *,
+    traj_span: tuple[int, int] | None = None,
+    occurrences: Sequence[Occurrence] | None = None,
+    paragraph_start: np.ndarray | None = None,
+    n_matched: int = 1,
+    match_window: int | None = None,
+    rng: np.random.Generator | int | None = None,
+) -> TokenSets:
+    """One trace's labels, occurrences and control sets (see `token_effects` for the arguments).
+
+    Draws from `rng` in a fixed order (position matching, label shuffle, null sample), so the same
+    generator state gives the same sets whichever metric they are used with.
+
+    Returns:
+        The `TokenSets`.
+
+    Raises:
+        ValueError: If an occurrence or `paragraph_start` does not fit the trajectory.
+    """
     cat = np.asarray(category)
     if traj_span is not None:
         cat = cat[slice(*traj_span)]
     n = cat.size
-    if curve.size != n + 1:
-        raise ValueError(f"lhat has {curve.size} points but the trajectory has {n} tokens "
-                         f"(expected T+1 = {n + 1}).")
     rng = np.random.default_rng(0 if rng is None else rng)
     if occurrences is None:
         occs = phrase_occurrences(category, phrase_id, is_first, traj_span)
@@ -630,17 +749,13 @@ def token_effects(
     pool = np.flatnonzero(shuffled == ORDINARY)
     size = min(int(np.sum(shuffled == REFLECTION)), pool.size)
     shuffled_ord = np.sort(rng.choice(pool, size=size, replace=False)) if size else pool[:0]
-    return TraceEffects(
-        lhat=curve,
-        token=token_metrics(curve),
+    return TokenSets(
         labels=labels,
         occurrences=tuple(occs),
-        occ=occurrence_effects(curve, occs, raml_notebook=raml_notebook),
         paragraph_initial=para,
         position_matched=matched,
         shuffled=shuffled,
         shuffled_ordinary=shuffled_ord.astype(np.int64),
-        raml_notebook=raml_notebook,
     )
 
 
