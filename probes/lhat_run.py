@@ -94,41 +94,6 @@ def per_token_arrays(lhat: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def token_texts(tt) -> list[str]:
-    """Decoded text of each trajectory token, sliced from the trajectory by its offsets."""
-    text = tt.trajectory_text
-    return [text[s:e] for s, e in tt.trajectory_offsets.tolist()]
-
-
-def label_arrays(tt, cats, tokenizer) -> dict[str, np.ndarray]:
-    """What `compare` needs besides categories, so it can run from the cache alone.
-
-    `phrase_id` int16 [n_tokens] (-1: none), `phrase_first` uint8 [n_tokens],
-    `paragraph_start` uint8 [T] (trajectory token starts a blank-line paragraph), and
-    `raml_notebook_occurrences` int32 [n, 3] (start, end, word index into
-    `analyses.lhat_effects.RAML_NOTEBOOK_WORDS`, trajectory coordinates): RaML's notebook matching
-    (ids of each word without a leading space, up to the first `</think>`), for
-    `compare --raml-notebook`.
-    """
-    from analyses.lhat_effects import paragraph_starts, raml_notebook_occurrences
-
-    a, b = tt.spans["trajectory"]
-    close = tokenizer.convert_tokens_to_ids("</think>")
-    if close is None or close == tokenizer.unk_token_id:
-        close = None
-    occ = raml_notebook_occurrences(
-        tt.ids[a:b], lambda w: tokenizer.encode(w, add_special_tokens=False), close
-    )
-    return {
-        "phrase_id": cats.phrase_id.astype(np.int16),
-        "phrase_first": cats.is_first.astype(np.uint8),
-        "paragraph_start": paragraph_starts(token_texts(tt)).astype(np.uint8),
-        "raml_notebook_occurrences": np.asarray(
-            [(o.start, o.end, o.phrase_id) for o in occ], dtype=np.int32
-        ).reshape(-1, 3),
-    }
-
-
 def _no_thinking(trace):
     """The trace with its trajectory replaced by `<think>` + the NoThinking delimiter."""
     from dataclasses import replace
@@ -164,7 +129,6 @@ def lhat_traces(
         ProbesError: Bad input, a cache made with another model / tokenizer / scaffold, or a trace
             whose stored tokens differ from this tokenization.
     """
-    from probes.categories import categorize, load_lexicon
     from probes.lhat import lhat_fast, lhat_naive
     from probes.trace_arrays import add_trace_arrays
     from probes.traces import read_traces
@@ -175,7 +139,6 @@ def lhat_traces(
     traces = traceset.traces[: cfg.limit] if cfg.limit is not None else list(traceset.traces)
     if cfg.no_thinking:
         traces = [_no_thinking(t) for t in traces]
-    lexicon = load_lexicon()
     rng = random.Random(cfg.seed)
     diffs: list[float] = []
     n_checked: list[int] = []
@@ -184,8 +147,7 @@ def lhat_traces(
 
     def compute(tt):
         res = lhat_fast(loaded, tt, chunk_size=cfg.chunk_size, max_pack_tokens=cfg.max_pack_tokens)
-        arrays = {**per_token_arrays(res.lhat),
-                  **label_arrays(tt, categorize(tt, lexicon), loaded.tokenizer)}
+        arrays = per_token_arrays(res.lhat)
         attrs: dict[str, Any] = {"lhat_method": "packed-kv", "lhat_scaffold": cfg.scaffold}
         if cfg.check_naive:
             n_t = len(res.lhat)

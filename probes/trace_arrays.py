@@ -4,7 +4,9 @@
 exists: the stored run config is kept and must use the same prompt / scaffold, and every stored
 trace must have the same tokens), skips traces already done, and writes what `compute` returns for
 each remaining trace: a new trace group (tokens, categories, spans, text) or arrays added to an
-existing one. A file that holds activation sites only gains arrays for the traces it already has,
+existing one. Every trace group it writes to also gets the label arrays `compare` needs
+(`label_arrays`: phrase ids, first-token flags, paragraph starts, RaML-notebook matches) unless it
+has them already. A file that holds activation sites only gains arrays for the traces it already has,
 so its site layout stays uniform.
 """
 
@@ -20,6 +22,9 @@ import numpy as np
 
 from probes.errors import ProbesError
 from probes.models import LoadedModel
+
+LABEL_KEY = "phrase_id"
+"""A trace group that has this array has all of `label_arrays` (they are written together)."""
 
 Compute = Callable[[Any], "tuple[dict[str, np.ndarray], dict[str, Any]] | None"]
 """`compute(tokenized_trace) -> (arrays, attrs)`, or None to leave the trace out."""
@@ -38,6 +43,43 @@ class TraceArrayRun:
     seconds: float = 0.0
 
 
+def token_texts(tt) -> list[str]:
+    """Decoded text of each trajectory token, sliced from the trajectory by its offsets."""
+    text = tt.trajectory_text
+    return [text[s:e] for s, e in tt.trajectory_offsets.tolist()]
+
+
+def label_arrays(tt, cats, tokenizer) -> dict[str, np.ndarray]:
+    """What `compare` needs besides categories, so it can run from the cache alone.
+
+    Written by `add_trace_arrays` into every trace group it touches that lacks them.
+
+    `phrase_id` int16 [n_tokens] (-1: none), `phrase_first` uint8 [n_tokens],
+    `paragraph_start` uint8 [T] (trajectory token starts a blank-line paragraph), and
+    `raml_notebook_occurrences` int32 [n, 3] (start, end, word index into
+    `analyses.lhat_effects.RAML_NOTEBOOK_WORDS`, trajectory coordinates): RaML's notebook matching
+    (ids of each word without a leading space, up to the first `</think>`), for
+    `compare --raml-notebook`.
+    """
+    from analyses.lhat_effects import paragraph_starts, raml_notebook_occurrences
+
+    a, b = tt.spans["trajectory"]
+    close = tokenizer.convert_tokens_to_ids("</think>")
+    if close is None or close == tokenizer.unk_token_id:
+        close = None
+    occ = raml_notebook_occurrences(
+        tt.ids[a:b], lambda w: tokenizer.encode(w, add_special_tokens=False), close
+    )
+    return {
+        "phrase_id": cats.phrase_id.astype(np.int16),
+        "phrase_first": cats.is_first.astype(np.uint8),
+        "paragraph_start": paragraph_starts(token_texts(tt)).astype(np.uint8),
+        "raml_notebook_occurrences": np.asarray(
+            [(o.start, o.end, o.phrase_id) for o in occ], dtype=np.int32
+        ).reshape(-1, 3),
+    }
+
+
 def _stored(out: Path, done_key: str) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
     """Stored metadata and, per complete trace, its tokens and whether `done_key` is present."""
     if not out.exists():
@@ -46,7 +88,8 @@ def _stored(out: Path, done_key: str) -> tuple[dict[str, Any] | None, dict[str, 
 
     with open_cache(out) as reader:
         meta = dict(reader.metadata)
-        traces = {tr.id: {"tokens": np.asarray(tr.tokens), "done": done_key in tr.names()}
+        traces = {tr.id: {"tokens": np.asarray(tr.tokens), "done": done_key in tr.names(),
+                          "labelled": LABEL_KEY in tr.names()}
                   for tr in reader}
         meta["_has_sites"] = bool(reader.sites)
     return meta, traces
@@ -143,9 +186,12 @@ def add_trace_arrays(
                 run.n_left_out += 1
                 continue
             arrays, attrs = computed
+            cats = categorize(tt, lexicon)
+            if prior is None or not prior["labelled"]:
+                arrays = {**arrays, **label_arrays(tt, cats, loaded.tokenizer)}
             if prior is None:
                 writer.write_trace(
-                    tid, tokens=tt.ids, category=categorize(tt, lexicon).category, spans=tt.spans,
+                    tid, tokens=tt.ids, category=cats.category, spans=tt.spans,
                     arrays=arrays, text={"question": tt.trace.question, "answer": tt.trace.answer},
                     source=f"{traces_path.name}:{tt.trace.line_no}", attrs=attrs,
                 )
