@@ -184,19 +184,62 @@ def _add_updates(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_updates)
 
 
+def _add_fit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fit",
+        help="linear maps of the per-token implicit updates (pseudo-gradient map, static thought "
+             "patch), fitted with scikit-learn",
+        description=(
+            "Needs the model. (a) Per layer: the exact leave-one-out change of the answer row's "
+            "attention output caused by each trajectory token, regressed on the token's "
+            "pseudo-gradient term (Dai dual form acting on the answer query): scalar implicit "
+            "learning rate and a d x d map, against a value-only baseline; held-out R2 with "
+            "GroupKFold by trace. (b) Per trace and layer: one static Ridge patch of W_gate / W_up "
+            "replacing the exact per-query rank-1 patches of the scaffold + answer rows; held-out "
+            "R2 over queries; and the answer NLL when it replaces the trajectory on the answer "
+            "rows. dL-hat explained by the stored features runs in `compare`."
+        ),
+    )
+    p.add_argument("--model", required=True,
+                   help="tiny-reasoner, a local model folder, or a hub id in the local HF cache")
+    p.add_argument("--traces", type=Path, required=True, help="JSONL traces")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N traces (>= 2)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="layers (default: all)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="(a): at most N random trajectory tokens per trace")
+    p.add_argument("--random-init-control", action="store_true",
+                   help="repeat the fits on a seeded random-init model of the same architecture")
+    p.add_argument("--no-nll", action="store_true", help="skip the static-patch answer NLL")
+    p.add_argument("--seed", type=int, default=0, help="seed of subsampling, random init, bootstrap")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
+    p.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="parameter dtype the model is loaded in (default float32)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.set_defaults(func=_cmd_fit)
+
+
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
-        help="compare L-hat effects of reflection / delimiter / ordinary tokens (cache only)",
+        help="compare reflection / delimiter / ordinary tokens on L-hat and on the per-token "
+             "implicit updates, with controls (cache only)",
         description=(
             "From the cache alone (no model): per-trace aggregates of the chosen per-token metric "
             "for reflection, delimiter and ordinary tokens, each lexicon phrase, and the controls "
             "(paragraph-initial ordinary tokens, position-matched ordinary tokens, shuffled labels), "
             "compared across traces with bootstrap 95%% CIs, Wilcoxon signed-rank tests, Cliff's "
-            "delta and Holm's correction; whether L-hat falls along the trajectory; RePro scores."
+            "delta and Holm's correction; whether L-hat falls along the trajectory; RePro scores. "
+            "For caches with update arrays (from `updates`): the same statistics per layer and "
+            "pooled for every upd_* metric, with the shuffled-label null and (--control) a "
+            "random-init model; with both, dL-hat regressed on the mechanistic features "
+            "(held-out R2, partial R2 of the categories)."
         ),
     )
-    p.add_argument("path", type=Path, help="the .h5 cache with L-hat curves (from `lhat`)")
+    p.add_argument("path", type=Path,
+                   help="the .h5 cache with L-hat curves (from `lhat`) and/or update arrays "
+                        "(from `updates`)")
     p.add_argument("--metric", default="abs_delta",
                    choices=["abs_delta", "delta", "rho", "lam", "abs_lam"],
                    help="per-token quantity: |dL|, dL, RaML's rho, log-ratio, |log-ratio|")
@@ -212,6 +255,18 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--versus", type=Path, default=None,
                    help="a second cache of the same traces (e.g. from `lhat --no-thinking`): "
                         "compare the curves, paired by trace id")
+    p.add_argument("--control", type=Path, default=None,
+                   help="a cache of the same traces from `updates --control random-init`: repeat "
+                        "the update comparisons on it and flag effects it reproduces")
+    p.add_argument("--update-metrics", nargs="+", default=None, metavar="NAME",
+                   help="upd_* arrays to compare (default: all in the cache)")
+    p.add_argument("--update-unit", default="token", choices=["token", "first_token"],
+                   help="update comparison: every token of a phrase (default) or its first token")
+    p.add_argument("--layers", default="pooled", choices=["pooled", "all"],
+                   help="update rows printed: pooled over layers (default) or every layer "
+                        "(--json always has all)")
+    p.add_argument("--no-fit", action="store_true",
+                   help="skip the regression of dL-hat on the mechanistic features")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=_cmd_compare)
 
@@ -232,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_lhat(sub)
     _add_updates(sub)
+    _add_fit(sub)
     _add_compare(sub)
     return parser
 
@@ -366,12 +422,39 @@ def _cmd_updates(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from probes.compare_run import _jsonable
+    from probes.fits_run import FitConfig, fit_traces, format_fit_report
+
+    hf_logging.disable_progress_bar()
+    if args.out is not None and not args.out.parent.is_dir():
+        raise ProbesError(f"--out {args.out}: folder {args.out.parent} does not exist")
+    cfg = FitConfig(limit=args.limit, max_tokens=args.max_tokens,
+                    layers=tuple(args.layers) if args.layers else None,
+                    random_init_control=args.random_init_control, seed=args.seed,
+                    n_boot=args.n_boot, nll=not args.no_nll)
+    report = _jsonable(fit_traces(args.model, args.traces, cfg, device=args.device,
+                                  dtype=args.model_dtype))
+    if args.out is not None:
+        args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    if args.json:
+        print(json.dumps(report, ensure_ascii=False, sort_keys=True))
+    else:
+        print(format_fit_report(report))
+    return 0
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from probes.compare_run import CompareConfig, compare_cache, format_report, report_json
 
     cfg = CompareConfig(metric=args.metric, unit=args.unit, statistic=args.statistic,
                         raml_notebook=args.raml_notebook, n_boot=args.n_boot, seed=args.seed,
-                        plots=args.plots, versus=args.versus)
+                        plots=args.plots, versus=args.versus, control=args.control,
+                        update_metrics=(tuple(args.update_metrics) if args.update_metrics
+                                        else None),
+                        update_unit=args.update_unit, layers=args.layers, fit=not args.no_fit)
     report = compare_cache(args.path, cfg)
     if args.json:
         print(json.dumps(report_json(report), ensure_ascii=False, sort_keys=True))
