@@ -2,8 +2,8 @@
 
 For one tokenized trace `x = [P | 𝒯 | 𝒮 | 𝒜]` and the answer loss
 `L = −(1/m) Σ_j log p(a_j | x_{<pos(a_j)})` (mean NLL of the answer span, as `probes.answers`),
-ONE forward pass of the underlying HF model (eager attention) plus ONE backward pass
-(`torch.autograd.grad`) gives:
+ONE forward pass of the underlying HF model (eager attention; the unembedding only at the rows
+a_1−1 .. N−1, `logits_to_keep`) plus ONE backward pass (`torch.autograd.grad`) gives:
 
 * the true gradients `G_gate = ∂L/∂W_gate`, `G_up = ∂L/∂W_up` of every layer (d_ff × d, HF weight
   layout `out = W u`, so the parameter gradient IS `G = Σ_p g_p u_pᵀ`; materialised once per layer as
@@ -12,15 +12,17 @@ ONE forward pass of the underlying HF model (eager attention) plus ONE backward 
 
 M6 (descent alignment of the M5 token-by-token MLP steps). Per layer ℓ and answer row q ∈ 𝒬 the
 "local / frozen-upstream" prefix trajectory of §7.3 M5 is rebuilt exactly from the pattern row and the
-values: `z^{(i)}` = attention restricted to `K_i = (keys ≤ q outside 𝒯) ∪ {τ_0..τ_i}` (cumulative sums of
-the already-normalised p), `m^{(i)} = m_q + W_O (z^{(i)} − z_q)`, `u^{(i)} = RMSNorm_2(m^{(i)})` (HF
-convention: γ NOT folded, so `u` is exactly the input of gate_proj/up_proj). Token i's step on
-`W ∈ {W_gate, W_up}` is the rank-1 matrix
+values by `probes.mlp_update.restricted_prefix` (the same code as M5): `z^{(i)}` = attention restricted
+to `K_i = (keys ≤ q outside 𝒯) ∪ {τ_0..τ_i}` (cumulative sums of the already-normalised p),
+`m^{(i)} = x_q + W_O z^{(i)} + b_O`, `u^{(i)} = RMSNorm_2(m^{(i)})` (HF convention: γ NOT folded, so `u`
+is exactly the input of gate_proj/up_proj). Token i's step on `W ∈ {W_gate, W_up}` is the rank-1
+matrix
 
     step_i = W (u^{(i)} − u^{(i−1)}) u^{(−1)ᵀ} / ‖u^{(−1)}‖²   (never materialised)
 
-and, with §0.4's rank-1 algebra (`⟨a bᵀ, G⟩ = aᵀ G b`, `‖a bᵀ‖ = ‖a‖‖b‖`, the d × d matrices
-`WᵀG`, `WᵀW` precomputed per layer):
+and, with §0.4's rank-1 algebra (`⟨a bᵀ, G⟩ = aᵀ G b = δuᵀ Wᵀ (G b)`, `‖a bᵀ‖ = ‖a‖‖b‖`, the
+d-vector `Wᵀ(G u^{(−1)})` per row and the d × d Gram `WᵀW` per layer, which a caller may pass in once
+per run):
 
 * `inner` = ⟨G, step_i⟩ = first-order ΔL if step_i were applied as a weight edit (ΔL^pred);
 * `cos` = −⟨G, step_i⟩ / (‖G‖_F ‖step_i‖_F) (descent alignment; > 0 means a descent direction);
@@ -29,8 +31,10 @@ and, with §0.4's rank-1 algebra (`⟨a bᵀ, G⟩ = aᵀ G b`, `‖a bᵀ‖ = 
   at once (`argmin_η Σ_i ‖step_i + η G‖²` = mean over i of η*_i).
 
 Each is reported for gate, up and the joint parameter (gate ⊕ up: inner products add, squared norms
-add), shape [L, Q, T] (`which` axis first: [3, L, Q, T] in the order `MLP_WEIGHTS`). The gradient is
-the full-context one (`G_full`; M6b's reduced-context gradient is not computed).
+add), shape [L, Q, T] (`which` axis first: [3, L, Q, T] in the order `MLP_WEIGHTS`); `m6_rows` limits
+M6 to some rows of 𝒬 (e.g. only the first answer row: O(T·d) instead of O(Q·T·d) per layer and
+weight). The gradient is the full-context one (`G_full`; M6b's reduced-context gradient is not
+computed).
 
 M7 (attribution patching of the leave-one-out context vector, §7.3 M4/M7): removing key t ∈ 𝒯 from
 head h's softmax at row q changes z by −δz_{q,h,t}, δz = p (v_t − z_q)/(1 − p), so
@@ -41,12 +45,17 @@ head h's softmax at row q changes z by −δz_{q,h,t}, δz = p (v_t − z_q)/(1 
 
 Only Llama-style HF models (`model.layers[i].self_attn.{v_proj,o_proj}`, `mlp.{gate_proj,up_proj}`,
 RMSNorm `post_attention_layernorm`), e.g. Qwen2 / Llama / Qwen3, with eager attention. Everything
-downstream of the captures is computed in float64.
+downstream of the captures is computed in float64, on the model's device.
+
+Memory: until the backward, autograd holds one eager attention pattern [H, N, N] per layer, i.e.
+≈ L·H·N²·(bytes per element) on top of a forward (the hooks keep only the rows 𝒬 of it): 0.75 GB
+extra measured for 4 layers × 8 heads at N ≈ 2.1k in fp32 (`bench/updates_bench.py`), ≈ 35 GB
+estimated for DeepSeek-R1-Distill-Qwen-1.5B (28 × 12) at N = 5k in fp32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -55,6 +64,7 @@ import torch
 from torch import Tensor
 
 from probes.errors import ProbesError
+from probes.mlp_update import restricted_prefix
 from probes.models import LoadedModel
 from probes.traces import TokenizedTrace
 
@@ -85,12 +95,12 @@ def _layers(hf: torch.nn.Module) -> list[torch.nn.Module]:
     try:
         layers = list(hf.model.layers)
         for layer in layers:
-            layer.self_attn.v_proj, layer.self_attn.o_proj  # noqa: B018
+            layer.self_attn.v_proj, layer.self_attn.o_proj, layer.input_layernorm  # noqa: B018
             layer.mlp.gate_proj, layer.mlp.up_proj, layer.post_attention_layernorm  # noqa: B018
     except AttributeError as exc:
         raise AlignmentError(
             "alignment needs a Llama-style HF model (model.layers[i].self_attn.v_proj/o_proj, "
-            "mlp.gate_proj/up_proj, post_attention_layernorm)."
+            "input_layernorm, mlp.gate_proj/up_proj, post_attention_layernorm)."
         ) from exc
     return layers
 
@@ -103,9 +113,16 @@ def _ids(ids: Tensor | np.ndarray, hf: torch.nn.Module) -> Tensor:
     return ids.to(next(hf.parameters()).device)
 
 
+def _answer_logits(hf: torch.nn.Module, ids: Tensor, answer: tuple[int, int]) -> Tensor:
+    """Logits of rows answer[0]−1 .. N−1 only (`logits_to_keep`): the unembedding and its backward
+    skip every earlier row ([N, vocab] is the largest activation of a long trace)."""
+    return hf(ids, logits_to_keep=int(ids.shape[1]) - (answer[0] - 1)).logits
+
+
 def _nll(logits: Tensor, ids: Tensor, answer: tuple[int, int]) -> Tensor:
+    """Mean answer NLL from `_answer_logits` (row 0 = position answer[0] − 1)."""
     a, b = answer
-    pred = logits[0, a - 1 : b - 1]
+    pred = logits[0, : b - a]
     logp = torch.log_softmax(pred.to(torch.promote_types(pred.dtype, torch.float32)), dim=-1)
     return -logp.gather(-1, ids[0, a:b, None])[:, 0].mean()
 
@@ -159,7 +176,7 @@ def answer_loss(model: LoadedModel | torch.nn.Module, ids: Tensor | np.ndarray,
     ids = _ids(ids, hf)
     rows = torch.arange(answer[0] - 1, answer[1] - 1, device=ids.device)
     with _z_edit(layers, z_delta or {}, rows):
-        logits = hf(ids).logits
+        logits = _answer_logits(hf, ids, answer)
     return float(_nll(logits, ids, answer))
 
 
@@ -168,7 +185,9 @@ class AnswerAlignment:
     """M6 and M7 for one trace (numpy float64 arrays).
 
     Shapes: W = 3 (`MLP_WEIGHTS`: gate, up, joint), L layers, Q = answer length (rows 𝒬), T = number
-    of trajectory tokens, H query heads.
+    of trajectory tokens, H query heads; the M6 arrays (`inner`, `step_norm`, `cos`, `eta`,
+    `eta_pooled`, `full_inner`, `telescope_err`, factors `du` / `u_base`) have Q' = len(`m6_rows`)
+    rows (all of 𝒬 by default), M7 and `mass` always all of 𝒬.
 
     Attributes:
         loss: The answer loss L of the full context.
@@ -187,8 +206,9 @@ class AnswerAlignment:
         m7_head: The same per head [L, H, T].
         mass: Attention mass p of trajectory tokens at the rows 𝒬 [L, H, Q, T].
         factors: Per layer, float64 torch tensors for checks (only with `keep_factors=True`):
-            `du` [Q, T, d] (u^{(i)} − u^{(i−1)}), `u_base` [Q, d] (u^{(−1)}), `dz` [Q, T, H, d_h]
+            `du` [Q', T, d] (u^{(i)} − u^{(i−1)}), `u_base` [Q', d] (u^{(−1)}), `dz` [Q, T, H, d_h]
             (leave-one-out δz), `grad_z` [Q, H, d_h].
+        m6_rows: Indices into 𝒬 of the M6 rows [Q'].
     """
 
     loss: float
@@ -206,13 +226,14 @@ class AnswerAlignment:
     m7_head: np.ndarray
     mass: np.ndarray
     factors: list[dict[str, Tensor]] = field(default_factory=list, repr=False)
+    m6_rows: np.ndarray | None = None
 
     def step_factors(self, layer: int, row: int, token: int) -> tuple[Tensor, Tensor]:
         """Rank-1 factors of token `token`'s step at (layer, row): step = W @ du ⊗ b.
 
         Args:
             layer: Layer index.
-            row: Index into 𝒬 (0 .. Q−1).
+            row: Index into the M6 rows (into 𝒬, 0 .. Q−1, with the default `m6_rows`).
             token: Index into the trajectory (0 .. T−1).
 
         Returns:
@@ -240,13 +261,10 @@ class AnswerAlignment:
         return self.factors[layer]
 
 
-def _rms(m: Tensor, gamma: Tensor, eps: float) -> Tensor:
-    return gamma * m / torch.sqrt(m.pow(2).mean(-1, keepdim=True) + eps)
-
-
 def answer_alignment(model: LoadedModel | torch.nn.Module, ids: Tensor | np.ndarray,
                      trajectory: tuple[int, int], answer: tuple[int, int], *,
-                     keep_factors: bool = False) -> AnswerAlignment:
+                     keep_factors: bool = False, m6_rows: Sequence[int] | None = None,
+                     grams: Sequence[tuple[Tensor, Tensor]] | None = None) -> AnswerAlignment:
     """Compute M6 and M7 from one forward and one backward pass.
 
     Example:
@@ -260,6 +278,11 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: Tensor | np.ndar
         trajectory: Half-open trajectory span (start, end) (may be empty).
         answer: Half-open answer span (a, b), after the trajectory; rows 𝒬 = a−1 .. b−2.
         keep_factors: Keep the per-layer factor tensors (for checks; O(L·Q·T·d) memory).
+        m6_rows: Indices into 𝒬 (0 = the row predicting the first answer token) at which M6 is
+            computed; default all Q rows. M7 and `mass` always cover all of 𝒬.
+        grams: Optional per-layer `(W_gateᵀW_gate, W_upᵀW_up)` [d, d] (float64, any device), e.g.
+            `LayerWeights.grams` from `probes.mlp_update.layer_weights(..., with_mlp=False)`,
+            computed once per run instead of once per call.
 
     Returns:
         The per-token quantities.
@@ -276,16 +299,25 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: Tensor | np.ndar
     a, b = answer
     rows = torch.arange(a - 1, b - 1, device=ids.device)
     traj = torch.arange(ta, tb, device=ids.device)
+    Q = b - a
+    sel = list(range(Q)) if m6_rows is None else [int(r) for r in m6_rows]
+    if not sel or sel != sorted(set(sel)) or sel[0] < 0 or sel[-1] >= Q:
+        raise AlignmentError(f"m6_rows must be strictly increasing indices into the {Q} answer "
+                             f"rows; got {list(m6_rows or [])}.")
+    sel_t = torch.as_tensor(sel, device=ids.device)
+    if grams is not None and len(grams) != len(layers):
+        raise AlignmentError(f"grams has {len(grams)} layers, the model {len(layers)}.")
     store: dict[tuple[int, str], Tensor] = {}
 
-    def save(key: tuple[int, str], from_input: bool = False):
-        def hook(mod, args, out=None):
-            if from_input:
-                store[key] = args[0]
-            else:
-                store[key] = out[0] if isinstance(out, tuple) else out
-                if key[1] == "attn":
-                    store[(key[0], "pattern")] = out[1]
+    def save(key: tuple[int, str]):
+        def hook(mod, args, out):
+            store[key] = out[0] if isinstance(out, tuple) else out
+        return hook
+
+    def save_pattern(l: int):
+        def hook(mod, args, out):  # rows 𝒬 only: the full [H, N, N] stays with autograd alone
+            weights = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+            store[(l, "pattern")] = None if weights is None else weights[0][:, rows].detach()
         return hook
 
     handles = []
@@ -293,12 +325,12 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: Tensor | np.ndar
     for l, layer in enumerate(layers):
         att = layer.self_attn
         handles += [
-            att.register_forward_hook(save((l, "attn"))),
+            att.register_forward_hook(save_pattern(l)),
             att.v_proj.register_forward_hook(save((l, "v"))),
             att.o_proj.register_forward_pre_hook(
                 lambda mod, args, l=l: store.__setitem__((l, "z"), args[0])),
-            layer.post_attention_layernorm.register_forward_pre_hook(
-                lambda mod, args, l=l: store.__setitem__((l, "m"), args[0])),
+            layer.input_layernorm.register_forward_pre_hook(
+                lambda mod, args, l=l: store.__setitem__((l, "x"), args[0])),
             layer.post_attention_layernorm.register_forward_hook(save((l, "u"))),
         ]
         mlp_params += [layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]
@@ -307,7 +339,7 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: Tensor | np.ndar
         for p in mlp_params:
             p.requires_grad_(True)
         with torch.enable_grad():
-            logits = hf(ids).logits
+            logits = _answer_logits(hf, ids, answer)
             loss = _nll(logits, ids, answer)
             zs = [store[(l, "z")] for l in range(len(layers))]
             grads = torch.autograd.grad(loss, zs + mlp_params)
@@ -329,16 +361,15 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: Tensor | np.ndar
                                  "attn_implementation='eager'.")
         att = layer.self_attn
         w_o = att.o_proj.weight.detach().to(_F64)                 # [d, H·d_h]
-        H = pattern.shape[1]
-        p = pattern[0][:, rows].detach().to(_F64)                  # [H, Q, N]
+        b_o = None if att.o_proj.bias is None else att.o_proj.bias.detach().to(_F64)
+        H = pattern.shape[0]
+        p = pattern.to(_F64)                                        # [H, Q, N]
         v = store[(l, "v")][0].detach().to(_F64)                   # [N, H_kv·d_h]
         d_h = w_o.shape[1] // H
         v = v.reshape(n, -1, d_h)
         v_h = v.repeat_interleave(H // v.shape[1], dim=1).transpose(0, 1)  # [H, N, d_h]
         z = store[(l, "z")][0, rows].detach().to(_F64).reshape(len(rows), H, d_h)  # [Q, H, d_h]
         gz = grad_z[l][0, rows].detach().to(_F64).reshape(len(rows), H, d_h)
-        m_q = store[(l, "m")][0, rows].detach().to(_F64)          # [Q, d]
-        u_q = store[(l, "u")][0, rows].detach().to(_F64)
 
         # M7: −Σ_{q,h} g·δz, δz = p (v_t − z)/(1 − p)
         p_t = p[:, :, traj]                                         # [H, Q, T]
@@ -349,36 +380,29 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: Tensor | np.ndar
         out["m7_head"].append(-(coef * (gv - gzz)).sum(1))        # [H, T]
         out["mass"].append(p_t)
 
-        # M5 restricted attention z^{(i)}, i = −1 .. T−1
-        in_traj = torch.zeros(n, dtype=torch.bool, device=p.device)
-        in_traj[traj] = True
-        p_base = p[:, :, ~in_traj]
-        num0 = torch.einsum("hqj,hje->hqe", p_base, v_h[:, ~in_traj])      # [H, Q, d_h]
-        den0 = p_base.sum(-1)                                               # [H, Q]
-        num = torch.cat([num0[:, :, None],
-                         num0[:, :, None] + torch.cumsum(p_t[..., None] * v_t[:, None], 2)], 2)
-        den = torch.cat([den0[..., None], den0[..., None] + torch.cumsum(p_t, -1)], -1)
-        z_i = num / den[..., None]                                          # [H, Q, T+1, d_h]
-        dz_i = (z_i - z.transpose(0, 1)[:, :, None]).permute(1, 2, 0, 3)    # [Q, T+1, H, d_h]
-        m_i = m_q[:, None] + dz_i.reshape(*dz_i.shape[:2], -1) @ w_o.T     # [Q, T+1, d]
+        # M6 at the rows `sel`: M5 restricted attention u^{(i)}, i = −1 .. T−1 (shared code)
+        qrows = rows[sel_t]
+        x_q = store[(l, "x")][0, qrows].detach().to(_F64)         # [Q', d]
+        u_q = store[(l, "u")][0, qrows].detach().to(_F64)
         norm = layer.post_attention_layernorm
         eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-        u_i = _rms(m_i, norm.weight.detach().to(_F64), eps)
+        _, u_i = restricted_prefix(p[:, sel_t], v_h, traj, x_q, w_o, b_o,
+                                   norm.weight.detach().to(_F64), eps)     # [Q', T+1, d]
         out["telescope_err"].append((u_i[:, -1] - u_q).norm(dim=-1)
                                     / u_q.norm(dim=-1).clamp_min(1e-300))
-        u0 = u_i[:, 0]                                                      # [Q, d]
-        du = u_i[:, 1:] - u_i[:, :-1]                                       # [Q, T, d]
-        u0_sq = (u0 * u0).sum(-1)                                           # [Q]
+        u0 = u_i[:, 0]                                                      # [Q', d]
+        du = u_i[:, 1:] - u_i[:, :-1]                                       # [Q', T, d]
+        u0_sq = (u0 * u0).sum(-1)                                           # [Q']
         inner, sq, gsq, full = [], [], [], []
-        for w_param, g in zip((layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight),
-                              grad_w[2 * l: 2 * l + 2]):
+        for k, (w_param, g) in enumerate(zip((layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight),
+                                             grad_w[2 * l: 2 * l + 2])):
             W = w_param.detach().to(_F64)
             Gm = g.detach().to(_F64)
-            A = W.T @ Gm                                                    # [d, d]
-            C = W.T @ W
-            Au0 = u0 @ A.T                                                  # [Q, d] = A u0
+            Au0 = (u0 @ Gm.T) @ W                                           # [Q', d] = Wᵀ G u0
+            C = W.T @ W if grams is None else grams[l][k].to(W.device, _F64)
+            del W
             inner.append(torch.einsum("qtd,qd->qt", du, Au0) / u0_sq[:, None])
-            sq.append(torch.einsum("qtd,de,qte->qt", du, C, du) / u0_sq[:, None])
+            sq.append(((du @ C) * du).sum(-1) / u0_sq[:, None])
             gsq.append((Gm * Gm).sum())
             full.append(((u_i[:, -1] - u0) * Au0).sum(-1) / u0_sq)
         inner.append(inner[0] + inner[1])
@@ -412,7 +436,7 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: Tensor | np.ndar
         m7=torch.stack(out["m7_head"]).sum(1).cpu().numpy(),
         m7_head=torch.stack(out["m7_head"]).cpu().numpy(),
         mass=torch.stack(out["mass"]).cpu().numpy(),
-        factors=factors,
+        factors=factors, m6_rows=np.asarray(sel),
     )
 
 

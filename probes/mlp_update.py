@@ -10,7 +10,8 @@ Llama / Qwen3; HF convention, column vectors, UNFOLDED γ2 — the bridge runs i
   normalised pattern row p and values v of every head,
   z^{(i)}_h = (Σ_{j∈K_{−1}} p_j v_j + cumsum_{s≤i} p_{τ_s} v_{τ_s}) / (Σ_{K_{−1}} p + cumsum p_τ),
   m^{(i)} = x_q + Σ_h W_O^h z^{(i)}_h + b_O, u^{(i)} = RMSNorm_2(m^{(i)}) (own r(·) per i, so the
-  RMSNorm nonlinearity is exact). u^{(T−1)} = u_q (V9).
+  RMSNorm nonlinearity is exact). u^{(T−1)} = u_q (V9). `restricted_prefix` is the one
+  implementation (also used by `probes.alignment` for M6).
 * Endpoint patch (§2.2 / M5): for W ∈ {W_gate, W_up} (HF `mlp.gate_proj/up_proj.weight`,
   [d_mlp, d_model]) ΔW = W (u_q − u') u'ᵀ/‖u'‖², u' = u^{(−1)}, so (W+ΔW) u' = W u_q and the MLP
   hidden φ is unchanged; the residual/skip term is the second rank-1 patch
@@ -34,7 +35,8 @@ Norm convention: unfolded γ2 (HF weights). Under TL `fold_ln`, h ≈ 1/d instea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,12 +54,16 @@ __all__ = [
     "MlpUpdates",
     "RowCapture",
     "capture_rows",
+    "check_positions",
     "endpoint_patches",
     "layer_weights",
     "masked_patched_logits",
     "mlp_updates",
+    "mlp_updates_from",
     "restricted_inputs",
+    "restricted_prefix",
     "rms_norm",
+    "row_capture",
 ]
 
 F64 = torch.float64
@@ -76,56 +82,80 @@ class LayerWeights:
         b_o: `o_proj.bias` [d] or None.
         gamma: `post_attention_layernorm.weight` [d] (γ2).
         eps: RMSNorm ε of that norm.
-        w_gate: `mlp.gate_proj.weight` [d_mlp, d].
-        w_up: `mlp.up_proj.weight` [d_mlp, d].
-        w_down: `mlp.down_proj.weight` [d, d_mlp].
+        w_gate: `mlp.gate_proj.weight` [d_mlp, d] (None from `layer_weights(..., with_mlp=False)`).
+        w_up: `mlp.up_proj.weight` [d_mlp, d] (idem).
+        w_down: `mlp.down_proj.weight` [d, d_mlp] (idem).
+        grams: Precomputed (W_gateᵀW_gate, W_upᵀW_up) [d, d] each, or None (computed on demand).
     """
 
     w_o: Tensor
     b_o: Tensor | None
     gamma: Tensor
     eps: float
-    w_gate: Tensor
-    w_up: Tensor
-    w_down: Tensor
+    w_gate: Tensor | None
+    w_up: Tensor | None
+    w_down: Tensor | None
+    grams: tuple[Tensor, Tensor] | None = None
 
     def gram(self, which: str) -> Tensor:
-        """WᵀW [d, d] for `which` in {"gate", "up"} (computed once per call)."""
+        """WᵀW [d, d] for `which` in {"gate", "up"} (the stored one, else computed now)."""
+        if self.grams is not None:
+            return self.grams[0] if which == "gate" else self.grams[1]
         w = self.w_gate if which == "gate" else self.w_up
+        if w is None:
+            raise MlpUpdateError("these LayerWeights hold neither the MLP weights nor their Grams.")
         return w.T @ w
 
 
-def layer_weights(loaded: LoadedModel) -> list[LayerWeights]:
+def layer_weights(loaded: LoadedModel, *, with_mlp: bool = True,
+                  device: str | torch.device = "cpu") -> list[LayerWeights]:
     """Read every layer's o_proj, post-attention RMSNorm and gated-MLP weights from the HF model.
 
     Args:
-        loaded: A booted Llama-style model (Qwen2 / Llama / Qwen3).
+        loaded: A booted Llama-style model (Qwen2 / Llama / Qwen3), or its HF model.
+        with_mlp: True: float64 copies of W_gate, W_up, W_down (what the endpoint patches and
+            the identity checks use). False: no MLP copies; the two d×d Grams WᵀW (all that
+            `mlp_updates` needs) are computed on the model's device in float64 and stored in
+            `grams` (per-run constants: compute them once and reuse them for every trace).
+        device: Where the float64 copies live (default CPU; the model's device for computing
+            M5 next to a `row_capture(..., device=None)`).
 
     Returns:
-        One `LayerWeights` per layer (float64 copies on CPU).
+        One `LayerWeights` per layer (float64 copies).
 
     Raises:
         MlpUpdateError: If the model lacks the Llama-style modules or a gated MLP.
     """
     def f(t: Tensor) -> Tensor:
-        return t.detach().to("cpu", F64)
+        return t.detach().to(device, F64)
 
+    hf = loaded.hf_model if isinstance(loaded, LoadedModel) else loaded
+    family = loaded.arch.family if isinstance(loaded, LoadedModel) else type(hf).__name__
     out = []
     try:
-        for layer in loaded.hf_model.model.layers:
+        for layer in hf.model.layers:
             norm, mlp, o = layer.post_attention_layernorm, layer.mlp, layer.self_attn.o_proj
             eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
             if mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None:
                 raise MlpUpdateError("mlp_update supports bias-free gate/up projections only.")
-            out.append(LayerWeights(
-                w_o=f(o.weight), b_o=None if o.bias is None else f(o.bias), gamma=f(norm.weight),
-                eps=float(eps), w_gate=f(mlp.gate_proj.weight), w_up=f(mlp.up_proj.weight),
-                w_down=f(mlp.down_proj.weight)))
+            common = {"w_o": f(o.weight), "b_o": None if o.bias is None else f(o.bias),
+                      "gamma": f(norm.weight), "eps": float(eps)}
+            if with_mlp:
+                out.append(LayerWeights(**common, w_gate=f(mlp.gate_proj.weight),
+                                        w_up=f(mlp.up_proj.weight), w_down=f(mlp.down_proj.weight)))
+            else:
+                grams = []
+                for w in (mlp.gate_proj.weight, mlp.up_proj.weight):
+                    w64 = w.detach().to(F64)
+                    grams.append((w64.T @ w64).to(device))
+                    del w64
+                out.append(LayerWeights(**common, w_gate=None, w_up=None, w_down=None,
+                                        grams=(grams[0], grams[1])))
     except (AttributeError, TypeError) as exc:
         raise MlpUpdateError(
             f"mlp_update needs a Llama-style HF model with RMSNorm and a gated MLP "
             f"(post_attention_layernorm, mlp.gate_proj/up_proj/down_proj); "
-            f"{loaded.arch.family!r} does not have them."
+            f"{family!r} does not have them."
         ) from exc
     return out
 
@@ -149,7 +179,7 @@ class RowCapture:
         mlp_pre: Per layer, W_gate u [R, d_mlp].
         mlp_pre_linear: Per layer, W_up u [R, d_mlp].
         mlp_post: Per layer, φ = SiLU(W_gate u) ⊙ W_up u [R, d_mlp].
-        logits: Final logits at the rows [R, vocab].
+        logits: Final logits at the rows [R, vocab] (None from `row_capture` without logits).
     """
 
     rows: list[int]
@@ -161,11 +191,16 @@ class RowCapture:
     mlp_pre: list[Tensor]
     mlp_pre_linear: list[Tensor]
     mlp_post: list[Tensor]
-    logits: Tensor
+    logits: Tensor | None
 
 
-def _check(loaded: LoadedModel, ids: Tensor, rows: Sequence[int],
+def check_positions(loaded: LoadedModel, ids: Tensor, rows: Sequence[int],
            trajectory: Sequence[int]) -> tuple[Tensor, list[int], list[int]]:
+    """Validate the model and the positions for M5; returns (ids [1, N], rows, trajectory).
+
+    Raises:
+        MlpUpdateError: For a model without RoPE and a gated MLP, or bad positions.
+    """
     arch = loaded.arch
     if arch.positional != "rope" or getattr(arch, "mlp", "gated") != "gated":
         raise MlpUpdateError(
@@ -182,6 +217,56 @@ def _check(loaded: LoadedModel, ids: Tensor, rows: Sequence[int],
     return ids, rows, traj
 
 
+@contextmanager
+def row_capture(loaded: LoadedModel, rows: Sequence[int], *,
+                device: str | torch.device | None = "cpu") -> Iterator[Callable[..., RowCapture]]:
+    """Hook the bridge for what M5 needs at `rows`; the forward runs inside the block.
+
+    For sharing one forward with other measurements (e.g. `probes.updates_run`): every bridge
+    forward inside the block (also one started through `loaded.hf_model`, with or without grad) is
+    recorded; after it, call the yielded function (optionally with the logits [1, N, vocab]).
+
+        >>> with row_capture(loaded, [q]) as get:
+        ...     loaded.bridge(ids)
+        >>> cap = get()
+
+    Args:
+        loaded: A booted RoPE model with a gated MLP (Qwen2 / Llama / Qwen3), batch 1.
+        rows: Strictly increasing query rows.
+        device: Where the captured tensors go ("cpu"; None = the model's device, so that
+            `mlp_updates_from` computes there, with `layer_weights(..., device=...)` there too).
+
+    Yields:
+        `get(logits=None) -> RowCapture`.
+    """
+    rows = [int(r) for r in rows]
+    L, last = loaded.arch.n_layers, rows[-1]
+    kv_sites = [f"L{l}.attn.v" for l in range(L)]
+    comps = ("attn.pattern", "resid_pre", "resid_mid", "ln2.out", "mlp.pre", "mlp.pre_linear",
+             "mlp.post")
+    row_sites = [f"L{l}.{c}" for l in range(L) for c in comps]
+    with (
+        capture(loaded, kv_sites, positions=slice(0, last + 1), dtype="float32",
+                device=device) as kv_store,
+        capture(loaded, row_sites, positions=rows, dtype="float32", device=device) as row_store,
+    ):
+        def get(logits: Tensor | None = None) -> RowCapture:
+            kv, rs = kv_store.result(), row_store.result()
+
+            def per_layer(c: str) -> list[Tensor]:
+                return [rs[f"L{l}.{c}"] for l in range(L)]
+
+            return RowCapture(
+                rows=rows, v=[kv[f"L{l}.attn.v"] for l in range(L)],
+                pattern=[p[:, :, : last + 1] for p in per_layer("attn.pattern")],
+                resid_pre=per_layer("resid_pre"), resid_mid=per_layer("resid_mid"),
+                ln2_out=per_layer("ln2.out"), mlp_pre=per_layer("mlp.pre"),
+                mlp_pre_linear=per_layer("mlp.pre_linear"), mlp_post=per_layer("mlp.post"),
+                logits=None if logits is None else logits[0, rows].detach().to("cpu", torch.float32))
+
+        yield get
+
+
 @torch.no_grad()
 def capture_rows(loaded: LoadedModel, ids: Tensor, rows: Sequence[int]) -> RowCapture:
     """Run the bridge once with hooks and keep what M5 needs at the query rows.
@@ -195,34 +280,58 @@ def capture_rows(loaded: LoadedModel, ids: Tensor, rows: Sequence[int]) -> RowCa
         The captured tensors.
     """
     ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
-    rows = [int(r) for r in rows]
-    L, last = loaded.arch.n_layers, rows[-1]
-    kv_sites = [f"L{l}.attn.v" for l in range(L)]
-    comps = ("attn.pattern", "resid_pre", "resid_mid", "ln2.out", "mlp.pre", "mlp.pre_linear",
-             "mlp.post")
-    row_sites = [f"L{l}.{c}" for l in range(L) for c in comps]
-    with (
-        capture(loaded, kv_sites, positions=slice(0, last + 1), dtype="float32") as kv_store,
-        capture(loaded, row_sites, positions=rows, dtype="float32") as row_store,
-    ):
+    with row_capture(loaded, rows) as get:
         logits = loaded.bridge(ids.to(loaded.device))
-    kv, rs = kv_store.result(), row_store.result()
+    return get(logits)
 
-    def per_layer(c: str) -> list[Tensor]:
-        return [rs[f"L{l}.{c}"] for l in range(L)]
 
-    return RowCapture(
-        rows=rows, v=[kv[f"L{l}.attn.v"] for l in range(L)],
-        pattern=[p[:, :, : last + 1] for p in per_layer("attn.pattern")],
-        resid_pre=per_layer("resid_pre"), resid_mid=per_layer("resid_mid"),
-        ln2_out=per_layer("ln2.out"), mlp_pre=per_layer("mlp.pre"),
-        mlp_pre_linear=per_layer("mlp.pre_linear"), mlp_post=per_layer("mlp.post"),
-        logits=logits[0, rows].detach().to("cpu", torch.float32))
+def restricted_prefix(p: Tensor, v_h: Tensor, trajectory: Tensor, resid_pre: Tensor, w_o: Tensor,
+                      b_o: Tensor | None, gamma: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Frozen-upstream MLP inputs for the trajectory prefixes K_{−1}, K_0, …, K_{T−1} (§7.3 M5).
+
+    The one implementation of the restricted attention, shared by `mlp_updates` /
+    `endpoint_patches` (bridge captures) and `probes.alignment.answer_alignment` (HF hooks). With
+    the already-normalised pattern rows p (no re-exponentiation), per head h:
+
+        z^{(i)}_h = (Σ_{j∈K_{−1}} p_j v_j + cumsum_{s≤i} p_{τ_s} v_{τ_s}) / (Σ_{K_{−1}} p + cumsum p_τ)
+        m^{(i)}   = x + Σ_h W_O^h z^{(i)}_h + b_O,      u^{(i)} = RMSNorm_2(m^{(i)})
+
+    so index T (all of 𝒯) is the full context: m^{(T−1)} = resid_mid, u^{(T−1)} = the gate/up input.
+
+    Args:
+        p: Pattern rows [H, R, K] over keys 0..K−1 (any float dtype; float64 recommended).
+        v_h: Values per query head [H, K, d_h] (KV heads expanded with g(h) = h // G).
+        trajectory: Trajectory key positions [T] (long, < K, on p's device); may be empty.
+        resid_pre: x = resid_pre at the rows [R, d].
+        w_o: `o_proj.weight` [d, H·d_h].
+        b_o: `o_proj.bias` [d] or None.
+        gamma: γ2 of the post-attention RMSNorm [d].
+        eps: Its ε.
+
+    Returns:
+        `(m, u)`, each [R, T+1, d]: index 0 is the base i = −1 (no trajectory), index i+1 the
+        prefix τ_0..τ_i.
+    """
+    _, R, K = p.shape
+    base = torch.ones(K, dtype=torch.bool, device=p.device)
+    base[trajectory] = False
+    p_base = p[:, :, base]
+    num0 = torch.einsum("hrk,hke->hre", p_base, v_h[:, base])           # [H, R, d_h]
+    den0 = p_base.sum(-1)                                               # [H, R]
+    p_t = p[:, :, trajectory]                                           # [H, R, T]
+    pv = p_t[..., None] * v_h[:, trajectory][:, None]                   # [H, R, T, d_h]
+    num = torch.cat([num0[:, :, None], num0[:, :, None] + pv.cumsum(2)], 2)  # [H, R, T+1, d_h]
+    den = torch.cat([den0[..., None], den0[..., None] + p_t.cumsum(2)], 2)   # [H, R, T+1]
+    z = (num / den[..., None]).permute(1, 2, 0, 3).reshape(R, den.shape[-1], -1)  # [R, T+1, H·d_h]
+    m = resid_pre[:, None, :] + z @ w_o.T                               # [R, T+1, d]
+    if b_o is not None:
+        m = m + b_o
+    return m, rms_norm(m, gamma, eps)
 
 
 def restricted_inputs(cap: RowCapture, w: LayerWeights, layer: int,
                       trajectory: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """Frozen-upstream MLP inputs with trajectory prefixes K_{−1}, K_0, …, K_{T−1} (float64).
+    """`restricted_prefix` on a `capture_rows` capture (float64).
 
     Args:
         cap: Output of `capture_rows`.
@@ -234,28 +343,13 @@ def restricted_inputs(cap: RowCapture, w: LayerWeights, layer: int,
         `(m, u)`, each [R, T+1, d]: index 0 is the base i = −1 (no trajectory), index i+1 the
         prefix τ_0..τ_i; index T is the full context (equals the captured resid_mid / ln2.out).
     """
-    traj = torch.as_tensor(list(trajectory), dtype=torch.long)
     p = cap.pattern[layer].to(F64)                                  # [H, R, K]
     v = cap.v[layer].to(F64)                                        # [K, H_kv, d_h]
-    H, _, K = p.shape
-    G = H // v.shape[1]
-    v_h = v.repeat_interleave(G, dim=1).transpose(0, 1)             # [H, K, d_h]
-    base_mask = torch.ones(K, dtype=F64)
-    base_mask[traj] = 0.0
-    pb = p * base_mask                                              # p over K_{−1}
-    num0 = torch.einsum("hrk,hkd->hrd", pb, v_h)                    # [H, R, d_h]
-    den0 = pb.sum(-1)                                               # [H, R]
-    pt = p[:, :, traj]                                              # [H, R, T]
-    pv = pt[..., None] * v_h[:, traj][:, None]                      # [H, R, T, d_h]
-    num = torch.cat([num0[:, :, None], num0[:, :, None] + pv.cumsum(2)], 2)  # [H, R, T+1, d_h]
-    den = torch.cat([den0[..., None], den0[..., None] + pt.cumsum(2)], 2)    # [H, R, T+1]
-    z = num / den[..., None]
-    w_o = w.w_o.reshape(w.w_o.shape[0], H, -1)                      # [d, H, d_h]
-    attn = torch.einsum("dhe,hrte->rtd", w_o, z)
-    if w.b_o is not None:
-        attn = attn + w.b_o
-    m = cap.resid_pre[layer].to(F64)[:, None, :] + attn             # [R, T+1, d]
-    return m, rms_norm(m, w.gamma, w.eps)
+    H = p.shape[0]
+    v_h = v.repeat_interleave(H // v.shape[1], dim=1).transpose(0, 1)   # [H, K, d_h]
+    traj = torch.as_tensor(list(trajectory), dtype=torch.long, device=p.device)
+    return restricted_prefix(p, v_h, traj, cap.resid_pre[layer].to(F64), w.w_o, w.b_o, w.gamma,
+                             w.eps)
 
 
 @dataclass
@@ -378,9 +472,28 @@ def mlp_updates(loaded: LoadedModel, ids: Tensor, query: int,
     Raises:
         MlpUpdateError: For an unsupported model or bad positions.
     """
-    ids, rows, traj = _check(loaded, ids, [query], trajectory)
-    weights = layer_weights(loaded)
+    ids, rows, traj = check_positions(loaded, ids, [query], trajectory)
+    weights = layer_weights(loaded, with_mlp=False)
     cap = capture_rows(loaded, ids, rows)
+    return mlp_updates_from(cap, weights, traj)
+
+
+def mlp_updates_from(cap: RowCapture, weights: Sequence[LayerWeights],
+                     trajectory: Sequence[int]) -> MlpUpdates:
+    """M5 at the first captured row from an existing capture (no forward).
+
+    Args:
+        cap: A `capture_rows` / `row_capture` capture; its first row is the query q (computed
+            on its device).
+        weights: `layer_weights(loaded)` (either form, on the capture's device; reuse one per
+            run).
+        trajectory: Trajectory key positions, strictly increasing, all < q (checked by the caller,
+            e.g. with `check_positions`).
+
+    Returns:
+        The per-layer, per-token quantities (float64).
+    """
+    traj = [int(t) for t in trajectory]
     keys = ("sigma_gate", "sigma_up", "grad_norm_gate", "grad_norm_up", "cos_gate", "cos_up",
             "cum_fro_gate", "cum_fro_up", "total_fro_gate", "total_fro_up", "down_fro",
             "delta_norm", "lr", "u_base_norm", "du", "u_base")
@@ -406,8 +519,26 @@ def mlp_updates(loaded: LoadedModel, ids: Tensor, query: int,
         out["u_base_norm"].append(bn)
         out["du"].append(du)
         out["u_base"].append(base)
-    arrays = {k: torch.stack(v).numpy() for k, v in out.items()}
-    return MlpUpdates(query=rows[0], trajectory=np.asarray(traj), **arrays)
+    arrays = {k: torch.stack(v).cpu().numpy() for k, v in out.items()}
+    return MlpUpdates(query=cap.rows[0], trajectory=np.asarray(traj), **arrays)
+
+
+def trajectory_mask_hook(rows: Sequence[int], trajectory: Sequence[int], device):
+    """A `hook_attn_scores` hook that masks the trajectory keys (score −inf) for `rows` only.
+
+    Position ids are untouched, so the other rows and keys see exactly the full-context run.
+    """
+    r_idx = torch.as_tensor(list(rows), device=device)
+    t_idx = torch.as_tensor(list(trajectory), device=device)
+
+    def mask(scores: Tensor, hook: object) -> Tensor:
+        scores = scores.clone()
+        sub = scores[:, :, r_idx]
+        sub[..., t_idx] = float("-inf")
+        scores[:, :, r_idx] = sub
+        return scores
+
+    return mask
 
 
 @torch.no_grad()
@@ -431,21 +562,14 @@ def masked_patched_logits(loaded: LoadedModel, ids: Tensor, trajectory: Sequence
     Returns:
         `(logits_masked_patched, logits_clean)` at `rows`, each [R, vocab] float32.
     """
-    ids, rows, traj = _check(loaded, ids, rows, trajectory)
+    ids, rows, traj = check_positions(loaded, ids, rows, trajectory)
     weights = layer_weights(loaded)
     cap = capture_rows(loaded, ids, rows)
     patches = endpoint_patches(cap, weights, traj)
     dev = loaded.device
     r_idx = torch.as_tensor(rows, device=dev)
-    t_idx = torch.as_tensor(traj, device=dev)
+    mask = trajectory_mask_hook(rows, traj, dev)
     live: dict[int, Tensor] = {}
-
-    def mask(scores: Tensor, hook: object) -> Tensor:
-        scores = scores.clone()
-        sub = scores[:, :, r_idx]
-        sub[..., t_idx] = float("-inf")
-        scores[:, :, r_idx] = sub
-        return scores
 
     def keep_u(layer: int):
         def hook(act: Tensor, hook: object) -> None:

@@ -31,6 +31,8 @@ are supported.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,9 +48,12 @@ __all__ = [
     "TokenUpdates",
     "UpdatesError",
     "capture_query",
+    "check_query",
     "layer_terms",
     "o_proj_weights",
+    "query_capture",
     "token_updates",
+    "token_updates_from",
 ]
 
 
@@ -167,6 +172,64 @@ class QueryCapture:
     attn_out: list[Tensor]
 
 
+def check_query(loaded: LoadedModel, n_tokens: int, query: int) -> None:
+    """Raise `UpdatesError` unless the model has RoPE and 0 <= query < n_tokens."""
+    arch = loaded.arch
+    if arch.positional != "rope":
+        raise UpdatesError(
+            f"token_updates needs RoPE-rotated q/k (attn.rot_q/rot_k); {arch.family!r} has "
+            f"positional={arch.positional!r}."
+        )
+    if not 0 <= query < n_tokens:
+        raise UpdatesError(f"query={query} is outside the sequence of {n_tokens} tokens.")
+
+
+@contextmanager
+def query_capture(loaded: LoadedModel, query: int, *, device: str | torch.device | None = "cpu",
+                  ) -> Iterator[Callable[[], QueryCapture]]:
+    """Hook the bridge for what M1–M4 need at `query`; the forward runs inside the block.
+
+    For sharing one forward with other measurements (e.g. `probes.updates_run`): a bridge forward
+    inside the block (also one started through `loaded.hf_model`, with or without grad) is
+    recorded; call the yielded function after it.
+
+        >>> with query_capture(loaded, q) as get:
+        ...     loaded.bridge(ids)
+        >>> cap = get()
+
+    Args:
+        loaded: A booted RoPE model (check with `check_query`).
+        query: Query position q.
+        device: Where the captured tensors go ("cpu"; None = the model's device, so that
+            `token_updates_from` computes there).
+
+    Yields:
+        `get() -> QueryCapture`.
+    """
+    L = loaded.arch.n_layers
+    kv_sites = [f"L{l}.attn.{c}" for l in range(L) for c in ("rot_k", "v")]
+    q_sites = [f"L{l}.{c}" for l in range(L)
+               for c in ("attn.rot_q", "attn.z", "attn.pattern", "attn_out")]
+    with (
+        capture(loaded, kv_sites, positions=slice(0, query + 1), dtype="float32",
+                device=device) as kv_store,
+        capture(loaded, q_sites, positions=[query], dtype="float32", device=device) as q_store,
+    ):
+        def get() -> QueryCapture:
+            kv, qs = kv_store.result(), q_store.result()
+            return QueryCapture(
+                query=query,
+                rot_k=[kv[f"L{l}.attn.rot_k"] for l in range(L)],
+                v=[kv[f"L{l}.attn.v"] for l in range(L)],
+                rot_q=[qs[f"L{l}.attn.rot_q"][0] for l in range(L)],
+                z=[qs[f"L{l}.attn.z"][0] for l in range(L)],
+                pattern=[qs[f"L{l}.attn.pattern"][:, 0, : query + 1] for l in range(L)],
+                attn_out=[qs[f"L{l}.attn_out"][0] for l in range(L)],
+            )
+
+        yield get
+
+
 @torch.no_grad()
 def capture_query(loaded: LoadedModel, ids: Tensor, query: int) -> QueryCapture:
     """Run the bridge once with hooks and keep what M1–M4 need for query position `query`.
@@ -182,39 +245,16 @@ def capture_query(loaded: LoadedModel, ids: Tensor, query: int) -> QueryCapture:
     Raises:
         UpdatesError: For a model without RoPE or a query out of range.
     """
-    arch = loaded.arch
-    if arch.positional != "rope":
-        raise UpdatesError(
-            f"token_updates needs RoPE-rotated q/k (attn.rot_q/rot_k); {arch.family!r} has "
-            f"positional={arch.positional!r}."
-        )
     ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
-    n = int(ids.shape[1])
-    if not 0 <= query < n:
-        raise UpdatesError(f"query={query} is outside the sequence of {n} tokens.")
-    L = arch.n_layers
-    kv_sites = [f"L{l}.attn.{c}" for l in range(L) for c in ("rot_k", "v")]
-    q_sites = [f"L{l}.{c}" for l in range(L)
-               for c in ("attn.rot_q", "attn.z", "attn.pattern", "attn_out")]
-    with (
-        capture(loaded, kv_sites, positions=slice(0, query + 1), dtype="float32") as kv_store,
-        capture(loaded, q_sites, positions=[query], dtype="float32") as q_store,
-    ):
+    check_query(loaded, int(ids.shape[1]), query)
+    with query_capture(loaded, query) as get:
         loaded.bridge(ids.to(loaded.device))
-    kv, qs = kv_store.result(), q_store.result()
-    return QueryCapture(
-        query=query,
-        rot_k=[kv[f"L{l}.attn.rot_k"] for l in range(L)],
-        v=[kv[f"L{l}.attn.v"] for l in range(L)],
-        rot_q=[qs[f"L{l}.attn.rot_q"][0] for l in range(L)],
-        z=[qs[f"L{l}.attn.z"][0] for l in range(L)],
-        pattern=[qs[f"L{l}.attn.pattern"][:, 0, : query + 1] for l in range(L)],
-        attn_out=[qs[f"L{l}.attn_out"][0] for l in range(L)],
-    )
+    return get()
 
 
 def layer_terms(cap: QueryCapture, layer: int, w_o: Tensor) -> dict[str, Tensor]:
-    """The exact per-token vectors of one layer in float64 (transient [H, T, d] tensors).
+    """The exact per-token vectors of one layer in float64 (transient [H, T, d] tensors), on the
+    capture's device.
 
     Args:
         cap: Output of `capture_query`.
@@ -235,7 +275,7 @@ def layer_terms(cap: QueryCapture, layer: int, w_o: Tensor) -> dict[str, Tensor]
     p = cap.pattern[layer].to(f64)                        # [H, T]
     H, d_h = q.shape
     G = H // k.shape[1]
-    w = w_o.detach().to("cpu", f64).reshape(-1, H, d_h)   # [d, H, d_h]
+    w = w_o.detach().to(k.device, f64).reshape(-1, H, d_h)  # [d, H, d_h]
     v_h = v.repeat_interleave(G, dim=1).transpose(0, 1)   # [H, T, d_h]
     k_h = k.repeat_interleave(G, dim=1).transpose(0, 1)
     wv = torch.einsum("dhe,hte->htd", w, v_h)
@@ -269,6 +309,23 @@ def token_updates(loaded: LoadedModel, ids: Tensor, query: int) -> TokenUpdates:
     """
     weights = o_proj_weights(loaded)
     cap = capture_query(loaded, ids, query)
+    return token_updates_from(loaded, cap, weights)
+
+
+def token_updates_from(loaded: LoadedModel, cap: QueryCapture,
+                       weights: list[tuple[Tensor, Tensor | None]] | None = None) -> TokenUpdates:
+    """M1–M4 from an existing capture (no forward).
+
+    Args:
+        loaded: The model the capture came from (architecture and o_proj weights).
+        cap: A `capture_query` / `query_capture` capture (computed on its device).
+        weights: `o_proj_weights(loaded)`, or None to read them now.
+
+    Returns:
+        The per-token quantities (float32), as `token_updates`.
+    """
+    weights = o_proj_weights(loaded) if weights is None else weights
+    query = cap.query
     d_h = loaded.arch.d_head
     scale = 1.0 / float(np.sqrt(d_h))
     out: dict[str, list[Tensor]] = {k: [] for k in (
@@ -292,6 +349,6 @@ def token_updates(loaded: LoadedModel, ids: Tensor, query: int) -> TokenUpdates:
         out["dai_spearman"].append(_spearman(v_norm * s, v_norm * p))
         out["dai_cos"].append(torch.nn.functional.cosine_similarity(t["relaxed"], t["z"], dim=-1))
         out["score"].append(s)
-    arrays = {k: torch.stack(vs).to(torch.float32).numpy() for k, vs in out.items()}
+    arrays = {k: torch.stack(vs).to(torch.float32).cpu().numpy() for k, vs in out.items()}
     return TokenUpdates(query=query, keys=np.arange(query + 1), scale=scale,
                         gqa_group=loaded.arch.gqa_group, **arrays)

@@ -268,3 +268,27 @@ def test_empty_trajectory():
     assert al.inner.shape == (3, 2, 4, 0) and al.m7.shape == (2, 0)
     assert al.telescope_err.max() < 1e-12
     np.testing.assert_allclose(al.full_inner, 0.0, atol=1e-15)
+
+
+def test_m6_rows_and_precomputed_grams(setup):
+    """M6 on a subset of 𝒬 with Grams passed in = the matching rows of the full computation."""
+    _, hf, ids, al = setup
+    grams = [tuple(w.T @ w for w in (layer.mlp.gate_proj.weight.detach(),
+                                     layer.mlp.up_proj.weight.detach()))
+             for layer in hf.model.layers]
+    rows = [0, 2]
+    sub = answer_alignment(hf, ids, TRAJ, ANSWER, m6_rows=rows, grams=grams, keep_factors=True)
+    assert list(sub.m6_rows) == rows and list(al.m6_rows) == list(range(ANSWER[1] - ANSWER[0]))
+    for name in ("inner", "step_norm", "cos", "eta", "eta_pooled", "full_inner"):
+        np.testing.assert_allclose(getattr(sub, name), getattr(al, name)[:, :, rows],
+                                   rtol=1e-10, atol=1e-14, err_msg=name)
+    np.testing.assert_allclose(sub.telescope_err, al.telescope_err[:, rows], atol=1e-12)
+    np.testing.assert_array_equal(sub.m7, al.m7)                 # M7 always uses all of 𝒬
+    np.testing.assert_array_equal(sub.mass, al.mass)
+    np.testing.assert_allclose(sub.step_factors(1, 1, 5)[0], al.step_factors(1, 2, 5)[0],
+                               rtol=1e-12)
+    for bad in ([], [4], [2, 1], [0, 0]):
+        with pytest.raises(AlignmentError):
+            answer_alignment(hf, ids, TRAJ, ANSWER, m6_rows=bad)
+    with pytest.raises(AlignmentError):
+        answer_alignment(hf, ids, TRAJ, ANSWER, grams=grams[:1])

@@ -21,14 +21,17 @@ from transformers import (
 
 from hooks import capture
 from probes.mlp_update import (
+    LayerWeights,
     MlpUpdateError,
     capture_rows,
     endpoint_patches,
     layer_weights,
     masked_patched_logits,
     mlp_updates,
+    mlp_updates_from,
     restricted_inputs,
     rms_norm,
+    row_capture,
 )
 from probes.models import LoadedModel, boot_model
 from probes.tiny import TINY_FAMILIES, byte_tokenizer, tiny_config
@@ -212,6 +215,36 @@ def test_v9_telescoping_and_rank1_norms(setup):
         phi = cap.mlp_post[layer][0].double()
         assert upd.down_fro[layer] == pytest.approx(upd.delta_norm[layer] / float(phi.norm()),
                                                     rel=1e-12)
+
+
+def test_grams_without_mlp_copies(setup):
+    """`layer_weights(with_mlp=False)` keeps W_O/γ2 and only the two d×d Grams of gate/up."""
+    _, loaded, _, _, weights, _ = setup
+    light = layer_weights(loaded, with_mlp=False)
+    for full, w in zip(weights, light):
+        assert w.w_gate is None and w.w_up is None and w.w_down is None
+        assert torch.equal(w.w_o, full.w_o) and torch.equal(w.gamma, full.gamma)
+        for which in ("gate", "up"):
+            assert _rel(w.gram(which), full.gram(which)) <= 1e-14
+    assert full.grams is None
+    with pytest.raises(MlpUpdateError):
+        LayerWeights(w_o=full.w_o, b_o=None, gamma=full.gamma, eps=full.eps, w_gate=None,
+                     w_up=None, w_down=None).gram("gate")
+
+
+def test_shared_capture_equals_separate_forward(setup):
+    """`row_capture` hooked into a grad-enabled HF forward = `capture_rows` (bridge, no grad)."""
+    _, loaded, ids, upd, _, cap = setup
+    with row_capture(loaded, [QUERY]) as get, torch.enable_grad():
+        loaded.hf_model(ids)
+    shared = get()
+    assert shared.logits is None
+    for name in ("v", "pattern", "resid_pre", "resid_mid", "ln2_out", "mlp_post"):
+        for a, b in zip(getattr(shared, name), getattr(cap, name)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    again = mlp_updates_from(shared, layer_weights(loaded, with_mlp=False), TRAJ)
+    np.testing.assert_allclose(again.sigma_gate, upd.sigma_gate, rtol=1e-12)
+    np.testing.assert_allclose(again.cos_up, upd.cos_up, rtol=1e-12, equal_nan=True)
 
 
 def test_shapes(setup):

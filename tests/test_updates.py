@@ -24,7 +24,9 @@ from probes.updates import (
     capture_query,
     layer_terms,
     o_proj_weights,
+    query_capture,
     token_updates,
+    token_updates_from,
 )
 
 CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
@@ -179,6 +181,22 @@ def test_v4_leave_one_out_equals_knockout(setup, layer, key):
     out_knocked = z_knocked.double().reshape(-1) @ w.T
     out_full = t["z"].reshape(-1) @ w.T
     assert _rel(out_full - t["dz_out"][:, key].sum(0), out_knocked) <= REL
+
+
+def test_shared_capture_equals_separate_forward(setup):
+    """`query_capture` hooked into a grad-enabled HF forward = `capture_query` (bridge, no grad),
+    and `token_updates_from` on it = `token_updates`."""
+    _, loaded, ids, cap, weights = setup
+    with query_capture(loaded, QUERY) as get, torch.enable_grad():
+        loaded.hf_model(ids)
+    shared = get()
+    for name in ("rot_k", "v", "rot_q", "z", "pattern", "attn_out"):
+        for a, b in zip(getattr(shared, name), getattr(cap, name)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    direct = token_updates(loaded, ids, QUERY)
+    again = token_updates_from(loaded, shared, weights)
+    for name in ("mass", "contrib_sum_norm", "loo_sum_norm", "dai_fro", "dai_cos"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(direct, name))
 
 
 def test_rejects_unsupported_inputs(setup):
