@@ -66,7 +66,13 @@ from sklearn.model_selection import GroupKFold, KFold
 from torch import Tensor
 
 from probes.errors import ProbesError
-from probes.mlp_update import LayerWeights, capture_rows, layer_weights, rms_norm
+from probes.mlp_update import (
+    LayerWeights,
+    capture_rows,
+    layer_weights,
+    rms_norm,
+    trajectory_mask_hook,
+)
 from probes.models import LoadedModel
 from probes.traces import TokenizedTrace
 from probes.updates import capture_query, layer_terms, o_proj_weights
@@ -853,14 +859,7 @@ def thought_patch_nll(
 
     dev = loaded.device
     r_idx = torch.as_tensor(rows, device=dev)
-    t_idx = torch.arange(traj[0], traj[1], device=dev)
-
-    def mask(scores: Tensor, hook: object) -> Tensor:
-        scores = scores.clone()
-        sub = scores[:, :, r_idx]
-        sub[..., t_idx] = float("-inf")
-        scores[:, :, r_idx] = sub
-        return scores
+    mask = trajectory_mask_hook(rows, range(traj[0], traj[1]), dev)
 
     def run(mode: str) -> Tensor:
         live: dict[str, Tensor] = {}
