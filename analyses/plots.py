@@ -37,7 +37,13 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from analyses.lhat_effects import DELIMITER, REFLECTION, Occurrence, ema, phrase_occurrences
+from analyses.lhat_effects import (
+    DELIMITER,
+    REFLECTION,
+    Occurrence,
+    ema,
+    phrase_occurrences,
+)
 
 __all__ = [
     "HEATMAP_ROW_ORDER",
@@ -355,9 +361,12 @@ def update_heatmap_figure(
     log: bool = True,
     annotate: bool = True,
     figsize: tuple[float, float] | None = None,
+    layer_ids: Sequence[int] | None = None,
 ) -> Figure:
     """The Figure of `plot_update_heatmap` (same arguments), not saved."""
     names, mat = heatmap_matrix(values, row_order, ratio_to)
+    if layer_ids is not None and len(layer_ids) != mat.shape[1]:
+        raise ValueError(f"layer_ids has {len(layer_ids)} entries for {mat.shape[1]} layer columns.")
     n_rows, n_layers = mat.shape
     ratio = ratio_to is not None
     norm = _heatmap_norm(mat, log, ratio)
@@ -370,7 +379,8 @@ def update_heatmap_figure(
                    interpolation="nearest")
     small = n_layers > 20
     ax.set_xticks(np.arange(n_layers))
-    ax.set_xticklabels([str(i) for i in range(n_layers)], fontsize=6 if small else 8)
+    ax.set_xticklabels([str(i) for i in (range(n_layers) if layer_ids is None else layer_ids)],
+                       fontsize=6 if small else 8)
     ax.set_yticks(np.arange(n_rows))
     ax.set_yticklabels(names, fontsize=8)
     ax.set_xlabel("layer")
@@ -410,6 +420,7 @@ def plot_update_heatmap(
     annotate: bool = True,
     dpi: int = 120,
     figsize: tuple[float, float] | None = None,
+    layer_ids: Sequence[int] | None = None,
 ) -> Path:
     """Heatmap of an update magnitude per category (rows) and layer (columns).
 
@@ -431,15 +442,18 @@ def plot_update_heatmap(
         annotate: Write each value (3 significant digits) in its cell.
         dpi: Resolution.
         figsize: Figure size in inches; None: grows with the numbers of layers and rows.
+        layer_ids: The model layer of each column (tick labels); None: 0..n_layers−1.
 
     Returns:
         The PNG path.
 
     Raises:
-        ValueError: As `heatmap_matrix` (no rows, ragged rows, unknown row names).
+        ValueError: As `heatmap_matrix` (no rows, ragged rows, unknown row names), or
+            `layer_ids` of the wrong length.
     """
     fig = update_heatmap_figure(values, metric=metric, title=title, row_order=row_order,
-                                ratio_to=ratio_to, log=log, annotate=annotate, figsize=figsize)
+                                ratio_to=ratio_to, log=log, annotate=annotate, figsize=figsize,
+                                layer_ids=layer_ids)
     return _save(fig, path, dpi)
 
 

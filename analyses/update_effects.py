@@ -206,7 +206,8 @@ class UpdateComparison:
                 "medians": med(self.medians), "control_medians": med(self.control_medians)}
 
 
-def _table(per_metric: Mapping[str, Mapping[str, np.ndarray]], pairs, n_boot: int, seed: int):
+def _table(per_metric: Mapping[str, Mapping[str, np.ndarray]], pairs, n_boot: int, seed: int,
+           layer_ids: Sequence[int] | None = None):
     """compare_paired over metrics × layers × pairs with ONE Holm family."""
     flat: dict[str, np.ndarray] = {}
     flat_pairs: list[tuple[str, str]] = []
@@ -214,7 +215,8 @@ def _table(per_metric: Mapping[str, Mapping[str, np.ndarray]], pairs, n_boot: in
     for metric, agg in per_metric.items():
         n_cols = next(iter(agg.values())).shape[1]
         for col in range(n_cols):
-            layer: int | str = POOLED if col == n_cols - 1 else col
+            layer: int | str = (POOLED if col == n_cols - 1
+                                else col if layer_ids is None else int(layer_ids[col]))
             for name, arr in agg.items():
                 flat[f"{metric}|{col}|{name}"] = arr[:, col]
             for a, b in pairs:
@@ -243,6 +245,7 @@ def update_comparison(
     statistic: str = "mean",
     unit: str = "token",
     signed: Sequence[str] = (),
+    layer_ids: Sequence[int] | None = None,
     n_boot: int = 2000,
     seed: int = 0,
     meta: Mapping[str, Any] | None = None,
@@ -263,6 +266,7 @@ def update_comparison(
         unit: Phrase-set unit: "token" or "first_token".
         signed: Metrics compared by magnitude |value| (signed quantities such as ΔL^pred or
             M7, where "large" means either sign); the others are compared as they are.
+        layer_ids: The model layer of each array row (rows' `layer` labels); None: 0..L−1.
         n_boot: Bootstrap resamples per CI.
         seed: Base seed.
         meta: Extra labels for the table.
@@ -279,7 +283,7 @@ def update_comparison(
                 for m in values}
 
     trained = aggregate(values)
-    rows_t = _table(trained, pairs, n_boot, seed)
+    rows_t = _table(trained, pairs, n_boot, seed, layer_ids)
     rows_c = None
     control = None
     if control_values is not None:
@@ -287,7 +291,7 @@ def update_comparison(
         if missing:
             raise ValueError(f"the random-init control has no {missing}.")
         control = aggregate(control_values)
-        rows_c = _table(control, pairs, n_boot, seed)
+        rows_c = _table(control, pairs, n_boot, seed, layer_ids)
     rows = []
     for key, comp in rows_t.items():
         metric, layer, _, _ = key

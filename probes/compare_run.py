@@ -17,6 +17,7 @@ Both parts present: ΔL̂_t regressed on the per-token mechanistic features with
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -256,6 +257,14 @@ def _lhat_part(path: Path, cfg: CompareConfig) -> dict[str, Any]:
     return report
 
 
+def stored_layers(trace) -> list[int]:
+    """The layers of a trace's `upd_*` arrays (attribute `upd_layers`; all rows when absent)."""
+    raw = trace.attrs.get("upd_layers")
+    if raw is None:
+        return list(range(int(trace["upd_contrib"].shape[0])))
+    return [int(x) for x in json.loads(raw)]
+
+
 def _metric_order(names: set[str]) -> list[str]:
     known = [m for m in UPDATE_ORDER if m in names]
     return known + sorted(names - set(known))
@@ -294,6 +303,7 @@ def load_updates(path: Path, *, control: bool = False) -> list[dict[str, Any]]:
                 )
             rows.append({
                 "id": tr.id,
+                "layers": stored_layers(tr),
                 "tokens": np.asarray(tr.tokens),
                 "category": np.asarray(tr.category),
                 "traj_span": tuple(int(x) for x in tr.spans["trajectory"]),
@@ -311,9 +321,19 @@ def load_updates(path: Path, *, control: bool = False) -> list[dict[str, Any]]:
 def _updates_part(path: Path, cfg: CompareConfig):
     """The per-layer update comparison; returns (report part, rows, token sets)."""
     from analyses.lhat_effects import token_sets
-    from analyses.update_effects import format_update_table, summary_rows, update_comparison
+    from analyses.update_effects import (
+        format_update_table,
+        summary_rows,
+        update_comparison,
+    )
 
     rows = load_updates(path)
+    layer_ids = rows[0]["layers"]
+    other = next((r for r in rows if r["layers"] != layer_ids), None)
+    if other is not None:
+        raise ProbesError(f"{path}: trace {other['id']!r} has update arrays of layers "
+                          f"{other['layers']}, trace {rows[0]['id']!r} of {layer_ids}; re-run "
+                          "`updates` with one --layers into a new --out")
     available = set.intersection(*(set(r["upd"]) for r in rows))
     if cfg.update_metrics is not None:
         unknown = [m for m in cfg.update_metrics if m not in available]
@@ -342,6 +362,9 @@ def _updates_part(path: Path, cfg: CompareConfig):
                               "random-init` with this version")
         rows = common
         control_rows = [by_id[r["id"]] for r in rows]
+        if any(c["layers"] != layer_ids for c in control_rows):
+            raise ProbesError(f"--control {cfg.control} stores other layers than {path} "
+                              f"({layer_ids}); run both `updates` with the same --layers")
     rng = np.random.default_rng(cfg.seed)
     sets = [
         token_sets(r["category"], r["phrase_id"], r["is_first"], traj_span=r["traj_span"],
@@ -353,13 +376,15 @@ def _updates_part(path: Path, cfg: CompareConfig):
         control_values=(None if control_rows is None else
                         {m: [r["upd"][m] for r in control_rows] for m in metrics}),
         statistic=cfg.statistic, unit=cfg.update_unit,
-        signed=[m for m in metrics if m in SIGNED_UPDATES], n_boot=cfg.n_boot, seed=cfg.seed,
+        signed=[m for m in metrics if m in SIGNED_UPDATES], layer_ids=layer_ids,
+        n_boot=cfg.n_boot, seed=cfg.seed,
         meta={"control": None if cfg.control is None else str(cfg.control)},
     )
     part = {
         "n_traces": len(rows),
         "metrics": metrics,
-        "n_layers": int(rows[0]["upd"][metrics[0]].shape[0]),
+        "n_layers": len(layer_ids),
+        "layers": layer_ids,
         "control": None if cfg.control is None else str(cfg.control),
         "comparison": cmp.to_dict(),
         "significant": summary_rows(cmp),
@@ -413,15 +438,16 @@ def _update_plots(folder: Path, rows, sets, upd: dict[str, Any]) -> list[str]:
                    if m in upd["metrics"]]:
         vals = heatmap_values(cmp, metric, names=names)
         paths.append(str(plot_update_heatmap(
-            vals, folder / f"heatmap_{metric}.png", metric=metric,
+            vals, folder / f"heatmap_{metric}.png", metric=metric, layer_ids=upd["layers"],
             title=f"median per-trace {cmp.meta['statistic']} of {metric}")))
         paths.append(str(plot_update_heatmap(
-            vals, folder / f"heatmap_{metric}_ratio.png", metric=metric,
+            vals, folder / f"heatmap_{metric}_ratio.png", metric=metric, layer_ids=upd["layers"],
             ratio_to="ordinary", title=f"{metric} relative to ordinary tokens")))
         if cmp.control_medians is not None:
             paths.append(str(plot_update_heatmap(
                 heatmap_values(cmp, metric, control=True, names=names),
                 folder / f"heatmap_{metric}_random_init.png", metric=metric,
+                layer_ids=upd["layers"],
                 title=f"{metric}, random-init control")))
     metric = "upd_sigma_gate" if "upd_sigma_gate" in upd["metrics"] else upd["metrics"][0]
     order = sorted(range(len(rows)), key=lambda i: not np.any(sets[i].labels == 1))
@@ -431,7 +457,7 @@ def _update_plots(folder: Path, rows, sets, upd: dict[str, Any]) -> list[str]:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in r["id"])
         paths.append(str(plot_step_curve(
             vals, list(sets[i].occurrences), folder / f"steps_{metric}_{safe}.png",
-            layer_labels=[f"layer {k}" for k in range(vals.shape[0])], metric=metric,
+            layer_labels=[f"layer {k}" for k in upd["layers"]], metric=metric,
             title=f"{metric} along trace {r['id']}")))
     return paths
 

@@ -164,12 +164,16 @@ def _add_lhat(sub: argparse._SubParsersAction) -> None:
 def _add_updates(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "updates",
-        help="per-token implicit updates (attention M1-M4, MLP M5) at the answer query, into a cache",
+        help="per-token implicit updates (attention M1-M4, MLP M5, gradient alignment M6/M7) at "
+             "the answer query, into a cache",
         description=(
             "For every trace, at the position that predicts the first answer token, compute per "
             "layer and per trajectory token the attention mass (mean over heads), the summed-head "
             "contribution and leave-one-out norms, the Dai outer-product norm (summed over KV "
-            "heads) and the Dherin MLP step sizes and consecutive cosine; store them as upd_* "
+            "heads), the Dherin MLP step sizes and consecutive cosine, the descent cosine and "
+            "first-order loss change of each MLP step (M6) and each token's first-order effect on "
+            "the answer loss through each layer's attention (M7; one forward and one backward per "
+            "trace); store them as upd_* "
             "float32 [n_layers, T] in each trace group of --out (an existing cache gains them; "
             "resumable). --control random-init uses random weights of the same architecture "
             "(write to another --out)."
@@ -180,6 +184,8 @@ def _add_updates(sub: argparse._SubParsersAction) -> None:
                    help="none: the trained weights (default); random-init: a seeded random "
                         "initialisation of the same architecture (needs its own --out)")
     p.add_argument("--seed", type=int, default=0, help="seed of --control random-init")
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="store only these layers (increasing; default: all)")
     p.add_argument("--json", action="store_true", help="end with one JSON object")
     p.set_defaults(func=_cmd_updates)
 
@@ -413,7 +419,8 @@ def _cmd_updates(args: argparse.Namespace) -> int:
     from probes.updates_run import UpdatesConfig, format_updates_run, updates_traces
 
     hf_logging.disable_progress_bar()
-    cfg = UpdatesConfig(control=args.control, seed=args.seed, limit=args.limit)
+    cfg = UpdatesConfig(control=args.control, seed=args.seed, limit=args.limit,
+                        layers=tuple(args.layers) if args.layers else None)
     result = updates_traces(args.model, args.traces, args.out, cfg, device=args.device,
                             dtype=args.model_dtype, progress=not args.no_progress)
     print(format_updates_run(result), file=sys.stderr if args.json else sys.stdout)
@@ -447,7 +454,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from probes.compare_run import CompareConfig, compare_cache, format_report, report_json
+    from probes.compare_run import (
+        CompareConfig,
+        compare_cache,
+        format_report,
+        report_json,
+    )
 
     cfg = CompareConfig(metric=args.metric, unit=args.unit, statistic=args.statistic,
                         raml_notebook=args.raml_notebook, n_boot=args.n_boot, seed=args.seed,

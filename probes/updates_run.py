@@ -1,10 +1,13 @@
 """`python -m probes.run updates`: per-token implicit updates of every trace, into an HDF5 cache.
 
 For each trace the query is the position that predicts the first answer token
-(q = `spans["answer"][0] - 1`). One `probes.updates.token_updates` call (M1–M4) and one
-`probes.mlp_update.mlp_updates` call (M5, trajectory = the trajectory span's positions) give the
-per-layer quantities; only the trajectory keys a..b-1 are kept, so every array is float32
-[n_layers, T] with index i = trajectory token i:
+(q = `spans["answer"][0] - 1`, the first row of the answer rows 𝒬). ONE forward and ONE backward
+pass of the model per trace (`probes.alignment.answer_alignment`, with the bridge captures of
+`probes.updates.query_capture` and `probes.mlp_update.row_capture` riding on its forward) give the
+attention quantities M1–M4 (`probes.updates`), the MLP steps M5 (`probes.mlp_update`, trajectory =
+the trajectory span's positions) and the gradient alignment M6 / M7 (`probes.alignment`); the values
+equal separate `token_updates`, `mlp_updates` and `answer_alignment` calls. Only the trajectory keys
+a..b-1 are kept, so every array is float32 [n_layers, T] with index i = trajectory token i:
 
 * `upd_contrib`: M2 ‖Σ_h p W_O^h v_t‖ (`contrib_sum_norm`).
 * `upd_loo`: M4 ‖Σ_h W_O^h δz_{h,t}‖ (`loo_sum_norm`).
@@ -12,10 +15,26 @@ per-layer quantities; only the trajectory keys a..b-1 are kept, so every array i
 * `upd_dai_fro`: M3 ‖v_t‖‖k̃_t‖ SUMMED over the KV heads.
 * `upd_sigma_gate`, `upd_sigma_up`: M5 σ_i = ‖step_i‖_F for W_gate / W_up.
 * `upd_cos_gate`: M5 cos(step_i, step_{i−1}) for W_gate (NaN at i = 0).
+* `upd_align_cos`: M6 descent cosine −⟨G, step_i⟩/(‖G‖_F ‖step_i‖_F) of token i's joint
+  (gate ⊕ up) MLP step at q, G = ∂L/∂(W_gate, W_up) of the answer loss L (mean NLL of the answer
+  tokens, full context); > 0 = a descent direction; NaN where the step is zero
+  (`answer_alignment(...).cos[2][:, 0, :]`).
+* `upd_dl_pred`: M6 first-order ΔL^pred = ⟨G, step_i⟩ of that joint step at q, in nats
+  (`.inner[2][:, 0, :]`; < 0 = applying the step as a weight edit lowers L).
+* `upd_m7`: M7 first-order effect on L of removing token i from layer ℓ's attention at every
+  answer row 𝒬 (summed over rows and heads; frozen upstream, direct edges only), in nats
+  (`.m7`; > 0 = removing the token would raise L, i.e. the token helps).
 
-Attrs: `upd_query` (q), `upd_control` ("none" or "random-init"). An existing cache (e.g. from
+Attrs: `upd_query` (q), `upd_control` ("none" or "random-init"), `upd_layers` (JSON list of the
+layers stored as the array rows; `--layers` picks a subset, all by default). An existing cache (e.g. from
 `lhat` or `cache`) gains these arrays in its trace groups; a new file gets trace groups with
-tokens, categories and the arrays. Resumable: a trace that already has `upd_contrib` is skipped.
+tokens, categories and the arrays. Resumable: a trace that already has `upd_m7` (`DONE_KEY`, the
+last of `UPDATE_ARRAYS`) is skipped, so a cache written before the M6/M7 arrays existed gets all
+`upd_*` arrays (re)computed for its traces.
+
+Only Llama-style RoPE models with a gated MLP (Qwen2 / Qwen2.5 / DeepSeek-R1-Distill-Qwen, Qwen3,
+Llama); any other (e.g. GPT-2) is refused with one clear error before the cache is touched. The
+model runs with eager attention (what `load_model` / `boot_model` give).
 
 `--control random-init` runs a randomly initialised model of the same architecture (seeded) instead
 of the trained weights; its metadata model label is `"<model>+random-init(<seed>)"`, so it must go
@@ -24,6 +43,7 @@ to another --out file (appending it to a trained-model cache is refused by the i
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +56,10 @@ from probes.models import LoadedModel, load_model
 from probes.traces import DEFAULT_SCAFFOLD
 
 UPDATE_ARRAYS = ("upd_contrib", "upd_loo", "upd_mass", "upd_dai_fro", "upd_sigma_gate",
-                 "upd_sigma_up", "upd_cos_gate")
+                 "upd_sigma_up", "upd_cos_gate", "upd_align_cos", "upd_dl_pred", "upd_m7")
+"""The stored arrays, in the order they are written (each float32 [n_layers, T])."""
+DONE_KEY = UPDATE_ARRAYS[-1]
+"""A trace that has this array is skipped on resume."""
 CONTROLS = ("none", "random-init")
 
 
@@ -48,6 +71,8 @@ class UpdatesConfig:
         control: "none" (the trained weights) or "random-init" (same architecture, random weights).
         seed: Seed of the random initialisation for `control="random-init"`.
         limit: Use only the first N traces.
+        layers: Store only these layers (rows of every array, in this order; recorded in the
+            trace attribute `upd_layers`); None: all layers.
         prompt_format: Prompt format string; None = chat template or the documented default.
         scaffold: The answer scaffold between trajectory and answer.
     """
@@ -55,12 +80,16 @@ class UpdatesConfig:
     control: str = "none"
     seed: int = 0
     limit: int | None = None
+    layers: tuple[int, ...] | None = None
     prompt_format: str | None = None
     scaffold: str = DEFAULT_SCAFFOLD
 
     def __post_init__(self) -> None:
         if self.control not in CONTROLS:
             raise ProbesError(f"--control must be one of {', '.join(CONTROLS)}, got {self.control!r}")
+        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)
+                                        or list(self.layers) != sorted(self.layers)):
+            raise ProbesError(f"--layers must be distinct and increasing, got {list(self.layers)}")
         if self.limit is not None and self.limit < 1:
             raise ProbesError(f"--limit must be at least 1, got {self.limit}")
 
@@ -105,26 +134,97 @@ def random_init_model(loaded: LoadedModel, seed: int) -> LoadedModel:
                       device=loaded.device, dtype=loaded.arch.dtype)
 
 
-def trace_update_arrays(loaded: LoadedModel, tt) -> tuple[dict[str, np.ndarray], int]:
+def check_supported(loaded: LoadedModel) -> None:
+    """Refuse, with one clear error, a model `updates` cannot measure.
+
+    Raises:
+        UpdatesError: Unless the model is Llama-style (Qwen2 / Qwen3 / Llama: RoPE, GQA attention
+            with o_proj, RMSNorm, a bias-free gated MLP).
+    """
+    from probes.updates import UpdatesError
+
+    arch = loaded.arch
+    hf = loaded.hf_model
+    try:
+        layers = list(hf.model.layers)
+        ok = arch.positional == "rope" and arch.mlp == "gated" and all(
+            hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm")
+            and hasattr(layer.self_attn, "o_proj") and hasattr(layer.mlp, "gate_proj")
+            for layer in layers)
+    except AttributeError:
+        ok = False
+    if not ok:
+        raise UpdatesError(
+            f"updates needs a Llama-style model with RoPE and a gated MLP (Qwen2/Qwen2.5, "
+            f"DeepSeek-R1-Distill-Qwen, Qwen3, Llama); {loaded.spec!r} is a {arch.family!r} model "
+            f"(positional={arch.positional!r}). Use one of those architectures."
+        )
+
+
+class RunConstants:
+    """Per-model constants of an `updates` run, computed once and reused for every trace.
+
+    Attributes:
+        o_proj: `probes.updates.o_proj_weights(loaded)`.
+        m5: `probes.mlp_update.layer_weights(loaded, with_mlp=False)` (W_O, γ2 and the Grams
+            WᵀW of gate/up, float64 on the model's device).
+        grams: The same Grams, as `answer_alignment(grams=...)` takes them.
+    """
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        from probes.mlp_update import layer_weights
+        from probes.updates import o_proj_weights
+
+        check_supported(loaded)
+        self.o_proj = o_proj_weights(loaded)
+        self.m5 = layer_weights(loaded, with_mlp=False, device=loaded.device)
+        self.grams = [w.grams for w in self.m5]
+
+
+def trace_update_arrays(loaded: LoadedModel, tt, consts: RunConstants | None = None, *,
+                        timings: dict[str, float] | None = None,
+                        ) -> tuple[dict[str, np.ndarray], int]:
     """The stored `upd_*` arrays of one tokenized trace (float32 [n_layers, T]).
 
+    One forward + one backward: `answer_alignment` (M6 at the first answer row only, M7 at all of
+    them) with the M1–M4 and M5 bridge captures hooked into its forward.
+
     Args:
-        loaded: A booted RoPE model with a gated MLP.
+        loaded: A booted Llama-style RoPE model with a gated MLP (eager attention).
         tt: A `TokenizedTrace` with a non-empty trajectory and answer.
+        consts: `RunConstants(loaded)`, reused across traces; None computes them now.
+        timings: If given, filled with the seconds of each stage (device-synchronised):
+            `alignment` (the shared forward + backward and M6/M7), `m1_m4`, `m5`.
 
     Returns:
-        (arrays, query position).
+        (arrays in `UPDATE_ARRAYS` order, query position).
+
+    Raises:
+        UpdatesError: For an unsupported model.
     """
     import torch
 
-    from probes.mlp_update import mlp_updates
-    from probes.updates import token_updates
+    from probes.alignment import answer_alignment
+    from probes.mlp_update import check_positions, mlp_updates_from, row_capture
+    from probes.updates import check_query, query_capture, token_updates_from
 
-    a, b = tt.spans["trajectory"]
-    query = int(tt.spans["answer"][0]) - 1
+    consts = RunConstants(loaded) if consts is None else consts
+    a, b = (int(x) for x in tt.spans["trajectory"])
+    answer = (int(tt.spans["answer"][0]), int(tt.spans["answer"][1]))
+    query = answer[0] - 1
     ids = torch.as_tensor(np.asarray(tt.ids, dtype=np.int64)).reshape(1, -1).to(loaded.device)
-    upd = token_updates(loaded, ids, query)
-    mlp = mlp_updates(loaded, ids, query, list(range(a, b)))
+    check_query(loaded, int(ids.shape[1]), query)
+    _, _, traj = check_positions(loaded, ids, [query], range(a, b))
+    clock = _Clock(loaded.device, timings)
+    # captures stay on the model's device: M1–M5 are computed there (float64), like M6/M7
+    with (query_capture(loaded, query, device=None) as get_query,
+          row_capture(loaded, [query], device=None) as get_rows):
+        al = answer_alignment(loaded, ids, (a, b), answer, m6_rows=[0], grams=consts.grams)
+    clock.lap("alignment")
+    upd = token_updates_from(loaded, get_query(), consts.o_proj)
+    clock.lap("m1_m4")
+    mlp = mlp_updates_from(get_rows(), consts.m5, traj)
+    clock.lap("m5")
     arrays = {
         "upd_contrib": _f32(upd.contrib_sum_norm[:, a:b]),
         "upd_loo": _f32(upd.loo_sum_norm[:, a:b]),
@@ -133,8 +233,32 @@ def trace_update_arrays(loaded: LoadedModel, tt) -> tuple[dict[str, np.ndarray],
         "upd_sigma_gate": _f32(mlp.sigma_gate),
         "upd_sigma_up": _f32(mlp.sigma_up),
         "upd_cos_gate": _f32(mlp.cos_gate),
+        "upd_align_cos": _f32(al.cos[2][:, 0, :]),
+        "upd_dl_pred": _f32(al.inner[2][:, 0, :]),
+        "upd_m7": _f32(al.m7),
     }
     return arrays, query
+
+
+class _Clock:
+    """Stage timer for `trace_update_arrays(timings=...)` (a no-op without a dict)."""
+
+    def __init__(self, device, out: dict[str, float] | None) -> None:
+        self.device, self.out = device, out
+        self.t = self._now() if out is not None else 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.out is not None:
+            now = self._now()
+            self.out[name] = now - self.t
+            self.t = now
 
 
 def _f32(x) -> np.ndarray:
@@ -152,7 +276,7 @@ def updates_traces(
     dtype: str = "float32",
     progress: bool = True,
 ) -> UpdatesRunResult:
-    """Compute and store the per-token implicit updates (M1–M5) of every trace.
+    """Compute and store the per-token implicit updates (M1–M7) of every trace.
 
     Args:
         model: A model spec for `load_model`, or a loaded model.
@@ -167,17 +291,21 @@ def updates_traces(
         Counts and timing.
 
     Raises:
-        ProbesError: Bad input, a cache made with another model (a random-init control into a
-            trained-model cache included) / tokenizer / scaffold, or a trace whose stored tokens
-            differ from this tokenization.
+        ProbesError: Bad input, a model `updates` does not support (`UpdatesError`, raised
+            before the cache is opened), a cache made with another model (a random-init control
+            into a trained-model cache included) / tokenizer / scaffold, or a trace whose stored
+            tokens differ from this tokenization.
     """
     from probes.trace_arrays import add_trace_arrays
     from probes.traces import read_traces
 
     t0 = time.perf_counter()
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+    check_supported(loaded)
     if cfg.control == "random-init":
         loaded = random_init_model(loaded, cfg.seed)
+    layers = _check_layers(out, cfg.layers, loaded.arch.n_layers)
+    consts: list[RunConstants] = []  # built on the first trace that needs them
     traceset = read_traces(traces_path)
     traces = traceset.traces[: cfg.limit] if cfg.limit is not None else list(traceset.traces)
 
@@ -185,11 +313,16 @@ def updates_traces(
         a, b = tt.spans["trajectory"]
         if b <= a or tt.spans["answer"][1] <= tt.spans["answer"][0]:
             return None  # no trajectory key or no answer token: nothing to measure
-        arrays, query = trace_update_arrays(loaded, tt)
-        return arrays, {"upd_query": query, "upd_control": cfg.control}
+        if not consts:
+            consts.append(RunConstants(loaded))
+        arrays, query = trace_update_arrays(loaded, tt, consts[0])
+        if layers != list(range(loaded.arch.n_layers)):
+            arrays = {k: np.ascontiguousarray(v[layers]) for k, v in arrays.items()}
+        return arrays, {"upd_query": query, "upd_control": cfg.control,
+                        "upd_layers": json.dumps(layers)}
 
     run = add_trace_arrays(
-        loaded, traces, out, compute, done_key="upd_contrib", command="updates",
+        loaded, traces, out, compute, done_key=DONE_KEY, command="updates",
         traces_path=traces_path, n_bad_lines=len(traceset.problems),
         prompt_format=cfg.prompt_format, scaffold=cfg.scaffold, progress=progress,
     )
@@ -198,6 +331,29 @@ def updates_traces(
         n_skipped=run.n_skipped, n_empty=run.n_left_out, n_too_long=run.n_too_long,
         n_bad_lines=run.n_bad_lines, seconds=round(time.perf_counter() - t0, 3),
     )
+
+
+def _check_layers(out: Path, layers: tuple[int, ...] | None, n_layers: int) -> list[int]:
+    """The layers to store; refuses ones out of range or other than those already in `out`."""
+    chosen = list(range(n_layers)) if layers is None else list(layers)
+    bad = [x for x in chosen if not 0 <= x < n_layers]
+    if bad:
+        raise ProbesError(f"--layers {bad} out of range: the model has {n_layers} layers")
+    if out.exists():
+        from cache import open_cache
+        from probes.compare_run import stored_layers
+
+        with open_cache(out) as reader:
+            for tr in reader:
+                if "upd_contrib" in tr.names():
+                    have = stored_layers(tr)
+                    if have != chosen:
+                        raise ProbesError(
+                            f"{out} holds update arrays of layers {have}; this run asks for "
+                            f"{chosen}: pass the same --layers or write to another --out"
+                        )
+                    break
+    return chosen
 
 
 def format_updates_run(r: UpdatesRunResult) -> str:

@@ -114,3 +114,22 @@ def test_bad_control_or_metric_is_one_line_error(caches, capsys, which):
                 "main_is_control": "pass this one as --control",
                 "unknown_metric": "upd_nope"}[which]
     assert expected in err[0]
+
+
+def test_layers_subset_is_stored_labelled_and_enforced(caches, tmp_path, capsys):
+    traces = caches["run"].parent / "t.jsonl"
+    sub = tmp_path / "sub.h5"
+    argv = ["updates", *MODEL, "--traces", str(traces), "--out", str(sub), "--limit", "8"]
+    assert main([*argv, "--layers", "1", "3"]) == 0
+    with open_cache(sub) as a, open_cache(caches["only"]) as b:
+        for ta, tb in zip(a, b, strict=True):
+            assert json.loads(ta.attrs["upd_layers"]) == [1, 3]
+            for name in ("upd_sigma_gate", "upd_m7", "upd_loo"):
+                np.testing.assert_array_equal(ta[name][:], tb[name][:][[1, 3]])
+    rep = _report(capsys, str(sub), "--no-fit")
+    assert rep["updates"]["layers"] == [1, 3]
+    assert {r["layer"] for r in rep["updates"]["comparison"]["rows"]} == {1, 3, "pooled"}
+    capsys.readouterr()
+    assert main([*argv, "--layers", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds update arrays of layers [1, 3]" in err[0]

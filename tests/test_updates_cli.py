@@ -1,23 +1,35 @@
-"""`updates` end to end on tiny-reasoner: stored shapes and values, resume, random-init control."""
+"""`updates` end to end: stored shapes and values (M1–M7) against direct calls, resume, the
+random-init control, the tiny random-init families, and the clear refusal of GPT-2."""
 
 from __future__ import annotations
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, GPT2Config
 
 from cache import open_cache
+from probes.alignment import answer_alignment
 from probes.mlp_update import mlp_updates
-from probes.models import load_model
+from probes.models import LoadedModel, boot_model, load_model
 from probes.reasoner.train import SAMPLES_PATH
 from probes.run import main
+from probes.tiny import TINY_FAMILIES, byte_tokenizer, tiny_config
 from probes.traces import read_traces, tokenize_traces
-from probes.updates import token_updates
-from probes.updates_run import UPDATE_ARRAYS
+from probes.updates import UpdatesError, token_updates
+from probes.updates_run import (
+    DONE_KEY,
+    UPDATE_ARRAYS,
+    UpdatesConfig,
+    random_init_model,
+    updates_traces,
+)
 
 BASE = ["--model", "tiny-reasoner", "--device", "cpu", "--json", "--no-progress"]
+NEW_ARRAYS = ("upd_align_cos", "upd_dl_pred", "upd_m7")
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +48,11 @@ def trained(samples, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def reasoner() -> LoadedModel:
+    return load_model("tiny-reasoner", device="cpu")
+
+
 def _last_json(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
@@ -45,27 +62,22 @@ def _read(path) -> dict[str, dict[str, np.ndarray]]:
         return {tr.id: {n: tr[n][:] for n in UPDATE_ARRAYS} for tr in reader}
 
 
-def test_shapes_values_and_resume(samples, trained, capsys):
-    model = load_model("tiny-reasoner", device="cpu")
-    n_layers = model.arch.n_layers
-    with open_cache(trained) as reader:
-        assert len(reader) == 4
-        tr = next(iter(reader))
-        a, b = tr.spans["trajectory"]
-        query = tr.spans["answer"][0] - 1
-        assert int(tr.attrs["upd_query"]) == query
-        stored = {n: tr[n][:] for n in UPDATE_ARRAYS}
-        ids = torch.as_tensor(np.asarray(tr.tokens, dtype=np.int64)).reshape(1, -1)
-        tid = tr.id
-    for name, arr in stored.items():
-        assert arr.dtype == np.float32 and arr.shape == (n_layers, b - a), name
-    # the stored tokens are this tokenization of the traces file
-    tts, _ = tokenize_traces(read_traces(samples).traces, model.tokenizer,
-                             max_tokens=model.arch.n_ctx)
-    assert np.array_equal(next(t for t in tts if t.trace.id == tid).ids, ids[0].numpy())
+def _direct(model: LoadedModel, tokens, spans) -> dict[str, np.ndarray]:
+    """The stored quantities from separate `token_updates`, `mlp_updates`, `answer_alignment`
+    calls (three forwards, the alignment one with its backward, M6 at every answer row)."""
+    a, b = (int(x) for x in spans["trajectory"])
+    answer = (int(spans["answer"][0]), int(spans["answer"][1]))
+    query = answer[0] - 1
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).reshape(1, -1)
     upd = token_updates(model, ids, query)
     mlp = mlp_updates(model, ids, query, list(range(a, b)))
-    direct = {
+    al = answer_alignment(model, ids, (a, b), answer)
+    # σ is one quantity computed two ways: M5's Gram norm and M6's ‖step_i‖ at the first row
+    np.testing.assert_allclose(al.step_norm[0][:, 0], mlp.sigma_gate, rtol=1e-12)
+    np.testing.assert_allclose(al.step_norm[1][:, 0], mlp.sigma_up, rtol=1e-12)
+    np.testing.assert_allclose(al.step_norm[2][:, 0], np.hypot(mlp.sigma_gate, mlp.sigma_up),
+                               rtol=1e-12)
+    return {
         "upd_contrib": upd.contrib_sum_norm[:, a:b],
         "upd_loo": upd.loo_sum_norm[:, a:b],
         "upd_mass": upd.mass[:, :, a:b].mean(axis=1),
@@ -73,12 +85,43 @@ def test_shapes_values_and_resume(samples, trained, capsys):
         "upd_sigma_gate": mlp.sigma_gate,
         "upd_sigma_up": mlp.sigma_up,
         "upd_cos_gate": mlp.cos_gate,
+        "upd_align_cos": al.cos[2][:, 0, :],
+        "upd_dl_pred": al.inner[2][:, 0, :],
+        "upd_m7": al.m7,
     }
+
+
+def _assert_matches_direct(stored: dict[str, np.ndarray], direct: dict[str, np.ndarray]) -> None:
+    assert set(stored) == set(direct) == set(UPDATE_ARRAYS)
     for name, ref in direct.items():
-        np.testing.assert_allclose(stored[name], ref.astype(np.float32), rtol=0, atol=1e-6,
+        ref = ref.astype(np.float32)
+        scale = float(np.nanmax(np.abs(ref))) if np.isfinite(ref).any() else 1.0
+        np.testing.assert_allclose(stored[name], ref, rtol=1e-6, atol=1e-6 * scale,
                                    equal_nan=True, err_msg=name)
-    assert np.isnan(stored["upd_cos_gate"][:, 0]).all()
-    assert np.all(stored["upd_mass"] >= 0) and np.all(stored["upd_mass"] <= 1)
+
+
+def test_shapes_values_and_resume(samples, trained, reasoner, capsys):
+    n_layers = reasoner.arch.n_layers
+    tts, _ = tokenize_traces(read_traces(samples).traces, reasoner.tokenizer,
+                             max_tokens=reasoner.arch.n_ctx)
+    by_id = {t.trace.id: t for t in tts}
+    with open_cache(trained) as reader:
+        assert len(reader) == 4
+        traces = [(tr.id, np.asarray(tr.tokens), dict(tr.spans), dict(tr.attrs),
+                   {n: tr[n][:] for n in UPDATE_ARRAYS}) for tr in reader]
+    for tid, tokens, spans, attrs, stored in traces:
+        a, b = spans["trajectory"]
+        assert int(attrs["upd_query"]) == spans["answer"][0] - 1
+        assert attrs["upd_control"] == "none"
+        for name, arr in stored.items():
+            assert arr.dtype == np.float32 and arr.shape == (n_layers, b - a), name
+        # the stored tokens are this tokenization of the traces file
+        assert np.array_equal(by_id[tid].ids, tokens)
+        _assert_matches_direct(stored, _direct(reasoner, tokens, spans))
+        assert np.isnan(stored["upd_cos_gate"][:, 0]).all()
+        assert np.all(stored["upd_mass"] >= 0) and np.all(stored["upd_mass"] <= 1)
+        assert np.all(np.abs(stored["upd_align_cos"]) <= 1 + 1e-6)
+        assert np.isfinite(stored["upd_m7"]).all() and np.abs(stored["upd_m7"]).max() > 0
     # resume: the 4 done traces are skipped, the 2 new ones written
     capsys.readouterr()
     assert main(["updates", *BASE, "--traces", str(samples), "--out", str(trained)]) == 0
@@ -88,18 +131,47 @@ def test_shapes_values_and_resume(samples, trained, capsys):
     assert len(_read(trained)) == 6
 
 
-def test_random_init_control_is_different_and_needs_its_own_file(samples, trained, tmp_path,
-                                                                 capsys):
+def test_cache_without_the_gradient_arrays_gains_them(samples, tmp_path, capsys):
+    """A trace stored before M6/M7 existed (no `upd_m7`) is not done: resume recomputes it."""
+    out = tmp_path / "old.h5"
+    assert main(["updates", *BASE, "--traces", str(samples), "--out", str(out), "--limit", "2"]) == 0
+    full = _read(out)
+    with h5py.File(out, "r+") as fh:
+        first = next(iter(fh["traces"].values()))
+        for name in NEW_ARRAYS:
+            del first[name]
+    with open_cache(out) as reader:
+        assert sum(DONE_KEY in tr.names() for tr in reader) == 1
+    capsys.readouterr()
+    assert main(["updates", *BASE, "--traces", str(samples), "--out", str(out), "--limit", "2"]) == 0
+    res = _last_json(capsys)
+    assert (res["n_written"], res["n_skipped"]) == (1, 1)
+    again = _read(out)
+    for tid in full:
+        for name in UPDATE_ARRAYS:
+            np.testing.assert_array_equal(again[tid][name], full[tid][name])
+
+
+def test_random_init_control_is_different_and_needs_its_own_file(samples, trained, reasoner,
+                                                                 tmp_path, capsys):
     ctrl = tmp_path / "ctrl.h5"
     assert main(["updates", *BASE, "--traces", str(samples), "--out", str(ctrl), "--limit", "2",
                  "--control", "random-init", "--seed", "3"]) == 0
     capsys.readouterr()
     with open_cache(ctrl) as reader:
         assert reader.metadata["model"] == "tiny-reasoner+random-init(3)"
+        stored = {tr.id: (np.asarray(tr.tokens), dict(tr.spans), dict(tr.attrs),
+                          {n: tr[n][:] for n in UPDATE_ARRAYS}) for tr in reader}
     real, rand = _read(trained), _read(ctrl)
     tid = next(iter(rand))
-    assert rand[tid]["upd_contrib"].shape == real[tid]["upd_contrib"].shape
-    assert not np.allclose(rand[tid]["upd_contrib"], real[tid]["upd_contrib"])
+    for name in UPDATE_ARRAYS:
+        assert rand[tid][name].shape == real[tid][name].shape, name
+        assert not np.allclose(rand[tid][name], real[tid][name], equal_nan=True), name
+    # the control's arrays, M6/M7 included, are those of the same seeded random model
+    random_model = random_init_model(reasoner, 3)
+    for tokens, spans, attrs, arrays in stored.values():
+        assert attrs["upd_control"] == "random-init"
+        _assert_matches_direct(arrays, _direct(random_model, tokens, spans))
     # appending the control to the trained-model cache: one-line error naming the model field
     before = _read(trained)
     assert main(["updates", *BASE, "--traces", str(samples), "--out", str(trained),
@@ -109,7 +181,8 @@ def test_random_init_control_is_different_and_needs_its_own_file(samples, traine
     after = _read(trained)
     assert before.keys() == after.keys()
     for t in before:
-        np.testing.assert_array_equal(before[t]["upd_contrib"], after[t]["upd_contrib"])
+        for name in UPDATE_ARRAYS:
+            np.testing.assert_array_equal(before[t][name], after[t][name])
 
 
 def test_lhat_cache_gains_updates(samples, tmp_path, capsys):
@@ -127,3 +200,59 @@ def test_lhat_cache_gains_updates(samples, tmp_path, capsys):
             np.testing.assert_array_equal(tr["lhat"][:], lhat[tr.id])
             a, b = tr.spans["trajectory"]
             assert tr["upd_loo"][:].shape[1] == b - a == tr["lhat"][:].shape[0] - 1
+            assert tr["upd_m7"][:].shape[1] == b - a
+
+
+@pytest.fixture(scope="module")
+def byte_traces(tmp_path_factory):
+    """Two short traces (byte tokenizer: one token per character) within tiny_config's 256."""
+    path = tmp_path_factory.mktemp("byte") / "short.jsonl"
+    rows = [
+        {"id": "a", "question": "2+2?", "trajectory": "Add 2 and 2. Wait, 2+2=4. So 4.",
+         "answer": "4"},
+        {"id": "b", "question": "3*3?", "trajectory": "Three threes. Hmm, 9. Therefore 9.",
+         "answer": "9"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_tiny_random_init_families(family, byte_traces, tmp_path):
+    """Qwen2 / Llama (o_proj bias) / Qwen3 (q/k norms): stored arrays equal the direct calls."""
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="eager")
+    loaded = boot_model(hf, byte_tokenizer(), spec=f"tiny-{family}", device="cpu",
+                        dtype="float32")
+    out = tmp_path / "run.h5"
+    res = updates_traces(loaded, byte_traces, out, UpdatesConfig(), progress=False)
+    assert (res.n_written, res.n_too_long) == (2, 0)
+    with open_cache(out) as reader:
+        for tr in reader:
+            stored = {n: tr[n][:] for n in UPDATE_ARRAYS}
+            _assert_matches_direct(stored, _direct(loaded, np.asarray(tr.tokens), tr.spans))
+
+
+def _tiny_gpt2():
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(
+        GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=4, n_positions=256),
+        attn_implementation="eager")
+
+
+def test_gpt2_is_refused_clearly_before_the_cache_is_touched(byte_traces, tmp_path, capsys):
+    tok = byte_tokenizer()
+    folder = tmp_path / "gpt2-model"
+    _tiny_gpt2().save_pretrained(folder)      # saved before any bridge wraps it
+    tok.save_pretrained(folder)
+    loaded = boot_model(_tiny_gpt2(), tok, spec="tiny-gpt2", device="cpu", dtype="float32")
+    out = tmp_path / "gpt2.h5"
+    with pytest.raises(UpdatesError, match="Llama-style model with RoPE and a gated MLP"):
+        updates_traces(loaded, byte_traces, out, UpdatesConfig(), progress=False)
+    assert not out.exists()
+    # the CLI: exit 2 and one line on stderr
+    assert main(["updates", "--model", str(folder), "--device", "cpu", "--no-progress",
+                 "--traces", str(byte_traces), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gpt2" in err[0] and "gated MLP" in err[0], err
+    assert not out.exists()

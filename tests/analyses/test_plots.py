@@ -313,3 +313,14 @@ def test_plot_step_curve_png(tmp_path):
     _assert_not_uniform(img)
     img = _image(plot_step_curve(sigma, None, tmp_path / "small.png", dpi=40, figsize=(5, 2)))
     assert img.shape == (80, 200, 4)
+
+
+def test_heatmap_layer_ids_label_the_columns():
+    from analyses.plots import update_heatmap_figure
+
+    values = {"reflection": [1.0, 2.0], "ordinary": [1.0, 1.0]}
+    fig = update_heatmap_figure(values, metric="σ", layer_ids=[3, 7])
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == ["3", "7"]
+    with pytest.raises(ValueError, match="layer_ids has 3 entries for 2 layer columns"):
+        update_heatmap_figure(values, metric="σ", layer_ids=[1, 2, 3])
