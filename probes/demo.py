@@ -2,8 +2,12 @@
 
 `run_demo` loads the model, reads and tokenizes the sample traces, labels every token, runs the
 model and returns a JSON-able summary; `format_summary` renders it as a short report. With an
-output folder it also writes `summary.json` and an HDF5 cache `run.h5` of the traces (resid_post
-and delta of every layer on the trajectory tokens, float16; see `probes.capture`).
+output folder it also writes `summary.json`, an HDF5 cache `run.h5` of the traces (resid_post
+and delta of every layer on the trajectory tokens, float16; see `probes.capture`) to which the L̂
+curves (`lhat`) and the per-token implicit updates (`updates`) are added, the random-init
+control's updates in `random_init.h5`, and PNG plots in `plots/`. The report compares reflection,
+delimiter and ordinary tokens on L̂ and on every update metric (per layer and pooled, with the
+shuffled-label and random-init controls) and fits ΔL̂ on the mechanistic features.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from probes.compare_run import CompareConfig, compare_cache
 from probes.lhat_run import LhatConfig, lhat_traces
 from probes.models import load_model
 from probes.traces import read_traces, tokenize_traces
+from probes.updates_run import UpdatesConfig, updates_traces
 
 SAMPLE_TRACES = Path(__file__).resolve().parent / "data" / "tiny_reasoner_traces.jsonl"
 
@@ -102,11 +107,16 @@ def _cache_and_lhat(loaded, folder: Path, *, limit: int | None, keep: bool) -> d
 
     cfg = CacheConfig(limit=limit)
     path = folder / "run.h5"
+    control = folder / "random_init.h5"
+    control.unlink(missing_ok=True)
     run = cache_traces(loaded, SAMPLE_TRACES, path, cfg, overwrite=True, progress=False)
     lhat = lhat_traces(loaded, SAMPLE_TRACES, path, LhatConfig(limit=limit, check_naive=2),
                        progress=False)
+    upd = updates_traces(loaded, SAMPLE_TRACES, path, UpdatesConfig(limit=limit), progress=False)
+    upd_ctrl = updates_traces(loaded, SAMPLE_TRACES, control,
+                              UpdatesConfig(limit=limit, control="random-init"), progress=False)
     report = report_json(compare_cache(
-        path, CompareConfig(n_boot=1000, plots=folder / "plots" if keep else None)
+        path, CompareConfig(n_boot=1000, plots=folder / "plots" if keep else None, control=control)
     ))
     trend = report["trend"]
     rows = {(r["a"], r["b"]): r for r in report["table"]["rows"]}
@@ -135,6 +145,8 @@ def _cache_and_lhat(loaded, folder: Path, *, limit: int | None, keep: bool) -> d
             "reflections_move_lhat": _verdict(refl),
         },
         "comparison_table": report["table"],
+        "implicit_updates": _updates_summary(report, upd.seconds, upd_ctrl.seconds,
+                                             control if keep else None),
         "plots": report["plots"],
     }
     if keep:
@@ -148,6 +160,92 @@ def _cache_and_lhat(loaded, folder: Path, *, limit: int | None, keep: bool) -> d
             "seconds": round(run.seconds_total, 2),
         }
     return part
+
+
+HEADLINE_METRICS = ("upd_sigma_gate", "upd_loo", "upd_contrib", "upd_mass", "upd_m7",
+                    "upd_align_cos")
+"""Update metrics whose pooled reflection/delimiter-vs-ordinary rows the demo reports."""
+
+
+def _updates_summary(report: dict, seconds: float, seconds_control: float,
+                     control: Path | None) -> dict:
+    """The demo's view of the update comparison: headline pooled rows, per-layer counts, fit."""
+    upd = report["updates"]
+    rows = upd["comparison"]["rows"]
+    headline = []
+    for r in rows:
+        if (r["metric"] in HEADLINE_METRICS and r["layer"] == "pooled"
+                and (r["a"], r["b"]) in (("reflection", "ordinary"), ("delimiter", "ordinary"))):
+            headline.append({k: r[k] for k in (
+                "metric", "a", "b", "n_traces", "median_a", "median_b", "median_diff",
+                "ci_median_diff", "cliffs_delta", "p_holm", "effect", "control_effect",
+                "reproduced_by_random_init")})
+    sig = [r for r in rows if r["effect"] in ("more", "less")]
+    null = [r for r in rows if (r["a"], r["b"]) == ("shuffled_reflection", "shuffled_ordinary")]
+    out = {
+        "n_traces": upd["n_traces"],
+        "n_layers": upd["n_layers"],
+        "metrics": upd["metrics"],
+        "seconds": seconds,
+        "seconds_random_init": seconds_control,
+        "n_tests": len(rows),
+        "n_significant": len(sig),
+        "n_significant_reproduced_by_random_init": sum(bool(r["reproduced_by_random_init"])
+                                                       for r in sig),
+        "n_shuffled_null_significant": sum(r["effect"] in ("more", "less") for r in null),
+        "n_shuffled_null_tests": len(null),
+        "headline": headline,
+        "compared_as_magnitude": upd["comparison"]["meta"]["signed_as_magnitude"],
+    }
+    if control is not None:
+        out["control_cache"] = str(control)
+    fit = report.get("fit", {}).get("fits", {})
+    if fit:
+        out["fit"] = {t: {"r2_full": f["r2"]["full"], "r2_full_ci": f["ci"]["full"],
+                          "r2_mechanism": f["r2"]["controls+mechanism"],
+                          "r2_mechanism_random_init": f["r2"].get("controls+mechanism_random"),
+                          "partial_r2_categories": f["partial_r2"]["categories"],
+                          "partial_r2_categories_ci": f["ci"]["categories"],
+                          "partial_r2_mechanism": f["partial_r2"]["mechanism"],
+                          "partial_r2_mechanism_ci": f["ci"]["mechanism"]}
+                      for t, f in fit.items()}
+    return out
+
+
+def _format_updates(u: dict) -> list[str]:
+    lines = [
+        f"per-token implicit updates ({u['n_traces']} traces x {u['n_layers']} layers, "
+        f"{len(u['metrics'])} metrics, {u['seconds']:.1f}s; random-init control "
+        f"{u['seconds_random_init']:.1f}s): {u['n_significant']} of {u['n_tests']} comparisons "
+        f"significant after Holm, {u['n_significant_reproduced_by_random_init']} of them "
+        f"reproduced by the random-init model; shuffled-label null significant in "
+        f"{u['n_shuffled_null_significant']} of {u['n_shuffled_null_tests']}",
+        "  pooled over layers (per-trace mean over tokens; median over traces; diff [95% CI]):",
+    ]
+    for h in u["headline"]:
+        lo, hi = h["ci_median_diff"]
+        rep = ""
+        if h["effect"] in ("more", "less"):
+            rep = (" - also in random-init" if h["reproduced_by_random_init"]
+                   else " - not in random-init")
+        name = f"|{h['metric']}|" if h["metric"] in u["compared_as_magnitude"] else h["metric"]
+        lines.append(
+            f"  {name:<15} {h['a']:<10} vs ordinary: {_num(h['median_a'], '.3g')} vs "
+            f"{_num(h['median_b'], '.3g')}, diff {_num(h['median_diff'], '.3g')} "
+            f"[{_num(lo, '.3g')}, {_num(hi, '.3g')}], Cliff's delta {_num(h['cliffs_delta'], '.2f')}"
+            f": {h['effect']}{rep}"
+        )
+    for target, f in u.get("fit", {}).items():
+        lo, hi = f["partial_r2_categories_ci"]
+        label = "dL" if target == "delta" else "|dL|"
+        lines.append(
+            f"  {label} per token explained out of fold: R2 {_num(f['r2_full'], '.3g')} with "
+            f"mechanism + categories, {_num(f['r2_mechanism'], '.3g')} mechanism only "
+            f"(random-init mechanism {_num(f['r2_mechanism_random_init'], '.3g')}); partial R2 of "
+            f"the categories {_num(f['partial_r2_categories'], '.3g')} [{_num(lo, '.3g')}, "
+            f"{_num(hi, '.3g')}]"
+        )
+    return lines
 
 
 def format_summary(s: dict) -> str:
@@ -193,8 +291,11 @@ def format_summary(s: dict) -> str:
         + (rv["reflections_move_lhat"] if rv["reflections_move_lhat"].startswith("not measurable")
            else f"reflections move L̂ {rv['reflections_move_lhat']} than ordinary tokens")
     )
+    lines += _format_updates(s["implicit_updates"])
     if s["plots"]:
         lines.append(f"plots: {', '.join(s['plots'])}")
-    lines.append("full table: `python -m probes.run compare <cache>`")
+    ctrl = s["implicit_updates"].get("control_cache")
+    lines.append("full tables: `python -m probes.run compare <out>/run.h5"
+                 + (" --control <out>/random_init.h5" if ctrl else "") + " --layers all`")
     lines.append(f"took {s['seconds']:.1f}s")
     return "\n".join(lines)
