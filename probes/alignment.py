@@ -31,7 +31,9 @@ per run):
   at once (`argmin_η Σ_i ‖step_i + η G‖²` = mean over i of η*_i).
 
 Each is reported for gate, up and the joint parameter (gate ⊕ up: inner products add, squared norms
-add), shape [L, Q, T] (`which` axis first: [3, L, Q, T] in the order `MLP_WEIGHTS`); `m6_rows` limits
+add), shape [L, Q, T] (`which` axis first: [3, L, Q, T] in the order `MLP_WEIGHTS`). From the same
+Gram products, `step_norm` = ‖step_i‖_F (M5's σ_i) and `step_cos` = cos(step_i, step_{i−1}) (M5's
+consecutive-step cosine), so M5's σ and cosine at the M6 rows need no second pass. `m6_rows` limits
 M6 to some rows of 𝒬 (e.g. only the first answer row: O(T·d) instead of O(Q·T·d) per layer and
 weight). The gradient is the full-context one (`G_full`; M6b's reduced-context gradient is not
 computed).
@@ -200,6 +202,9 @@ class AnswerAlignment:
         eta: η*_i = −⟨G, step_i⟩/‖G‖² [W, L, Q, T].
         eta_pooled: least-squares η of all steps of a row, `argmin_η Σ_i ‖step_i + ηG‖²` [W, L, Q].
         full_inner: ⟨G, ΔW_{T−1}⟩ of the whole-trajectory patch (telescoping endpoint) [W, L, Q].
+        step_cos: cos(step_i, step_{i−1}) of consecutive steps [W, L, Q, T] (M5's consecutive
+            cosine, = `probes.mlp_update.mlp_updates(...).cos_gate / cos_up` at that row; NaN at
+            i = 0 or a zero step).
         telescope_err: Relative error of `u^{(T−1)}` vs the captured gate_proj input u_q [L, Q]
             (V9: the restricted-attention rebuild ends at the full context).
         m7: M7 ΔL^ℓ_t ≈ −Σ_{q,h} ∂L/∂z_{q,h}·δz_{q,h,t} [L, T].
@@ -227,6 +232,7 @@ class AnswerAlignment:
     mass: np.ndarray
     factors: list[dict[str, Tensor]] = field(default_factory=list, repr=False)
     m6_rows: np.ndarray | None = None
+    step_cos: np.ndarray | None = None
 
     def step_factors(self, layer: int, row: int, token: int) -> tuple[Tensor, Tensor]:
         """Rank-1 factors of token `token`'s step at (layer, row): step = W @ du ⊗ b.
@@ -352,7 +358,8 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: Tensor | np.ndar
     grad_z, grad_w = grads[:L], grads[L:]
 
     out: dict[str, list] = {k: [] for k in (
-        "grad_norm", "inner", "step_norm", "full_inner", "telescope_err", "m7_head", "mass")}
+        "grad_norm", "inner", "step_norm", "step_prev", "full_inner", "telescope_err", "m7_head",
+        "mass")}
     factors: list[dict[str, Tensor]] = []
     for l, layer in enumerate(layers):
         pattern = store.get((l, "pattern"))
@@ -393,7 +400,7 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: Tensor | np.ndar
         u0 = u_i[:, 0]                                                      # [Q', d]
         du = u_i[:, 1:] - u_i[:, :-1]                                       # [Q', T, d]
         u0_sq = (u0 * u0).sum(-1)                                           # [Q']
-        inner, sq, gsq, full = [], [], [], []
+        inner, sq, prev, gsq, full = [], [], [], [], []
         for k, (w_param, g) in enumerate(zip((layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight),
                                              grad_w[2 * l: 2 * l + 2])):
             W = w_param.detach().to(_F64)
@@ -402,15 +409,19 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: Tensor | np.ndar
             C = W.T @ W if grams is None else grams[l][k].to(W.device, _F64)
             del W
             inner.append(torch.einsum("qtd,qd->qt", du, Au0) / u0_sq[:, None])
-            sq.append(((du @ C) * du).sum(-1) / u0_sq[:, None])
+            duC = du @ C                                                    # [Q', T, d]
+            sq.append((duC * du).sum(-1) / u0_sq[:, None])
+            prev.append((duC[:, 1:] * du[:, :-1]).sum(-1) / u0_sq[:, None])  # ⟨step_i, step_{i−1}⟩
             gsq.append((Gm * Gm).sum())
             full.append(((u_i[:, -1] - u0) * Au0).sum(-1) / u0_sq)
         inner.append(inner[0] + inner[1])
         sq.append(sq[0] + sq[1])
+        prev.append(prev[0] + prev[1])
         gsq.append(gsq[0] + gsq[1])
         full.append(full[0] + full[1])
         out["inner"].append(torch.stack(inner))
         out["step_norm"].append(torch.stack(sq).clamp_min(0).sqrt())
+        out["step_prev"].append(torch.stack(prev))
         out["grad_norm"].append(torch.stack(gsq).sqrt())
         out["full_inner"].append(torch.stack(full))
         if keep_factors:
@@ -427,6 +438,10 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: Tensor | np.ndar
         cos = (-inner / (gn * step_norm)).numpy()
     T = tb - ta
     eta_pooled = eta.sum(-1) / max(T, 1)
+    step_cos = torch.full_like(step_norm, float("nan"))
+    if T > 1:
+        step_cos[..., 1:] = (torch.stack(out["step_prev"], 1).cpu()
+                             / (step_norm[..., 1:] * step_norm[..., :-1]))
     return AnswerAlignment(
         loss=float(loss.detach()), trajectory=(ta, tb), answer=(a, b),
         grad_norm=grad_norm.numpy(), inner=inner.numpy(), step_norm=step_norm.numpy(),
@@ -436,7 +451,7 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: Tensor | np.ndar
         m7=torch.stack(out["m7_head"]).sum(1).cpu().numpy(),
         m7_head=torch.stack(out["m7_head"]).cpu().numpy(),
         mass=torch.stack(out["mass"]).cpu().numpy(),
-        factors=factors, m6_rows=np.asarray(sel),
+        factors=factors, m6_rows=np.asarray(sel), step_cos=step_cos.numpy(),
     )
 
 

@@ -304,6 +304,7 @@ def load_updates(path: Path, *, control: bool = False) -> list[dict[str, Any]]:
             rows.append({
                 "id": tr.id,
                 "layers": stored_layers(tr),
+                "answer_rows": str(tr.attrs.get("upd_rows", "first")),
                 "tokens": np.asarray(tr.tokens),
                 "category": np.asarray(tr.category),
                 "traj_span": tuple(int(x) for x in tr.spans["trajectory"]),
@@ -365,6 +366,11 @@ def _updates_part(path: Path, cfg: CompareConfig):
         if any(c["layers"] != layer_ids for c in control_rows):
             raise ProbesError(f"--control {cfg.control} stores other layers than {path} "
                               f"({layer_ids}); run both `updates` with the same --layers")
+        modes = {r["answer_rows"] for r in rows} | {c["answer_rows"] for c in control_rows}
+        if len(modes) > 1:
+            raise ProbesError(f"--control {cfg.control} and {path} were measured with different "
+                              f"--answer-rows ({sorted(modes)}); run both `updates` with the same "
+                              "--answer-rows")
     rng = np.random.default_rng(cfg.seed)
     sets = [
         token_sets(r["category"], r["phrase_id"], r["is_first"], traj_span=r["traj_span"],
@@ -385,6 +391,7 @@ def _updates_part(path: Path, cfg: CompareConfig):
         "metrics": metrics,
         "n_layers": len(layer_ids),
         "layers": layer_ids,
+        "answer_rows": rows[0]["answer_rows"],
         "control": None if cfg.control is None else str(cfg.control),
         "comparison": cmp.to_dict(),
         "significant": summary_rows(cmp),
@@ -436,7 +443,8 @@ def _update_plots(folder: Path, rows, sets, upd: dict[str, Any]) -> list[str]:
     names = ("reflection", "delimiter", "ordinary", "paragraph_initial", "position_matched")
     for metric in [m for m in ("upd_sigma_gate", "upd_loo", "upd_contrib", "upd_m7")
                    if m in upd["metrics"]]:
-        vals = heatmap_values(cmp, metric, names=names)
+        present = [n for n in names if np.any(np.isfinite(cmp.medians[metric][n][:-1]))]
+        vals = heatmap_values(cmp, metric, names=present)
         paths.append(str(plot_update_heatmap(
             vals, folder / f"heatmap_{metric}.png", metric=metric, layer_ids=upd["layers"],
             title=f"median per-trace {cmp.meta['statistic']} of {metric}")))
@@ -445,7 +453,7 @@ def _update_plots(folder: Path, rows, sets, upd: dict[str, Any]) -> list[str]:
             ratio_to="ordinary", title=f"{metric} relative to ordinary tokens")))
         if cmp.control_medians is not None:
             paths.append(str(plot_update_heatmap(
-                heatmap_values(cmp, metric, control=True, names=names),
+                heatmap_values(cmp, metric, control=True, names=present),
                 folder / f"heatmap_{metric}_random_init.png", metric=metric,
                 layer_ids=upd["layers"],
                 title=f"{metric}, random-init control")))

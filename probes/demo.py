@@ -164,7 +164,11 @@ def _cache_and_lhat(loaded, folder: Path, *, limit: int | None, keep: bool) -> d
 
 HEADLINE_METRICS = ("upd_sigma_gate", "upd_loo", "upd_contrib", "upd_mass", "upd_m7",
                     "upd_align_cos")
-"""Update metrics whose pooled reflection/delimiter-vs-ordinary rows the demo reports."""
+"""Update metrics whose pooled rows the demo reports."""
+
+HEADLINE_PAIRS = (("reflection", "ordinary"), ("reflection", "position_matched"),
+                  ("delimiter", "ordinary"))
+"""The comparisons the demo reports (position-matched ordinary tokens: the control for position)."""
 
 
 def _updates_summary(report: dict, seconds: float, seconds_control: float,
@@ -175,7 +179,7 @@ def _updates_summary(report: dict, seconds: float, seconds_control: float,
     headline = []
     for r in rows:
         if (r["metric"] in HEADLINE_METRICS and r["layer"] == "pooled"
-                and (r["a"], r["b"]) in (("reflection", "ordinary"), ("delimiter", "ordinary"))):
+                and (r["a"], r["b"]) in HEADLINE_PAIRS):
             headline.append({k: r[k] for k in (
                 "metric", "a", "b", "n_traces", "median_a", "median_b", "median_diff",
                 "ci_median_diff", "cliffs_delta", "p_holm", "effect", "control_effect",
@@ -230,7 +234,7 @@ def _format_updates(u: dict) -> list[str]:
                    else " - not in random-init")
         name = f"|{h['metric']}|" if h["metric"] in u["compared_as_magnitude"] else h["metric"]
         lines.append(
-            f"  {name:<15} {h['a']:<10} vs ordinary: {_num(h['median_a'], '.3g')} vs "
+            f"  {name:<15} {h['a']:<10} vs {h['b']:<16}: {_num(h['median_a'], '.3g')} vs "
             f"{_num(h['median_b'], '.3g')}, diff {_num(h['median_diff'], '.3g')} "
             f"[{_num(lo, '.3g')}, {_num(hi, '.3g')}], Cliff's delta {_num(h['cliffs_delta'], '.2f')}"
             f": {h['effect']}{rep}"

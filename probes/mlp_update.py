@@ -30,6 +30,9 @@ d×d Gram per weight and layer (O(d_mlp·d²)). Memory per layer O(R·T·d). The
 exact: masking 𝒯 for every row of the answer block at all layers and adding these cache-derived
 patches reproduces the clean logits (`masked_patched_logits`, V5b).
 
+Several rows: `mlp_updates_rows` / `mlp_updates_rows_from` give one `MlpUpdates` per captured row
+(one `restricted_prefix` per layer for all rows; `keep_du=False` drops the [L, T, d] factors).
+
 Norm convention: unfolded γ2 (HF weights). Under TL `fold_ln`, h ≈ 1/d instead; report which.
 """
 
@@ -60,6 +63,8 @@ __all__ = [
     "masked_patched_logits",
     "mlp_updates",
     "mlp_updates_from",
+    "mlp_updates_rows",
+    "mlp_updates_rows_from",
     "restricted_inputs",
     "restricted_prefix",
     "rms_norm",
@@ -417,7 +422,8 @@ class MlpUpdates:
         total_fro_gate / total_fro_up: ‖ΔW_{T−1}‖_F (full-trajectory patch) [L].
         down_fro: ‖ΔW_down‖_F = ‖δ‖/‖φ_q‖ [L].
         delta_norm: ‖δ‖ = ‖m_q − m'‖ (bias-patch / steering-vector size) [L].
-        du: u^{(i)} − u^{(i−1)} [L, T, d] (rank-1 left factor source: step_i = W du_i ⊗ right).
+        du: u^{(i)} − u^{(i−1)} [L, T, d] (rank-1 left factor source: step_i = W du_i ⊗ right);
+            None from `mlp_updates_rows_from(..., keep_du=False)`.
         u_base: u^{(−1)} [L, d].
     """
 
@@ -437,7 +443,7 @@ class MlpUpdates:
     total_fro_up: np.ndarray
     down_fro: np.ndarray
     delta_norm: np.ndarray
-    du: np.ndarray
+    du: np.ndarray | None
     u_base: np.ndarray
 
 
@@ -478,6 +484,67 @@ def mlp_updates(loaded: LoadedModel, ids: Tensor, query: int,
     return mlp_updates_from(cap, weights, traj)
 
 
+def mlp_updates_rows(loaded: LoadedModel, ids: Tensor, rows: Sequence[int],
+                     trajectory: Sequence[int]) -> list[MlpUpdates]:
+    """M5 per layer at several query rows, from ONE hooked bridge forward.
+
+    Example:
+        >>> ups = mlp_updates_rows(loaded, ids, rows=[q0, q0 + 1], trajectory=range(t0, t1))
+        >>> ups[1].sigma_gate.shape             # [n_layers, t1 - t0]
+
+    Args:
+        loaded: A booted RoPE model with a gated MLP (Qwen2 / Llama / Qwen3), batch 1.
+        ids: Token ids [1, N] (or [N]).
+        rows: Strictly increasing query rows.
+        trajectory: Trajectory key positions, strictly increasing, all < rows[0].
+
+    Returns:
+        One `MlpUpdates` per row, equal (to float rounding) to `mlp_updates(loaded, ids, q,
+        trajectory)` for each row q.
+
+    Raises:
+        MlpUpdateError: For an unsupported model or bad positions.
+    """
+    ids, rows, traj = check_positions(loaded, ids, rows, trajectory)
+    weights = layer_weights(loaded, with_mlp=False)
+    cap = capture_rows(loaded, ids, rows)
+    return mlp_updates_rows_from(cap, weights, traj)
+
+
+_MLP_KEYS = ("sigma_gate", "sigma_up", "grad_norm_gate", "grad_norm_up", "cos_gate", "cos_up",
+             "cum_fro_gate", "cum_fro_up", "total_fro_gate", "total_fro_up", "down_fro",
+             "delta_norm", "lr", "u_base_norm", "du", "u_base")
+
+
+def _row_step_stats(m: Tensor, u: Tensor, w: LayerWeights, phi: Tensor,
+                    out: dict[str, list[Tensor]], keep_du: bool = True) -> None:
+    """Append one layer's M5 quantities at one row (m, u [T+1, d] from `restricted_inputs`)."""
+    base = u[0]
+    bn = base.norm()
+    du = u[1:] - u[:-1]
+    dcum = u[1:] - base
+    for which in ("gate", "up"):
+        s = _step_stats(du, dcum, w.gram(which), bn)
+        out[f"sigma_{which}"].append(s["sigma"])
+        out[f"grad_norm_{which}"].append(s["sigma"] * bn**2)
+        out[f"cos_{which}"].append(s["cos"])
+        out[f"cum_fro_{which}"].append(s["cum"])
+        out[f"total_fro_{which}"].append(s["cum"][-1])
+    delta = m[-1] - m[0]
+    out["delta_norm"].append(delta.norm())
+    out["down_fro"].append(delta.norm() / phi.to(F64).norm())
+    out["lr"].append(1.0 / bn**2)
+    out["u_base_norm"].append(bn)
+    if keep_du:
+        out["du"].append(du)
+    out["u_base"].append(base)
+
+
+def _mlp_result(out: dict[str, list[Tensor]], query: int, traj: list[int]) -> MlpUpdates:
+    arrays = {k: torch.stack(v).cpu().numpy() if v else None for k, v in out.items()}
+    return MlpUpdates(query=query, trajectory=np.asarray(traj), **arrays)
+
+
 def mlp_updates_from(cap: RowCapture, weights: Sequence[LayerWeights],
                      trajectory: Sequence[int]) -> MlpUpdates:
     """M5 at the first captured row from an existing capture (no forward).
@@ -494,33 +561,40 @@ def mlp_updates_from(cap: RowCapture, weights: Sequence[LayerWeights],
         The per-layer, per-token quantities (float64).
     """
     traj = [int(t) for t in trajectory]
-    keys = ("sigma_gate", "sigma_up", "grad_norm_gate", "grad_norm_up", "cos_gate", "cos_up",
-            "cum_fro_gate", "cum_fro_up", "total_fro_gate", "total_fro_up", "down_fro",
-            "delta_norm", "lr", "u_base_norm", "du", "u_base")
-    out: dict[str, list[Tensor]] = {k: [] for k in keys}
+    out: dict[str, list[Tensor]] = {k: [] for k in _MLP_KEYS}
     for layer, w in enumerate(weights):
         m, u = restricted_inputs(cap, w, layer, traj)
-        m, u = m[0], u[0]                                            # [T+1, d]
-        base = u[0]
-        bn = base.norm()
-        du = u[1:] - u[:-1]
-        dcum = u[1:] - base
-        for which in ("gate", "up"):
-            s = _step_stats(du, dcum, w.gram(which), bn)
-            out[f"sigma_{which}"].append(s["sigma"])
-            out[f"grad_norm_{which}"].append(s["sigma"] * bn**2)
-            out[f"cos_{which}"].append(s["cos"])
-            out[f"cum_fro_{which}"].append(s["cum"])
-            out[f"total_fro_{which}"].append(s["cum"][-1])
-        delta = m[-1] - m[0]
-        out["delta_norm"].append(delta.norm())
-        out["down_fro"].append(delta.norm() / cap.mlp_post[layer][0].to(F64).norm())
-        out["lr"].append(1.0 / bn**2)
-        out["u_base_norm"].append(bn)
-        out["du"].append(du)
-        out["u_base"].append(base)
-    arrays = {k: torch.stack(v).cpu().numpy() for k, v in out.items()}
-    return MlpUpdates(query=cap.rows[0], trajectory=np.asarray(traj), **arrays)
+        _row_step_stats(m[0], u[0], w, cap.mlp_post[layer][0], out)  # [T+1, d]
+    return _mlp_result(out, cap.rows[0], traj)
+
+
+def mlp_updates_rows_from(cap: RowCapture, weights: Sequence[LayerWeights],
+                          trajectory: Sequence[int], *, keep_du: bool = True
+                          ) -> list[MlpUpdates]:
+    """M5 at every captured row from an existing capture (no forward).
+
+    The restricted-attention prefixes of all rows come from one `restricted_prefix` per layer;
+    the per-row step statistics are those of `mlp_updates_from` (equal to it at the first row
+    and to separate single-row captures to float rounding).
+
+    Args:
+        cap: A `capture_rows` / `row_capture` capture (computed on its device).
+        weights: `layer_weights(loaded)` (either form, on the capture's device).
+        trajectory: Trajectory key positions, strictly increasing, all < the first row.
+        keep_du: False: leave `du` None in the results (it is [L, T, d] float64 per row, the
+            largest part; the run does not store it).
+
+    Returns:
+        One `MlpUpdates` per captured row, in `cap.rows` order.
+    """
+    traj = [int(t) for t in trajectory]
+    outs: list[dict[str, list[Tensor]]] = [{k: [] for k in _MLP_KEYS} for _ in cap.rows]
+    for layer, w in enumerate(weights):
+        m, u = restricted_inputs(cap, w, layer, traj)               # [R, T+1, d]
+        for i, out in enumerate(outs):
+            _row_step_stats(m[i], u[i], w, cap.mlp_post[layer][i], out, keep_du)
+        del m, u
+    return [_mlp_result(out, q, traj) for q, out in zip(cap.rows, outs)]
 
 
 def trajectory_mask_hook(rows: Sequence[int], trajectory: Sequence[int], device):

@@ -167,7 +167,8 @@ def _add_updates(sub: argparse._SubParsersAction) -> None:
         help="per-token implicit updates (attention M1-M4, MLP M5, gradient alignment M6/M7) at "
              "the answer query, into a cache",
         description=(
-            "For every trace, at the position that predicts the first answer token, compute per "
+            "For every trace, at the position that predicts the first answer token (or averaged "
+            "over every answer-predicting row with --answer-rows mean), compute per "
             "layer and per trajectory token the attention mass (mean over heads), the summed-head "
             "contribution and leave-one-out norms, the Dai outer-product norm (summed over KV "
             "heads), the Dherin MLP step sizes and consecutive cosine, the descent cosine and "
@@ -186,6 +187,10 @@ def _add_updates(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of --control random-init")
     p.add_argument("--layers", type=int, nargs="+", default=None,
                    help="store only these layers (increasing; default: all)")
+    p.add_argument("--answer-rows", choices=["first", "mean"], default="first",
+                   help="first: at the row predicting the first answer token (default); mean: at "
+                        "every answer-predicting row, averaged over the rows (recorded in "
+                        "upd_rows; one mode per cache: write the other to another --out)")
     p.add_argument("--json", action="store_true", help="end with one JSON object")
     p.set_defaults(func=_cmd_updates)
 
@@ -420,7 +425,8 @@ def _cmd_updates(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()
     cfg = UpdatesConfig(control=args.control, seed=args.seed, limit=args.limit,
-                        layers=tuple(args.layers) if args.layers else None)
+                        layers=tuple(args.layers) if args.layers else None,
+                        answer_rows=args.answer_rows)
     result = updates_traces(args.model, args.traces, args.out, cfg, device=args.device,
                             dtype=args.model_dtype, progress=not args.no_progress)
     print(format_updates_run(result), file=sys.stderr if args.json else sys.stdout)

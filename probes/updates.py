@@ -1,4 +1,4 @@
-"""Per-token attention "updates" at one answer query position (MEASUREMENTS.md §7.3 M1–M4).
+"""Per-token attention "updates" at answer query positions (MEASUREMENTS.md §7.3 M1–M4).
 
 For one query position `q` (e.g. the position predicting the first answer token) and every key
 `t ≤ q`, per layer ℓ and query head h, from ONE bridge forward with hooks:
@@ -27,11 +27,18 @@ bridge computes them (raw HF weights, b_V included: Dai's ‖v‖ is NOT invaria
 Key axis: all keys 0..q inclusive (the last one is q itself), so the sums are exact; slice
 `[..., :q]` for the strict "t < q" keys. Only Llama-style models with RoPE (Qwen2, Llama, Qwen3)
 are supported.
+
+Several query rows (e.g. every answer row 𝒬) from the same ONE forward: `capture_query_rows` /
+`query_rows_capture` take the keys and values once and rot_q / z / the pattern row / attn_out per
+row (`QueryRowsCapture`, `.row(i)` = the single-row `QueryCapture`); `token_updates_rows` /
+`token_updates_from` on it give one `TokenUpdates` per row (W_O^h v_t shared by the rows), and
+`key_summary_from` only the head-aggregated quantities `updates` stores, for chosen keys
+(`KeySummary`, [L, R, T]).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -44,16 +51,23 @@ from probes.errors import ProbesError
 from probes.models import LoadedModel
 
 __all__ = [
+    "KeySummary",
     "QueryCapture",
+    "QueryRowsCapture",
     "TokenUpdates",
     "UpdatesError",
     "capture_query",
+    "capture_query_rows",
     "check_query",
+    "check_query_rows",
+    "key_summary_from",
     "layer_terms",
     "o_proj_weights",
     "query_capture",
+    "query_rows_capture",
     "token_updates",
     "token_updates_from",
+    "token_updates_rows",
 ]
 
 
@@ -172,6 +186,45 @@ class QueryCapture:
     attn_out: list[Tensor]
 
 
+@dataclass
+class QueryRowsCapture:
+    """What one hooked forward yields for several query rows (float32, CPU by default).
+
+    The keys and values are captured once, for keys 0..max(rows); the query-side tensors once per
+    row. `row(i)` is the single-row `QueryCapture` of row i (views, no copy).
+
+    Attributes:
+        rows: The query rows R (strictly increasing positions).
+        rot_k: Per layer, rotated keys [K, H_kv, d_h] for keys 0..K−1, K = max(rows) + 1.
+        v: Per layer, values [K, H_kv, d_h].
+        rot_q: Per layer, rotated queries of the rows [R, H, d_h].
+        z: Per layer, z at the rows [R, H, d_h].
+        pattern: Per layer, pattern rows [H, R, K] (zero beyond each row: causal).
+        attn_out: Per layer, attention output at the rows [R, d_model].
+    """
+
+    rows: list[int]
+    rot_k: list[Tensor]
+    v: list[Tensor]
+    rot_q: list[Tensor]
+    z: list[Tensor]
+    pattern: list[Tensor]
+    attn_out: list[Tensor]
+
+    def row(self, i: int) -> QueryCapture:
+        """The `QueryCapture` of row `self.rows[i]` (keys 0..rows[i]; views of these tensors)."""
+        q = self.rows[i]
+        return QueryCapture(
+            query=q,
+            rot_k=[k[: q + 1] for k in self.rot_k],
+            v=[v[: q + 1] for v in self.v],
+            rot_q=[x[i] for x in self.rot_q],
+            z=[x[i] for x in self.z],
+            pattern=[p[:, i, : q + 1] for p in self.pattern],
+            attn_out=[x[i] for x in self.attn_out],
+        )
+
+
 def check_query(loaded: LoadedModel, n_tokens: int, query: int) -> None:
     """Raise `UpdatesError` unless the model has RoPE and 0 <= query < n_tokens."""
     arch = loaded.arch
@@ -184,6 +237,71 @@ def check_query(loaded: LoadedModel, n_tokens: int, query: int) -> None:
         raise UpdatesError(f"query={query} is outside the sequence of {n_tokens} tokens.")
 
 
+def check_query_rows(loaded: LoadedModel, n_tokens: int, rows: Sequence[int]) -> list[int]:
+    """`check_query` for several rows; they must also be strictly increasing.
+
+    Returns:
+        The rows as a list of ints.
+
+    Raises:
+        UpdatesError: For a model without RoPE, no rows, rows not strictly increasing or out of
+            range.
+    """
+    rows = [int(r) for r in rows]
+    if not rows or rows != sorted(set(rows)):
+        raise UpdatesError(f"query rows must be strictly increasing and non-empty; got {rows}.")
+    for r in (rows[0], rows[-1]):
+        check_query(loaded, n_tokens, r)
+    return rows
+
+
+@contextmanager
+def query_rows_capture(loaded: LoadedModel, rows: Sequence[int], *,
+                       device: str | torch.device | None = "cpu",
+                       ) -> Iterator[Callable[[], QueryRowsCapture]]:
+    """Hook the bridge for what M1–M4 need at several query rows; the forward runs inside.
+
+    Keys and values are captured once (keys 0..max(rows)); rot_q, z, the pattern row and attn_out
+    once per row. As `query_capture`, any bridge forward inside the block is recorded (also one
+    started through `loaded.hf_model`, with or without grad); call the yielded function after it.
+
+        >>> with query_rows_capture(loaded, [q0, q1, q2]) as get:
+        ...     loaded.bridge(ids)
+        >>> cap = get()                        # cap.row(1) is the QueryCapture of q1
+
+    Args:
+        loaded: A booted RoPE model (check with `check_query_rows`).
+        rows: Strictly increasing query rows.
+        device: Where the captured tensors go ("cpu"; None = the model's device).
+
+    Yields:
+        `get() -> QueryRowsCapture`.
+    """
+    rows = [int(r) for r in rows]
+    L, last = loaded.arch.n_layers, rows[-1]
+    kv_sites = [f"L{l}.attn.{c}" for l in range(L) for c in ("rot_k", "v")]
+    q_sites = [f"L{l}.{c}" for l in range(L)
+               for c in ("attn.rot_q", "attn.z", "attn.pattern", "attn_out")]
+    with (
+        capture(loaded, kv_sites, positions=slice(0, last + 1), dtype="float32",
+                device=device) as kv_store,
+        capture(loaded, q_sites, positions=rows, dtype="float32", device=device) as q_store,
+    ):
+        def get() -> QueryRowsCapture:
+            kv, qs = kv_store.result(), q_store.result()
+            return QueryRowsCapture(
+                rows=rows,
+                rot_k=[kv[f"L{l}.attn.rot_k"] for l in range(L)],
+                v=[kv[f"L{l}.attn.v"] for l in range(L)],
+                rot_q=[qs[f"L{l}.attn.rot_q"] for l in range(L)],
+                z=[qs[f"L{l}.attn.z"] for l in range(L)],
+                pattern=[qs[f"L{l}.attn.pattern"][:, :, : last + 1] for l in range(L)],
+                attn_out=[qs[f"L{l}.attn_out"] for l in range(L)],
+            )
+
+        yield get
+
+
 @contextmanager
 def query_capture(loaded: LoadedModel, query: int, *, device: str | torch.device | None = "cpu",
                   ) -> Iterator[Callable[[], QueryCapture]]:
@@ -191,7 +309,7 @@ def query_capture(loaded: LoadedModel, query: int, *, device: str | torch.device
 
     For sharing one forward with other measurements (e.g. `probes.updates_run`): a bridge forward
     inside the block (also one started through `loaded.hf_model`, with or without grad) is
-    recorded; call the yielded function after it.
+    recorded; call the yielded function after it. The one-row case of `query_rows_capture`.
 
         >>> with query_capture(loaded, q) as get:
         ...     loaded.bridge(ids)
@@ -206,28 +324,8 @@ def query_capture(loaded: LoadedModel, query: int, *, device: str | torch.device
     Yields:
         `get() -> QueryCapture`.
     """
-    L = loaded.arch.n_layers
-    kv_sites = [f"L{l}.attn.{c}" for l in range(L) for c in ("rot_k", "v")]
-    q_sites = [f"L{l}.{c}" for l in range(L)
-               for c in ("attn.rot_q", "attn.z", "attn.pattern", "attn_out")]
-    with (
-        capture(loaded, kv_sites, positions=slice(0, query + 1), dtype="float32",
-                device=device) as kv_store,
-        capture(loaded, q_sites, positions=[query], dtype="float32", device=device) as q_store,
-    ):
-        def get() -> QueryCapture:
-            kv, qs = kv_store.result(), q_store.result()
-            return QueryCapture(
-                query=query,
-                rot_k=[kv[f"L{l}.attn.rot_k"] for l in range(L)],
-                v=[kv[f"L{l}.attn.v"] for l in range(L)],
-                rot_q=[qs[f"L{l}.attn.rot_q"][0] for l in range(L)],
-                z=[qs[f"L{l}.attn.z"][0] for l in range(L)],
-                pattern=[qs[f"L{l}.attn.pattern"][:, 0, : query + 1] for l in range(L)],
-                attn_out=[qs[f"L{l}.attn_out"][0] for l in range(L)],
-            )
-
-        yield get
+    with query_rows_capture(loaded, [query], device=device) as get:
+        yield lambda: get().row(0)
 
 
 @torch.no_grad()
@@ -248,6 +346,28 @@ def capture_query(loaded: LoadedModel, ids: Tensor, query: int) -> QueryCapture:
     ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
     check_query(loaded, int(ids.shape[1]), query)
     with query_capture(loaded, query) as get:
+        loaded.bridge(ids.to(loaded.device))
+    return get()
+
+
+@torch.no_grad()
+def capture_query_rows(loaded: LoadedModel, ids: Tensor, rows: Sequence[int]) -> QueryRowsCapture:
+    """Run the bridge once with hooks and keep what M1–M4 need at several query rows.
+
+    Args:
+        loaded: A booted RoPE model (Qwen2 / Llama / Qwen3 family).
+        ids: Token ids [1, N] (or [N]); batch 1.
+        rows: Strictly increasing query rows, each in [0, N).
+
+    Returns:
+        The captured tensors (keys 0..max(rows) once, the query side per row).
+
+    Raises:
+        UpdatesError: For a model without RoPE or bad rows.
+    """
+    ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
+    rows = check_query_rows(loaded, int(ids.shape[1]), rows)
+    with query_rows_capture(loaded, rows) as get:
         loaded.bridge(ids.to(loaded.device))
     return get()
 
@@ -312,22 +432,68 @@ def token_updates(loaded: LoadedModel, ids: Tensor, query: int) -> TokenUpdates:
     return token_updates_from(loaded, cap, weights)
 
 
-def token_updates_from(loaded: LoadedModel, cap: QueryCapture,
-                       weights: list[tuple[Tensor, Tensor | None]] | None = None) -> TokenUpdates:
+def token_updates_rows(loaded: LoadedModel, ids: Tensor, rows: Sequence[int]) -> list[TokenUpdates]:
+    """M1–M4 at several query rows from ONE hooked bridge forward.
+
+    Example:
+        >>> ups = token_updates_rows(loaded, ids, rows=[q0, q0 + 1, q0 + 2])
+        >>> ups[1].mass.shape                  # [n_layers, n_heads, q0 + 2]
+
+    Args:
+        loaded: A booted RoPE model (Qwen2 / Llama / Qwen3 family, batch 1).
+        ids: Token ids [1, N] (or [N]).
+        rows: Strictly increasing query rows, each in [0, N).
+
+    Returns:
+        One `TokenUpdates` per row, equal (to float rounding) to `token_updates(loaded, ids, q)`.
+
+    Raises:
+        UpdatesError: For a model without RoPE/o_proj or bad rows.
+    """
+    weights = o_proj_weights(loaded)
+    cap = capture_query_rows(loaded, ids, rows)
+    return token_updates_from(loaded, cap, weights)
+
+
+def _updates_from_terms(terms: list[dict[str, Tensor]], query: int, scale: float, gqa_group: int,
+                        ) -> TokenUpdates:
+    """Stack per-layer `_layer_quantities` dicts into a `TokenUpdates` (float32 numpy)."""
+    arrays = {k: torch.stack([t[k] for t in terms]).to(torch.float32).cpu().numpy()
+              for k in terms[0]}
+    return TokenUpdates(query=query, keys=np.arange(query + 1), scale=scale, gqa_group=gqa_group,
+                        **arrays)
+
+
+def token_updates_from(loaded: LoadedModel, cap: QueryCapture | QueryRowsCapture,
+                       weights: list[tuple[Tensor, Tensor | None]] | None = None,
+                       ) -> TokenUpdates | list[TokenUpdates]:
     """M1–M4 from an existing capture (no forward).
 
     Args:
         loaded: The model the capture came from (architecture and o_proj weights).
-        cap: A `capture_query` / `query_capture` capture (computed on its device).
+        cap: A `capture_query` / `query_capture` capture, or a `capture_query_rows` /
+            `query_rows_capture` one (computed on its device).
         weights: `o_proj_weights(loaded)`, or None to read them now.
 
     Returns:
-        The per-token quantities (float32), as `token_updates`.
+        For a `QueryCapture`: the per-token quantities (float32), as `token_updates`. For a
+        `QueryRowsCapture`: one `TokenUpdates` per row (the key-side products W_O^h v_t and norms
+        are computed once per layer and shared by the rows; equal to separate single-row results
+        to float rounding).
     """
     weights = o_proj_weights(loaded) if weights is None else weights
-    query = cap.query
     d_h = loaded.arch.d_head
     scale = 1.0 / float(np.sqrt(d_h))
+    if isinstance(cap, QueryRowsCapture):
+        per_row: list[list[dict[str, Tensor]]] = [[] for _ in cap.rows]
+        for l in range(loaded.arch.n_layers):
+            shared = _shared_key_terms(cap, l, weights[l][0])
+            for i in range(len(cap.rows)):
+                per_row[i].append(_row_quantities(cap, shared, l, i, scale))
+            del shared
+        return [_updates_from_terms(terms, q, scale, loaded.arch.gqa_group)
+                for q, terms in zip(cap.rows, per_row)]
+    query = cap.query
     out: dict[str, list[Tensor]] = {k: [] for k in (
         "mass", "contrib_norm", "contrib_sum_norm", "loo_norm", "loo_out_norm", "loo_sum_norm",
         "dai_fro", "dai_action_norm", "dai_scaled_action_norm", "dai_action_out_norm",
@@ -352,3 +518,148 @@ def token_updates_from(loaded: LoadedModel, cap: QueryCapture,
     arrays = {k: torch.stack(vs).to(torch.float32).cpu().numpy() for k, vs in out.items()}
     return TokenUpdates(query=query, keys=np.arange(query + 1), scale=scale,
                         gqa_group=loaded.arch.gqa_group, **arrays)
+
+
+def _shared_key_terms(cap: QueryRowsCapture, layer: int, w_o: Tensor) -> dict[str, Tensor]:
+    """The row-independent float64 terms of one layer, for keys 0..K−1.
+
+    Returns:
+        `w` [d, H, d_h] (W_O per head), `v_h` / `k_h` [H, T, d_h] (KV heads expanded),
+        `wv` = W_O^h v_t [H, T, d], `v_norm` / `wv_norm` [H, T], `kv_fro` = ‖v_t‖‖k̃_t‖ [H_kv, T].
+    """
+    f64 = torch.float64
+    k = cap.rot_k[layer].to(f64)                          # [K, H_kv, d_h]
+    v = cap.v[layer].to(f64)
+    H = cap.rot_q[layer].shape[1]
+    d_h = k.shape[-1]
+    G = H // k.shape[1]
+    w = w_o.detach().to(k.device, f64).reshape(-1, H, d_h)  # [d, H, d_h]
+    v_h = v.repeat_interleave(G, dim=1).transpose(0, 1)   # [H, T, d_h]
+    k_h = k.repeat_interleave(G, dim=1).transpose(0, 1)
+    wv = torch.einsum("dhe,hte->htd", w, v_h)
+    return {"w": w, "v_h": v_h, "k_h": k_h, "wv": wv, "v_norm": v_h.norm(dim=-1),
+            "wv_norm": wv.norm(dim=-1), "kv_fro": (v.norm(dim=-1) * k.norm(dim=-1)).T}
+
+
+def _row_quantities(cap: QueryRowsCapture, sh: dict[str, Tensor], layer: int, i: int,
+                    scale: float) -> dict[str, Tensor]:
+    """Every `TokenUpdates` quantity of row i at one layer (float64, keys 0..rows[i])."""
+    f64 = torch.float64
+    n = cap.rows[i] + 1
+    p = cap.pattern[layer][:, i, :n].to(f64)              # [H, T]
+    q = cap.rot_q[layer][i].to(f64)                       # [H, d_h]
+    z = cap.z[layer][i].to(f64)
+    v_h, k_h, wv = sh["v_h"][:, :n], sh["k_h"][:, :n], sh["wv"][:, :n]
+    v_norm, wv_norm = sh["v_norm"][:, :n], sh["wv_norm"][:, :n]
+    coef = p / (1.0 - p)
+    dz = coef[..., None] * (v_h - z[:, None, :])          # p (v_t − z)/(1 − p)  [H, T, d_h]
+    wz = torch.einsum("dhe,he->hd", sh["w"], z)           # W_O^h z  [H, d]
+    dz_out = coef[..., None] * (wv - wz[:, None, :])      # W_O^h δz  [H, T, d]
+    dots = torch.einsum("hte,he->ht", k_h, q)
+    s = dots * scale
+    relaxed = torch.einsum("ht,hte->he", s, v_h)
+    return {
+        "mass": p,
+        "contrib_norm": p * wv_norm,
+        "contrib_sum_norm": torch.einsum("ht,htd->td", p, wv).norm(dim=-1),
+        "loo_norm": dz.norm(dim=-1),
+        "loo_out_norm": dz_out.norm(dim=-1),
+        "loo_sum_norm": dz_out.sum(0).norm(dim=-1),
+        "dai_fro": sh["kv_fro"][:, :n],
+        "dai_action_norm": v_norm * dots.abs(),
+        "dai_scaled_action_norm": v_norm * s.abs(),
+        "dai_action_out_norm": wv_norm * s.abs(),
+        "dai_spearman": _spearman(v_norm * s, v_norm * p),
+        "dai_cos": torch.nn.functional.cosine_similarity(relaxed, z, dim=-1),
+        "score": s,
+    }
+
+
+_SUMMARY_BUDGET = 2**26
+"""Elements (float64) of one [T, rows, d] product in `key_summary_from` (512 MiB): rows are
+processed in chunks of at most this size."""
+
+
+@dataclass
+class KeySummary:
+    """The head-aggregated M1–M4 quantities at several query rows for a set of keys (float64).
+
+    What `python -m probes.run updates` stores, per row; shapes: L layers, R rows, T keys.
+
+    Attributes:
+        rows: The query rows [R].
+        keys: The key positions [T] (all <= rows[0]).
+        mass: M1 attention mass p averaged over the query heads [L, R, T].
+        contrib_sum_norm: M2 ‖Σ_h p W_O^h v_t‖ [L, R, T].
+        loo_sum_norm: M4 ‖Σ_h W_O^h δz_{h,t}‖ [L, R, T].
+        dai_fro: M3 ‖v_t‖‖k̃_t‖ summed over the KV heads [L, T] (does not depend on the row).
+    """
+
+    rows: np.ndarray
+    keys: np.ndarray
+    mass: np.ndarray
+    contrib_sum_norm: np.ndarray
+    loo_sum_norm: np.ndarray
+    dai_fro: np.ndarray
+
+
+def key_summary_from(loaded: LoadedModel, cap: QueryRowsCapture, keys: Sequence[int],
+                     weights: list[tuple[Tensor, Tensor | None]] | None = None) -> KeySummary:
+    """The head-aggregated M1–M4 quantities of `keys` at every row of a capture (no forward).
+
+    Equal (to float rounding) to the same keys of `token_updates_from` at each row:
+    `mass.mean(heads)`, `contrib_sum_norm`, `loo_sum_norm`, `dai_fro.sum(kv heads)`, but only the
+    requested keys are touched and no per-head [H, T, d] norm is formed: per layer W_O^h v_t is
+    computed once for the keys, then for all rows at once (batched matrix products, in chunks of
+    rows) Σ_h p W_O^h v_t and Σ_h W_O^h δz = Σ_h p/(1−p) (W_O^h v_t − W_O^h z_h).
+
+    Args:
+        loaded: The model the capture came from.
+        cap: A `capture_query_rows` / `query_rows_capture` capture (computed on its device).
+        keys: Key positions, strictly increasing, all <= the first row (e.g. the trajectory).
+        weights: `o_proj_weights(loaded)`, or None to read them now.
+
+    Returns:
+        The per-row, per-key quantities.
+
+    Raises:
+        UpdatesError: For keys that are not strictly increasing or come after the first row.
+    """
+    weights = o_proj_weights(loaded) if weights is None else weights
+    key_list = [int(t) for t in keys]
+    if key_list != sorted(set(key_list)) or (key_list and (key_list[0] < 0
+                                                          or key_list[-1] > cap.rows[0])):
+        raise UpdatesError(f"keys must be strictly increasing positions in [0, {cap.rows[0]}]; "
+                           f"got {key_list[:5]}{'...' if len(key_list) > 5 else ''}")
+    f64 = torch.float64
+    dev = cap.pattern[0].device
+    idx = torch.as_tensor(key_list, dtype=torch.long, device=dev)
+    R, T, d = len(cap.rows), len(key_list), int(weights[0][0].shape[0])
+    chunk = max(1, _SUMMARY_BUDGET // max(T * d, 1))        # rows per [T, rows, d] product
+    out: dict[str, list[Tensor]] = {k: [] for k in ("mass", "contrib_sum_norm", "loo_sum_norm",
+                                                    "dai_fro")}
+    for l in range(loaded.arch.n_layers):
+        k_t = cap.rot_k[l][idx].to(f64)                               # [T, H_kv, d_h]
+        v_t = cap.v[l][idx].to(f64)
+        H = cap.rot_q[l].shape[1]
+        w = weights[l][0].detach().to(dev, f64).reshape(d, H, -1)     # [d, H, d_h]
+        v_h = v_t.repeat_interleave(H // v_t.shape[1], dim=1)         # [T, H, d_h]
+        wv = torch.einsum("dhe,the->thd", w, v_h)                     # W_O^h v_t  [T, H, d]
+        p = cap.pattern[l][:, :, idx].to(f64)                         # [H, R, T]
+        wz = torch.einsum("dhe,rhe->rhd", w, cap.z[l].to(f64))        # W_O^h z_h  [R, H, d]
+        coef = p / (1.0 - p)                                          # δz = coef (v_t − z)
+        contrib, loo = [], []
+        for r0 in range(0, R, chunk):
+            pr, cr = p[:, r0:r0 + chunk], coef[:, r0:r0 + chunk]      # [H, r, T]
+            contrib.append(torch.bmm(pr.permute(2, 1, 0), wv).norm(dim=-1).T)       # [r, T]
+            loo_vec = torch.bmm(cr.permute(2, 1, 0), wv).transpose(0, 1)            # [r, T, d]
+            loo_vec -= torch.bmm(cr.permute(1, 2, 0), wz[r0:r0 + chunk])  # − Σ_h coef W_O^h z
+            loo.append(loo_vec.norm(dim=-1))
+            del loo_vec
+        out["mass"].append(p.mean(0))
+        out["contrib_sum_norm"].append(torch.cat(contrib))
+        out["loo_sum_norm"].append(torch.cat(loo))
+        out["dai_fro"].append((v_t.norm(dim=-1) * k_t.norm(dim=-1)).sum(-1))
+        del wv
+    arrays = {k: torch.stack(v).cpu().numpy() for k, v in out.items()}
+    return KeySummary(rows=np.asarray(cap.rows), keys=np.asarray(key_list), **arrays)

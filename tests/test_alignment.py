@@ -279,7 +279,7 @@ def test_m6_rows_and_precomputed_grams(setup):
     rows = [0, 2]
     sub = answer_alignment(hf, ids, TRAJ, ANSWER, m6_rows=rows, grams=grams, keep_factors=True)
     assert list(sub.m6_rows) == rows and list(al.m6_rows) == list(range(ANSWER[1] - ANSWER[0]))
-    for name in ("inner", "step_norm", "cos", "eta", "eta_pooled", "full_inner"):
+    for name in ("inner", "step_norm", "step_cos", "cos", "eta", "eta_pooled", "full_inner"):
         np.testing.assert_allclose(getattr(sub, name), getattr(al, name)[:, :, rows],
                                    rtol=1e-10, atol=1e-14, err_msg=name)
     np.testing.assert_allclose(sub.telescope_err, al.telescope_err[:, rows], atol=1e-12)
@@ -292,3 +292,26 @@ def test_m6_rows_and_precomputed_grams(setup):
             answer_alignment(hf, ids, TRAJ, ANSWER, m6_rows=bad)
     with pytest.raises(AlignmentError):
         answer_alignment(hf, ids, TRAJ, ANSWER, grams=grams[:1])
+
+
+def test_step_cos_is_consecutive_cosine_of_materialised_steps(setup):
+    """`step_cos` = cos(step_i, step_{i−1}) of the explicit rank-1 steps (gate, up, gate ⊕ up)."""
+    _, hf, _ids, al = setup
+    T = TRAJ[1] - TRAJ[0]
+    assert al.step_cos.shape == al.step_norm.shape == (3, 2, ANSWER[1] - ANSWER[0], T)
+    assert np.isnan(al.step_cos[..., 0]).all() and np.isfinite(al.step_cos[..., 1:]).all()
+    for layer in range(2):
+        mlp = hf.model.layers[layer].mlp
+        for row in (0, 3):
+            steps = []
+            for w in (mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()):
+                flat = []
+                for token in range(T):
+                    du, bvec = al.step_factors(layer, row, token)
+                    flat.append(((w @ du)[:, None] * bvec[None]).reshape(-1))
+                steps.append(torch.stack(flat))                        # [T, d_ff·d]
+            steps.append(torch.cat(steps, dim=1))                      # joint
+            for k, s in enumerate(steps):
+                cos = torch.nn.functional.cosine_similarity(s[1:], s[:-1], dim=-1).numpy()
+                np.testing.assert_allclose(al.step_cos[k, layer, row, 1:], cos, rtol=1e-9,
+                                           atol=1e-12, err_msg=f"{k} {layer} {row}")

@@ -133,3 +133,14 @@ def test_layers_subset_is_stored_labelled_and_enforced(caches, tmp_path, capsys)
     assert main([*argv, "--layers", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds update arrays of layers [1, 3]" in err[0]
+
+
+def test_control_with_other_answer_rows_is_refused(caches, tmp_path, capsys):
+    traces = caches["run"].parent / "t.jsonl"
+    rand_mean = tmp_path / "rand_mean.h5"
+    assert main(["updates", *MODEL, "--traces", str(traces), "--out", str(rand_mean), "--limit",
+                 "8", "--control", "random-init", "--answer-rows", "mean"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(caches["only"]), "--control", str(rand_mean), "--no-fit"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "different --answer-rows" in err[0]

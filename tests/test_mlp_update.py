@@ -29,6 +29,8 @@ from probes.mlp_update import (
     masked_patched_logits,
     mlp_updates,
     mlp_updates_from,
+    mlp_updates_rows,
+    mlp_updates_rows_from,
     restricted_inputs,
     rms_norm,
     row_capture,
@@ -274,3 +276,31 @@ def test_rejects_unsupported_inputs(setup):
         byte_tokenizer(), spec="tiny-gpt2", device="cpu", dtype="float32")
     with pytest.raises(MlpUpdateError):
         mlp_updates(gpt2, ids, QUERY, TRAJ)
+
+
+def test_rows_equal_single_rows(setup):
+    """`mlp_updates_rows` (one forward, one restricted_prefix per layer for all rows) = separate
+    `mlp_updates` per row; `mlp_updates_from` on a multi-row capture is its first row."""
+    _, loaded, ids, upd, _, _ = setup
+    rows = mlp_updates_rows(loaded, ids, ROWS, TRAJ)
+    assert [u.query for u in rows] == ROWS
+    for u, q in zip(rows, ROWS):
+        single = upd if q == QUERY else mlp_updates(loaded, ids, q, TRAJ)
+        for name in ("lr", "u_base_norm", "sigma_gate", "sigma_up", "grad_norm_gate",
+                     "grad_norm_up", "cos_gate", "cos_up", "cum_fro_gate", "cum_fro_up",
+                     "total_fro_gate", "total_fro_up", "down_fro", "delta_norm", "du", "u_base"):
+            got, ref = getattr(u, name), getattr(single, name)
+            assert got.shape == ref.shape, name
+            np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-14, equal_nan=True,
+                                       err_msg=name)
+        assert list(u.trajectory) == TRAJ
+    cap = capture_rows(loaded, ids, ROWS)
+    light = layer_weights(loaded, with_mlp=False)
+    lean = mlp_updates_rows_from(cap, light, TRAJ, keep_du=False)
+    first = mlp_updates_from(cap, light, TRAJ)
+    assert all(u.du is None for u in lean) and first.query == ROWS[0]
+    np.testing.assert_array_equal(first.sigma_gate, lean[0].sigma_gate)
+    np.testing.assert_array_equal(lean[-1].sigma_up, rows[-1].sigma_up)
+    assert not np.allclose(rows[0].sigma_gate, rows[-1].sigma_gate)
+    with pytest.raises(MlpUpdateError):
+        mlp_updates_rows(loaded, ids, [QUERY, ROWS[0]], TRAJ)      # rows not increasing

@@ -22,11 +22,15 @@ from probes.tiny import TINY_FAMILIES, byte_tokenizer, tiny_config
 from probes.updates import (
     UpdatesError,
     capture_query,
+    capture_query_rows,
+    key_summary_from,
     layer_terms,
     o_proj_weights,
     query_capture,
+    query_rows_capture,
     token_updates,
     token_updates_from,
+    token_updates_rows,
 )
 
 CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
@@ -211,3 +215,86 @@ def test_rejects_unsupported_inputs(setup):
         byte_tokenizer(), spec="tiny-gpt2", device="cpu", dtype="float32")
     with pytest.raises(UpdatesError):
         token_updates(gpt2, ids, QUERY)
+
+
+ROWS = [17, 19, 21]  # several query rows (the last one is QUERY)
+KEYS = list(range(4, 16))
+
+
+def test_rows_capture_equals_single_row_captures(setup):
+    """`capture_query_rows` (keys once, query side per row) and `query_rows_capture` hooked into
+    a grad-enabled HF forward: each `row(i)` is the `capture_query` of that row."""
+    _, loaded, ids, _, _ = setup
+    rows_cap = capture_query_rows(loaded, ids, ROWS)
+    with query_rows_capture(loaded, ROWS) as get, torch.enable_grad():
+        loaded.hf_model(ids)
+    shared = get()
+    assert shared.rows == rows_cap.rows == ROWS
+    assert rows_cap.rot_k[0].shape[0] == rows_cap.pattern[0].shape[-1] == max(ROWS) + 1
+    for i, q in enumerate(ROWS):
+        single = capture_query(loaded, ids, q)
+        for cap in (rows_cap.row(i), shared.row(i)):
+            assert cap.query == q
+            for name in ("rot_k", "v", "rot_q", "z", "pattern", "attn_out"):
+                for x, y in zip(getattr(cap, name), getattr(single, name)):
+                    torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def _assert_close_f32(got: np.ndarray, ref: np.ndarray, name: str) -> None:
+    scale = float(np.nanmax(np.abs(ref))) if np.isfinite(ref).any() else 1.0
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * scale, equal_nan=True,
+                               err_msg=name)
+
+
+def test_token_updates_rows_equal_single_rows(setup):
+    _, loaded, ids, _, weights = setup
+    rows = token_updates_rows(loaded, ids, ROWS)
+    assert [u.query for u in rows] == ROWS
+    again = token_updates_from(loaded, capture_query_rows(loaded, ids, ROWS), weights)
+    for i, q in enumerate(ROWS):
+        single = token_updates(loaded, ids, q)
+        assert rows[i].keys.tolist() == single.keys.tolist() == list(range(q + 1))
+        assert rows[i].scale == single.scale and rows[i].gqa_group == single.gqa_group
+        for name in ("mass", "contrib_norm", "contrib_sum_norm", "loo_norm", "loo_out_norm",
+                     "loo_sum_norm", "dai_fro", "dai_action_norm", "dai_scaled_action_norm",
+                     "dai_action_out_norm", "dai_spearman", "dai_cos", "score"):
+            got, ref = getattr(rows[i], name), getattr(single, name)
+            assert got.shape == ref.shape and got.dtype == np.float32, name
+            _assert_close_f32(got, ref, name)
+            np.testing.assert_array_equal(getattr(again[i], name), got)
+
+
+def test_key_summary_equals_token_updates(setup, monkeypatch):
+    """The head-aggregated quantities `updates` stores, at several rows and only the given keys."""
+    _, loaded, ids, _, weights = setup
+    summ = key_summary_from(loaded, capture_query_rows(loaded, ids, ROWS), KEYS, weights)
+    L = loaded.arch.n_layers
+    assert summ.mass.shape == summ.contrib_sum_norm.shape == summ.loo_sum_norm.shape == (
+        L, len(ROWS), len(KEYS))
+    assert summ.dai_fro.shape == (L, len(KEYS))
+    assert summ.rows.tolist() == ROWS and summ.keys.tolist() == KEYS
+    for i, q in enumerate(ROWS):
+        single = token_updates(loaded, ids, q)
+        _assert_close_f32(summ.mass[:, i], single.mass[:, :, KEYS].mean(axis=1), "mass")
+        _assert_close_f32(summ.contrib_sum_norm[:, i], single.contrib_sum_norm[:, KEYS],
+                          "contrib_sum_norm")
+        _assert_close_f32(summ.loo_sum_norm[:, i], single.loo_sum_norm[:, KEYS], "loo_sum_norm")
+        _assert_close_f32(summ.dai_fro, single.dai_fro[:, :, KEYS].sum(axis=1), "dai_fro")
+    assert (summ.loo_sum_norm > 0).all() and not np.allclose(summ.mass[:, 0], summ.mass[:, -1])
+    # rows in chunks of one (a tiny memory budget): the same values
+    monkeypatch.setattr("probes.updates._SUMMARY_BUDGET", 1)
+    chunked = key_summary_from(loaded, capture_query_rows(loaded, ids, ROWS), KEYS, weights)
+    for name in ("contrib_sum_norm", "loo_sum_norm"):
+        np.testing.assert_allclose(getattr(chunked, name), getattr(summ, name), rtol=1e-12)
+
+
+def test_rows_reject_bad_inputs(setup):
+    _, loaded, ids, _, weights = setup
+    for rows in ([], [19, 17], [17, 17], [17, N_TOKENS]):
+        with pytest.raises(UpdatesError):
+            capture_query_rows(loaded, ids, rows)
+    cap = capture_query_rows(loaded, ids, ROWS)
+    with pytest.raises(UpdatesError):
+        key_summary_from(loaded, cap, [4, ROWS[0] + 1], weights)   # a key after the first row
+    with pytest.raises(UpdatesError):
+        key_summary_from(loaded, cap, [5, 4], weights)

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from cache import open_cache
 from probes.alignment import answer_alignment
+from probes.errors import ProbesError
 from probes.mlp_update import mlp_updates
 from probes.models import LoadedModel, boot_model, load_model
 from probes.reasoner.train import SAMPLES_PATH
@@ -256,3 +257,180 @@ def test_gpt2_is_refused_clearly_before_the_cache_is_touched(byte_traces, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "gpt2" in err[0] and "gated MLP" in err[0], err
     assert not out.exists()
+
+
+# --answer-rows mean: every per-row quantity at each answer row of 𝒬, averaged over the rows
+
+
+def _nanmean_rows(stack: np.ndarray) -> np.ndarray:
+    """Mean over axis 0 skipping NaN; NaN where every row is NaN."""
+    ok = ~np.isnan(stack)
+    n = ok.sum(0)
+    return np.where(n > 0, np.where(ok, stack, 0.0).sum(0) / np.maximum(n, 1), np.nan)
+
+
+def _direct_mean(model: LoadedModel, tokens, spans) -> dict[str, np.ndarray]:
+    """The `answer_rows="mean"` arrays from single-row library calls: `token_updates` and
+    `mlp_updates` at each q ∈ 𝒬 (one forward each) and the row slices of one `answer_alignment`
+    (M6 at every row), averaged over the rows."""
+    a, b = (int(x) for x in spans["trajectory"])
+    answer = (int(spans["answer"][0]), int(spans["answer"][1]))
+    rows = list(range(answer[0] - 1, answer[1] - 1))
+    ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).reshape(1, -1)
+    upds = [token_updates(model, ids, q) for q in rows]
+    mlps = [mlp_updates(model, ids, q, list(range(a, b))) for q in rows]
+    al = answer_alignment(model, ids, (a, b), answer)
+    assert al.cos.shape[2] == len(rows)
+    for k, m in enumerate(mlps):  # M5 σ / cosine at each row = M6's step norm / step cosine
+        np.testing.assert_allclose(al.step_norm[0][:, k], m.sigma_gate, rtol=1e-9)
+        np.testing.assert_allclose(al.step_norm[1][:, k], m.sigma_up, rtol=1e-9)
+        np.testing.assert_allclose(al.step_cos[0][:, k], m.cos_gate, rtol=1e-9, atol=1e-12,
+                                   equal_nan=True)
+        np.testing.assert_allclose(al.step_cos[1][:, k], m.cos_up, rtol=1e-9, atol=1e-12,
+                                   equal_nan=True)
+
+    def mean(xs):
+        return np.mean(np.stack(xs), axis=0)
+
+    dai = [u.dai_fro[:, :, a:b].sum(axis=1) for u in upds]
+    for d in dai[1:]:  # ‖v‖‖k̃‖ does not depend on the query row
+        np.testing.assert_array_equal(d, dai[0])
+    return {
+        "upd_contrib": mean([u.contrib_sum_norm[:, a:b] for u in upds]),
+        "upd_loo": mean([u.loo_sum_norm[:, a:b] for u in upds]),
+        "upd_mass": mean([u.mass[:, :, a:b].mean(axis=1) for u in upds]),
+        "upd_dai_fro": dai[0],
+        "upd_sigma_gate": mean([m.sigma_gate for m in mlps]),
+        "upd_sigma_up": mean([m.sigma_up for m in mlps]),
+        "upd_cos_gate": _nanmean_rows(np.stack([m.cos_gate for m in mlps])),
+        "upd_align_cos": _nanmean_rows(np.stack([al.cos[2][:, k, :] for k in range(len(rows))])),
+        "upd_dl_pred": mean([al.inner[2][:, k, :] for k in range(len(rows))]),
+        "upd_m7": al.m7,
+    }
+
+
+@pytest.fixture(scope="module")
+def mean_run(samples, tmp_path_factory, reasoner):
+    """A cache of the first 3 sample traces written with `answer_rows="mean"`."""
+    out = tmp_path_factory.mktemp("upd-mean") / "mean.h5"
+    res = updates_traces(reasoner, samples, out, UpdatesConfig(limit=3, answer_rows="mean"),
+                         progress=False)
+    assert res.n_written == 3
+    return out
+
+
+def test_answer_rows_mean_equals_row_average_of_direct_calls(samples, mean_run, trained,
+                                                             reasoner):
+    n_layers = reasoner.arch.n_layers
+    first = _read(trained)
+    with open_cache(mean_run) as reader:
+        traces = [(tr.id, np.asarray(tr.tokens), dict(tr.spans), dict(tr.attrs),
+                   {n: tr[n][:] for n in UPDATE_ARRAYS}) for tr in reader]
+    assert len(traces) == 3
+    for tid, tokens, spans, attrs, stored in traces:
+        a, b = spans["trajectory"]
+        n_rows = spans["answer"][1] - spans["answer"][0]
+        assert n_rows >= 2  # the sample answers have several tokens: a real average
+        assert attrs["upd_rows"] == "mean" and int(attrs["upd_n_rows"]) == n_rows
+        assert int(attrs["upd_query"]) == spans["answer"][0] - 1
+        for name, arr in stored.items():
+            assert arr.dtype == np.float32 and arr.shape == (n_layers, b - a), name
+        _assert_matches_direct(stored, _direct_mean(reasoner, tokens, spans))
+        # rows-independent and rows-summed arrays equal the first-row run; the others differ
+        for name in ("upd_dai_fro", "upd_m7"):
+            np.testing.assert_allclose(stored[name], first[tid][name], rtol=1e-6, atol=1e-7,
+                                       err_msg=name)
+        for name in ("upd_contrib", "upd_loo", "upd_mass", "upd_sigma_gate", "upd_dl_pred"):
+            assert not np.allclose(stored[name], first[tid][name]), name
+
+
+def test_answer_rows_first_is_recorded(trained):
+    with open_cache(trained) as reader:
+        for tr in reader:
+            assert tr.attrs["upd_rows"] == "first" and int(tr.attrs["upd_n_rows"]) == 1
+
+
+def test_answer_rows_mismatch_is_refused_on_resume(samples, trained, mean_run, reasoner,
+                                                   tmp_path):
+    before_first, before_mean = _read(trained), _read(mean_run)
+    # a "first" cache refuses a "mean" run, and the other way round: one error naming the flag
+    for out, want, have in ((trained, "mean", "first"), (mean_run, "first", "mean")):
+        with pytest.raises(ProbesError) as info:
+            updates_traces(reasoner, samples, out, UpdatesConfig(answer_rows=want),
+                           progress=False)
+        msg = str(info.value)
+        assert "\n" not in msg and f"--answer-rows {have}" in msg and "--out" in msg, msg
+        assert f"--answer-rows {want}" in msg, msg
+    for path, before in ((trained, before_first), (mean_run, before_mean)):
+        after = _read(path)
+        assert after.keys() == before.keys()
+        for t in before:
+            for name in UPDATE_ARRAYS:
+                np.testing.assert_array_equal(after[t][name], before[t][name])
+    # a cache written before `upd_rows` existed counts as "first"
+    old = tmp_path / "old.h5"
+    assert updates_traces(reasoner, samples, old, UpdatesConfig(limit=1),
+                          progress=False).n_written == 1
+    with h5py.File(old, "r+") as fh:
+        for group in fh["traces"].values():
+            for key in ("upd_rows", "upd_n_rows"):
+                del group.attrs[key]
+    with pytest.raises(ProbesError, match="--answer-rows first"):
+        updates_traces(reasoner, samples, old, UpdatesConfig(limit=2, answer_rows="mean"),
+                       progress=False)
+    res = updates_traces(reasoner, samples, old, UpdatesConfig(limit=2), progress=False)
+    assert (res.n_written, res.n_skipped) == (1, 1)
+
+
+def test_answer_rows_must_be_known():
+    with pytest.raises(ProbesError, match="--answer-rows"):
+        UpdatesConfig(answer_rows="all")
+
+
+@pytest.fixture(scope="module")
+def byte_traces_long_answers(tmp_path_factory):
+    """Short traces whose answers span several byte tokens (𝒬 has 3–5 rows)."""
+    path = tmp_path_factory.mktemp("byte-long") / "short.jsonl"
+    rows = [
+        {"id": "a", "question": "2+2?", "trajectory": "Add 2 and 2. Wait, 2+2=4. So 4.",
+         "answer": "four"},
+        {"id": "b", "question": "3*3?", "trajectory": "Three threes. Hmm, 9. Therefore 9.",
+         "answer": "x=9"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_answer_rows_mean_tiny_random_init_families(family, byte_traces_long_answers, tmp_path):
+    """Qwen2 / Llama (o_proj bias) / Qwen3 (q/k norms): the "mean" arrays equal the row average
+    of the single-row library calls."""
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="eager")
+    loaded = boot_model(hf, byte_tokenizer(), spec=f"tiny-{family}", device="cpu",
+                        dtype="float32")
+    out = tmp_path / "run.h5"
+    res = updates_traces(loaded, byte_traces_long_answers, out, UpdatesConfig(answer_rows="mean"),
+                         progress=False)
+    assert (res.n_written, res.n_too_long) == (2, 0)
+    with open_cache(out) as reader:
+        for tr in reader:
+            n_rows = tr.spans["answer"][1] - tr.spans["answer"][0]
+            assert n_rows >= 3 and int(tr.attrs["upd_n_rows"]) == n_rows
+            stored = {n: tr[n][:] for n in UPDATE_ARRAYS}
+            _assert_matches_direct(stored, _direct_mean(loaded, np.asarray(tr.tokens), tr.spans))
+
+
+def test_answer_rows_cli(samples, mean_run, tmp_path, capsys):
+    out = tmp_path / "cli.h5"
+    assert main(["updates", *BASE, "--traces", str(samples), "--out", str(out), "--limit", "3",
+                 "--answer-rows", "mean"]) == 0
+    ref, got = _read(mean_run), _read(out)
+    assert set(got) == set(ref)
+    for t in ref:
+        for n in UPDATE_ARRAYS:
+            np.testing.assert_array_equal(got[t][n], ref[t][n])
+    capsys.readouterr()
+    assert main(["updates", *BASE, "--traces", str(samples), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--answer-rows mean" in err[0] and "--out" in err[0]
