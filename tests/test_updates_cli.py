@@ -204,18 +204,22 @@ def test_lhat_cache_gains_updates(samples, tmp_path, capsys):
             assert tr["upd_m7"][:].shape[1] == b - a
 
 
-@pytest.fixture(scope="module")
-def byte_traces(tmp_path_factory):
+def _byte_traces(path, answers: tuple[str, str]):
     """Two short traces (byte tokenizer: one token per character) within tiny_config's 256."""
-    path = tmp_path_factory.mktemp("byte") / "short.jsonl"
     rows = [
         {"id": "a", "question": "2+2?", "trajectory": "Add 2 and 2. Wait, 2+2=4. So 4.",
-         "answer": "4"},
+         "answer": answers[0]},
         {"id": "b", "question": "3*3?", "trajectory": "Three threes. Hmm, 9. Therefore 9.",
-         "answer": "9"},
+         "answer": answers[1]},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture(scope="module")
+def byte_traces(tmp_path_factory):
+    """One-token answers."""
+    return _byte_traces(tmp_path_factory.mktemp("byte") / "short.jsonl", ("4", "9"))
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -390,15 +394,7 @@ def test_answer_rows_must_be_known():
 @pytest.fixture(scope="module")
 def byte_traces_long_answers(tmp_path_factory):
     """Short traces whose answers span several byte tokens (𝒬 has 3–5 rows)."""
-    path = tmp_path_factory.mktemp("byte-long") / "short.jsonl"
-    rows = [
-        {"id": "a", "question": "2+2?", "trajectory": "Add 2 and 2. Wait, 2+2=4. So 4.",
-         "answer": "four"},
-        {"id": "b", "question": "3*3?", "trajectory": "Three threes. Hmm, 9. Therefore 9.",
-         "answer": "x=9"},
-    ]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return _byte_traces(tmp_path_factory.mktemp("byte-long") / "short.jsonl", ("four", "x=9"))
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
