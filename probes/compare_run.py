@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from probes.errors import ProbesError
+from probes.jsonable import jsonable
 
 COMPARE_METRICS = ("abs_delta", "delta", "rho", "lam", "abs_lam")
 
@@ -503,20 +504,6 @@ def _plots(folder: Path, rows, effects, pooled, metric) -> list[str]:
     return paths
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    return x
-
-
 def report_json(report: dict[str, Any]) -> dict[str, Any]:
     """The report with numpy values turned into plain JSON (NaN → null)."""
     out = {k: v for k, v in report.items() if k != "table_text"}
@@ -524,7 +511,7 @@ def report_json(report: dict[str, Any]) -> dict[str, Any]:
         out["updates"] = {k: v for k, v in out["updates"].items() if k not in ("_cmp", "table_text")}
     if "fit" in out:
         out["fit"] = {k: v for k, v in out["fit"].items() if k != "text"}
-    return _jsonable(out)
+    return jsonable(out)
 
 
 def format_report(report: dict[str, Any]) -> str:

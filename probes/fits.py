@@ -66,6 +66,7 @@ from sklearn.model_selection import GroupKFold, KFold
 from torch import Tensor
 
 from probes.errors import ProbesError
+from probes.jsonable import jsonable
 from probes.mlp_update import (
     LayerWeights,
     capture_rows,
@@ -195,20 +196,6 @@ def _ridge_cv(x: np.ndarray, y: np.ndarray, alphas: Sequence[float]) -> tuple[Ri
     model = RidgeCV(alphas=np.asarray(alphas, dtype=np.float64) * scale, fit_intercept=False)
     model.fit(x, y)
     return model, float(model.alpha_) / scale
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, np.ndarray):
-        return _jsonable(v.tolist())
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(e) for e in v]
-    if isinstance(v, dict):
-        return {k: _jsonable(e) for k, e in v.items()}
-    if isinstance(v, (np.floating, float)):
-        return None if not math.isfinite(float(v)) else float(v)
-    if isinstance(v, np.integer):
-        return int(v)
-    return v
 
 
 # --------------------------------------------------------------------------------------------------
@@ -366,7 +353,7 @@ class PseudoGradientFit:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (arrays as lists, NaN as None)."""
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
 def fit_pseudo_gradient(
@@ -698,7 +685,7 @@ class ThoughtPatchFit:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (arrays as lists, NaN as None; without `deltas`)."""
-        return _jsonable({k: v for k, v in asdict(self).items() if k != "deltas"})
+        return jsonable({k: v for k, v in asdict(self).items() if k != "deltas"})
 
 
 def thought_patch_fit(
@@ -780,7 +767,7 @@ class ThoughtPatchNll:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (arrays as lists, NaN as None)."""
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
 
 @torch.no_grad()

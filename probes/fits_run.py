@@ -29,7 +29,6 @@ import numpy as np
 from probes.errors import ProbesError
 from probes.models import LoadedModel, load_model
 
-
 MIN_MASKING_LOSS = 0.1
 """Nats: traces whose masked NLL exceeds the clean one by less have no masking loss to recover and
 are left out of `share_recovered` (its denominator)."""

@@ -467,7 +467,9 @@ def _install_kv_cache_shim() -> None:
     class covers them all. The wrapper only acts when `past_key_values` and `layer_past` are both
     absent and `cache` is present, so it is a no-op on transformers < 5.24.
     """
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
+    from transformer_lens.model_bridge.generalized_components.attention import (
+        AttentionBridge,
+    )
 
     current = AttentionBridge._update_kv_cache
     if getattr(current, "_probes_kv_shim", False):

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from probes.errors import ProbesError
+from probes.jsonable import jsonable
 
 EXIT_USER_ERROR = 2
 
@@ -438,7 +439,6 @@ def _cmd_updates(args: argparse.Namespace) -> int:
 def _cmd_fit(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
-    from probes.compare_run import _jsonable
     from probes.fits_run import FitConfig, fit_traces, format_fit_report
 
     hf_logging.disable_progress_bar()
@@ -448,7 +448,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
                     layers=tuple(args.layers) if args.layers else None,
                     random_init_control=args.random_init_control, seed=args.seed,
                     n_boot=args.n_boot, nll=not args.no_nll)
-    report = _jsonable(fit_traces(args.model, args.traces, cfg, device=args.device,
+    report = jsonable(fit_traces(args.model, args.traces, cfg, device=args.device,
                                   dtype=args.model_dtype))
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
