@@ -546,7 +546,7 @@ def _mlp_result(out: dict[str, list[Tensor]], query: int, traj: list[int]) -> Ml
 
 
 def mlp_updates_from(cap: RowCapture, weights: Sequence[LayerWeights],
-                     trajectory: Sequence[int]) -> MlpUpdates:
+                     trajectory: Sequence[int], *, keep_du: bool = True) -> MlpUpdates:
     """M5 at the first captured row from an existing capture (no forward).
 
     Args:
@@ -556,6 +556,8 @@ def mlp_updates_from(cap: RowCapture, weights: Sequence[LayerWeights],
             run).
         trajectory: Trajectory key positions, strictly increasing, all < q (checked by the caller,
             e.g. with `check_positions`).
+        keep_du: Keep the [L, T, d] step factors `du` (False: `du` is None; the `updates`
+            command stores only the statistics).
 
     Returns:
         The per-layer, per-token quantities (float64).
@@ -564,7 +566,7 @@ def mlp_updates_from(cap: RowCapture, weights: Sequence[LayerWeights],
     out: dict[str, list[Tensor]] = {k: [] for k in _MLP_KEYS}
     for layer, w in enumerate(weights):
         m, u = restricted_inputs(cap, w, layer, traj)
-        _row_step_stats(m[0], u[0], w, cap.mlp_post[layer][0], out)  # [T+1, d]
+        _row_step_stats(m[0], u[0], w, cap.mlp_post[layer][0], out, keep_du)  # [T+1, d]
     return _mlp_result(out, cap.rows[0], traj)
 
 

@@ -262,7 +262,7 @@ def trace_update_arrays(loaded: LoadedModel, tt, consts: RunConstants | None = N
     clock.lap("alignment")
     upd = token_updates_from(loaded, get_query(), consts.o_proj)
     clock.lap("m1_m4")
-    mlp = mlp_updates_from(get_rows(), consts.m5, traj)
+    mlp = mlp_updates_from(get_rows(), consts.m5, traj, keep_du=False)
     clock.lap("m5")
     arrays = {
         "upd_contrib": _f32(upd.contrib_sum_norm[:, a:b]),
