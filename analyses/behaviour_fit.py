@@ -1,4 +1,4 @@
-"""Behaviour explained by mechanism: ΔL̂_t regressed on per-token implicit updates (MEASUREMENTS M12(c)).
+"""Behaviour explained by mechanism: ΔL̂_t regressed on per-token implicit updates (docs/methods.md#m12).
 
 Per trajectory token t of every trace with both an L̂ curve (`lhat`) and the `upd_*` arrays
 (`updates`), the target is the behavioural change `ΔL̂_t = L̂_{t+1} − L̂_t` (or |ΔL̂_t|) and the
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from analyses.lhat_effects import DELIMITER, REFLECTION, TokenSets
+from analyses.token_sets import DELIMITER, REFLECTION, TokenSets
 
 __all__ = ["BehaviourFit", "DesignMatrix", "behaviour_design", "fit_behaviour", "format_fit"]
 

@@ -1,7 +1,7 @@
 """Behavioural per-token effects on the L̂ curve, category comparisons with controls, L̂ trends.
 
-Everything here works on one trace's L̂ curve (MEASUREMENTS §1.3, M8) and its per-token category
-arrays (`probes.categories.categorize`), all as numpy arrays. Pure functions; no model, no I/O.
+Everything here works on one trace's L̂ curve (docs/methods.md#m8) and its per-token category
+arrays (`probes.traces.categories.categorize`), all as numpy arrays. Pure functions; no model, no I/O.
 
 Conventions (as in `probes.lhat`):
 
@@ -10,7 +10,7 @@ Conventions (as in `probes.lhat`):
 * Trajectory tokens are indexed 0..T−1. The change caused by token i is `lhat[i+1] − lhat[i]`.
 * A phrase occurrence covers trajectory tokens `[a, b)` (an `Occurrence`).
 
-Per token i (MEASUREMENTS §1.4):
+Per token i (docs/methods.md#m8):
 
     Δ_i = lhat[i+1] − lhat[i],  |Δ_i|,  ρ_i = |Δ_i| / lhat[i],  λ_i = log lhat[i+1] − log lhat[i]
 
@@ -23,7 +23,7 @@ notebook's `[a, b+1]` (one token past the word; the off-by-one is reproduced on 
 and `raml_notebook_occurrences` reproduces the notebook's word matching (no-space ids only, up to
 the first `</think>`).
 
-Statistics treat traces as units (MEASUREMENTS §7.5): `token_effects` builds one trace's table
+Statistics treat traces as units (docs/methods.md#controls): `token_effects` builds one trace's table
 (including the controls), `per_trace_aggregates` reduces each category / control / phrase to one
 number per trace, `category_comparison` compares them with `analyses.stats.compare_paired`
 (bootstrap CIs over traces, Wilcoxon signed-rank, Cliff's δ, Holm over every comparison made).
@@ -46,58 +46,28 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from scipy import signal, stats
 
 from analyses.stats import PairedComparison, bootstrap_ci, cliffs_delta, compare_paired, holm
-
-__all__ = [
-    "DEFAULT_PAIRS",
-    "DELIMITER",
-    "METRICS",
-    "ORDINARY",
-    "RAML_NOTEBOOK_WORDS",
-    "REFLECTION",
-    "ComparisonTable",
-    "CurveComparison",
-    "Occurrence",
-    "TokenSets",
-    "TraceEffects",
-    "category_comparison",
-    "compare_curves",
-    "curve_summaries",
-    "ema",
-    "format_comparison_table",
-    "lhat_trend",
-    "occurrence_effects",
-    "paragraph_starts",
-    "per_trace_aggregates",
-    "phrase_occurrences",
-    "pooled_values",
-    "position_matched_ordinary",
-    "raml_notebook_occurrences",
-    "shuffled_labels",
-    "token_effects",
-    "token_metrics",
-    "token_sets",
-]
-
-ORDINARY, REFLECTION, DELIMITER = 0, 1, 2
-"""Category codes of trajectory tokens (equal to `probes.categories.CATEGORY_CODES`; not imported
-so that this package stays free of the tokenizer stack)."""
+from analyses.token_sets import (
+    _SET_NAMES,
+    _UNITS,
+    DELIMITER,
+    ORDINARY,
+    REFLECTION,
+    Occurrence,
+    _trajectory_length,
+    token_sets,
+)
 
 METRICS = ("delta", "abs_delta", "rho", "lam", "abs_lam")
 """Metric names: signed change Δ, |Δ|, RaML's relative change ρ, log-ratio λ, |λ|."""
 
-RAML_NOTEBOOK_WORDS = (
-    "wait", "Wait", "retry", "Retry", "recheck", "Recheck",
-    "however", "However", "alternatively", "Alternatively",
-)
-"""The reflection words of RaML's `pseudo_gradient_descent.ipynb` (cell 26), in its order."""
 
 DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (
     ("reflection", "ordinary"),
@@ -116,33 +86,6 @@ tokens (the shuffled set contains real reflection tokens, so a real effect leaks
 shuffled reflection against *all* shuffled-ordinary tokens (the mean of a few tokens against the
 mean of hundreds: with heavy-tailed |ΔL̂| the small set's mean is usually below the large set's,
 so the signed-rank test can reject without any effect)."""
-
-_UNITS = ("phrase", "first_token", "token")
-_SET_NAMES = (
-    "reflection", "delimiter", "ordinary", "paragraph_initial", "position_matched",
-    "shuffled_reflection", "shuffled_ordinary",
-)
-
-
-class Occurrence(NamedTuple):
-    """A phrase occurrence covering trajectory tokens `[start, end)` (0-based).
-
-    Attributes:
-        start: First trajectory token.
-        end: One past the last trajectory token.
-        category: Category code (1 reflection, 2 delimiter).
-        phrase_id: Phrase id (lexicon id, or index into `RAML_NOTEBOOK_WORDS` for notebook
-            matches); -1 when unknown.
-    """
-
-    start: int
-    end: int
-    category: int
-    phrase_id: int
-
-
-# --------------------------------------------------------------------------------------------------
-# Curves and per-token metrics
 
 
 def _as_curve(lhat: np.ndarray | Sequence[float]) -> np.ndarray:
@@ -181,7 +124,7 @@ def token_metrics(lhat: np.ndarray | Sequence[float]) -> dict[str, np.ndarray]:
     """Per-token Δ, |Δ|, ρ, λ, |λ| of one curve.
 
     Index i belongs to trajectory token i (the change `lhat[i] → lhat[i+1]`); equal to
-    `probes.lhat.delta_lhat`, `relative_change` and `log_ratio`.
+    `probes.measures.lhat.delta_lhat`, `relative_change` and `log_ratio`.
 
     Args:
         lhat: float [T+1] L̂ curve.
@@ -204,7 +147,7 @@ def occurrence_effects(
     """Metrics of the change across each phrase occurrence.
 
     Default window: `lhat[a] → lhat[b]` for an occurrence `[a, b)`, i.e. from the prefix just
-    before the phrase to the prefix that ends with its last token (MEASUREMENTS §1.4, toolkit
+    before the phrase to the prefix that ends with its last token (docs/methods.md#m8, toolkit
     definition `ρ(w) = |L̂_{e(w)} − L̂_{s(w)−1}| / L̂_{s(w)−1}`). Its Δ equals the sum of the
     token Δs of the phrase.
 
@@ -249,214 +192,6 @@ def ema(values: np.ndarray | Sequence[float], alpha: float) -> np.ndarray:
         return x.copy()
     out, _ = signal.lfilter([alpha], [1.0, alpha - 1.0], x, zi=[(1.0 - alpha) * x[0]])
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Occurrences
-
-
-def phrase_occurrences(
-    category: np.ndarray,
-    phrase_id: np.ndarray | None = None,
-    is_first: np.ndarray | None = None,
-    traj_span: tuple[int, int] | None = None,
-) -> list[Occurrence]:
-    """Phrase occurrences from per-token arrays, in trajectory token coordinates.
-
-    An occurrence starts at a reflection/delimiter token that is a phrase's first token
-    (`is_first`), or whose category or phrase differs from the previous token's; it runs while the
-    following tokens carry the same category and phrase and are not a first token.
-
-    Args:
-        category: uint8 per-token category codes (`TokenCategories.category`), over the whole
-            sequence when `traj_span` is given, else over the trajectory only.
-        phrase_id: int per-token phrase ids (-1 none), same length; None: runs of one category.
-        is_first: bool per-token "first token of its occurrence", same length; None: runs only.
-        traj_span: `(start, end)` of the trajectory in the arrays (`tt.spans["trajectory"]`), or
-            None when the arrays already cover the trajectory only.
-
-    Returns:
-        The occurrences, sorted by start; `start`/`end` are 0-based trajectory token indices.
-    """
-    cat = np.asarray(category)
-    sl = slice(*traj_span) if traj_span is not None else slice(None)
-    cat = cat[sl].astype(np.int64)
-    n = cat.size
-    pid = (np.asarray(phrase_id)[sl].astype(np.int64) if phrase_id is not None
-           else np.full(n, -1, dtype=np.int64))
-    first = (np.asarray(is_first)[sl].astype(bool) if is_first is not None
-             else np.zeros(n, dtype=bool))
-    if pid.size != n or first.size != n:
-        raise ValueError("category, phrase_id and is_first must have the same length.")
-    labelled = (cat == REFLECTION) | (cat == DELIMITER)
-    prev_cat = np.concatenate([[-1], cat[:-1]])
-    prev_pid = np.concatenate([[-2], pid[:-1]])
-    prev_lab = np.concatenate([[False], labelled[:-1]])
-    new = labelled & (first | ~prev_lab | (prev_cat != cat) | (prev_pid != pid))
-    starts = np.flatnonzero(new)
-    breaks = np.flatnonzero(new | ~labelled)
-    out = []
-    for s in starts:
-        k = np.searchsorted(breaks, s, side="right")
-        e = int(breaks[k]) if k < breaks.size else n
-        out.append(Occurrence(int(s), e, int(cat[s]), int(pid[s])))
-    return out
-
-
-def _find_subsequence(ids: np.ndarray, pattern: np.ndarray) -> np.ndarray:
-    """Start indices where `pattern` occurs in `ids` (overlaps allowed)."""
-    m = pattern.size
-    if m == 0 or ids.size < m:
-        return np.zeros(0, dtype=np.int64)
-    windows = np.lib.stride_tricks.sliding_window_view(ids, m)
-    return np.flatnonzero(np.all(windows == pattern[None, :], axis=1))
-
-
-def raml_notebook_occurrences(
-    traj_token_ids: np.ndarray | Sequence[int],
-    tokenizer_encode: Callable[[str], Sequence[int]],
-    think_close_id: int | Sequence[int] | None = None,
-    *,
-    words: Sequence[str] = RAML_NOTEBOOK_WORDS,
-) -> list[Occurrence]:
-    """Reflection words matched exactly as RaML's notebook does (MEASUREMENTS §1.4).
-
-    Each word is matched by the id sequence `tokenizer_encode(word)`, i.e. its spelling *without*
-    a leading space. So a line-initial "Wait" (after "\\n\\n", or after punctuation when the
-    tokenizer splits there) is found, but a mid-sentence " wait" (a different BPE id) is not.
-    Only tokens before the first `</think>` are scanned; a match must end before it. Words are
-    matched independently (the notebook keeps one list per word).
-
-    Args:
-        traj_token_ids: int [T] trajectory token ids.
-        tokenizer_encode: `str -> ids` without special tokens, e.g.
-            `lambda s: tok.encode(s, add_special_tokens=False)` (a callable, so that this module
-            does not import transformers).
-        think_close_id: Id of `</think>` (or its id sequence when it is several tokens); None: scan
-            everything.
-        words: The word list (default: the notebook's ten).
-
-    Returns:
-        `Occurrence(start, end, 1, word_index)` per match (word_index into `words`), sorted by
-        (start, word_index).
-    """
-    ids = np.asarray(traj_token_ids, dtype=np.int64)
-    stop = ids.size
-    if think_close_id is not None:
-        close = np.atleast_1d(np.asarray(think_close_id, dtype=np.int64))
-        hits = _find_subsequence(ids, close)
-        if hits.size:
-            stop = int(hits[0])
-    scan = ids[:stop]
-    out = []
-    for w_idx, word in enumerate(words):
-        pattern = np.asarray(list(tokenizer_encode(word)), dtype=np.int64)
-        for s in _find_subsequence(scan, pattern):
-            out.append(Occurrence(int(s), int(s) + pattern.size, REFLECTION, w_idx))
-    return sorted(out, key=lambda o: (o.start, o.phrase_id))
-
-
-# --------------------------------------------------------------------------------------------------
-# Controls
-
-
-def paragraph_starts(token_strings: Sequence[str], *, include_first: bool = False) -> np.ndarray:
-    """Which tokens start a paragraph ("\\n\\n"-separated), from the decoded token strings.
-
-    Token i starts a paragraph when it holds a non-whitespace character and the whitespace run just
-    before its first non-whitespace character (possibly spread over earlier tokens, e.g. "\\n" +
-    "\\n", or inside the token, e.g. "\\n\\nWait") contains at least two newlines. So both "the
-    previous token ends with \\n\\n" and "the token starts with \\n\\n" count. Whitespace-only
-    tokens never start a paragraph.
-
-    Args:
-        token_strings: Decoded text of every token (e.g. `tok.decode([id])` or slices of the text by
-            the offset mapping), not byte-level symbols such as "ĊĊ".
-        include_first: Also mark the first token with non-whitespace text.
-
-    Returns:
-        bool [n].
-    """
-    out = np.zeros(len(token_strings), dtype=bool)
-    pending_newlines = 0
-    seen_content = False
-    for i, s in enumerate(token_strings):
-        stripped = s.lstrip()
-        if not stripped:
-            pending_newlines += s.count("\n")
-            continue
-        lead = s[: len(s) - len(stripped)]
-        newlines = pending_newlines + lead.count("\n")
-        out[i] = newlines >= 2 or (include_first and not seen_content)
-        seen_content = True
-        trail = s[len(s.rstrip()):]
-        pending_newlines = trail.count("\n")
-    return out
-
-
-def position_matched_ordinary(
-    occurrence_starts: np.ndarray | Sequence[int],
-    ordinary_mask: np.ndarray,
-    rng: np.random.Generator | int | None = None,
-    k: int = 1,
-    *,
-    window: int | None = None,
-) -> np.ndarray:
-    """Ordinary tokens matched in position to each occurrence (a control for position effects).
-
-    Default: for each occurrence start s, the k ordinary tokens nearest to s (|i − s| smallest;
-    ties, e.g. s−1 against s+1, broken at random). With `window=w`: k ordinary tokens drawn at
-    random without replacement from those with |i − s| <= w (fewer if fewer exist).
-
-    Args:
-        occurrence_starts: int [n_occ] first trajectory token of each occurrence.
-        ordinary_mask: bool [T] tokens eligible as controls (ordinary, inside no phrase).
-        rng: Generator or seed for tie-breaking / sampling.
-        k: Controls per occurrence.
-        window: Sample within ±window tokens instead of taking the nearest.
-
-    Returns:
-        int64 [n_occ, k] trajectory token indices; -1 where no control was found.
-    """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}.")
-    rng = np.random.default_rng(rng)
-    starts = np.asarray(occurrence_starts, dtype=np.int64).reshape(-1)
-    cand = np.flatnonzero(np.asarray(ordinary_mask, dtype=bool))
-    out = np.full((starts.size, k), -1, dtype=np.int64)
-    if cand.size == 0:
-        return out
-    for r, s in enumerate(starts):
-        dist = np.abs(cand - s)
-        if window is None:
-            jitter = dist + rng.random(cand.size) * 0.5  # < 1: breaks ties only
-            take = min(k, cand.size)
-            chosen = cand[np.argsort(jitter, kind="stable")[:take]]
-        else:
-            pool = cand[dist <= window]
-            take = min(k, pool.size)
-            chosen = rng.choice(pool, size=take, replace=False) if take else pool[:0]
-        out[r, : chosen.size] = np.sort(chosen)
-    return out
-
-
-def shuffled_labels(
-    category_codes: np.ndarray, rng: np.random.Generator | int | None = None
-) -> np.ndarray:
-    """Category labels permuted among a trace's trajectory tokens (counts preserved): the null.
-
-    Args:
-        category_codes: [T] labels of one trace's trajectory tokens.
-        rng: Generator or seed.
-
-    Returns:
-        A permutation of `category_codes` (same dtype).
-    """
-    return np.random.default_rng(rng).permutation(np.asarray(category_codes))
-
-
-# --------------------------------------------------------------------------------------------------
-# One trace's table
 
 
 @dataclass(frozen=True)
@@ -619,150 +354,6 @@ def token_effects(
     )
 
 
-def _trajectory_length(category: np.ndarray, traj_span: tuple[int, int] | None) -> int:
-    cat = np.asarray(category)
-    return int(cat[slice(*traj_span)].size if traj_span is not None else cat.size)
-
-
-@dataclass(frozen=True)
-class TokenSets:
-    """One trace's token labels, phrase occurrences and control sets, independent of any metric.
-
-    The same sets serve every per-token quantity: the L̂ effects (`token_effects`) and the
-    mechanistic per-layer arrays (`analyses.update_effects`).
-
-    Attributes:
-        labels: uint8 [T] 1/2 on tokens inside a reflection/delimiter occurrence, 0 on ordinary
-            tokens (other codes passed in are kept and belong to no set).
-        occurrences: The occurrences (trajectory coordinates), sorted by start.
-        paragraph_initial: bool [T] ordinary tokens that start a paragraph, or None.
-        position_matched: int64 [n_reflection_occ, k] matched ordinary tokens (-1 none).
-        shuffled: [T] `labels` permuted within the trace.
-        shuffled_ordinary: int64 [n] a random sample, as large as the shuffled reflection set, of
-            the tokens whose shuffled label is ordinary.
-    """
-
-    labels: np.ndarray
-    occurrences: tuple[Occurrence, ...]
-    paragraph_initial: np.ndarray | None
-    position_matched: np.ndarray
-    shuffled: np.ndarray
-    shuffled_ordinary: np.ndarray
-
-    @property
-    def n_tokens(self) -> int:
-        """T, the number of trajectory tokens."""
-        return int(self.labels.size)
-
-    def indices(self, name: str, unit: str = "token") -> np.ndarray:
-        """Trajectory token indices of one set.
-
-        Args:
-            name: `reflection`, `delimiter`, `ordinary`, `paragraph_initial`, `position_matched`,
-                `shuffled_reflection`, `shuffled_ordinary` or `phrase:<id>`.
-            unit: For phrase sets: `"token"` every token inside the occurrences, `"first_token"`
-                each occurrence's first token (`"phrase"` is not a token set and is refused).
-                Control sets are single tokens either way.
-
-        Returns:
-            int64 sorted unique indices (a token may appear once even if matched twice).
-        """
-        if unit not in ("token", "first_token"):
-            raise ValueError(f"TokenSets.indices: unit must be 'token' or 'first_token', got {unit!r}.")
-        if name == "ordinary":
-            return np.flatnonzero(self.labels == ORDINARY)
-        if name == "paragraph_initial":
-            return (np.flatnonzero(self.paragraph_initial) if self.paragraph_initial is not None
-                    else np.zeros(0, np.int64))
-        if name == "position_matched":
-            idx = self.position_matched.reshape(-1)
-            return np.unique(idx[idx >= 0])
-        if name == "shuffled_reflection":
-            return np.flatnonzero(self.shuffled == REFLECTION)
-        if name == "shuffled_ordinary":
-            return np.asarray(self.shuffled_ordinary, np.int64)
-        if name in ("reflection", "delimiter"):
-            code = REFLECTION if name == "reflection" else DELIMITER
-            occs = [o for o in self.occurrences if o.category == code]
-        elif name.startswith("phrase:"):
-            pid = int(name.split(":", 1)[1])
-            occs = [o for o in self.occurrences if o.phrase_id == pid]
-        else:
-            raise ValueError(f"Unknown set name {name!r}.")
-        if unit == "first_token":
-            return np.unique(np.asarray([o.start for o in occs], np.int64))
-        return np.unique(np.asarray([t for o in occs for t in range(o.start, o.end)], np.int64))
-
-
-def token_sets(
-    category: np.ndarray,
-    phrase_id: np.ndarray | None = None,
-    is_first: np.ndarray | None = None,
-    *,
-    traj_span: tuple[int, int] | None = None,
-    occurrences: Sequence[Occurrence] | None = None,
-    paragraph_start: np.ndarray | None = None,
-    n_matched: int = 1,
-    match_window: int | None = None,
-    rng: np.random.Generator | int | None = None,
-) -> TokenSets:
-    """One trace's labels, occurrences and control sets (see `token_effects` for the arguments).
-
-    Draws from `rng` in a fixed order (position matching, label shuffle, null sample), so the same
-    generator state gives the same sets whichever metric they are used with.
-
-    Returns:
-        The `TokenSets`.
-
-    Raises:
-        ValueError: If an occurrence or `paragraph_start` does not fit the trajectory.
-    """
-    cat = np.asarray(category)
-    if traj_span is not None:
-        cat = cat[slice(*traj_span)]
-    n = cat.size
-    rng = np.random.default_rng(0 if rng is None else rng)
-    if occurrences is None:
-        occs = phrase_occurrences(category, phrase_id, is_first, traj_span)
-    else:
-        occs = sorted((Occurrence(*map(int, o[:4])) for o in occurrences),
-                      key=lambda o: (o.start, o.phrase_id))
-
-    labels = cat.astype(np.uint8).copy()
-    labels[(labels == REFLECTION) | (labels == DELIMITER)] = ORDINARY
-    for o in occs:
-        if not 0 <= o.start < o.end <= n:
-            raise ValueError(f"Occurrence {o} is outside the trajectory (T = {n}).")
-        labels[o.start:o.end] = o.category
-
-    para = None
-    if paragraph_start is not None:
-        ps = np.asarray(paragraph_start, dtype=bool)
-        if ps.size != n:
-            raise ValueError(f"paragraph_start has {ps.size} entries, the trajectory {n}.")
-        para = ps & (labels == ORDINARY)
-
-    refl_starts = [o.start for o in occs if o.category == REFLECTION]
-    matched = position_matched_ordinary(refl_starts, labels == ORDINARY, rng, n_matched,
-                                        window=match_window)
-    shuffled = shuffled_labels(labels, rng)
-    pool = np.flatnonzero(shuffled == ORDINARY)
-    size = min(int(np.sum(shuffled == REFLECTION)), pool.size)
-    shuffled_ord = np.sort(rng.choice(pool, size=size, replace=False)) if size else pool[:0]
-    return TokenSets(
-        labels=labels,
-        occurrences=tuple(occs),
-        paragraph_initial=para,
-        position_matched=matched,
-        shuffled=shuffled,
-        shuffled_ordinary=shuffled_ord.astype(np.int64),
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Aggregation and comparison
-
-
 def _phrase_label(pid: int, phrase_names: Mapping[int, str] | Sequence[str] | None) -> str:
     if phrase_names is None:
         return f"phrase:{pid}"
@@ -887,7 +478,7 @@ def category_comparison(
     seed: int = 0,
     meta: Mapping[str, Any] | None = None,
 ) -> ComparisonTable:
-    """Compare categories, controls and phrases across traces (MEASUREMENTS §7.5).
+    """Compare categories, controls and phrases across traces (docs/methods.md#controls).
 
     Each comparison pairs two per-trace aggregates within traces (`analyses.stats.compare_paired`):
     medians and means with bootstrap 95% CIs resampling traces, the median within-trace difference
@@ -979,10 +570,6 @@ def format_comparison_table(table: ComparisonTable | Sequence[PairedComparison])
     lines += [line(header), "  ".join("-" * w for w in widths)]
     lines += [line(b) for b in body]
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# Trend along the trajectory and curve comparisons
 
 
 def _spearman(y: np.ndarray) -> float:
@@ -1144,7 +731,7 @@ def compare_curves(
     n_boot: int = 2000,
     seed: int = 0,
 ) -> dict[str, CurveComparison]:
-    """Compare two sets of L̂ curves, e.g. thinking vs no-thinking (MEASUREMENTS §1.5).
+    """Compare two sets of L̂ curves, e.g. thinking vs no-thinking (docs/methods.md#m8).
 
     For no-thinking curves the caller inserts the NoThinking delimiter "Therefore, after all this,
     I believe the answer is" after `<think>` (RaML/QwQ) as the trajectory; this function only
@@ -1204,3 +791,4 @@ def compare_curves(
     adjusted = holm([c.p for c in out])
     return {c.metric: CurveComparison(**{**asdict(c), "p_holm": float(p)})
             for c, p in zip(out, adjusted, strict=True)}
+

@@ -37,13 +37,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from analyses.lhat_effects import (
-    DELIMITER,
-    REFLECTION,
-    Occurrence,
-    ema,
-    phrase_occurrences,
-)
+from analyses.lhat_effects import ema
+from analyses.token_sets import DELIMITER, REFLECTION, Occurrence, phrase_occurrences
 
 __all__ = [
     "HEATMAP_ROW_ORDER",

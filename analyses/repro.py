@@ -47,7 +47,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from analyses.lhat_effects import ema, paragraph_starts
+from analyses.lhat_effects import ema
+from analyses.token_sets import paragraph_starts
 
 __all__ = [
     "ReproScores",
@@ -94,7 +95,7 @@ def top_entropy_segments(first_token_entropy: np.ndarray | Sequence[float], k: i
 
     Args:
         first_token_entropy: float [J] entropy of the next-token distribution at the position
-            that predicts each segment's first token (MEASUREMENTS M9).
+            that predicts each segment's first token (docs/methods.md#not-yet).
         k: How many to keep (RePro: 10, 20 or 30).
 
     Returns:

@@ -1,11 +1,11 @@
 """Category comparisons of the per-token implicit updates, per layer and pooled, with controls.
 
 Input: per trace, the `upd_*` arrays of `python -m probes.run updates` (float [n_layers, T], index
-i = trajectory token i; MEASUREMENTS §7.3 M1–M7) and the trace's `TokenSets`
+i = trajectory token i; docs/methods.md#m1 .. #m7) and the trace's `TokenSets`
 (`analyses.lhat_effects.token_sets`: labels, occurrences, paragraph-initial and position-matched
 ordinary tokens, shuffled labels). Pure numpy/scipy; no model, no I/O.
 
-Statistics as for the L̂ effects (MEASUREMENTS §7.5): per trace and layer, one aggregate per set
+Statistics as for the L̂ effects (docs/methods.md#controls): per trace and layer, one aggregate per set
 (mean or median over the set's tokens), then comparisons with traces as units
 (`analyses.stats.compare_paired`: bootstrap CIs resampling traces, Wilcoxon signed-rank, Cliff's
 δ). Holm's correction runs over EVERY comparison of a table: all metrics × (layers + pooled) ×
@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from analyses.lhat_effects import DEFAULT_PAIRS, TokenSets
+from analyses.lhat_effects import DEFAULT_PAIRS
 from analyses.stats import PairedComparison, compare_paired
+from analyses.token_sets import TokenSets
 
 __all__ = [
     "POOLED",

@@ -5,8 +5,8 @@ Builds a seeded random-init Qwen2 (default: d_model 512, 8 layers, 8 query / 2 K
 tokens for each `--lengths` T, and measures in one process, per T (median of `--repeats`):
 
 * `plain`: the same chunked forward through the KV cache that the capture runs, without hooks
-  (`probes.capture.forward_plain`, same tokens, same chunk size, same backend);
-* `cache`: the whole `probes.capture.cache_traces` call on that trace into a fresh HDF5 file
+  (`probes.measures.activations.forward_plain`, same tokens, same chunk size, same backend);
+* `cache`: the whole `probes.commands.cache.cache_traces` call on that trace into a fresh HDF5 file
   (reading, tokenizing, labelling, capture, stacking, writing and flushing all included);
 * `ratio` = cache / plain (goal <= 1.3), with the outputs held in RAM and (`spooled`) written
   through a temporary file (`max_ram_mib=0`), and the write speed inside the HDF5 writer (MB/s,
@@ -49,10 +49,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from probes.capture import CacheConfig, cache_traces, forward_plain  # noqa: E402
-from probes.models import LoadedModel, boot_model  # noqa: E402
-from probes.traces import read_traces, tokenize_traces  # noqa: E402
-from probes.tiny import byte_tokenizer as _byte_tokenizer
+from hooks.model import LoadedModel
+from probes.commands.cache import CacheConfig, cache_traces
+from probes.measures.activations import forward_plain
+from probes.models.load import boot_model
+from probes.models.tiny import byte_tokenizer as _byte_tokenizer
+from probes.traces.read import read_traces
+from probes.traces.tokenize import tokenize_traces
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -200,8 +203,8 @@ def time_lengths(args: argparse.Namespace, loaded: LoadedModel, workdir: Path) -
 
 def time_samples(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """tiny-reasoner on its sample traces: plain forward vs cache_traces (median of repeats)."""
-    from probes.demo import SAMPLE_TRACES
-    from probes.models import load_model
+    from probes.commands.demo import SAMPLE_TRACES
+    from probes.models.load import load_model
 
     loaded = load_model("tiny-reasoner", device=args.device)
     traces = workdir / "samples.jsonl"

@@ -35,10 +35,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from probes.lhat import lhat_fast, lhat_naive  # noqa: E402
-from probes.models import LoadedModel, boot_model  # noqa: E402
-from probes.traces import SPAN_NAMES, TokenizedTrace, Trace  # noqa: E402
-from probes.tiny import byte_tokenizer as _byte_tokenizer
+from hooks.model import LoadedModel
+from probes.measures.lhat import lhat_fast, lhat_naive
+from probes.models.load import boot_model
+from probes.models.tiny import byte_tokenizer as _byte_tokenizer
+from probes.traces.read import Trace
+from probes.traces.tokenize import SPAN_NAMES, TokenizedTrace
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -172,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with peak_memory(device, mem_fast):
             res, fast_s = _timed(
                 lambda: lhat_fast(
-                    loaded, tt, chunk_size=args.chunk_size, max_pack_tokens=args.max_pack_tokens
+                    loaded, tt, chunk_size=args.chunk_size, max_pack_tokens=args.max_pack_tokens  # noqa: B023 (called within the iteration)
                 ),
                 device,
             )
@@ -182,7 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ts = np.sort(rng.choice(n_traj + 1, size=args.naive_prefixes, replace=False))
         mem_naive: dict[str, float] = {}
         with peak_memory(device, mem_naive):
-            naive, naive_run_s = _timed(lambda: lhat_naive(loaded, tt, ts=ts), device)
+            naive, naive_run_s = _timed(lambda: lhat_naive(loaded, tt, ts=ts), device)  # noqa: B023 (called within the iteration)
         extrapolated = len(ts) < n_traj + 1
         naive_s = naive_run_s / len(ts) * (n_traj + 1)
         rows.append(

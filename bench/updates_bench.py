@@ -9,7 +9,7 @@ Per T, the best of `--repeats` runs after a warm-up on a short trace, all in one
 
 * `plain`: one forward of the bridge under `torch.no_grad()` (the baseline, eager attention, as
   every `updates` forward);
-* `total`: `probes.updates_run.trace_update_arrays` (everything `updates` stores for a trace: one
+* `total`: `probes.measures.shared_pass.trace_update_arrays` (everything `updates` stores for a trace: one
   forward + one backward shared by M1–M7), with its own stage split (`alignment` = the shared
   forward + backward + M6/M7, `m1_m4`, `m5`); the per-model constants (`RunConstants`: Grams of
   W_gate/W_up, o_proj weights) are built once per run, as `updates` does, and timed separately;
@@ -50,13 +50,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from probes.alignment import answer_alignment
-from probes.mlp_update import mlp_updates
-from probes.models import LoadedModel, boot_model
-from probes.tiny import byte_tokenizer
-from probes.traces import TokenizedTrace
-from probes.updates import token_updates
-from probes.updates_run import RunConstants, trace_update_arrays
+from hooks.model import LoadedModel
+from probes.measures.alignment import answer_alignment
+from probes.measures.attention import token_updates
+from probes.measures.mlp import mlp_updates
+from probes.measures.shared_pass import RunConstants, trace_update_arrays
+from probes.models.load import boot_model
+from probes.models.tiny import byte_tokenizer
+from probes.traces.tokenize import TokenizedTrace
 
 SHAPES: dict[str, dict[str, int]] = {
     "default": {"d_model": 256, "layers": 4, "heads": 8, "kv_heads": 2, "d_mlp": 1024,

@@ -1,9 +1,7 @@
-"""Errors raised by the HDF5 cache; all are `probes.errors.ProbesError`s (one line each in the CLI).
+"""Errors raised by the HDF5 cache; `CacheError` is their root (one line each in the CLI).
 
 Every message names the file and says how to fix the problem.
 """
-
-from probes.errors import ProbesError
 
 __all__ = [
     "CacheCorruptError",
@@ -18,7 +16,7 @@ __all__ = [
 ]
 
 
-class CacheError(ProbesError):
+class CacheError(Exception):
     """Base class of every cache error."""
 
 

@@ -212,7 +212,7 @@ class CacheReader:
                 self._complete[name] = done
                 try:
                     self._ids[name] = _h5.as_str(group.attrs[schema.ATTR_TRACE_ID])
-                except Exception:  # noqa: BLE001 - interrupted groups may lack the attr
+                except Exception:
                     self._ids[name] = schema.unescape_trace_id(name)
         return self._complete
 

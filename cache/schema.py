@@ -5,12 +5,12 @@ Pure constants and small pure functions (no h5py), so every name is spelled once
 
     /                         root attributes (small; JSON strings where marked):
         schema_version        int, SCHEMA_VERSION
-        toolkit_version       str, probes.__version__ of the writer that created the file
+        toolkit_version       str, version of the toolkit that created the file (metadata["toolkit_version"])
         created               str, ISO 8601 UTC time of creation
         model                 str, the model spec (local folder or hub id)          [identity]
         architecture          JSON, ArchInfo.to_dict()                               [identity]
         model_dtype           str, parameter dtype, e.g. "bfloat16"                  [identity]
-        weight_convention     str, probes.models.WEIGHT_CONVENTION ("hf-raw: ...")   [identity]
+        weight_convention     str, hooks.model.WEIGHT_CONVENTION ("hf-raw: ...")   [identity]
         tokenizer_fingerprint str                                                    [identity]
         lexicon_fingerprint   str, Lexicon.fingerprint()                             [identity]
         category_codes        JSON {category name: uint8 code}                       [identity]
@@ -121,8 +121,10 @@ IDENTITY_KEYS: Final = (
 )
 """Keys that define what the cached numbers mean: appending with any of them different is
 refused."""
-INFORMATIONAL_KEYS: Final = (ATTR_VERSIONS, "info")
-"""Optional keys recorded at creation but never compared (package versions, free-form info)."""
+INFORMATIONAL_KEYS: Final = (ATTR_TOOLKIT_VERSION, ATTR_VERSIONS, "info")
+"""Optional keys recorded at creation but never compared (the writing toolkit's version, package
+versions, free-form info). The toolkit version is passed in by the caller, so `cache` needs nothing
+of the toolkit that uses it."""
 METADATA_KEYS: Final = IDENTITY_KEYS + INFORMATIONAL_KEYS
 JSON_ROOT_ATTRS: Final = frozenset({ATTR_ARCHITECTURE, ATTR_CATEGORY_CODES, ATTR_VERSIONS})
 """Root attributes stored as JSON strings (dicts)."""

@@ -37,7 +37,6 @@ from cache.errors import (
     DuplicateTraceError,
     TraceNotFoundError,
 )
-from probes import __version__ as _TOOLKIT_VERSION
 
 __all__ = ["CacheWriter", "SiteArray", "WriteMode", "open_writer"]
 
@@ -376,7 +375,7 @@ class CacheWriter:
             if name in self._traces:
                 del self._traces[name]
             self._open_file().flush()
-        except Exception:  # noqa: BLE001 - the original error is the one to report
+        except Exception:
             pass
 
     def _remove_incomplete(self) -> tuple[str, ...]:
@@ -520,7 +519,7 @@ def _create_file(path: Path, meta: dict[str, Any], *, replace: bool, fsync: bool
 def _write_root(f: h5py.File, meta: dict[str, Any]) -> None:
     attrs = f.attrs
     attrs[schema.ATTR_SCHEMA_VERSION] = np.int64(schema.SCHEMA_VERSION)
-    attrs[schema.ATTR_TOOLKIT_VERSION] = _TOOLKIT_VERSION
+    attrs[schema.ATTR_TOOLKIT_VERSION] = meta[schema.ATTR_TOOLKIT_VERSION]
     attrs[schema.ATTR_CREATED] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     for key in schema.STRING_ROOT_ATTRS:
         attrs[key] = meta[key]
@@ -571,6 +570,10 @@ def _normalize_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     versions.setdefault("hdf5", h5py.version.hdf5_version)
     versions.setdefault("numpy", np.__version__)
     meta[schema.ATTR_VERSIONS] = versions
+    toolkit = metadata.get(schema.ATTR_TOOLKIT_VERSION, "unknown")
+    if not isinstance(toolkit, str):
+        raise CacheInputError(f"metadata['toolkit_version'] must be a string, got {toolkit!r}")
+    meta[schema.ATTR_TOOLKIT_VERSION] = toolkit
     meta["info"] = _json_dict(metadata.get("info", {}), "info")
     return meta
 
@@ -628,7 +631,7 @@ def _is_complete(group: Any) -> bool:
 def _trace_id(group: Any, name: str) -> str:
     try:
         return _h5.as_str(group.attrs[schema.ATTR_TRACE_ID])
-    except Exception:  # noqa: BLE001 - an interrupted group may lack or garble its attrs
+    except Exception:
         return schema.unescape_trace_id(name)
 
 

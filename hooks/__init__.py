@@ -7,7 +7,6 @@ and keeps no global state.
 """
 
 from hooks.capture import capture
-from hooks.store import Captured, CaptureStore
 from hooks.hf_fast import run_residual_hf
 from hooks.reduce import CaptureError
 from hooks.sites import (
@@ -19,6 +18,7 @@ from hooks.sites import (
     parse_site,
     sites_for,
 )
+from hooks.store import Captured, CaptureStore
 
 __all__ = [
     "SITE_TABLE",

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from hooks.model import ArchInfo, LoadedModel
 from hooks.reduce import (
     CaptureError,
     PositionSpec,
@@ -24,7 +25,6 @@ from hooks.reduce import (
 )
 from hooks.sites import DELTA, HookSite, UnknownSiteError, bridge_hook_names, check_site
 from hooks.store import CHUNK_HOOK, CaptureStore
-from probes.models import ArchInfo, LoadedModel
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -40,7 +40,7 @@ def _bridge_and_arch(model: Any) -> tuple["TransformerBridge", ArchInfo]:
         dtype = next((p.dtype for p in hf.parameters() if p.is_floating_point()), torch.float32)
         return model, ArchInfo.from_hf_config(hf.config, dtype=dtype)
     raise CaptureError(
-        "capture() needs a LoadedModel (probes.models.load_model/boot_model) or a "
+        "capture() needs a LoadedModel (probes.models.load.load_model/boot_model) or a "
         f"TransformerBridge, got {type(model).__name__}. For a plain HF model use "
         "hooks.run_residual_hf."
     )
@@ -131,7 +131,7 @@ def capture(
 
 
 def _chunk_hook(store: CaptureStore) -> Any:
-    def hook(act: Tensor, hook: Any) -> None:  # noqa: ARG001 - TransformerLens hook signature
+    def hook(act: Tensor, hook: Any) -> None:
         if act.shape[0] != 1:
             raise CaptureError(
                 f"capture() supports batch size 1 (one sequence, possibly in chunks); got a batch "
@@ -143,7 +143,7 @@ def _chunk_hook(store: CaptureStore) -> Any:
 
 
 def _site_hook(method: Any, site: HookSite) -> Any:
-    def hook(act: Tensor, hook: Any) -> None:  # noqa: ARG001 - TransformerLens hook signature
+    def hook(act: Tensor, hook: Any) -> None:
         method(site, act)
 
     return hook

@@ -20,10 +20,10 @@ from jaxtyping import Int
 from torch import Tensor, nn
 
 from hooks.capture import prepare_sites
+from hooks.model import ArchInfo, LoadedModel
 from hooks.reduce import CaptureError, PositionSpec, Reduce, resolve_positions, resolve_storage
 from hooks.sites import DELTA, HookSite, UnknownSiteError
 from hooks.store import Captured, CaptureStore
-from probes.models import ArchInfo, LoadedModel
 
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel
@@ -204,12 +204,12 @@ def _hook(
     module = view.get_submodule(path.format(layer=layer))
     if where == "in":
 
-        def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:  # noqa: ARG001
+        def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             sink(args[0] if args else kwargs["hidden_states"])
 
         return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
-    def post_hook(mod: nn.Module, args: tuple, output: Any) -> None:  # noqa: ARG001
+    def post_hook(mod: nn.Module, args: tuple, output: Any) -> None:
         sink(output[0] if isinstance(output, tuple) else output)
 
     return module.register_forward_hook(post_hook)

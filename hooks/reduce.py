@@ -15,9 +15,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from hooks.errors import HooksError
+from hooks.model import resolve_device, resolve_dtype
 from hooks.sites import HookSite, Layout
-from probes.errors import ProbesError
-from probes.models import resolve_device, resolve_dtype
 
 __all__ = [
     "CaptureError",
@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-class CaptureError(ProbesError, ValueError):
+class CaptureError(HooksError, ValueError):
     """A capture request that cannot be met (bad positions, batch size, reduction)."""
 
 
@@ -218,7 +218,7 @@ def resolve_storage(
 
     Raises:
         CaptureError: For an unknown reduction.
-        ProbesError: For an unsupported dtype or an unknown/unavailable device.
+        HooksError: For an unsupported dtype or an unknown/unavailable device.
     """
     if reduce not in REDUCTIONS:
         raise CaptureError(f"Unknown reduce={reduce!r}; use one of {list(REDUCTIONS)}.")

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from probes.errors import ProbesError
-from probes.models import ArchInfo
+from hooks.errors import HooksError
+from hooks.model import ArchInfo
 
 __all__ = [
     "DELTA",
@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 
-class UnknownSiteError(ProbesError, LookupError):
+class UnknownSiteError(HooksError, LookupError):
     """A hook site, component or layer that does not exist (for this architecture)."""
 
 

@@ -1,7 +1,9 @@
-"""One exception family for user-facing errors.
+"""One exception family for user-facing errors of the toolkit.
 
-The CLI turns any `ProbesError` into one line on stderr and exit code 2; anything else is a bug and
-keeps its traceback. Messages name the bad input, the valid values and the fix.
+The CLI turns any user error into one line on stderr and exit code 2; anything else is a bug and
+keeps its traceback. Messages name the bad input, the valid values and the fix. The library
+packages keep their own roots (`hooks.errors.HooksError`, `cache.errors.CacheError`) so that they
+need nothing of `probes`; `probes.run.USER_ERRORS` lists all three for the CLI's edge.
 """
 
 
@@ -19,3 +21,4 @@ class TraceFormatError(ProbesError, ValueError):
 
 class LexiconError(ProbesError, ValueError):
     """A lexicon file that is missing or malformed."""
+

@@ -57,7 +57,8 @@ def real_traces_path() -> Path:
 @pytest.fixture(scope="session")
 def real_tokenized_traces(qwen_tokenizer, real_traces_path):
     """The real traces tokenized with the Qwen3 tokenizer (default prompt and scaffold), once."""
-    from probes.traces import read_traces, tokenize_traces
+    from probes.traces.read import read_traces
+    from probes.traces.tokenize import tokenize_traces
 
     tokenized, too_long = tokenize_traces(read_traces(real_traces_path, strict=True),
                                           qwen_tokenizer)

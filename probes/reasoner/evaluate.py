@@ -18,11 +18,12 @@ from collections import Counter
 import numpy as np
 import torch
 
-from probes.answers import answer_scores, without_trajectory
-from probes.models import LoadedModel, load_model
+from hooks.model import LoadedModel
+from probes.measures.answers import answer_scores, without_trajectory
+from probes.models.load import load_model
 from probes.reasoner.task import generate_problems
 from probes.reasoner.train import EVAL_SEED, problem_trace
-from probes.traces import DEFAULT_SCAFFOLD, tokenize_trace
+from probes.traces.tokenize import DEFAULT_SCAFFOLD, tokenize_trace
 
 
 @torch.inference_mode()

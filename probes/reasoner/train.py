@@ -4,7 +4,7 @@ Generates the task's traces (`probes.reasoner.task`), trains the byte-level BPE 
 small Qwen2-architecture causal LM (RMSNorm, RoPE, GQA, SwiGLU) on prompt + trajectory + RaML
 scaffold + answer, with the loss on everything after the prompt. Deterministic: fixed seeds, a
 private `torch.Generator`, deterministic algorithms and a fixed thread count. Writes a standard HF
-folder (config.json, model.safetensors, tokenizer files) that `probes.models.load_model` reads.
+folder (config.json, model.safetensors, tokenizer files) that `probes.models.load.load_model` reads.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ import numpy as np
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from probes import DATA_DIR
 from probes.reasoner.task import Problem, generate_problems, write_jsonl
 from probes.reasoner.tokenizer import build_tokenizer
-from probes.traces import DEFAULT_SCAFFOLD, Trace, tokenize_trace
+from probes.traces.read import Trace
+from probes.traces.tokenize import DEFAULT_SCAFFOLD, tokenize_trace
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
-SAMPLES_PATH = Path(__file__).resolve().parents[1] / "data" / "tiny_reasoner_traces.jsonl"
+SAMPLES_PATH = DATA_DIR / "tiny_reasoner_traces.jsonl"
 N_SAMPLES = 200
 # Disjoint seeds: training problems, the shipped sample traces, the README's evaluation.
 TRAIN_SEED, SAMPLE_SEED, EVAL_SEED = 1, 2, 3
@@ -66,7 +68,7 @@ def problem_trace(p: Problem) -> Trace:
 def encode_for_training(problems: list[Problem], tokenizer) -> list[tuple[np.ndarray, int]]:
     """Token ids (prompt, trajectory, scaffold, answer, eos) and the prompt length, per problem.
 
-    Uses `probes.traces.tokenize_trace`, so the model is trained on exactly the token layout that
+    Uses `probes.traces.tokenize.tokenize_trace`, so the model is trained on exactly the token layout that
     the toolkit later feeds it.
     """
     out = []

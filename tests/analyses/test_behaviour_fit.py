@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from analyses.behaviour_fit import behaviour_design, fit_behaviour, format_fit
-from analyses.lhat_effects import token_sets
+from analyses.token_sets import token_sets
 
 
 def _data(*, n_traces=40, T=50, mech_coef=1.0, cat_coef=0.0, seed=0):

@@ -9,8 +9,6 @@ import pytest
 
 from analyses.lhat_effects import (
     DEFAULT_PAIRS,
-    RAML_NOTEBOOK_WORDS,
-    Occurrence,
     category_comparison,
     compare_curves,
     curve_summaries,
@@ -18,15 +16,19 @@ from analyses.lhat_effects import (
     format_comparison_table,
     lhat_trend,
     occurrence_effects,
-    paragraph_starts,
     per_trace_aggregates,
-    phrase_occurrences,
     pooled_values,
+    token_effects,
+    token_metrics,
+)
+from analyses.token_sets import (
+    RAML_NOTEBOOK_WORDS,
+    Occurrence,
+    paragraph_starts,
+    phrase_occurrences,
     position_matched_ordinary,
     raml_notebook_occurrences,
     shuffled_labels,
-    token_effects,
-    token_metrics,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -35,14 +37,14 @@ from analyses.lhat_effects import (
 
 def test_category_codes_match_probes():
     from analyses import lhat_effects as le
-    from probes.categories import CATEGORY_CODES
+    from probes.traces.categories import CATEGORY_CODES
 
-    assert (le.ORDINARY, le.REFLECTION, le.DELIMITER) == (
-        CATEGORY_CODES["ordinary"], CATEGORY_CODES["reflection"], CATEGORY_CODES["delimiter"])
+    codes = (CATEGORY_CODES["ordinary"], CATEGORY_CODES["reflection"], CATEGORY_CODES["delimiter"])
+    assert codes == (le.ORDINARY, le.REFLECTION, le.DELIMITER)
 
 
 def test_token_metrics_match_probes_lhat_and_hand_values():
-    from probes.lhat import delta_lhat, log_ratio, relative_change
+    from probes.measures.lhat import delta_lhat, log_ratio, relative_change
 
     lhat = np.array([4.0, 2.0, 2.5, 0.0, 1.0])
     m = token_metrics(lhat)

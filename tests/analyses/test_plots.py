@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from matplotlib.colors import CenteredNorm, LogNorm
 
-from analyses.lhat_effects import Occurrence
 from analyses.plots import (
     MARKER_COLOURS,
     heatmap_matrix,
@@ -18,6 +17,7 @@ from analyses.plots import (
     step_curve_figure,
     update_heatmap_figure,
 )
+from analyses.token_sets import Occurrence
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

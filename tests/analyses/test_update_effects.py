@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analyses.lhat_effects import DEFAULT_PAIRS, Occurrence, token_effects, token_sets
+from analyses.lhat_effects import DEFAULT_PAIRS, token_effects
+from analyses.token_sets import Occurrence, token_sets
 from analyses.update_effects import (
     POOLED,
     effect_direction,

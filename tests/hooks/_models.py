@@ -19,8 +19,9 @@ from transformers import (
     Qwen3Config,
 )
 
-from probes.models import LoadedModel, boot_model
-from probes.tiny import byte_tokenizer
+from hooks.model import LoadedModel
+from probes.models.load import boot_model
+from probes.models.tiny import byte_tokenizer
 
 VOCAB = 300  # the byte tokenizer has 257 tokens; the model's vocab may be larger
 

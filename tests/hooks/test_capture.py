@@ -13,8 +13,6 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.modeling_utils import AttentionInterface
 
-from tests.hooks._models import CONFIGS, build_tiny, token_ids
-
 from hooks import (
     CaptureError,
     HookSite,
@@ -25,9 +23,10 @@ from hooks import (
     run_residual_hf,
     sites_for,
 )
+from hooks.errors import HooksError
 from hooks.hf_fast import HF_FAST_COMPONENTS
-from probes.errors import ProbesError
-from probes.models import ArchInfo, LoadedModel
+from hooks.model import ArchInfo, LoadedModel
+from tests.hooks._models import CONFIGS, build_tiny, token_ids
 
 N_TOK = 24
 CHUNKS = (5, 7, 12)  # uneven chunk lengths through one DynamicCache
@@ -424,11 +423,11 @@ def test_capture_errors(
         _enter(qwen2, ["L0.resid_post"], reduce="mean")  # type: ignore[arg-type]
     if isinstance(info.value, CaptureError):
         assert "Unknown reduce='mean'; use one of ['none', 'norm']" in str(info.value)
-    with pytest.raises(ProbesError, match="Unsupported dtype 'int8'"):
+    with pytest.raises(HooksError, match="Unsupported dtype 'int8'"):
         _enter(qwen2, ["L0.resid_post"], dtype="int8")
     with pytest.raises(CaptureError, match="needs a LoadedModel .* got Linear"):
         _enter(torch.nn.Linear(2, 2), ["L0.resid_post"])  # type: ignore[arg-type]
-    with pytest.raises(ProbesError, match="Unknown device 'gpu'"):
+    with pytest.raises(HooksError, match="Unknown device 'gpu'"):
         _enter(qwen2, ["L0.resid_post"], device="gpu")
     with pytest.raises(CaptureError, match="position_offset must be an int >= 0"):
         _enter(qwen2, ["L0.resid_post"], position_offset=-1)

@@ -9,8 +9,6 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from tests.hooks._models import CONFIGS, build_tiny
-
 from hooks import (
     SITE_TABLE,
     HookSite,
@@ -20,10 +18,11 @@ from hooks import (
     parse_site,
     sites_for,
 )
+from hooks.errors import HooksError
 from hooks.hf_fast import HF_SITE_PATHS
+from hooks.model import ArchInfo, LoadedModel
 from hooks.sites import bridge_hook_names, check_site
-from probes.errors import ProbesError
-from probes.models import ArchInfo, LoadedModel
+from tests.hooks._models import CONFIGS, build_tiny
 
 ARCH_NAMES = sorted(CONFIGS)
 
@@ -124,7 +123,7 @@ def test_layer_must_fit_the_component(layer: object, component: str, match: str)
 
 
 def test_error_family() -> None:
-    assert issubclass(UnknownSiteError, ProbesError)
+    assert issubclass(UnknownSiteError, HooksError)
     assert issubclass(UnknownSiteError, LookupError)
 
 

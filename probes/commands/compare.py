@@ -1,0 +1,643 @@
+"""`python -m probes.run compare run.h5`: category comparisons from the cache alone (no model).
+
+L̂ part (traces with an L̂ curve from `lhat`): per-token and per-phrase effects with their controls
+(`analyses.lhat_effects`), aggregated per trace; reflection / delimiter / ordinary tokens, the
+controls and each phrase compared across traces (bootstrap CIs, Wilcoxon, Cliff's δ, Holm); whether
+L̂ falls along the trajectory; RePro magnitude and stability per "\\n\\n" segment.
+
+Update part (traces with `upd_*` arrays from `updates`): the same statistics per layer and pooled
+for every stored implicit-update metric (`analyses.update_effects`, one Holm family over metrics ×
+layers × pairs), with the shuffled-label null and, given `--control` (a cache from `updates
+--control random-init`), the same comparisons on a random-init model, flagging effects it
+reproduces.
+
+Both parts present: ΔL̂_t regressed on the per-token mechanistic features with category indicators
+(`analyses.behaviour_fit`, GroupKFold by trace, partial R² of the categories). Optional PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analyses.lhat_effects import METRICS
+from probes import arrays
+from probes.commands import flags
+from probes.errors import ProbesError
+from probes.jsonable import jsonable
+from probes.measures.shared_pass import stored_layers
+
+NAME = "compare"
+
+
+COMPARE_METRICS: tuple[str, ...] = ("abs_delta", *(m for m in METRICS if m != "abs_delta"))
+"""`--metric` choices (`analyses.lhat_effects.METRICS`, the default first)."""
+UNITS: tuple[str, ...] = ("phrase", "first_token", "token")
+"""`--unit`: a phrase counts as a whole, by its first token, or per token."""
+STATISTICS: tuple[str, ...] = ("mean", "median")
+"""`--statistic`: the per-trace aggregate."""
+UPDATE_UNITS: tuple[str, ...] = ("token", "first_token")
+"""`--update-unit`: every token of a phrase, or its first token."""
+LAYER_VIEWS: tuple[str, ...] = ("pooled", "all")
+"""`--layers`: update rows pooled over layers, or every layer."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompareConfig:
+    """Settings of a `compare` run.
+
+    Attributes:
+        metric: Per-token quantity compared (|ΔL̂| by default; RaML's ρ is `rho`).
+        unit: How a phrase counts: "phrase" (change across the whole phrase), "first_token", "token".
+        statistic: Per-trace aggregate ("mean" or "median").
+        raml_notebook: Reproduce RaML's notebook: its ten reflection words matched by their ids
+            without a leading space up to `</think>`, and its window (one token past the word).
+        n_boot: Bootstrap resamples.
+        seed: Seed of the controls (position matching, label shuffling) and the bootstrap.
+        plots: Folder for PNG plots, or None.
+        versus: A second cache of the same traces (e.g. `lhat --no-thinking`): its curves are
+            compared with this one's, paired by trace id (final L̂, area under the normalised
+            curve, half-change time).
+        control: A cache of the same traces written by `updates --control random-init`: every
+            per-token update comparison is repeated on it with the same token sets, and effects
+            it reproduces are flagged.
+        update_metrics: The `upd_*` arrays to compare (None: all in the cache).
+        update_unit: Phrase-set unit of the update comparison: "token" or "first_token".
+        layers: Rows printed for the update comparison: "pooled" or "all" (the JSON always has
+            every layer).
+        fit: Fit ΔL̂_t on the per-token mechanistic features (traces with both L̂ and updates).
+    """
+
+    metric: str = "abs_delta"
+    unit: str = "phrase"
+    statistic: str = "mean"
+    raml_notebook: bool = False
+    n_boot: int = 2000
+    seed: int = 0
+    plots: Path | None = None
+    versus: Path | None = None
+    control: Path | None = None
+    update_metrics: tuple[str, ...] | None = None
+    update_unit: str = "token"
+    layers: str = "pooled"
+    fit: bool = True
+
+    def __post_init__(self) -> None:
+        if self.update_unit not in ("token", "first_token"):
+            raise ProbesError(f"--update-unit {self.update_unit!r} is not one of ['token', 'first_token']")
+        if self.layers not in ("pooled", "all"):
+            raise ProbesError(f"--layers {self.layers!r} is not one of ['pooled', 'all']")
+        if self.metric not in COMPARE_METRICS:
+            raise ProbesError(f"--metric {self.metric!r} is not one of {list(COMPARE_METRICS)}")
+        if self.unit not in UNITS:
+            raise ProbesError(f"--unit {self.unit!r} is not one of {list(UNITS)}")
+        if self.statistic not in STATISTICS:
+            raise ProbesError(f"--statistic {self.statistic!r} is not one of {list(STATISTICS)}")
+
+
+def _phrase_names(reader) -> list[str] | None:
+    """Phrase texts by id, if the cache's lexicon is the built-in one (fingerprints equal)."""
+    from probes.traces.categories import load_lexicon
+
+    lexicon = load_lexicon()
+    if reader.metadata.get("lexicon_fingerprint") == lexicon.fingerprint():
+        return [p.phrase for p in lexicon.phrases]
+    return None
+
+
+def load_curves(path: Path) -> tuple[list[dict[str, Any]], Any]:
+    """Per trace with `lhat`: the curve, labels and trajectory span, read from the cache."""
+    from cache import open_cache
+
+    rows = []
+    with open_cache(path) as reader:
+        names = _phrase_names(reader)
+        for tr in reader:
+            if "lhat" not in tr.names():
+                continue
+            missing = [k for k in ("phrase_id", "phrase_first", "paragraph_start") if k not in tr.names()]
+            if missing:
+                raise ProbesError(
+                    f"trace {tr.id!r} in {path} has an L̂ curve but no {missing}; re-run "
+                    "`python -m probes.run lhat` on it with this version"
+                )
+            rows.append({
+                "id": tr.id,
+                "lhat": np.asarray(tr["lhat"][:], np.float64),
+                "category": np.asarray(tr.category),
+                "phrase_id": np.asarray(tr["phrase_id"][:]),
+                "is_first": np.asarray(tr["phrase_first"][:]).astype(bool),
+                "paragraph_start": np.asarray(tr["paragraph_start"][:]).astype(bool),
+                "traj_span": tuple(tr.spans["trajectory"]),
+                "raml_occ": (np.asarray(tr["raml_notebook_occurrences"][:], np.int64)
+                             if "raml_notebook_occurrences" in tr.names() else None),
+            })
+    if not rows:
+        raise ProbesError(
+            f"{path} has no trace with an L̂ curve; run `python -m probes.run lhat --model M "
+            f"--traces F --out {path}` first"
+        )
+    return rows, names
+
+
+UPDATE_ORDER: tuple[str, ...] = arrays.names(arrays.UPDATES)
+"""Known `upd_*` arrays in report order, as the registry declares them (others found in a cache
+follow alphabetically)."""
+
+SIGNED_UPDATES: tuple[str, ...] = tuple(a.name for a in arrays.UPDATES if a.by_magnitude)
+"""Signed first-order loss changes: compared by magnitude (large = either sign)."""
+
+
+def _cache_parts(path: Path) -> dict[str, int]:
+    """How many complete traces have an L̂ curve / update arrays."""
+    from cache import open_cache
+
+    n = {"lhat": 0, "updates": 0}
+    with open_cache(path) as reader:
+        for tr in reader:
+            names = tr.names()
+            n["lhat"] += "lhat" in names
+            n["updates"] += "upd_contrib" in names
+    return n
+
+
+def compare_cache(path: Path, cfg: CompareConfig) -> dict[str, Any]:
+    """Run the comparison; returns a JSON-able report.
+
+    With L̂ curves (from `lhat`): `table`, `table_text`, `trend`, `repro` (and `versus`). With
+    update arrays (from `updates`): `updates` (per layer and pooled, with the random-init control
+    when `cfg.control` is given). With both: `fit` (ΔL̂ explained by the mechanistic features).
+    Always `cache`, `n_traces`, `plots`.
+
+    Raises:
+        ProbesError: A cache with neither, or a control that does not match.
+    """
+    parts = _cache_parts(path)
+    if not parts["lhat"] and not parts["updates"]:
+        raise ProbesError(
+            f"{path} has no trace with an L̂ curve or update arrays; run `python -m probes.run lhat "
+            f"--model M --traces F --out {path}` and/or `python -m probes.run updates ...` first"
+        )
+    if cfg.versus is not None and not parts["lhat"]:
+        raise ProbesError(f"--versus compares L̂ curves, but {path} has none; run `lhat` first")
+    report: dict[str, Any] = {"cache": str(path), "n_traces": max(parts.values()), "plots": []}
+    if parts["lhat"]:
+        report.update(_lhat_part(path, cfg))
+    if parts["updates"]:
+        upd, rows, sets = _updates_part(path, cfg)
+        report["updates"] = upd
+        if cfg.fit and parts["lhat"]:
+            report["fit"] = _fit_part(rows, sets, upd, cfg)
+        if cfg.plots is not None:
+            report["plots"] += _update_plots(cfg.plots, rows, sets, upd)
+    elif cfg.control is not None:
+        raise ProbesError(f"--control compares update arrays, but {path} has none; run `updates` first")
+    return report
+
+
+def _lhat_part(path: Path, cfg: CompareConfig) -> dict[str, Any]:
+    """The L̂ comparison (`table`, `table_text`, `trend`, `repro`, `plots`, `versus`)."""
+    from analyses.lhat_effects import (
+        category_comparison,
+        format_comparison_table,
+        lhat_trend,
+        per_trace_aggregates,
+        pooled_values,
+        token_effects,
+    )
+    from analyses.repro import repro_scores
+    from analyses.token_sets import RAML_NOTEBOOK_WORDS, Occurrence
+
+    rows, names = load_curves(path)
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.raml_notebook:
+        # the notebook's own matching (no-space word ids, up to </think>) and its window
+        if any(r["raml_occ"] is None for r in rows):
+            raise ProbesError(
+                f"{path} has no RaML-notebook matches; re-run `python -m probes.run lhat` with "
+                "this version to store them"
+            )
+        names = list(RAML_NOTEBOOK_WORDS)
+    effects = [
+        token_effects(
+            r["lhat"], r["category"], r["phrase_id"], r["is_first"], traj_span=r["traj_span"],
+            occurrences=(
+                [Occurrence(int(a), int(b), 1, int(w)) for a, b, w in r["raml_occ"]]
+                if cfg.raml_notebook else None
+            ),
+            raml_notebook=cfg.raml_notebook, paragraph_start=r["paragraph_start"], rng=rng,
+        )
+        for r in rows
+    ]
+    per_trace = per_trace_aggregates(
+        effects, cfg.metric, cfg.statistic, unit=cfg.unit, phrase_names=names
+    )
+    table = category_comparison(
+        per_trace, n_boot=cfg.n_boot, seed=cfg.seed,
+        meta={"metric": cfg.metric, "unit": cfg.unit, "statistic": cfg.statistic,
+              "raml_notebook": cfg.raml_notebook, "n_traces": len(rows)},
+    )
+    trend = lhat_trend([r["lhat"] for r in rows])
+    repro = []
+    for r in rows:
+        T = len(r["lhat"]) - 1
+        if T == 0:
+            continue
+        # segments split on "\n\n": each paragraph start ends the previous segment
+        ends = sorted({int(i) for i in np.flatnonzero(r["paragraph_start"]) if i > 0} | {T})
+        sc = repro_scores(r["lhat"], ends)
+        repro.append({"id": r["id"], "n_segments": len(sc.segment_ends),
+                      "final_score": float(sc.score[-1]), "mean_reward": float(np.mean(sc.reward))})
+    report: dict[str, Any] = {
+        "n_traces": len(rows),
+        "table": table.to_dict(),
+        "table_text": format_comparison_table(table),
+        "trend": trend,
+        "repro": {
+            "n_traces": len(repro),
+            "median_final_score": float(np.median([x["final_score"] for x in repro])) if repro else None,
+            "formula": "S = (1-w) S_magn + w S_stab, w = 0.5, S_magn = 1 - tanh(J/J_b) (reconstructed; "
+                       "see docs/methods.md#not-yet: the printed forms are unverified)",
+        },
+        "plots": [],
+    }
+    if cfg.versus is not None:
+        report["versus"] = _versus(rows, cfg)
+    if cfg.plots is not None:
+        report["plots"] = _plots(cfg.plots, rows, effects, pooled_values(effects, cfg.metric, unit=cfg.unit),
+                                 cfg.metric)
+    return report
+
+
+def _metric_order(names: set[str]) -> list[str]:
+    known = [m for m in UPDATE_ORDER if m in names]
+    return known + sorted(names - set(known))
+
+
+def load_updates(path: Path, *, control: bool = False) -> list[dict[str, Any]]:
+    """Per trace with update arrays: its `upd_*` arrays, labels and (if present) L̂ curve.
+
+    Args:
+        path: The cache.
+        control: The file is meant as the random-init control: every trace must carry
+            `upd_control = "random-init"` (else: none of them may).
+
+    Raises:
+        ProbesError: A trace whose `upd_control` attribute does not fit the role of the file.
+    """
+    from cache import open_cache
+
+    rows = []
+    with open_cache(path) as reader:
+        for tr in reader:
+            names = set(tr.names())
+            if "upd_contrib" not in names:
+                continue
+            kind = str(tr.attrs.get("upd_control", "none"))
+            if control and kind != "random-init":
+                raise ProbesError(
+                    f"--control {path}: trace {tr.id!r} holds updates of the trained model "
+                    f"(upd_control={kind!r}); pass a cache written by `python -m probes.run updates "
+                    "--control random-init ... --out OTHER.h5`"
+                )
+            if not control and kind == "random-init":
+                raise ProbesError(
+                    f"{path} holds random-init control updates (trace {tr.id!r}); compare the "
+                    "trained model's cache and pass this one as --control"
+                )
+            rows.append({
+                "id": tr.id,
+                "layers": stored_layers(tr),
+                "answer_rows": str(tr.attrs.get("upd_rows", "first")),
+                "tokens": np.asarray(tr.tokens),
+                "category": np.asarray(tr.category),
+                "traj_span": tuple(int(x) for x in tr.spans["trajectory"]),
+                "upd": {n: np.asarray(tr[n][:], np.float64) for n in names if n.startswith("upd_")},
+                "phrase_id": np.asarray(tr["phrase_id"][:]) if "phrase_id" in names else None,
+                "is_first": (np.asarray(tr["phrase_first"][:]).astype(bool)
+                             if "phrase_first" in names else None),
+                "paragraph_start": (np.asarray(tr["paragraph_start"][:]).astype(bool)
+                                    if "paragraph_start" in names else None),
+                "lhat": np.asarray(tr["lhat"][:], np.float64) if "lhat" in names else None,
+            })
+    return rows
+
+
+def _updates_part(path: Path, cfg: CompareConfig):
+    """The per-layer update comparison; returns (report part, rows, token sets)."""
+    from analyses.token_sets import token_sets
+    from analyses.update_effects import (
+        format_update_table,
+        summary_rows,
+        update_comparison,
+    )
+
+    rows = load_updates(path)
+    layer_ids = rows[0]["layers"]
+    other = next((r for r in rows if r["layers"] != layer_ids), None)
+    if other is not None:
+        raise ProbesError(f"{path}: trace {other['id']!r} has update arrays of layers "
+                          f"{other['layers']}, trace {rows[0]['id']!r} of {layer_ids}; re-run "
+                          "`updates` with one --layers into a new --out")
+    available = set.intersection(*(set(r["upd"]) for r in rows))
+    if cfg.update_metrics is not None:
+        unknown = [m for m in cfg.update_metrics if m not in available]
+        if unknown:
+            raise ProbesError(f"--update-metrics {unknown} are not in every trace of {path}; "
+                              f"available: {_metric_order(available)}")
+        metrics = list(cfg.update_metrics)
+    else:
+        metrics = _metric_order(available)
+    control_rows = None
+    if cfg.control is not None:
+        by_id = {r["id"]: r for r in load_updates(cfg.control, control=True)}
+        common = [r for r in rows if r["id"] in by_id]
+        if len(common) < 2:
+            raise ProbesError(
+                f"--control {cfg.control} shares {len(common)} traces with {path}; run `updates "
+                "--control random-init` on the same traces file"
+            )
+        for r in common:
+            if not np.array_equal(r["tokens"], by_id[r["id"]]["tokens"]):
+                raise ProbesError(f"trace {r['id']!r} has other tokens in --control {cfg.control} "
+                                  f"than in {path}; both must come from the same traces and settings")
+        missing = [m for m in metrics if any(m not in by_id[r["id"]]["upd"] for r in common)]
+        if missing:
+            raise ProbesError(f"--control {cfg.control} lacks {missing}; re-run `updates --control "
+                              "random-init` with this version")
+        rows = common
+        control_rows = [by_id[r["id"]] for r in rows]
+        if any(c["layers"] != layer_ids for c in control_rows):
+            raise ProbesError(f"--control {cfg.control} stores other layers than {path} "
+                              f"({layer_ids}); run both `updates` with the same --layers")
+        modes = {r["answer_rows"] for r in rows} | {c["answer_rows"] for c in control_rows}
+        if len(modes) > 1:
+            raise ProbesError(f"--control {cfg.control} and {path} were measured with different "
+                              f"--answer-rows ({sorted(modes)}); run both `updates` with the same "
+                              "--answer-rows")
+    rng = np.random.default_rng(cfg.seed)
+    sets = [
+        token_sets(r["category"], r["phrase_id"], r["is_first"], traj_span=r["traj_span"],
+                   paragraph_start=r["paragraph_start"], rng=rng)
+        for r in rows
+    ]
+    cmp = update_comparison(
+        {m: [r["upd"][m] for r in rows] for m in metrics}, sets,
+        control_values=(None if control_rows is None else
+                        {m: [r["upd"][m] for r in control_rows] for m in metrics}),
+        statistic=cfg.statistic, unit=cfg.update_unit,
+        signed=[m for m in metrics if m in SIGNED_UPDATES], layer_ids=layer_ids,
+        n_boot=cfg.n_boot, seed=cfg.seed,
+        meta={"control": None if cfg.control is None else str(cfg.control)},
+    )
+    part = {
+        "n_traces": len(rows),
+        "metrics": metrics,
+        "n_layers": len(layer_ids),
+        "layers": layer_ids,
+        "answer_rows": rows[0]["answer_rows"],
+        "control": None if cfg.control is None else str(cfg.control),
+        "comparison": cmp.to_dict(),
+        "significant": summary_rows(cmp),
+        "table_text": format_update_table(cmp, layers=cfg.layers),
+        "_cmp": cmp,
+    }
+    if control_rows is not None:
+        for r, c in zip(rows, control_rows, strict=True):
+            r["control_upd"] = c["upd"]
+    return part, rows, sets
+
+
+def _fit_part(rows, sets, upd: dict[str, Any], cfg: CompareConfig) -> dict[str, Any]:
+    """ΔL̂_t and |ΔL̂_t| explained by the update features (traces with L̂ only)."""
+    from analyses.behaviour_fit import behaviour_design, fit_behaviour, format_fit
+
+    keep = [i for i, r in enumerate(rows) if r["lhat"] is not None]
+    if len(keep) < 2:
+        return {"skipped": f"{len(keep)} traces have both L̂ and update arrays (need 2)"}
+    metrics = upd["metrics"]
+    out: dict[str, Any] = {"n_traces": len(keep), "fits": {}, "text": []}
+    for target in ("delta", "abs_delta"):
+        def design(key):
+            return behaviour_design(
+                [rows[i]["lhat"] for i in keep],
+                {m: [rows[i][key][m] for i in keep] for m in metrics},
+                [sets[i] for i in keep],
+                [rows[i]["tokens"][slice(*rows[i]["traj_span"])] for i in keep],
+                [rows[i]["paragraph_start"] for i in keep], target=target,  # noqa: B023 (called within the iteration)
+            )
+        d = design("upd")
+        ctrl = design("control_upd").mechanism if "control_upd" in rows[keep[0]] else None
+        fit = fit_behaviour(d, control_mechanism=ctrl, n_boot=min(cfg.n_boot, 1000), seed=cfg.seed,
+                            target=target)
+        out["fits"][target] = fit.to_dict()
+        out["text"].append(format_fit(fit))
+    return out
+
+
+def _update_plots(folder: Path, rows, sets, upd: dict[str, Any]) -> list[str]:
+    """Heatmaps (median magnitude by category x layer; trained, random-init, ratio to ordinary)
+    and the step-size curve of the first traces with a reflection."""
+    from analyses.plots import plot_step_curve, plot_update_heatmap
+    from analyses.update_effects import heatmap_values
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cmp = upd["_cmp"]
+    paths = []
+    names = ("reflection", "delimiter", "ordinary", "paragraph_initial", "position_matched")
+    for metric in [m for m in ("upd_sigma_gate", "upd_loo", "upd_contrib", "upd_m7")
+                   if m in upd["metrics"]]:
+        present = [n for n in names if np.any(np.isfinite(cmp.medians[metric][n][:-1]))]
+        vals = heatmap_values(cmp, metric, names=present)
+        paths.append(str(plot_update_heatmap(
+            vals, folder / f"heatmap_{metric}.png", metric=metric, layer_ids=upd["layers"],
+            title=f"median per-trace {cmp.meta['statistic']} of {metric}")))
+        paths.append(str(plot_update_heatmap(
+            vals, folder / f"heatmap_{metric}_ratio.png", metric=metric, layer_ids=upd["layers"],
+            ratio_to="ordinary", title=f"{metric} relative to ordinary tokens")))
+        if cmp.control_medians is not None:
+            paths.append(str(plot_update_heatmap(
+                heatmap_values(cmp, metric, control=True, names=present),
+                folder / f"heatmap_{metric}_random_init.png", metric=metric,
+                layer_ids=upd["layers"],
+                title=f"{metric}, random-init control")))
+    metric = "upd_sigma_gate" if "upd_sigma_gate" in upd["metrics"] else upd["metrics"][0]
+    order = sorted(range(len(rows)), key=lambda i: not np.any(sets[i].labels == 1))
+    for i in order[:2]:
+        r = rows[i]
+        vals = r["upd"][metric]
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in r["id"])
+        paths.append(str(plot_step_curve(
+            vals, list(sets[i].occurrences), folder / f"steps_{metric}_{safe}.png",
+            layer_labels=[f"layer {k}" for k in upd["layers"]], metric=metric,
+            title=f"{metric} along trace {r['id']}")))
+    return paths
+
+
+def _versus(rows, cfg: CompareConfig) -> dict[str, Any]:
+    from analyses.lhat_effects import compare_curves
+
+    other, _ = load_curves(cfg.versus)
+    by_id = {r["id"]: r["lhat"] for r in other}
+    common = [r for r in rows if r["id"] in by_id]
+    if len(common) < 2:
+        raise ProbesError(
+            f"{cfg.versus} shares {len(common)} trace ids with the compared cache; --versus needs "
+            "the L̂ curves of the same traces (e.g. `lhat --no-thinking` on the same file)"
+        )
+    result = compare_curves([r["lhat"] for r in common], [by_id[r["id"]] for r in common],
+                            names=("this", "versus"), n_boot=cfg.n_boot, seed=cfg.seed)
+    return {"versus": str(cfg.versus), "n_pairs": len(common),
+            "metrics": {k: v.to_dict() for k, v in result.items()}}
+
+
+def _plots(folder: Path, rows, effects, pooled, metric) -> list[str]:
+    from analyses.plots import plot_category_distributions, plot_lhat_curve
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [str(plot_category_distributions(pooled, folder / f"categories_{metric}.png", metric=metric))]
+    # the curves of the first traces that contain a reflection, else the first traces
+    order = sorted(range(len(rows)), key=lambda i: not any(o.category == 1 for o in effects[i].occurrences))
+    for i in order[:3]:
+        r = rows[i]
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in r["id"])
+        paths.append(str(plot_lhat_curve(
+            r["lhat"], effects[i].occurrences, folder / f"lhat_{safe}.png", title=f"L̂ along trace {r['id']}"
+        )))
+    return paths
+
+
+def report_json(report: dict[str, Any]) -> dict[str, Any]:
+    """The report with numpy values turned into plain JSON (NaN → null)."""
+    out = {k: v for k, v in report.items() if k != "table_text"}
+    if "updates" in out:
+        out["updates"] = {k: v for k, v in out["updates"].items() if k not in ("_cmp", "table_text")}
+    if "fit" in out:
+        out["fit"] = {k: v for k, v in out["fit"].items() if k != "text"}
+    return jsonable(out)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Human form: the L̂ table, trend and RePro summary; the update table; the behaviour fit."""
+    lines = [f"{report['n_traces']} traces from {report['cache']}"]
+    if "table_text" in report:
+        lines += _format_lhat(report)
+    if "updates" in report:
+        u = report["updates"]
+        ctrl = f", random-init control {u['control']}" if u["control"] else ""
+        lines.append(f"\nper-token implicit updates ({u['n_traces']} traces, {u['n_layers']} layers{ctrl}):")
+        lines.append(u["table_text"])
+        sig = [r for r in u["significant"] if r["layer"] != "pooled"]
+        if sig:
+            lines.append(f"significant per-layer effects ({len(sig)}; all rows in --json):")
+            for r in sig[:40]:
+                rep = {True: ", reproduced by random-init", False: ", not in random-init",
+                       None: ""}[r["reproduced_by_random_init"]]
+                lines.append(f"  {r['metric']} L{r['layer']}: {r['a']} {r['effect']} than {r['b']}, "
+                             f"diff {r['median_diff']:.3g} [{r['ci'][0]:.3g}, {r['ci'][1]:.3g}], "
+                             f"Cliff's delta {r['cliffs_delta']:.2f}{rep}")
+    if "fit" in report:
+        f = report["fit"]
+        lines.append("")
+        lines += f["text"] if "text" in f else [f"behaviour fit skipped: {f.get('skipped')}"]
+    for p in report["plots"]:
+        lines.append(f"plot: {p}")
+    return "\n".join(lines)
+
+
+def _format_lhat(report: dict[str, Any]) -> list[str]:
+    t = report["trend"]
+    lines = [report["table_text"]]
+    lines.append("L̂ along the trajectory: " + ", ".join(
+        f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in t.items()
+        if not isinstance(v, (list, tuple, dict, np.ndarray))
+    ))
+    rp = report["repro"]
+    if rp["median_final_score"] is not None:
+        lines.append(f"RePro final score (median over {rp['n_traces']} traces): "
+                     f"{rp['median_final_score']:.3f}  [{rp['formula']}]")
+    if "versus" in report:
+        vs = report["versus"]
+        lines.append(f"versus {vs['versus']} ({vs['n_pairs']} paired traces):")
+        for name, m in vs["metrics"].items():
+            lines.append(f"  {name:<10} median {m['median_a']:.3g} vs {m['median_b']:.3g}, "
+                         f"diff {m['median_diff']:.3g}, Cliff's delta {m['cliffs_delta']:.2f}, "
+                         f"p_holm {m['p_holm']:.2g}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_parser(sub: Any) -> None:
+    """Register `compare` and its flags."""
+    p = sub.add_parser(
+        NAME, formatter_class=flags.HelpFormatter,
+        help="compare reflection / delimiter / ordinary tokens on L-hat and on the per-token "
+             "implicit updates, with controls (cache only)",
+        description=(
+            "From the cache alone (no model): per-trace aggregates of the chosen per-token metric "
+            "for reflection, delimiter and ordinary tokens, each lexicon phrase, and the controls "
+            "(paragraph-initial ordinary tokens, position-matched ordinary tokens, shuffled labels), "
+            "compared across traces with bootstrap 95%% CIs, Wilcoxon signed-rank tests, Cliff's "
+            "delta and Holm's correction; whether L-hat falls along the trajectory; RePro scores. "
+            "For caches with update arrays (from `updates`): the same statistics per layer and "
+            "pooled for every upd_* metric, with the shuffled-label null and (--control) a "
+            "random-init model; with both, dL-hat regressed on the mechanistic features "
+            "(held-out R2, partial R2 of the categories)."
+        ),
+    )
+    p.add_argument("path", type=Path,
+                   help="the .h5 cache with L-hat curves (from `lhat`) and/or update arrays "
+                        "(from `updates`)")
+    p.add_argument("--metric", default=COMPARE_METRICS[0], choices=COMPARE_METRICS,
+                   help="per-token quantity: |dL|, dL, RaML's rho, log-ratio, |log-ratio|")
+    p.add_argument("--unit", default=UNITS[0], choices=UNITS,
+                   help="a phrase counts as a whole (default), by its first token, or per token")
+    p.add_argument("--statistic", default=STATISTICS[0], choices=STATISTICS,
+                   help="per-trace aggregate (default mean)")
+    p.add_argument("--raml-notebook", action="store_true",
+                   help="RaML notebook's window for phrase changes (one token past the word)")
+    p.add_argument("--n-boot", type=flags.positive_int, default=2000, help="bootstrap resamples")
+    p.add_argument("--seed", type=int, default=0, help="seed of controls and bootstrap")
+    p.add_argument("--plots", type=Path, default=None, help="folder for PNG plots")
+    p.add_argument("--versus", type=Path, default=None,
+                   help="a second cache of the same traces (e.g. from `lhat --no-thinking`): "
+                        "compare the curves, paired by trace id")
+    p.add_argument("--control", type=Path, default=None,
+                   help="a cache of the same traces from `updates --control random-init`: repeat "
+                        "the update comparisons on it and flag effects it reproduces")
+    p.add_argument("--update-metrics", nargs="+", default=None, metavar="NAME",
+                   help="upd_* arrays to compare (default: all in the cache)")
+    p.add_argument("--update-unit", default=UPDATE_UNITS[0], choices=UPDATE_UNITS,
+                   help="update comparison: every token of a phrase (default) or its first token")
+    p.add_argument("--layers", default=LAYER_VIEWS[0], choices=LAYER_VIEWS,
+                   help="update rows printed: pooled over layers (default) or every layer "
+                        "(--json always has all)")
+    p.add_argument("--no-fit", action="store_true",
+                   help="skip the regression of dL-hat on the mechanistic features")
+    flags.report_flags(p, progress=False)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`compare` from parsed flags."""
+
+    cfg = CompareConfig(metric=args.metric, unit=args.unit, statistic=args.statistic,
+                        raml_notebook=args.raml_notebook, n_boot=args.n_boot, seed=args.seed,
+                        plots=args.plots, versus=args.versus, control=args.control,
+                        update_metrics=(tuple(args.update_metrics) if args.update_metrics
+                                        else None),
+                        update_unit=args.update_unit, layers=args.layers, fit=not args.no_fit)
+    report = compare_cache(args.path, cfg)
+    if args.json:
+        print(json.dumps(report_json(report), ensure_ascii=False, sort_keys=True))
+    else:
+        print(format_report(report))
+    return 0

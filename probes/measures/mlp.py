@@ -1,0 +1,659 @@
+"""Dherin rank-1 MLP patches and the token-by-token implicit-update trajectory (docs/methods.md#m5).
+
+For one answer query row q, per layer ℓ, with a gated (SwiGLU) MLP behind RMSNorm_2 (Qwen2 /
+Llama / Qwen3; HF convention, column vectors, UNFOLDED γ2 — the bridge runs in raw mode):
+
+* Trajectory = a set of key positions 𝒯 = (τ_0 < … < τ_{T−1}) < q. The key set of step i is
+  K_i = (keys ≤ q not in 𝒯) ∪ {τ_0..τ_i}; K_{−1} has no trajectory ("the context" of Dherin's
+  contextual block is the trajectory; the rest of the sequence is the query side).
+* Restricted attention from the CLEAN pass ("local / frozen-upstream", §7.3 M5): with the already
+  normalised pattern row p and values v of every head,
+  z^{(i)}_h = (Σ_{j∈K_{−1}} p_j v_j + cumsum_{s≤i} p_{τ_s} v_{τ_s}) / (Σ_{K_{−1}} p + cumsum p_τ),
+  m^{(i)} = x_q + Σ_h W_O^h z^{(i)}_h + b_O, u^{(i)} = RMSNorm_2(m^{(i)}) (own r(·) per i, so the
+  RMSNorm nonlinearity is exact). u^{(T−1)} = u_q (V9). `restricted_prefix` is the one
+  implementation (also used by `probes.alignment` for M6).
+* Endpoint patch (§2.2 / M5): for W ∈ {W_gate, W_up} (HF `mlp.gate_proj/up_proj.weight`,
+  [d_mlp, d_model]) ΔW = W (u_q − u') u'ᵀ/‖u'‖², u' = u^{(−1)}, so (W+ΔW) u' = W u_q and the MLP
+  hidden φ is unchanged; the residual/skip term is the second rank-1 patch
+  ΔW_down = δ φ_qᵀ/‖φ_q‖² with δ = m_q − m' (bias form: Δb = δ).
+* Token steps (§2.3a, fixed base u^{(−1)}): step_i = W (u^{(i)} − u^{(i−1)}) u^{(−1)ᵀ}/‖u^{(−1)}‖²,
+  σ_i = ‖step_i‖_F = ‖W δu_i‖/‖u^{(−1)}‖ (rank-1 product of norms; ‖W δu‖² = δuᵀ (WᵀW) δu from
+  the d×d Gram), implicit learning rate h = 1/‖u^{(−1)}‖², implicit-loss gradient
+  Δ_i = −step_i/h (norm σ_i ‖u^{(−1)}‖), consecutive cosine
+  cos(step_i, step_{i−1}) = ⟨W δu_i, W δu_{i−1}⟩/(‖W δu_i‖‖W δu_{i−1}‖) (the common right factor
+  cancels; ⟨a bᵀ, c dᵀ⟩ = (a·c)(b·d)). Nothing of size d_mlp × d_model is built per token.
+
+Cost: ONE hooked bridge forward (no per-prefix re-runs: the intermediate prefixes are the doc's
+frozen-upstream decomposition, not truncated-prefix runs — that is M8), then per layer
+O(R·H·T·d_h) cumsums, O(R·T·H·d_h·d) for the W_O projection, O(R·T·d²) Gram products, plus one
+d×d Gram per weight and layer (O(d_mlp·d²)). Memory per layer O(R·T·d). The endpoints are globally
+exact: masking 𝒯 for every row of the answer block at all layers and adding these cache-derived
+patches reproduces the clean logits (`masked_patched_logits`, V5b).
+
+Several rows: `mlp_updates_rows` / `mlp_updates_rows_from` give one `MlpUpdates` per captured row
+(one `restricted_prefix` per layer for all rows; `keep_du=False` drops the [L, T, d] factors).
+
+Norm convention: unfolded γ2 (HF weights). Under TL `fold_ln`, h ≈ 1/d instead; report which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hooks import capture
+from hooks.edit import edit, mask_keys
+from hooks.model import LoadedModel
+from hooks.weights import llama_layers
+from probes.errors import ProbesError
+
+__all__ = [
+    "EndpointPatch",
+    "LayerWeights",
+    "MlpUpdateError",
+    "MlpUpdates",
+    "RowCapture",
+    "capture_rows",
+    "check_positions",
+    "endpoint_patches",
+    "layer_weights",
+    "masked_patched_logits",
+    "mlp_updates",
+    "mlp_updates_from",
+    "mlp_updates_rows",
+    "mlp_updates_rows_from",
+    "restricted_inputs",
+    "restricted_prefix",
+    "rms_norm",
+    "row_capture",
+]
+
+F64 = torch.float64
+
+
+class MlpUpdateError(ProbesError, ValueError):
+    """Unsupported model, or bad query / trajectory positions."""
+
+
+@dataclass
+class LayerWeights:
+    """One layer's weights needed by M5 (float64, CPU; HF column convention).
+
+    Attributes:
+        w_o: `o_proj.weight` [d, H·d_h].
+        b_o: `o_proj.bias` [d] or None.
+        gamma: `post_attention_layernorm.weight` [d] (γ2).
+        eps: RMSNorm ε of that norm.
+        w_gate: `mlp.gate_proj.weight` [d_mlp, d] (None from `layer_weights(..., with_mlp=False)`).
+        w_up: `mlp.up_proj.weight` [d_mlp, d] (idem).
+        w_down: `mlp.down_proj.weight` [d, d_mlp] (idem).
+        grams: Precomputed (W_gateᵀW_gate, W_upᵀW_up) [d, d] each, or None (computed on demand).
+    """
+
+    w_o: Tensor
+    b_o: Tensor | None
+    gamma: Tensor
+    eps: float
+    w_gate: Tensor | None
+    w_up: Tensor | None
+    w_down: Tensor | None
+    grams: tuple[Tensor, Tensor] | None = None
+
+    def gram(self, which: str) -> Tensor:
+        """WᵀW [d, d] for `which` in {"gate", "up"} (the stored one, else computed now)."""
+        if self.grams is not None:
+            return self.grams[0] if which == "gate" else self.grams[1]
+        w = self.w_gate if which == "gate" else self.w_up
+        if w is None:
+            raise MlpUpdateError("these LayerWeights hold neither the MLP weights nor their Grams.")
+        return w.T @ w
+
+
+def layer_weights(loaded: LoadedModel, *, with_mlp: bool = True,
+                  device: str | torch.device = "cpu") -> list[LayerWeights]:
+    """Read every layer's o_proj, post-attention RMSNorm and gated-MLP weights from the HF model.
+
+    Args:
+        loaded: A booted Llama-style model (Qwen2 / Llama / Qwen3), or its HF model.
+        with_mlp: True: float64 copies of W_gate, W_up, W_down (what the endpoint patches and
+            the identity checks use). False: no MLP copies; the two d×d Grams WᵀW (all that
+            `mlp_updates` needs) are computed on the model's device in float64 and stored in
+            `grams` (per-run constants: compute them once and reuse them for every trace).
+        device: Where the float64 copies live (default CPU; the model's device for computing
+            M5 next to a `row_capture(..., device=None)`).
+
+    Returns:
+        One `LayerWeights` per layer (float64 copies).
+
+    Raises:
+        MlpUpdateError: If the model lacks the Llama-style modules or a gated MLP.
+    """
+    def f(t: Tensor) -> Tensor:
+        return t.detach().to(device, F64)
+
+    out = []
+    for view in llama_layers(loaded, what="mlp_update", error=MlpUpdateError):
+        gate, up, o = view.gate_proj, view.up_proj, view.o_proj
+        if gate.bias is not None or up.bias is not None:
+            raise MlpUpdateError("mlp_update supports bias-free gate/up projections only.")
+        common = {"w_o": f(o.weight), "b_o": None if o.bias is None else f(o.bias),
+                  "gamma": f(view.mlp_norm.weight), "eps": view.norm_eps}
+        if with_mlp:
+            out.append(LayerWeights(**common, w_gate=f(gate.weight), w_up=f(up.weight),
+                                    w_down=f(view.down_proj.weight)))
+        else:
+            grams = []
+            for w in (gate.weight, up.weight):
+                w64 = w.detach().to(F64)
+                grams.append((w64.T @ w64).to(device))
+                del w64
+            out.append(LayerWeights(**common, w_gate=None, w_up=None, w_down=None,
+                                    grams=(grams[0], grams[1])))
+    return out
+
+
+def rms_norm(m: Tensor, gamma: Tensor, eps: float) -> Tensor:
+    """HF RMSNorm γ ⊙ m / sqrt(mean(m²) + ε) over the last axis (float64)."""
+    return gamma * m * torch.rsqrt(m.pow(2).mean(-1, keepdim=True) + eps)
+
+
+@dataclass
+class RowCapture:
+    """What one hooked forward yields for the analysed rows (float32, CPU).
+
+    Attributes:
+        rows: Query rows R (strictly increasing positions).
+        v: Per layer, values of keys 0..max(R) [K, H_kv, d_h].
+        pattern: Per layer, pattern rows [H, R, K] (keys 0..max(R)).
+        resid_pre: Per layer, x at the rows [R, d].
+        resid_mid: Per layer, m at the rows [R, d].
+        ln2_out: Per layer, u = RMSNorm_2(m) at the rows [R, d].
+        mlp_pre: Per layer, W_gate u [R, d_mlp].
+        mlp_pre_linear: Per layer, W_up u [R, d_mlp].
+        mlp_post: Per layer, φ = SiLU(W_gate u) ⊙ W_up u [R, d_mlp].
+        logits: Final logits at the rows [R, vocab] (None from `row_capture` without logits).
+    """
+
+    rows: list[int]
+    v: list[Tensor]
+    pattern: list[Tensor]
+    resid_pre: list[Tensor]
+    resid_mid: list[Tensor]
+    ln2_out: list[Tensor]
+    mlp_pre: list[Tensor]
+    mlp_pre_linear: list[Tensor]
+    mlp_post: list[Tensor]
+    logits: Tensor | None
+
+
+def check_positions(loaded: LoadedModel, ids: Tensor, rows: Sequence[int],
+           trajectory: Sequence[int]) -> tuple[Tensor, list[int], list[int]]:
+    """Validate the model and the positions for M5; returns (ids [1, N], rows, trajectory).
+
+    Raises:
+        MlpUpdateError: For a model without RoPE and a gated MLP, or bad positions.
+    """
+    arch = loaded.arch
+    if arch.positional != "rope" or getattr(arch, "mlp", "gated") != "gated":
+        raise MlpUpdateError(
+            f"mlp_update needs a RoPE model with a gated MLP; {arch.family!r} is not one.")
+    ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
+    n = int(ids.shape[1])
+    rows, traj = [int(r) for r in rows], [int(t) for t in trajectory]
+    if not rows or rows != sorted(set(rows)) or not 0 <= rows[0] <= rows[-1] < n:
+        raise MlpUpdateError(f"rows must be strictly increasing positions in [0, {n}); got {rows}")
+    if not traj or traj != sorted(set(traj)) or traj[0] < 0 or traj[-1] >= rows[0]:
+        raise MlpUpdateError(
+            f"trajectory must be strictly increasing, non-empty positions before the first "
+            f"query row {rows[0]}; got {traj}")
+    return ids, rows, traj
+
+
+@contextmanager
+def row_capture(loaded: LoadedModel, rows: Sequence[int], *,
+                device: str | torch.device | None = "cpu") -> Iterator[Callable[..., RowCapture]]:
+    """Hook the bridge for what M5 needs at `rows`; the forward runs inside the block.
+
+    For sharing one forward with other measurements (e.g. `probes.updates_run`): every bridge
+    forward inside the block (also one started through `loaded.hf_model`, with or without grad) is
+    recorded; after it, call the yielded function (optionally with the logits [1, N, vocab]).
+
+        >>> with row_capture(loaded, [q]) as get:
+        ...     loaded.bridge(ids)
+        >>> cap = get()
+
+    Args:
+        loaded: A booted RoPE model with a gated MLP (Qwen2 / Llama / Qwen3), batch 1.
+        rows: Strictly increasing query rows.
+        device: Where the captured tensors go ("cpu"; None = the model's device, so that
+            `mlp_updates_from` computes there, with `layer_weights(..., device=...)` there too).
+
+    Yields:
+        `get(logits=None) -> RowCapture`.
+    """
+    rows = [int(r) for r in rows]
+    L, last = loaded.arch.n_layers, rows[-1]
+    kv_sites = [f"L{l}.attn.v" for l in range(L)]
+    comps = ("attn.pattern", "resid_pre", "resid_mid", "ln2.out", "mlp.pre", "mlp.pre_linear",
+             "mlp.post")
+    row_sites = [f"L{l}.{c}" for l in range(L) for c in comps]
+    with (
+        capture(loaded, kv_sites, positions=slice(0, last + 1), dtype="float32",
+                device=device) as kv_store,
+        capture(loaded, row_sites, positions=rows, dtype="float32", device=device) as row_store,
+    ):
+        def get(logits: Tensor | None = None) -> RowCapture:
+            kv, rs = kv_store.result(), row_store.result()
+
+            def per_layer(c: str) -> list[Tensor]:
+                return [rs[f"L{l}.{c}"] for l in range(L)]
+
+            return RowCapture(
+                rows=rows, v=[kv[f"L{l}.attn.v"] for l in range(L)],
+                pattern=[p[:, :, : last + 1] for p in per_layer("attn.pattern")],
+                resid_pre=per_layer("resid_pre"), resid_mid=per_layer("resid_mid"),
+                ln2_out=per_layer("ln2.out"), mlp_pre=per_layer("mlp.pre"),
+                mlp_pre_linear=per_layer("mlp.pre_linear"), mlp_post=per_layer("mlp.post"),
+                logits=None if logits is None else logits[0, rows].detach().to("cpu", torch.float32))
+
+        yield get
+
+
+@torch.no_grad()
+def capture_rows(loaded: LoadedModel, ids: Tensor, rows: Sequence[int]) -> RowCapture:
+    """Run the bridge once with hooks and keep what M5 needs at the query rows.
+
+    Args:
+        loaded: A booted RoPE model with a gated MLP (Qwen2 / Llama / Qwen3), batch 1.
+        ids: Token ids [1, N] (or [N]).
+        rows: Strictly increasing query rows (e.g. [q], or every row of the answer block).
+
+    Returns:
+        The captured tensors.
+    """
+    ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
+    with row_capture(loaded, rows) as get:
+        logits = loaded.bridge(ids.to(loaded.device))
+    return get(logits)
+
+
+def restricted_prefix(p: Tensor, v_h: Tensor, trajectory: Tensor, resid_pre: Tensor, w_o: Tensor,
+                      b_o: Tensor | None, gamma: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Frozen-upstream MLP inputs for the trajectory prefixes K_{−1}, K_0, …, K_{T−1} (§7.3 M5).
+
+    The one implementation of the restricted attention, shared by `mlp_updates` /
+    `endpoint_patches` (bridge captures) and `probes.measures.alignment.answer_alignment` (HF hooks). With
+    the already-normalised pattern rows p (no re-exponentiation), per head h:
+
+        z^{(i)}_h = (Σ_{j∈K_{−1}} p_j v_j + cumsum_{s≤i} p_{τ_s} v_{τ_s}) / (Σ_{K_{−1}} p + cumsum p_τ)
+        m^{(i)}   = x + Σ_h W_O^h z^{(i)}_h + b_O,      u^{(i)} = RMSNorm_2(m^{(i)})
+
+    so index T (all of 𝒯) is the full context: m^{(T−1)} = resid_mid, u^{(T−1)} = the gate/up input.
+
+    Args:
+        p: Pattern rows [H, R, K] over keys 0..K−1 (any float dtype; float64 recommended).
+        v_h: Values per query head [H, K, d_h] (KV heads expanded with g(h) = h // G).
+        trajectory: Trajectory key positions [T] (long, < K, on p's device); may be empty.
+        resid_pre: x = resid_pre at the rows [R, d].
+        w_o: `o_proj.weight` [d, H·d_h].
+        b_o: `o_proj.bias` [d] or None.
+        gamma: γ2 of the post-attention RMSNorm [d].
+        eps: Its ε.
+
+    Returns:
+        `(m, u)`, each [R, T+1, d]: index 0 is the base i = −1 (no trajectory), index i+1 the
+        prefix τ_0..τ_i.
+    """
+    _, R, K = p.shape
+    base = torch.ones(K, dtype=torch.bool, device=p.device)
+    base[trajectory] = False
+    p_base = p[:, :, base]
+    num0 = torch.einsum("hrk,hke->hre", p_base, v_h[:, base])           # [H, R, d_h]
+    den0 = p_base.sum(-1)                                               # [H, R]
+    p_t = p[:, :, trajectory]                                           # [H, R, T]
+    pv = p_t[..., None] * v_h[:, trajectory][:, None]                   # [H, R, T, d_h]
+    num = torch.cat([num0[:, :, None], num0[:, :, None] + pv.cumsum(2)], 2)  # [H, R, T+1, d_h]
+    den = torch.cat([den0[..., None], den0[..., None] + p_t.cumsum(2)], 2)   # [H, R, T+1]
+    z = (num / den[..., None]).permute(1, 2, 0, 3).reshape(R, den.shape[-1], -1)  # [R, T+1, H·d_h]
+    m = resid_pre[:, None, :] + z @ w_o.T                               # [R, T+1, d]
+    if b_o is not None:
+        m = m + b_o
+    return m, rms_norm(m, gamma, eps)
+
+
+def restricted_inputs(cap: RowCapture, w: LayerWeights, layer: int,
+                      trajectory: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """`restricted_prefix` on a `capture_rows` capture (float64).
+
+    Args:
+        cap: Output of `capture_rows`.
+        w: That layer's weights.
+        layer: Layer index.
+        trajectory: Trajectory key positions (strictly increasing, all < min(cap.rows)).
+
+    Returns:
+        `(m, u)`, each [R, T+1, d]: index 0 is the base i = −1 (no trajectory), index i+1 the
+        prefix τ_0..τ_i; index T is the full context (equals the captured resid_mid / ln2.out).
+    """
+    p = cap.pattern[layer].to(F64)                                  # [H, R, K]
+    v = cap.v[layer].to(F64)                                        # [K, H_kv, d_h]
+    H = p.shape[0]
+    v_h = v.repeat_interleave(H // v.shape[1], dim=1).transpose(0, 1)   # [H, K, d_h]
+    traj = torch.as_tensor(list(trajectory), dtype=torch.long, device=p.device)
+    return restricted_prefix(p, v_h, traj, cap.resid_pre[layer].to(F64), w.w_o, w.b_o, w.gamma,
+                             w.eps)
+
+
+@dataclass
+class EndpointPatch:
+    """Rank-1 factors of the full-trajectory patches of one layer, per row (float64).
+
+    ΔW_gate = gate_left[r] right[r]ᵀ, ΔW_up = up_left[r] right[r]ᵀ, ΔW_down = down_left[r]
+    down_right[r]ᵀ. Applied to a live input: ΔW u = left (right·u).
+
+    Attributes:
+        gate_left: W_gate (u − u') [R, d_mlp].
+        up_left: W_up (u − u') [R, d_mlp].
+        right: u'/‖u'‖² [R, d].
+        down_left: δ = m − m' [R, d].
+        down_right: φ/‖φ‖² [R, d_mlp].
+        u_base: u' = u^{(−1)} [R, d].
+    """
+
+    gate_left: Tensor
+    up_left: Tensor
+    right: Tensor
+    down_left: Tensor
+    down_right: Tensor
+    u_base: Tensor
+
+
+def endpoint_patches(cap: RowCapture, weights: Sequence[LayerWeights],
+                     trajectory: Sequence[int]) -> list[EndpointPatch]:
+    """The cache-derived Dherin endpoint patches (base K_{−1}) of every layer and row.
+
+    Args:
+        cap: Output of `capture_rows`.
+        weights: Output of `layer_weights`.
+        trajectory: Trajectory key positions.
+
+    Returns:
+        One `EndpointPatch` per layer.
+    """
+    out = []
+    for layer, w in enumerate(weights):
+        m, u = restricted_inputs(cap, w, layer, trajectory)
+        du = u[:, -1] - u[:, 0]
+        phi = cap.mlp_post[layer].to(F64)
+        out.append(EndpointPatch(
+            gate_left=du @ w.w_gate.T, up_left=du @ w.w_up.T,
+            right=u[:, 0] / u[:, 0].pow(2).sum(-1, keepdim=True),
+            down_left=m[:, -1] - m[:, 0], down_right=phi / phi.pow(2).sum(-1, keepdim=True),
+            u_base=u[:, 0]))
+    return out
+
+
+@dataclass
+class MlpUpdates:
+    """M5 at one query row: per layer L, per trajectory token T (float64 numpy arrays).
+
+    Attributes:
+        query: The query row q.
+        trajectory: Trajectory positions [T].
+        lr: Implicit learning rate h = 1/‖u^{(−1)}‖² [L] (unfolded γ2).
+        u_base_norm: ‖u^{(−1)}‖ [L].
+        sigma_gate / sigma_up: σ_i = ‖step_i‖_F [L, T].
+        grad_norm_gate / grad_norm_up: ‖Δ_i‖_F = σ_i/h [L, T] (implicit-loss gradient).
+        cos_gate / cos_up: cos(step_i, step_{i−1}) [L, T] (NaN at i = 0 or a zero step).
+        cum_fro_gate / cum_fro_up: ‖ΔW_i‖_F = ‖Σ_{s≤i} step_s‖_F [L, T].
+        total_fro_gate / total_fro_up: ‖ΔW_{T−1}‖_F (full-trajectory patch) [L].
+        down_fro: ‖ΔW_down‖_F = ‖δ‖/‖φ_q‖ [L].
+        delta_norm: ‖δ‖ = ‖m_q − m'‖ (bias-patch / steering-vector size) [L].
+        du: u^{(i)} − u^{(i−1)} [L, T, d] (rank-1 left factor source: step_i = W du_i ⊗ right);
+            None from `mlp_updates_rows_from(..., keep_du=False)`.
+        u_base: u^{(−1)} [L, d].
+    """
+
+    query: int
+    trajectory: np.ndarray
+    lr: np.ndarray
+    u_base_norm: np.ndarray
+    sigma_gate: np.ndarray
+    sigma_up: np.ndarray
+    grad_norm_gate: np.ndarray
+    grad_norm_up: np.ndarray
+    cos_gate: np.ndarray
+    cos_up: np.ndarray
+    cum_fro_gate: np.ndarray
+    cum_fro_up: np.ndarray
+    total_fro_gate: np.ndarray
+    total_fro_up: np.ndarray
+    down_fro: np.ndarray
+    delta_norm: np.ndarray
+    du: np.ndarray | None
+    u_base: np.ndarray
+
+
+def _step_stats(du: Tensor, dcum: Tensor, gram: Tensor, base_norm: Tensor) -> dict[str, Tensor]:
+    """σ, consecutive cosine and cumulative norm from the d×d Gram (no d_mlp × d per token)."""
+    g_du = du @ gram                                                # [T, d]
+    wnorm = (g_du * du).sum(-1).clamp_min(0).sqrt()                 # ‖W du_i‖
+    inner = (g_du[1:] * du[:-1]).sum(-1)                            # ⟨W du_i, W du_{i−1}⟩
+    cos = torch.full_like(wnorm, float("nan"))
+    cos[1:] = inner / (wnorm[1:] * wnorm[:-1])
+    cum = ((dcum @ gram) * dcum).sum(-1).clamp_min(0).sqrt() / base_norm
+    return {"sigma": wnorm / base_norm, "cos": cos, "cum": cum}
+
+
+def mlp_updates(loaded: LoadedModel, ids: Tensor, query: int,
+                trajectory: Sequence[int]) -> MlpUpdates:
+    """M5 per layer at one query row, from one hooked bridge forward.
+
+    Example:
+        >>> upd = mlp_updates(loaded, ids, query=q, trajectory=range(t0, t1))
+        >>> upd.sigma_gate.shape                # [n_layers, t1 - t0]
+
+    Args:
+        loaded: A booted RoPE model with a gated MLP (Qwen2 / Llama / Qwen3), batch 1.
+        ids: Token ids [1, N] (or [N]).
+        query: Query row q.
+        trajectory: Trajectory key positions, strictly increasing, all < q.
+
+    Returns:
+        The per-layer, per-token quantities (computed in float64 from fp32 captures).
+
+    Raises:
+        MlpUpdateError: For an unsupported model or bad positions.
+    """
+    ids, rows, traj = check_positions(loaded, ids, [query], trajectory)
+    weights = layer_weights(loaded, with_mlp=False)
+    cap = capture_rows(loaded, ids, rows)
+    return mlp_updates_from(cap, weights, traj)
+
+
+def mlp_updates_rows(loaded: LoadedModel, ids: Tensor, rows: Sequence[int],
+                     trajectory: Sequence[int]) -> list[MlpUpdates]:
+    """M5 per layer at several query rows, from ONE hooked bridge forward.
+
+    Example:
+        >>> ups = mlp_updates_rows(loaded, ids, rows=[q0, q0 + 1], trajectory=range(t0, t1))
+        >>> ups[1].sigma_gate.shape             # [n_layers, t1 - t0]
+
+    Args:
+        loaded: A booted RoPE model with a gated MLP (Qwen2 / Llama / Qwen3), batch 1.
+        ids: Token ids [1, N] (or [N]).
+        rows: Strictly increasing query rows.
+        trajectory: Trajectory key positions, strictly increasing, all < rows[0].
+
+    Returns:
+        One `MlpUpdates` per row, equal (to float rounding) to `mlp_updates(loaded, ids, q,
+        trajectory)` for each row q.
+
+    Raises:
+        MlpUpdateError: For an unsupported model or bad positions.
+    """
+    ids, rows, traj = check_positions(loaded, ids, rows, trajectory)
+    weights = layer_weights(loaded, with_mlp=False)
+    cap = capture_rows(loaded, ids, rows)
+    return mlp_updates_rows_from(cap, weights, traj)
+
+
+_MLP_KEYS = ("sigma_gate", "sigma_up", "grad_norm_gate", "grad_norm_up", "cos_gate", "cos_up",
+             "cum_fro_gate", "cum_fro_up", "total_fro_gate", "total_fro_up", "down_fro",
+             "delta_norm", "lr", "u_base_norm", "du", "u_base")
+
+
+def _row_step_stats(m: Tensor, u: Tensor, w: LayerWeights, phi: Tensor,
+                    out: dict[str, list[Tensor]], keep_du: bool = True) -> None:
+    """Append one layer's M5 quantities at one row (m, u [T+1, d] from `restricted_inputs`)."""
+    base = u[0]
+    bn = base.norm()
+    du = u[1:] - u[:-1]
+    dcum = u[1:] - base
+    for which in ("gate", "up"):
+        s = _step_stats(du, dcum, w.gram(which), bn)
+        out[f"sigma_{which}"].append(s["sigma"])
+        out[f"grad_norm_{which}"].append(s["sigma"] * bn**2)
+        out[f"cos_{which}"].append(s["cos"])
+        out[f"cum_fro_{which}"].append(s["cum"])
+        out[f"total_fro_{which}"].append(s["cum"][-1])
+    delta = m[-1] - m[0]
+    out["delta_norm"].append(delta.norm())
+    out["down_fro"].append(delta.norm() / phi.to(F64).norm())
+    out["lr"].append(1.0 / bn**2)
+    out["u_base_norm"].append(bn)
+    if keep_du:
+        out["du"].append(du)
+    out["u_base"].append(base)
+
+
+def _mlp_result(out: dict[str, list[Tensor]], query: int, traj: list[int]) -> MlpUpdates:
+    arrays = {k: torch.stack(v).cpu().numpy() if v else None for k, v in out.items()}
+    return MlpUpdates(query=query, trajectory=np.asarray(traj), **arrays)
+
+
+def mlp_updates_from(cap: RowCapture, weights: Sequence[LayerWeights],
+                     trajectory: Sequence[int], *, keep_du: bool = True) -> MlpUpdates:
+    """M5 at the first captured row from an existing capture (no forward).
+
+    Args:
+        cap: A `capture_rows` / `row_capture` capture; its first row is the query q (computed
+            on its device).
+        weights: `layer_weights(loaded)` (either form, on the capture's device; reuse one per
+            run).
+        trajectory: Trajectory key positions, strictly increasing, all < q (checked by the caller,
+            e.g. with `check_positions`).
+        keep_du: Keep the [L, T, d] step factors `du` (False: `du` is None; the `updates`
+            command stores only the statistics).
+
+    Returns:
+        The per-layer, per-token quantities (float64).
+    """
+    traj = [int(t) for t in trajectory]
+    out: dict[str, list[Tensor]] = {k: [] for k in _MLP_KEYS}
+    for layer, w in enumerate(weights):
+        m, u = restricted_inputs(cap, w, layer, traj)
+        _row_step_stats(m[0], u[0], w, cap.mlp_post[layer][0], out, keep_du)  # [T+1, d]
+    return _mlp_result(out, cap.rows[0], traj)
+
+
+def mlp_updates_rows_from(cap: RowCapture, weights: Sequence[LayerWeights],
+                          trajectory: Sequence[int], *, keep_du: bool = True
+                          ) -> list[MlpUpdates]:
+    """M5 at every captured row from an existing capture (no forward).
+
+    The restricted-attention prefixes of all rows come from one `restricted_prefix` per layer;
+    the per-row step statistics are those of `mlp_updates_from` (equal to it at the first row
+    and to separate single-row captures to float rounding).
+
+    Args:
+        cap: A `capture_rows` / `row_capture` capture (computed on its device).
+        weights: `layer_weights(loaded)` (either form, on the capture's device).
+        trajectory: Trajectory key positions, strictly increasing, all < the first row.
+        keep_du: False: leave `du` None in the results (it is [L, T, d] float64 per row, the
+            largest part; the run does not store it).
+
+    Returns:
+        One `MlpUpdates` per captured row, in `cap.rows` order.
+    """
+    traj = [int(t) for t in trajectory]
+    outs: list[dict[str, list[Tensor]]] = [{k: [] for k in _MLP_KEYS} for _ in cap.rows]
+    for layer, w in enumerate(weights):
+        m, u = restricted_inputs(cap, w, layer, traj)               # [R, T+1, d]
+        for i, out in enumerate(outs):
+            _row_step_stats(m[i], u[i], w, cap.mlp_post[layer][i], out, keep_du)
+        del m, u
+    return [_mlp_result(out, q, traj) for q, out in zip(cap.rows, outs)]
+
+
+@torch.no_grad()
+def masked_patched_logits(loaded: LoadedModel, ids: Tensor, trajectory: Sequence[int],
+                          rows: Sequence[int], *, patch: bool = True) -> tuple[Tensor, Tensor]:
+    """V5b: mask 𝒯 for `rows` at every layer and add the cache-derived endpoint patches.
+
+    Rows must cover every row whose residual feeds the analysed query (normally every row from
+    the end of the trajectory to q); the patches are computed from the CLEAN cache, then one
+    hooked forward runs with scores[rows, 𝒯] = −inf at all layers, `ΔW u_live` added at
+    `mlp.hook_pre` / `mlp.hook_pre_linear` and `ΔW_down φ_live` at `hook_mlp_out` for those rows
+    (position ids unchanged).
+
+    Args:
+        loaded: A booted RoPE model with a gated MLP, batch 1.
+        ids: Token ids [1, N] (or [N]).
+        trajectory: Trajectory key positions (all < min(rows)).
+        rows: Rows to mask and patch.
+        patch: False runs the masked forward without patches (a control).
+
+    Returns:
+        `(logits_masked_patched, logits_clean)` at `rows`, each [R, vocab] float32.
+    """
+    ids, rows, traj = check_positions(loaded, ids, rows, trajectory)
+    weights = layer_weights(loaded)
+    cap = capture_rows(loaded, ids, rows)
+    patches = endpoint_patches(cap, weights, traj)
+    dev = loaded.device
+    r_idx = torch.as_tensor(rows, device=dev)
+    mask = mask_keys(rows, traj, dev)
+    live: dict[int, Tensor] = {}
+
+    def keep_u(layer: int):
+        def hook(act: Tensor, hook: object) -> None:
+            live[layer] = act[0, r_idx].to(F64).cpu()
+        return hook
+
+    def add_rank1(layer: int, which: str):
+        pt = patches[layer]
+
+        def hook(act: Tensor, hook: object) -> Tensor:
+            if which == "down":
+                add = pt.down_left * (pt.down_right * live[-layer - 1]).sum(-1, keepdim=True)
+            else:
+                left = pt.gate_left if which == "gate" else pt.up_left
+                add = left * (pt.right * live[layer]).sum(-1, keepdim=True)
+            act = act.clone()
+            act[0, r_idx] += add.to(act.dtype).to(act.device)
+            return act
+        return hook
+
+    def keep_phi(layer: int):
+        def hook(act: Tensor, hook: object) -> None:
+            live[-layer - 1] = act[0, r_idx].to(F64).cpu()
+        return hook
+
+    fwd = []
+    for l in range(loaded.arch.n_layers):
+        fwd.append((f"L{l}.attn.scores", mask))
+        if patch:
+            fwd += [(f"L{l}.ln2.out", keep_u(l)),
+                    (f"L{l}.mlp.pre", add_rank1(l, "gate")),
+                    (f"L{l}.mlp.pre_linear", add_rank1(l, "up")),
+                    (f"L{l}.mlp.post", keep_phi(l)),
+                    (f"L{l}.mlp_out", add_rank1(l, "down"))]
+    with edit(loaded, fwd):
+        logits = loaded.bridge(ids.to(dev))
+    return logits[0, rows].detach().to("cpu", torch.float32), cap.logits

@@ -1,0 +1,213 @@
+"""The one shared pass that produces every stored per-token update array (`upd_*`) of a trace.
+
+One forward and one backward of the model per trace (`probes.measures.alignment.answer_alignment`),
+with the M1–M4 capture (`probes.measures.attention`) and, for `answer_rows="first"`, the M5 capture
+(`probes.measures.mlp`) riding on its forward. The arrays and their meaning are declared in
+`probes.arrays` (the registry); the method notes are in docs/methods.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from hooks.model import LoadedModel
+from hooks.weights import llama_layers
+from probes import arrays
+from probes.errors import ProbesError
+
+ANSWER_ROWS = ("first", "mean")
+"""`--answer-rows`: the per-row quantities at the first answer row only, or averaged over 𝒬."""
+
+
+def check_supported(loaded: LoadedModel) -> None:
+    """Refuse, with one clear error, a model `updates` cannot measure.
+
+    Raises:
+        UpdatesError: Unless the model is Llama-style (`hooks.weights.llama_layers`: RoPE, GQA
+            attention with o_proj, RMSNorm, a gated MLP).
+    """
+    from probes.measures.attention import UpdatesError
+
+    llama_layers(loaded, what="updates", error=UpdatesError, require_rope=True)
+
+
+UPDATE_ARRAYS: tuple[str, ...] = arrays.names(arrays.UPDATES)
+"""The stored arrays, in the order they are written (each float32 [n_layers, T]; the registry
+declares them)."""
+
+
+def stored_layers(trace) -> list[int]:
+    """The layers of a trace's `upd_*` arrays (attribute `upd_layers`; all rows when absent)."""
+    raw = trace.attrs.get("upd_layers")
+    if raw is None:
+        return list(range(int(trace["upd_contrib"].shape[0])))
+    return [int(x) for x in json.loads(raw)]
+
+
+class RunConstants:
+    """Per-model constants of an `updates` run, computed once and reused for every trace.
+
+    Attributes:
+        o_proj: `probes.measures.attention.o_proj_weights(loaded)`.
+        m5: `probes.measures.mlp.layer_weights(loaded, with_mlp=False)` (W_O, γ2 and the Grams
+            WᵀW of gate/up, float64 on the model's device).
+        grams: The same Grams, as `answer_alignment(grams=...)` takes them.
+    """
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        from probes.measures.attention import o_proj_weights
+        from probes.measures.mlp import layer_weights
+
+        check_supported(loaded)
+        self.o_proj = o_proj_weights(loaded)
+        self.m5 = layer_weights(loaded, with_mlp=False, device=loaded.device)
+        self.grams = [w.grams for w in self.m5]
+
+
+def trace_update_arrays(loaded: LoadedModel, tt, consts: RunConstants | None = None, *,
+                        answer_rows: str = "first", timings: dict[str, float] | None = None,
+                        ) -> tuple[dict[str, np.ndarray], int]:
+    """The stored `upd_*` arrays of one tokenized trace (float32 [n_layers, T]).
+
+    One forward + one backward: `answer_alignment` (M7 at all answer rows 𝒬; M6 at the first row
+    or at all of them) with the M1–M4 bridge capture (and, for "first", the M5 one) hooked into
+    its forward.
+
+    Args:
+        loaded: A booted Llama-style RoPE model with a gated MLP (eager attention).
+        tt: A `TokenizedTrace` with a non-empty trajectory and answer.
+        consts: `RunConstants(loaded)`, reused across traces; None computes them now.
+        answer_rows: "first": M1–M6 at q = answer start − 1 (`token_updates`, `mlp_updates`,
+            M6 row 0). "mean": each of them at every row of 𝒬 = answer start − 1 .. answer end − 2
+            (`key_summary_from`; M5 σ / cosine and M6 from `answer_alignment` at all rows), then
+            averaged over the rows per layer and token (the two cosines with a NaN-skipping mean:
+            NaN only where every row is NaN). `upd_dai_fro` does not depend on the row; `upd_m7`
+            is the sum over 𝒬 in both modes.
+        timings: If given, filled with the seconds of each stage (device-synchronised):
+            `alignment` (the shared forward + backward and M6/M7; for "mean" also M5), `m1_m4`,
+            `m5` (≈ 0 for "mean").
+
+    Returns:
+        (arrays in `UPDATE_ARRAYS` order, query position = the first answer row).
+
+    Raises:
+        UpdatesError: For an unsupported model.
+        ProbesError: For an unknown `answer_rows`.
+    """
+    import torch
+
+    from probes.measures.alignment import answer_alignment
+    from probes.measures.attention import check_query, query_capture, token_updates_from
+    from probes.measures.mlp import check_positions, mlp_updates_from, row_capture
+
+    if answer_rows not in ANSWER_ROWS:
+        raise ProbesError(f"answer_rows must be one of {', '.join(ANSWER_ROWS)}, got "
+                          f"{answer_rows!r}")
+    consts = RunConstants(loaded) if consts is None else consts
+    a, b = (int(x) for x in tt.spans["trajectory"])
+    answer = (int(tt.spans["answer"][0]), int(tt.spans["answer"][1]))
+    query = answer[0] - 1
+    ids = torch.as_tensor(np.asarray(tt.ids, dtype=np.int64)).reshape(1, -1).to(loaded.device)
+    if answer_rows == "mean":
+        return _mean_rows_arrays(loaded, ids, (a, b), answer, consts, timings), query
+    check_query(loaded, int(ids.shape[1]), query)
+    _, _, traj = check_positions(loaded, ids, [query], range(a, b))
+    clock = _Clock(loaded.device, timings)
+    # captures stay on the model's device: M1–M5 are computed there (float64), like M6/M7
+    with (query_capture(loaded, query, device=None) as get_query,
+          row_capture(loaded, [query], device=None) as get_rows):
+        al = answer_alignment(loaded, ids, (a, b), answer, m6_rows=[0], grams=consts.grams)
+    clock.lap("alignment")
+    upd = token_updates_from(loaded, get_query(), consts.o_proj)
+    clock.lap("m1_m4")
+    mlp = mlp_updates_from(get_rows(), consts.m5, traj, keep_du=False)
+    clock.lap("m5")
+    arrays = {
+        "upd_contrib": _f32(upd.contrib_sum_norm[:, a:b]),
+        "upd_loo": _f32(upd.loo_sum_norm[:, a:b]),
+        "upd_mass": _f32(upd.mass[:, :, a:b].mean(axis=1)),
+        "upd_dai_fro": _f32(upd.dai_fro[:, :, a:b].sum(axis=1)),
+        "upd_sigma_gate": _f32(mlp.sigma_gate),
+        "upd_sigma_up": _f32(mlp.sigma_up),
+        "upd_cos_gate": _f32(mlp.cos_gate),
+        "upd_align_cos": _f32(al.cos[2][:, 0, :]),
+        "upd_dl_pred": _f32(al.inner[2][:, 0, :]),
+        "upd_m7": _f32(al.m7),
+    }
+    return arrays, query
+
+
+def _mean_rows_arrays(loaded: LoadedModel, ids, trajectory: tuple[int, int],
+                      answer: tuple[int, int], consts: RunConstants,
+                      timings: dict[str, float] | None) -> dict[str, np.ndarray]:
+    """`trace_update_arrays(answer_rows="mean")`: every per-row quantity averaged over 𝒬.
+
+    M1–M4 from `query_rows_capture` + `key_summary_from` (keys/values once, the trajectory keys
+    only). M5's σ and consecutive cosine at every row are the `step_norm` / `step_cos` that
+    `answer_alignment` forms anyway for M6 at all rows (the same restricted-attention prefixes
+    and Gram products as `mlp_updates_rows_from`, which would repeat that O(Q·T·d²) work).
+    """
+    from probes.measures.alignment import answer_alignment
+    from probes.measures.attention import check_query_rows, key_summary_from, query_rows_capture
+    from probes.measures.mlp import check_positions
+
+    a, b = trajectory
+    rows = list(range(answer[0] - 1, answer[1] - 1))
+    check_query_rows(loaded, int(ids.shape[1]), rows)
+    _, _, traj = check_positions(loaded, ids, rows, range(a, b))
+    clock = _Clock(loaded.device, timings)
+    with query_rows_capture(loaded, rows, device=None) as get_query:
+        al = answer_alignment(loaded, ids, (a, b), answer, m6_rows=None, grams=consts.grams)
+    clock.lap("alignment")
+    summ = key_summary_from(loaded, get_query(), traj, consts.o_proj)      # [L, Q, T]
+    clock.lap("m1_m4")
+    clock.lap("m5")                                                        # inside `alignment`
+    return {
+        "upd_contrib": _f32(summ.contrib_sum_norm.mean(axis=1)),
+        "upd_loo": _f32(summ.loo_sum_norm.mean(axis=1)),
+        "upd_mass": _f32(summ.mass.mean(axis=1)),
+        "upd_dai_fro": _f32(summ.dai_fro),
+        "upd_sigma_gate": _f32(al.step_norm[0].mean(axis=1)),              # [L, Q, T] -> [L, T]
+        "upd_sigma_up": _f32(al.step_norm[1].mean(axis=1)),
+        "upd_cos_gate": _f32(_nanmean(al.step_cos[0], axis=1)),
+        "upd_align_cos": _f32(_nanmean(al.cos[2], axis=1)),
+        "upd_dl_pred": _f32(al.inner[2].mean(axis=1)),
+        "upd_m7": _f32(al.m7),
+    }
+
+
+def _nanmean(x: np.ndarray, axis: int) -> np.ndarray:
+    """Mean over `axis` skipping NaN; NaN where every entry is NaN (no warning)."""
+    ok = ~np.isnan(x)
+    n = ok.sum(axis=axis)
+    total = np.where(ok, x, 0.0).sum(axis=axis)
+    return np.where(n > 0, total / np.maximum(n, 1), np.nan)
+
+
+class _Clock:
+    """Stage timer for `trace_update_arrays(timings=...)` (a no-op without a dict)."""
+
+    def __init__(self, device, out: dict[str, float] | None) -> None:
+        self.device, self.out = device, out
+        self.t = self._now() if out is not None else 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.out is not None:
+            now = self._now()
+            self.out[name] = now - self.t
+            self.t = now
+
+
+def _f32(x) -> np.ndarray:
+    """A contiguous float32 copy (the stored dtype)."""
+    return np.ascontiguousarray(np.asarray(x)).astype(np.float32)

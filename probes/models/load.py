@@ -1,0 +1,345 @@
+"""Load any supported causal LM as a TransformerLens 4.x bridge, strictly offline.
+
+Entry points: `load_model(spec)` for a built-in name, a local HF folder or a hub id already in the
+local HF cache; `boot_model(hf_model, tokenizer, spec=...)` for a model built in code (both share one
+code path). Caveat: the bridge runs in raw mode (no weight processing, numbers match HF); never call
+`enable_compatibility_mode` on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from hooks.model import ArchInfo, LoadedModel, resolve_device, resolve_dtype
+from probes.errors import ModelNotFoundError, ProbesError
+from probes.models.kv import ensure_kv_cache_shim
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+BUILTIN_MODELS: dict[str, Path] = {
+    # Trained by `python -m probes.reasoner.train`; shipped as package data.
+    "tiny-reasoner": Path(__file__).resolve().parents[1] / "reasoner" / "checkpoint",
+}
+"""Built-in model names and the checkpoint folder each resolves to (the one source of truth)."""
+
+
+_BUILTIN_REBUILD: dict[str, str] = {"tiny-reasoner": "python -m probes.reasoner.train"}
+"""How to rebuild each built-in checkpoint when its folder is missing."""
+
+
+_SPEC_FORMS = (
+    "a built-in name ({builtins}); a local folder containing config.json, model weights "
+    "(*.safetensors or *.bin) and tokenizer files; or a Hugging Face hub id such as "
+    "'Qwen/Qwen2.5-0.5B' that is already in the local HF cache"
+)
+
+
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _accepted_forms() -> str:
+    return _SPEC_FORMS.format(builtins=", ".join(repr(n) for n in sorted(BUILTIN_MODELS)))
+
+
+def _force_offline() -> None:
+    """Forbid hub access for this process before anything from huggingface_hub runs.
+
+    `huggingface_hub.constants.HF_HUB_OFFLINE` is read at import time, so the env var alone is
+    too late once transformers is imported; every call below also passes `local_files_only=True`.
+    """
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def default_hub_cache() -> Path:
+    """Return the HF hub cache folder, honouring `HF_HUB_CACHE` / `HF_HOME` as set *now*.
+
+    `huggingface_hub.constants.HF_HUB_CACHE` is frozen when the module is imported; reading the
+    environment at call time keeps a later change (e.g. in tests or notebooks) effective.
+    """
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.path.expandvars(os.environ[var])).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.path.expandvars(os.environ["HF_HOME"])).expanduser() / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def resolve_spec(spec: str, *, cache_dir: str | Path | None = None) -> Path:
+    """Resolve a model spec to a local folder holding config.json, without touching the network.
+
+    Args:
+        spec: A name in `BUILTIN_MODELS`, a local folder, or a hub id in the local HF cache.
+        cache_dir: HF hub cache to search for hub ids; default `default_hub_cache()`.
+
+    Returns:
+        The folder to load from.
+
+    Raises:
+        ModelNotFoundError: If the spec resolves to nothing loadable; the message says how to fix it.
+    """
+    if spec in BUILTIN_MODELS:
+        folder = BUILTIN_MODELS[spec]
+        if not (folder / "config.json").is_file():
+            rebuild = _BUILTIN_REBUILD.get(spec, "its training script")
+            raise ModelNotFoundError(
+                f"The built-in model {spec!r} has no checkpoint: {folder / 'config.json'} is missing. "
+                f"Rebuild it with `{rebuild}` (writes {folder}), or pass a local folder instead."
+            )
+        return folder
+
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelNotFoundError(
+                f"Model spec {spec!r} is a file, not a folder. Pass the folder that contains "
+                f"config.json. Accepted forms: {_accepted_forms()}."
+            )
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"Folder {str(path)!r} has no config.json, so it is not a Hugging Face model folder. "
+                f"Accepted forms: {_accepted_forms()}."
+            )
+        return path
+
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+    if looks_like_path or not _HUB_ID_RE.match(spec):
+        raise ModelNotFoundError(
+            f"Model {spec!r} not found: no such folder, and it is not a built-in name or a valid hub id. "
+            f"Accepted forms: {_accepted_forms()}."
+        )
+    return _resolve_hub_id(spec, cache_dir=cache_dir)
+
+
+def _resolve_hub_id(repo_id: str, *, cache_dir: str | Path | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HFValidationError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+    )
+
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_hub_cache()
+    how_to = (
+        f"This tool never downloads. On a machine with network run `hf download {repo_id}` "
+        f"(or `huggingface-cli download {repo_id}`) with the same HF_HOME / HF_HUB_CACHE and copy "
+        f"the cache here, or pass a local model folder instead. Accepted forms: {_accepted_forms()}."
+    )
+    try:
+        folder = snapshot_download(repo_id, cache_dir=str(cache), local_files_only=True)
+    except IncompleteSnapshotError as err:
+        raise ModelNotFoundError(
+            f"Hub id {repo_id!r} is only partially in the local Hugging Face cache ({cache}): {err} "
+            + how_to
+        ) from None
+    except (LocalEntryNotFoundError, HFValidationError):
+        raise ModelNotFoundError(
+            f"Model {repo_id!r} is not a local folder and is not in the local Hugging Face cache "
+            f"({cache}). " + how_to
+        ) from None
+    folder_path = Path(folder)
+    if not (folder_path / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"Hub id {repo_id!r} is in the local Hugging Face cache ({folder_path}) but has no "
+            f"config.json there, so it cannot be loaded as a causal LM. " + how_to
+        )
+    return folder_path
+
+
+def _param_dtype(model: torch.nn.Module) -> torch.dtype:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+def _bridge_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A private copy of `tokenizer` for the bridge to normalise, so the caller's stays untouched.
+
+    TL 4.3.0's boot (`setup_tokenizer`) mutates the tokenizer it is given: pad := eos, bos := eos
+    when absent (Qwen), padding side, possibly new special tokens; and when `add_bos_token` is off
+    it re-loads the tokenizer by `init_kwargs["name_or_path"]` with `add_bos_token=True` (a KeyError
+    when that key is absent, a hub lookup when it is not a local folder). The copy absorbs all of
+    that; where a re-load could not be done from a local folder it is skipped by marking the copy
+    as already adding BOS (TL then detects the real BOS behaviour by tokenising).
+    """
+    bridge_tok = copy.deepcopy(tokenizer)
+    name = bridge_tok.init_kwargs.get("name_or_path")
+    if not (isinstance(name, str) and name and Path(name).is_dir()):
+        bridge_tok.init_kwargs["name_or_path"] = name or "in-memory"
+        bridge_tok.init_kwargs["add_bos_token"] = True
+    return bridge_tok
+
+
+def boot_model(
+    hf_model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    spec: str,
+    source: str = "in-memory",
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+) -> LoadedModel:
+    """Wrap an HF causal LM (loaded or built in code) in a TransformerLens bridge.
+
+    The model is cast (floating parameters only) when `dtype` differs from its weights, moved to
+    `device`, put in eval mode and switched to eager attention (the bridge does this in place).
+
+    Args:
+        hf_model: An HF `*ForCausalLM` model; it becomes `bridge.original_model`.
+        tokenizer: Its tokenizer. Required: without one the bridge would fetch one from the hub.
+            Left unmodified; the bridge gets a copy (see `_bridge_tokenizer`).
+        spec: What the user asked for (recorded in `LoadedModel.spec`, used as the bridge's label).
+        source: Where the weights came from (a folder, or "in-memory").
+        device: "auto", "cpu", "cuda" or "cuda:N".
+        dtype: Target dtype; None keeps the weights' dtype.
+
+    Returns:
+        The loaded model.
+
+    Raises:
+        ProbesError: For an unknown device or dtype, or a model the bridge does not support.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    _force_offline()
+    ensure_kv_cache_shim()
+    target_device = resolve_device(device)
+    target_dtype = _param_dtype(hf_model) if dtype is None else resolve_dtype(dtype)
+    if _param_dtype(hf_model) != target_dtype:
+        from transformer_lens.utilities.multi_gpu import maybe_cast_floating_params
+
+        # Casts parameters only; float32 buffers such as RoPE inv_freq stay float32, as HF does.
+        maybe_cast_floating_params(hf_model, target_dtype)
+    hf_model.to(target_device)
+    hf_model.eval()
+    # The label is only used by the bridge for naming and alias lookup; a local folder avoids any
+    # chance of it being read as a hub id.
+    label = source if source != "in-memory" and Path(source).is_dir() else spec
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            label,
+            hf_model=hf_model,
+            tokenizer=_bridge_tokenizer(tokenizer),
+            dtype=target_dtype,
+            device=str(target_device),
+        )
+    except (ValueError, NotImplementedError) as err:
+        raise ProbesError(
+            f"TransformerLens cannot wrap model {spec!r} ({type(hf_model).__name__}, model_type "
+            f"{hf_model.config.model_type!r}): {err}. Use a supported architecture "
+            "(e.g. Qwen2/2.5, Qwen3, Llama, GPT-2)."
+        ) from err
+    bridge.eval()
+    arch = ArchInfo.from_hf_config(hf_model.config, dtype=target_dtype)
+    return LoadedModel(
+        bridge=bridge,
+        tokenizer=tokenizer,
+        arch=arch,
+        spec=spec,
+        source=source,
+        device=target_device,
+    )
+
+
+def _read_tokenizer(folder: Path, spec: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise ProbesError(
+            f"Cannot read a tokenizer from {str(folder)!r} (model {spec!r}): {err}. The folder needs "
+            "tokenizer files (tokenizer.json, or vocab.json + merges.txt, or tokenizer.model) next to "
+            "config.json; save them with tokenizer.save_pretrained(folder)."
+        ) from err
+
+
+def load_tokenizer(spec: str, *, cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """Load only the tokenizer of a model spec, strictly offline (same resolution as `load_model`).
+
+    Args:
+        spec: A built-in name, a local folder with tokenizer files (config.json not required), or a
+            hub id already in the local HF cache.
+        cache_dir: HF hub cache to search for hub ids.
+
+    Returns:
+        The tokenizer exactly as saved (fast tokenizer where the files allow one).
+
+    Raises:
+        ModelNotFoundError: If the spec does not resolve to a local folder.
+        ProbesError: If the folder has no readable tokenizer files.
+    """
+    _force_offline()
+    folder = Path(spec).expanduser()
+    if not (folder.is_dir() and spec not in BUILTIN_MODELS):
+        folder = resolve_spec(spec, cache_dir=cache_dir)
+    return _read_tokenizer(folder, spec)
+
+
+def load_model(
+    spec: str,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "float32",
+    cache_dir: str | Path | None = None,
+) -> LoadedModel:
+    """Load a causal LM as a TransformerLens bridge, strictly offline.
+
+    Never downloads: sets `HF_HUB_OFFLINE=1` for the process and reads only local files.
+
+    Example:
+        >>> m = load_model("tiny-reasoner", device="cpu")
+        >>> ids = m.tokenizer("2+3=", return_tensors="pt").input_ids      # [1, pos]
+        >>> logits = m.bridge(ids.to(m.device), return_type="logits")      # [1, pos, vocab]
+
+    Args:
+        spec: A built-in name (see `BUILTIN_MODELS`), a local folder with config.json + weights +
+            tokenizer files, or a hub id already in the local HF cache.
+        device: "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N".
+        dtype: "float32", "float16", "bfloat16" or a torch.dtype; weights are loaded in it.
+        cache_dir: HF hub cache to search for hub ids; default `HF_HUB_CACHE` / `HF_HOME/hub`
+            read at call time.
+
+    Returns:
+        The loaded model (eval mode, on `device`).
+
+    Raises:
+        ModelNotFoundError: If the spec does not resolve to a loadable local folder.
+        ProbesError: For a bad device or dtype, or a folder whose files cannot be read.
+    """
+    _force_offline()
+    target_device = resolve_device(device)
+    target_dtype = resolve_dtype(dtype)
+    folder = resolve_spec(spec, cache_dir=cache_dir)
+
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = _read_tokenizer(folder, spec)
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=target_dtype, local_files_only=True, attn_implementation="eager"
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise ProbesError(
+            f"Cannot load a causal LM from {str(folder)!r} (model {spec!r}): {err}. The folder needs "
+            "config.json and weights (model.safetensors or pytorch_model.bin); save them with "
+            "model.save_pretrained(folder)."
+        ) from err
+    return boot_model(
+        hf_model,
+        tokenizer,
+        spec=spec,
+        source=str(folder),
+        device=target_device,
+        dtype=target_dtype,
+    )
