@@ -7,14 +7,12 @@ import json
 import numpy as np
 import pytest
 
+from analyses.curves import compare_curves, curve_summaries, lhat_trend
 from analyses.lhat_effects import (
     DEFAULT_PAIRS,
     category_comparison,
-    compare_curves,
-    curve_summaries,
     ema,
     format_comparison_table,
-    lhat_trend,
     occurrence_effects,
     per_trace_aggregates,
     pooled_values,
