@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from probes.commands import flags
-from probes.commands.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, write_traces
+from probes.commands.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
 from probes.errors import ProbesError
 from probes.measures.activations import (
     BACKENDS,
@@ -153,17 +153,12 @@ def cache_traces(
             unknown sites, an existing `out` without `resume`, a missing folder, a locked file, a
             file of another model / tokenizer / config, a trace whose stored tokens differ.
     """
-    from probes.models.load import load_model
 
     cfg = cfg if cfg is not None else CacheConfig()
     out = Path(out)
     result = CacheRunResult()
     job = WriteJob(command=NAME, out=out, resume=resume, overwrite=overwrite, own_keys=OWN_KEYS,
                    info={"chunk_size": cfg.chunk_size})
-
-    def load() -> LoadedModel:
-        return model if not isinstance(model, str) else load_model(
-            model, device=device, dtype=model_dtype)
 
     def plan(loaded: LoadedModel) -> Plan:
         site_map = resolve_cache_sites(cfg.sites, loaded.arch)
@@ -186,8 +181,8 @@ def cache_traces(
                   "positions": cfg.positions, "storage_dtype": cfg.dtype}
         return Plan(compute, config=config, info={"backend": backend})
 
-    write_traces(job, traces_path, load=load, plan=plan, result=result,
-                 lexicon_files=cfg.lexicon, limit=cfg.limit, strict=cfg.strict,
+    write_traces(job, traces_path, load=loader(model, device=device, dtype=model_dtype), plan=plan,
+                 result=result, lexicon_files=cfg.lexicon, limit=cfg.limit, strict=cfg.strict,
                  prompt_format=cfg.prompt_format, scaffold=cfg.scaffold, progress=progress, log=log)
     return result
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from hooks.model import LoadedModel
 from probes.commands import flags
-from probes.commands.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, write_traces
+from probes.commands.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
 from probes.measures.lhat import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_PACK_TOKENS,
@@ -31,7 +31,6 @@ from probes.measures.lhat import (
     lhat_fast,
     lhat_naive,
 )
-from probes.models.load import load_model
 from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
 NAME = "lhat"
@@ -127,10 +126,6 @@ def lhat_traces(
     lasts: list[float] = []
     job = WriteJob(command=NAME, out=Path(out), resume=resume, done_key=DONE_KEY)
 
-    def load() -> LoadedModel:
-        return model if isinstance(model, LoadedModel) else load_model(model, device=device,
-                                                                         dtype=dtype)
-
     def plan(loaded: LoadedModel) -> Plan:
         def compute(tt) -> TraceOutput:
             res = lhat_fast(loaded, tt, chunk_size=cfg.chunk_size,
@@ -150,8 +145,9 @@ def lhat_traces(
 
         return Plan(compute)
 
-    result = write_traces(job, traces_path, load=load, plan=plan, result=LhatRunResult(),
-                          lexicon_files=cfg.lexicon, limit=cfg.limit, strict=cfg.strict,
+    result = write_traces(job, traces_path, load=loader(model, device=device, dtype=dtype),
+                          plan=plan, result=LhatRunResult(), lexicon_files=cfg.lexicon,
+                          limit=cfg.limit, strict=cfg.strict,
                           prompt_format=cfg.prompt_format, scaffold=cfg.scaffold,
                           transform=_no_thinking if cfg.no_thinking else None,
                           progress=progress, log=log)

@@ -28,7 +28,6 @@ Every trace group it creates also gets the label arrays (`probes.traces.labels.l
 
 from __future__ import annotations
 
-import importlib.metadata
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -39,8 +38,8 @@ import numpy as np
 
 from probes.arrays import check_declared
 from probes.errors import ProbesError
-from probes.models.identity import model_label, tokenizer_fingerprint
-from probes.traces.categories import CATEGORY_CODES, categorize, load_lexicon
+from probes.models.identity import run_metadata
+from probes.traces.categories import categorize, load_lexicon
 from probes.traces.labels import LABEL_KEY, label_arrays
 from probes.traces.read import read_traces
 from probes.traces.tokenize import ANSWER_SUFFIX, DEFAULT_SCAFFOLD, tokenize_traces
@@ -218,6 +217,18 @@ def human_size(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def loader(model: str | LoadedModel, *, device: str, dtype: str) -> Callable[[], LoadedModel]:
+    """`write_traces`'s `load`: the given model, or `probes.models.load_model(spec)`."""
+    def load() -> LoadedModel:
+        if isinstance(model, str):
+            from probes.models.load import load_model
+
+            return load_model(model, device=device, dtype=dtype)
+        return model
+
+    return load
+
+
 # --------------------------------------------------------------------------------------------------
 # Checks that run before the model is loaded
 
@@ -289,59 +300,6 @@ def read_stored(job: WriteJob) -> Stored | None:
             f"{job.out} is open by another process (HDF5 file lock, errno 11), e.g. another run "
             f"writing it; wait for it to finish, or choose another --out"
         ) from None
-
-
-# --------------------------------------------------------------------------------------------------
-# Metadata
-
-
-def _versions() -> dict[str, str]:
-    out = {}
-    for package in ("torch", "transformers", "transformer-lens", "tokenizers"):
-        try:
-            out[package.replace("-", "_")] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            out[package.replace("-", "_")] = "not installed"
-    from probes import __version__
-
-    out["trajectory_probes"] = __version__
-    return out
-
-
-def run_metadata(
-    loaded: LoadedModel,
-    lexicon: Lexicon,
-    *,
-    config: Mapping[str, Any],
-    info: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """`cache.open_writer` metadata of a run.
-
-    Identity keys (model, architecture, dtype, weight convention, tokenizer and lexicon
-    fingerprints, category codes, `config`) must match to append; the toolkit version, `versions`
-    and `info` are recorded at creation only.
-    """
-    from probes import __version__
-
-    arch = loaded.arch
-    return {
-        "model": model_label(loaded),
-        "architecture": arch.to_dict(),
-        "model_dtype": arch.dtype,
-        "weight_convention": arch.weight_convention,
-        "tokenizer_fingerprint": tokenizer_fingerprint(loaded.tokenizer),
-        "lexicon_fingerprint": lexicon.fingerprint(),
-        "category_codes": dict(CATEGORY_CODES),
-        "config": dict(config),
-        "toolkit_version": __version__,
-        "versions": _versions(),
-        "info": {
-            "device": str(loaded.device),
-            "source": loaded.source,
-            "lexicon_files": list(lexicon.sources),
-            **dict(info or {}),
-        },
-    }
 
 
 def new_file_config(job: WriteJob, *, prompt_format: str | None, scaffold: str) -> dict[str, Any]:

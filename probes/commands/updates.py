@@ -70,7 +70,7 @@ import numpy as np
 
 from hooks.model import LoadedModel
 from probes.commands import flags
-from probes.commands.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, write_traces
+from probes.commands.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
 from probes.errors import ProbesError
 from probes.measures.shared_pass import (
     ANSWER_ROWS,
@@ -81,7 +81,6 @@ from probes.measures.shared_pass import (
     trace_update_arrays,
 )
 from probes.models.controls import CONTROLS, random_init_model
-from probes.models.load import load_model
 from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
 NAME = "updates"
@@ -177,8 +176,7 @@ def updates_traces(
     job = WriteJob(command=NAME, out=out, resume=resume, done_key=DONE_KEY)
 
     def load() -> LoadedModel:
-        loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device,
-                                                                           dtype=dtype)
+        loaded = loader(model, device=device, dtype=dtype)()
         check_supported(loaded)
         return random_init_model(loaded, cfg.seed) if cfg.control == "random-init" else loaded
 

@@ -1,16 +1,21 @@
-"""What identifies a model in a cache: its label and the fingerprint of its tokenizer."""
+"""What identifies a run in a cache: the model's label, the fingerprint of its tokenizer, and the
+metadata `cache.open_writer` records and compares (`run_metadata`)."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from analyses.token_sets import CATEGORY_CODES
 from probes.errors import ProbesError
 
 if TYPE_CHECKING:
     from hooks.model import LoadedModel
+    from probes.traces.categories import Lexicon
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -61,3 +66,54 @@ def model_label(loaded: LoadedModel) -> str:
         return spec
     path = Path(spec).expanduser()
     return str(path.resolve()) if path.is_dir() else spec
+
+
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for package in ("torch", "transformers", "transformer-lens", "tokenizers"):
+        try:
+            out[package.replace("-", "_")] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            out[package.replace("-", "_")] = "not installed"
+    from probes import __version__
+
+    out["trajectory_probes"] = __version__
+    return out
+
+
+def run_metadata(
+    loaded: LoadedModel,
+    lexicon: Lexicon,
+    *,
+    config: Mapping[str, Any],
+    info: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """`cache.open_writer` metadata of a run.
+
+    Identity keys (model, architecture, dtype, weight convention, tokenizer and lexicon
+    fingerprints, category codes, `config`) must match to append; the toolkit version, `versions`
+    and `info` are recorded at creation only.
+    """
+    from probes import __version__
+
+    arch = loaded.arch
+    return {
+        "model": model_label(loaded),
+        "architecture": arch.to_dict(),
+        "model_dtype": arch.dtype,
+        "weight_convention": arch.weight_convention,
+        "tokenizer_fingerprint": tokenizer_fingerprint(loaded.tokenizer),
+        "lexicon_fingerprint": lexicon.fingerprint(),
+        "category_codes": dict(CATEGORY_CODES),
+        "config": dict(config),
+        "toolkit_version": __version__,
+        "versions": _versions(),
+        "info": {
+            "device": str(loaded.device),
+            "source": loaded.source,
+            "lexicon_files": list(lexicon.sources),
+            **dict(info or {}),
+        },
+    }
