@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from probes import arrays
 from probes.commands import flags
 from probes.commands.loop import human_size
 
@@ -63,8 +64,10 @@ def format_inspect(s: Mapping[str, Any]) -> str:
             lines.append(f"  {name:<14} {info['dtype']:<9} {shape:<22} {layer_text:<14} "
                          f"{human_size(info['bytes_on_disk']):>10}")
     for name, info in s.get("arrays", {}).items():
+        decl = arrays.BY_NAME.get(name)
+        what = f"{decl.axes} {decl.meaning}" if decl else "not declared in probes/arrays.py"
         lines.append(f"array:    {name} ({info['dtype']}, {info['n_traces']} traces, "
-                     f"{human_size(info['bytes_on_disk'])})")
+                     f"{human_size(info['bytes_on_disk'])}): {what}")
     return "\n".join(lines)
 
 

@@ -58,3 +58,18 @@ def test_the_writing_commands_store_only_declared_arrays(tmp_path):
             ds = next(iter(f["traces"].values()))[name]
             assert ds.attrs["dtype"] == decl.dtype, name
             assert ds.ndim == decl.axes.count(",") + 1, name
+
+
+def test_inspect_explains_each_array_from_the_registry(tmp_path, capsys):
+    from probes import DATA_DIR
+    from probes.run import main
+
+    out = tmp_path / "run.h5"
+    assert main(["lhat", "--model", "tiny-reasoner", "--device", "cpu", "--no-progress",
+                 "--traces", str(DATA_DIR / "tiny_reasoner_traces.jsonl"), "--limit", "2",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    table = capsys.readouterr().out
+    for decl in (*arrays.LABELS, *arrays.LHAT):
+        assert f"array:    {decl.name} " in table and decl.meaning in table, decl.name
