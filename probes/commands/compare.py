@@ -389,9 +389,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--metric", default=COMPARE_METRICS[0], choices=COMPARE_METRICS,
                    help="per-token quantity: |dL|, dL, RaML's rho, log-ratio, |log-ratio|")
     p.add_argument("--unit", default=UNITS[0], choices=UNITS,
-                   help="a phrase counts as a whole (default), by its first token, or per token")
+                   help="a phrase counts as a whole, by its first token, or per token")
     p.add_argument("--statistic", default=STATISTICS[0], choices=STATISTICS,
-                   help="per-trace aggregate (default mean)")
+                   help="per-trace aggregate")
     p.add_argument("--raml-notebook", action="store_true",
                    help="RaML notebook's window for phrase changes (one token past the word)")
     p.add_argument("--n-boot", type=flags.positive_int, default=2000, help="bootstrap resamples")
@@ -406,9 +406,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--update-metrics", nargs="+", default=None, metavar="NAME",
                    help="upd_* arrays to compare (default: all in the cache)")
     p.add_argument("--update-unit", default=UPDATE_UNITS[0], choices=UPDATE_UNITS,
-                   help="update comparison: every token of a phrase (default) or its first token")
+                   help="update comparison: every token of a phrase or its first token")
     p.add_argument("--layers", default=LAYER_VIEWS[0], choices=LAYER_VIEWS,
-                   help="update rows printed: pooled over layers (default) or every layer "
+                   help="update rows printed: pooled over layers or every layer "
                         "(--json always has all)")
     p.add_argument("--no-fit", action="store_true",
                    help="skip the regression of dL-hat on the mechanistic features")

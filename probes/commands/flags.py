@@ -26,7 +26,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.default in (None, False, [], argparse.SUPPRESS) or "%(default)" in text:
+        default = action.default
+        if (default is None or isinstance(default, bool) or default == [] or
+                default is argparse.SUPPRESS or "%(default)" in text):
             return text
         return super()._get_help_string(action)
 
