@@ -141,6 +141,8 @@ def _parse_line(text: str, line_no: int) -> tuple[Trace | None, str]:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
         return None, f"invalid JSON ({exc.msg} at column {exc.colno})"
+    except RecursionError:
+        return None, "invalid JSON (nested too deeply)"
     if not isinstance(record, dict):
         return None, f"expected a JSON object, got {type(record).__name__}"
     if "messages" in record:
@@ -170,8 +172,26 @@ def _parse_line(text: str, line_no: int) -> tuple[Trace | None, str]:
         trace_id = str(trace_id)
     elif not isinstance(trace_id, str) or not trace_id:
         return None, f"field 'id' must be a non-empty string or an integer, got {trace_id!r}"
+    for name, value in (("id", trace_id), ("question", question), ("trajectory", trajectory),
+                        ("answer", answer)):
+        bad = _not_text(value)
+        if bad:
+            return None, f"field {name!r} {bad}"
     meta = {k: v for k, v in record.items() if k not in used and k != "id"}
     return Trace(trace_id, question, trajectory, answer, meta, line_no), ""
+
+
+def _not_text(value: str) -> str:
+    """Why `value` cannot be stored and tokenized as text ("" when it can): a lone surrogate
+    (valid JSON, e.g. truncated model output, but not Unicode text) or a NUL character."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"holds a lone surrogate ({value[exc.start]!r} at character {exc.start}): not "
+                f"valid Unicode text")
+    if "\x00" in value:
+        return f"holds a NUL character at character {value.index(chr(0))}"
+    return ""
 
 
 _FLAT_SHAPES = (("question", "trajectory", "answer"), ("problem", "solution", "answer"))
