@@ -28,6 +28,7 @@ Every trace group it creates also gets the label arrays (`probes.traces.labels.l
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -249,6 +250,14 @@ def check_out(out: Path, *, resume: bool, overwrite: bool = False) -> None:
     if out.exists() and not (resume or overwrite):
         raise CacheError(f"{out} already exists; pass --resume to add to it (what it holds "
                          f"complete is kept), or choose another --out")
+    name_max = os.pathconf(out.parent, "PC_NAME_MAX")
+    if len(out.name.encode("utf-8")) + len(".99999.tmp") > name_max:
+        raise CacheError(f"--out name {out.name[:40]!r}... is too long for its folder ({name_max} "
+                         f"bytes at most); choose a shorter --out")
+    target = out if out.exists() else out.parent
+    if not os.access(target, os.W_OK):
+        raise CacheError(f"cannot write {out}: {'the file' if out.exists() else 'its folder'} is "
+                         f"not writable for this user; choose another --out or fix the permissions")
 
 
 def check_unique_ids(traceset: TraceSet) -> None:
@@ -372,6 +381,9 @@ def write_traces(
     result.n_bad_lines = len(traceset.problems)
     result.bad_lines = [(b.line_no, b.reason) for b in traceset.problems]
     _say_each(say, [f"skipped line {b.line_no}: {b.reason}" for b in traceset.problems], "bad lines")
+    if not traceset.traces:
+        raise ProbesError(f"{traces_path} holds no usable trace ({len(traceset.problems)} bad "
+                          f"lines); nothing was written")
     lexicon = load_lexicon(extra=lexicon_files)
     stored = read_stored(job)
 
@@ -387,6 +399,9 @@ def write_traces(
     result.n_too_long = len(too_long)
     result.too_long = [(t.trace_id, t.line_no, t.n_tokens, t.limit) for t in too_long]
     _say_each(say, [f"skipped line {t.line_no}: {t.reason}" for t in too_long], "too-long traces")
+    if not tokenized:
+        raise ProbesError(f"every trace of {traces_path} is longer than the model's context "
+                          f"({loaded.arch.n_ctx} tokens); nothing was written")
 
     config = {**new_file_config(job, prompt_format=prompt_format, scaffold=scaffold),
               **prepared.config}

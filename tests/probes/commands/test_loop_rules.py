@@ -114,3 +114,40 @@ def test_bad_lines_are_named_and_strict_stops(command, traces, tmp_path, capsys)
 def test_flag_errors_are_one_line(command, traces, tmp_path, capsys):
     assert _run(command, traces, tmp_path / "x.h5", "--limit", "0") == 2
     _one_error(capsys, "--limit", "at least 1", f"python -m probes.run {command} --help")
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_unusable_input_and_outputs_are_refused_before_the_model_loads(command, traces, tmp_path,
+                                                                       capsys, monkeypatch):
+    import probes.models.load as load
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(load, "load_model", no_model)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    assert _run(command, empty, tmp_path / "a.h5") == 2
+    _one_error(capsys, str(empty), "no usable trace", "nothing was written")
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_bytes(b"\x00\xff\xfe binary\n{oops\n")
+    assert _run(command, garbage, tmp_path / "b.h5") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("skipped line 1: not valid UTF-8") and err[1].startswith("skipped line 2:")
+    assert len(err) == 3 and err[2].startswith("error: ") and "no usable trace (2 bad lines)" in err[2]
+    long_name = tmp_path / ("x" * 300 + ".h5")
+    assert _run(command, traces, long_name) == 2
+    _one_error(capsys, "too long", "shorter --out")
+    assert not any(tmp_path.glob("*.h5"))
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_every_trace_too_long_is_an_error(command, tmp_path, capsys):
+    record = json.loads(SAMPLES_PATH.read_text().splitlines()[0])
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({**record, "trajectory": "1 + 1 = 2.\n" * 200}) + "\n")
+    assert _run(command, long, tmp_path / "run.h5") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("skipped line 1:") and "over max_tokens=512" in err[0]
+    assert len(err) == 2 and err[1].startswith("error: ") and "longer than the model's context" in err[1]
+    assert not (tmp_path / "run.h5").exists()
