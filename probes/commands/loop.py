@@ -242,18 +242,18 @@ def check_out(out: Path, *, resume: bool, overwrite: bool = False) -> None:
     """
     from cache import CacheError
 
-    if out.is_dir():
-        raise CacheError(f"--out {out} is a directory; give a file path such as {out / 'run.h5'}")
     if not out.parent.is_dir():
         raise CacheError(f"cannot create {out}: folder {out.parent} does not exist; create it "
                          f"first (mkdir -p {out.parent}) or choose another --out")
-    if out.exists() and not (resume or overwrite):
-        raise CacheError(f"{out} already exists; pass --resume to add to it (what it holds "
-                         f"complete is kept), or choose another --out")
     name_max = os.pathconf(out.parent, "PC_NAME_MAX")
     if len(out.name.encode("utf-8")) + len(".99999.tmp") > name_max:
         raise CacheError(f"--out name {out.name[:40]!r}... is too long for its folder ({name_max} "
                          f"bytes at most); choose a shorter --out")
+    if out.is_dir():
+        raise CacheError(f"--out {out} is a directory; give a file path such as {out / 'run.h5'}")
+    if out.exists() and not (resume or overwrite):
+        raise CacheError(f"{out} already exists; pass --resume to add to it (what it holds "
+                         f"complete is kept), or choose another --out")
     target = out if out.exists() else out.parent
     if not os.access(target, os.W_OK):
         raise CacheError(f"cannot write {out}: {'the file' if out.exists() else 'its folder'} is "
