@@ -4,11 +4,12 @@ The answer rows are 𝒬 = answer start − 1 .. answer end − 2 (the positions
 tokens). `--answer-rows first` (the default) measures M1–M6 at q = `spans["answer"][0] - 1`, the
 first row of 𝒬; `--answer-rows mean` measures every per-row quantity at each row of 𝒬 and stores
 its average over the rows (per layer and trajectory token). ONE forward and ONE backward pass of
-the model per trace either way (`probes.measures.alignment.answer_alignment`, with the bridge captures of
+the model per trace either way (`probes.measures.shared_pass.trace_update_arrays`:
+`probes.measures.alignment.answer_alignment`, with the bridge captures of
 `probes.measures.attention.query_capture` / `query_rows_capture` and, for "first",
 `probes.measures.mlp.row_capture` riding on its forward) give the attention quantities M1–M4
-(`probes.updates`), the MLP steps M5 (`probes.mlp_update`, trajectory = the trajectory span's
-positions) and the gradient alignment M6 / M7 (`probes.alignment`); the values equal separate
+(`probes.measures.attention`), the MLP steps M5 (`probes.measures.mlp`, trajectory = the trajectory
+span's positions) and the gradient alignment M6 / M7 (`probes.measures.alignment`); the values equal separate
 `token_updates`, `mlp_updates` and `answer_alignment` calls (for "mean": those calls at each row
 of 𝒬, averaged; there M5's σ and cosine come from the step norms / cosines `answer_alignment` forms
 for M6 at every row, the same frozen-upstream prefixes and Grams, instead of a second pass). Only
