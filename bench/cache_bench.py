@@ -268,7 +268,7 @@ freed chunk-sized blocks stay in the heap and RSS creeps with the number of chun
 
 
 def memory_cells(args: argparse.Namespace, argv: list[str]) -> list[dict[str, Any]]:
-    """Each (allocator, mode, T) cell in its own process, like TOOLING-NOTES §1.6."""
+    """Each (allocator, mode, T) cell in its own process, like docs/tooling.md#eager-attention."""
     cells = []
     for alloc, env in ALLOCATORS.items():
         for n in args.lengths:

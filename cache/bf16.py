@@ -1,4 +1,4 @@
-"""bfloat16 kept bit-exact in HDF5 as raw uint16 bits (TOOLING-NOTES §4.3, option a).
+"""bfloat16 kept bit-exact in HDF5 as raw uint16 bits (docs/tooling.md#bf16, option a).
 
 h5py has no bfloat16 type, so a bf16 tensor is stored as its 16 raw bits with the dataset attribute
 `dtype="bfloat16"`. The caller converts from torch (this package never imports torch)::

@@ -7,7 +7,7 @@
 
 Only committed traces (`complete=True`) are listed unless `include_incomplete=True`. Slices read
 only what they touch (chunked (512, 1, d)); an index array is served by reading its covering range
-and indexing in numpy, which is 10x faster than HDF5's scattered reads (TOOLING-NOTES §4.2).
+and indexing in numpy, which is 10x faster than HDF5's scattered reads (docs/tooling.md#chunking).
 """
 
 from __future__ import annotations

@@ -142,11 +142,11 @@ BFLOAT16: Final = "bfloat16"
 SITE_DTYPES: Final = ("float16", "float32", "float64", BFLOAT16)
 """Logical dtypes a site dataset may have."""
 CHUNK_TOKENS: Final = 512
-"""Token rows per chunk of a site dataset (TOOLING-NOTES §4.2: 256–1024, 1 layer, d)."""
+"""Token rows per chunk of a site dataset (docs/tooling.md#chunking: 256–1024, 1 layer, d)."""
 READER_CHUNK_CACHE_BYTES: Final = 64 * 2**20
 """`rdcc_nbytes` of readers: holds every chunk one `[tokens, layer]` read touches."""
 GZIP_LEVEL: Final = 4
-"""Level of the opt-in gzip filter (with shuffle); TOOLING-NOTES §4.1."""
+"""Level of the opt-in gzip filter (with shuffle); docs/tooling.md#compression."""
 MAX_ATTR_BYTES: Final = 16 * 1024
 """Caller attrs above this size belong in a dataset (HDF5 advises < 64 KiB per attribute)."""
 
@@ -214,7 +214,7 @@ def site_chunks(shape: Sequence[int]) -> tuple[int, ...]:
     """Chunk shape of a site dataset: up to `CHUNK_TOKENS` rows, one layer, the full last axes.
 
     The token axis is split into ceil(T / 512) equal chunks rather than 512-row chunks plus a
-    mostly empty edge chunk (HDF5 allocates edge chunks in full; TOOLING-NOTES §4.4): T = 700 gives
+    mostly empty edge chunk (HDF5 allocates edge chunks in full; docs/tooling.md#edge-chunks): T = 700 gives
     two chunks of 350 rows, not 512 + 188 (+46% on disk).
 
     Args:

@@ -5,7 +5,7 @@ Commit protocol per trace: create the group (attr `complete=False`), write every
 `flush()`, flip `complete` to True in place, `flush()` again. A writer killed at any moment leaves
 every committed trace readable; on the next `open_writer(..., mode="append")` the interrupted trace
 is deleted and the caller redoes it (`has_complete` tells which to skip). Default HDF5 file format
-(never `libver="latest"`, which needs `h5clear` after a crash; TOOLING-NOTES §4.5).
+(never `libver="latest"`, which needs `h5clear` after a crash; docs/tooling.md#crash-safety).
 
 `fsync` is off by default: `flush()` hands the data to the operating system, which survives the
 writer process being killed (SIGKILL, OOM, Ctrl-C, an exception); only a kernel crash or power loss
@@ -97,7 +97,7 @@ def open_writer(
         mode: "append": create the file, or resume it (skip complete traces, delete interrupted
             ones). "create": the file must not exist. "overwrite": replace any existing file.
         compression: None (default; fastest) or "gzip" (shuffle + gzip 4, ~25 MB/s, 6–15% smaller;
-            TOOLING-NOTES §4.1). Blosc2-zstd via hdf5plugin is a possible later opt-in.
+            docs/tooling.md#compression). Blosc2-zstd via hdf5plugin is a possible later opt-in.
         fsync: Also `os.fsync` after each flush (survives power loss, not just a killed process).
 
     Returns:

@@ -70,7 +70,7 @@ def ensure_kv_cache_shim() -> None:
 
     pyproject pins transformers < 5.24, but an environment that ignores the pin (a user upgrade,
     another package's requirement) would otherwise get KV-cached logits off by ~4 with no warning
-    (TOOLING-NOTES §1.5). `kv_parity` and the tests detect that failure either way.
+    (docs/tooling.md#kv-cache). `kv_parity` and the tests detect that failure either way.
     """
     if _kv_shim_needed(importlib.metadata.version("transformers")):
         _install_kv_cache_shim()
