@@ -16,11 +16,9 @@ of two disk syncs per trace. Deleted (interrupted or replaced) data leaves unuse
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -29,10 +27,23 @@ import h5py
 import numpy as np
 
 from cache import _h5, schema
+from cache._meta import _check_identity, _create_file, _normalize_metadata
+from cache._validate import (
+    SiteArray,
+    _check_attrs,
+    _check_spans,
+    _describe_layout,
+    _group_layout,
+    _int_vector,
+    _is_complete,
+    _prepare_array,
+    _Prepared,
+    _site_layout,
+    _trace_id,
+)
 from cache.errors import (
     CacheError,
     CacheInputError,
-    CacheLockedError,
     CacheMismatchError,
     DuplicateTraceError,
     TraceNotFoundError,
@@ -41,37 +52,19 @@ from cache.errors import (
 __all__ = ["CacheWriter", "SiteArray", "WriteMode", "open_writer"]
 
 WriteMode = Literal["append", "create", "overwrite"]
+WriteMode = Literal["append", "create", "overwrite"]
+
+
+WriteMode = Literal["append", "create", "overwrite"]
+
+
+WriteMode = Literal["append", "create", "overwrite"]
+
+
 _MODES = ("append", "create", "overwrite")
+
+
 _COMPRESSIONS = (None, "gzip")
-_INT32 = np.iinfo(np.int32)
-
-
-@dataclass(frozen=True)
-class SiteArray:
-    """An array plus how to label it on disk (needed for bfloat16 bits and explicit layers).
-
-    Attributes:
-        data: The numpy array, first axis = selected tokens for sites, e.g. [n_sel, n_layers, d].
-            For bfloat16 give the raw bits as uint16: `t.view(torch.int16).numpy().view(np.uint16)`.
-        dtype: "bfloat16" for uint16 bits; None (or the array's own dtype name) otherwise.
-        layers: Layer index of each entry of axis 1; default `range(n_layers)` for 3-D sites and
-            `[]` for sites without a layer axis.
-    """
-
-    data: np.ndarray
-    dtype: str | None = None
-    layers: Sequence[int] | None = None
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    """A validated array ready for `create_dataset`."""
-
-    name: str
-    data: np.ndarray
-    attrs: dict[str, Any]
-    chunks: tuple[int, ...] | None
-    layout: tuple[str, tuple[int, ...], tuple[int, ...]]  # (dtype, row shape, layers)
 
 
 def open_writer(
@@ -482,285 +475,3 @@ class CacheWriter:
                 schema.POSITIONS: rows}
         return group_attrs, core, text_items, datasets
 
-
-# -- file creation and metadata ------------------------------------------------------------------
-def _create_file(path: Path, meta: dict[str, Any], *, replace: bool, fsync: bool) -> None:
-    """Write the root metadata to a temporary file and move it into place (never half-made)."""
-    if replace and path.exists():
-        try:  # never pull the file from under a live writer or reader
-            _h5.open_file(path, "r+", writing=True).close()
-        except CacheLockedError:
-            raise
-        except CacheError:
-            pass
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with h5py.File(tmp, "w") as f:
-            _write_root(f, meta)
-            f.flush()
-            if fsync:
-                os.fsync(f.id.get_vfd_handle())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic and never replaces: a concurrent creator wins
-            except FileExistsError:
-                pass
-            except OSError:  # no hard links on this filesystem
-                if not path.exists():
-                    os.replace(tmp, path)
-        if fsync:
-            _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_root(f: h5py.File, meta: dict[str, Any]) -> None:
-    attrs = f.attrs
-    attrs[schema.ATTR_SCHEMA_VERSION] = np.int64(schema.SCHEMA_VERSION)
-    attrs[schema.ATTR_TOOLKIT_VERSION] = meta[schema.ATTR_TOOLKIT_VERSION]
-    attrs[schema.ATTR_CREATED] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    for key in schema.STRING_ROOT_ATTRS:
-        attrs[key] = meta[key]
-    for key in sorted(schema.JSON_ROOT_ATTRS):
-        attrs[key] = json.dumps(meta[key], sort_keys=True, ensure_ascii=False)
-    f.create_group(schema.META_GROUP)
-    f.create_dataset(schema.CONFIG_DATASET, dtype=_h5.STRING_DTYPE,
-                     data=json.dumps(meta["config"], sort_keys=True, ensure_ascii=False))
-    f.create_dataset(schema.INFO_DATASET, dtype=_h5.STRING_DTYPE,
-                     data=json.dumps(meta["info"], sort_keys=True, ensure_ascii=False))
-    f.create_group(schema.TRACES_GROUP, track_order=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems can't fsync a directory; the file itself is synced
-        pass
-    finally:
-        os.close(fd)
-
-
-def _normalize_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate `metadata` and return it JSON-normalised, with the library versions added."""
-    if not isinstance(metadata, Mapping):
-        raise CacheInputError(f"metadata must be a dict, got {type(metadata).__name__}")
-    unknown = sorted(set(metadata) - set(schema.METADATA_KEYS))
-    missing = [key for key in schema.IDENTITY_KEYS if key not in metadata]
-    if unknown or missing:
-        raise CacheInputError(
-            f"cache metadata has unknown keys {unknown} / lacks required keys {missing}; "
-            f"required: {list(schema.IDENTITY_KEYS)}, optional: {list(schema.INFORMATIONAL_KEYS)}"
-        )
-    meta: dict[str, Any] = {}
-    for key in schema.STRING_ROOT_ATTRS:
-        if not isinstance(metadata[key], str):
-            raise CacheInputError(f"metadata[{key!r}] must be a string, got {metadata[key]!r}")
-        meta[key] = metadata[key]
-    for key in (schema.ATTR_ARCHITECTURE, schema.ATTR_CATEGORY_CODES, "config"):
-        meta[key] = _json_dict(metadata[key], key)
-    codes = meta[schema.ATTR_CATEGORY_CODES]
-    if not all(isinstance(c, int) and 0 <= c <= 255 for c in codes.values()):
-        raise CacheInputError(f"metadata['category_codes'] must map names to ints in [0, 255], "
-                              f"got {codes}")
-    versions = _json_dict(metadata.get(schema.ATTR_VERSIONS, {}), schema.ATTR_VERSIONS)
-    versions.setdefault("h5py", h5py.version.version)
-    versions.setdefault("hdf5", h5py.version.hdf5_version)
-    versions.setdefault("numpy", np.__version__)
-    meta[schema.ATTR_VERSIONS] = versions
-    toolkit = metadata.get(schema.ATTR_TOOLKIT_VERSION, "unknown")
-    if not isinstance(toolkit, str):
-        raise CacheInputError(f"metadata['toolkit_version'] must be a string, got {toolkit!r}")
-    meta[schema.ATTR_TOOLKIT_VERSION] = toolkit
-    meta["info"] = _json_dict(metadata.get("info", {}), "info")
-    return meta
-
-
-def _json_dict(value: Any, key: str) -> dict[str, Any]:
-    if not isinstance(value, Mapping):
-        raise CacheInputError(f"metadata[{key!r}] must be a dict, got {type(value).__name__}")
-    try:
-        return json.loads(json.dumps(value, sort_keys=True))
-    except (TypeError, ValueError) as exc:
-        raise CacheInputError(f"metadata[{key!r}] is not JSON-serialisable: {exc}") from None
-
-
-def _check_identity(path: Path, stored: dict[str, Any], given: dict[str, Any]) -> None:
-    diffs: list[tuple[str, Any, Any]] = []
-    for key in schema.IDENTITY_KEYS:
-        diffs += _diff(stored[key], given[key], key)
-    if diffs:
-        fields = sorted({d[0].split(".")[0] for d in diffs})
-        details = "; ".join(f"{where}: stored {_short(a)}, given {_short(b)}"
-                            for where, a, b in diffs[:6])
-        raise CacheMismatchError(
-            f"cannot append to {path}: its {', '.join(fields)} differ(s) from this run's ("
-            f"{details}). One cache holds one model, tokenizer and run config: write to another "
-            f"file (--out other.h5), or rerun with the same model and settings"
-        )
-
-
-_ABSENT = object()
-
-
-def _diff(stored: Any, given: Any, where: str) -> list[tuple[str, Any, Any]]:
-    if isinstance(stored, dict) and isinstance(given, dict):
-        out = []
-        for key in sorted(set(stored) | set(given), key=str):
-            out += _diff(stored.get(key, _ABSENT), given.get(key, _ABSENT), f"{where}.{key}")
-        return out
-    return [] if stored == given else [(where, stored, given)]
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = "<absent>" if value is _ABSENT else json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-# -- per-trace validation ------------------------------------------------------------------------
-def _is_complete(group: Any) -> bool:
-    """Whether `group` is a trace group with `complete=True`; False if unreadable."""
-    try:
-        return isinstance(group, h5py.Group) and bool(group.attrs.get(schema.ATTR_COMPLETE, False))
-    except (OSError, KeyError, RuntimeError, ValueError):
-        return False
-
-
-def _trace_id(group: Any, name: str) -> str:
-    try:
-        return _h5.as_str(group.attrs[schema.ATTR_TRACE_ID])
-    except Exception:
-        return schema.unescape_trace_id(name)
-
-
-def _group_layout(group: h5py.Group) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]:
-    out = {}
-    for key, obj in group.items():
-        if isinstance(obj, h5py.Dataset) and (
-                _h5.as_str(obj.attrs.get(schema.ATTR_KIND, "")) == schema.KIND_SITE):
-            layers = tuple(json.loads(_h5.as_str(obj.attrs[schema.ATTR_LAYERS])))
-            out[key] = (_h5.as_str(obj.attrs[schema.ATTR_DTYPE]), tuple(obj.shape[1:]), layers)
-    return out
-
-
-def _site_layout(
-    datasets: Iterable[_Prepared],
-) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]]:
-    return {d.name: d.layout for d in datasets if d.attrs[schema.ATTR_KIND] == schema.KIND_SITE}
-
-
-def _describe_layout(layout: tuple[str, tuple[int, ...], tuple[int, ...]] | None) -> str:
-    if layout is None:
-        return "absent"
-    dtype, row_shape, layers = layout
-    return f"{dtype} rows {list(row_shape)} layers {_short(list(layers), 30)}"
-
-
-def _int_vector(value: Any, what: str, where: str, *, lo: int = _INT32.min,
-                hi: int = _INT32.max) -> np.ndarray:
-    array = np.asarray(value)
-    if array.ndim != 1 or not (array.dtype.kind in "iu" or array.size == 0):
-        raise CacheInputError(f"{where}: {what} must be a 1-D integer array, got dtype "
-                              f"{array.dtype} shape {array.shape}")
-    if array.size and (int(array.min()) < lo or int(array.max()) > hi):
-        raise CacheInputError(f"{where}: {what} values must lie in [{lo}, {hi}], got "
-                              f"[{int(array.min())}, {int(array.max())}]")
-    return array.astype(np.int32)
-
-
-def _check_spans(spans: Mapping[str, Any], n_tokens: int, where: str) -> dict[str, list[int]]:
-    out = {}
-    for name, span in spans.items():
-        try:
-            start, end = (int(x) for x in span)
-        except (TypeError, ValueError):
-            raise CacheInputError(f"{where}: span {name!r} must be (start, end), "
-                                  f"got {span!r}") from None
-        if not (isinstance(name, str) and 0 <= start <= end <= n_tokens):
-            raise CacheInputError(f"{where}: span {name!r} = ({start}, {end}) must satisfy "
-                                  f"0 <= start <= end <= n_tokens = {n_tokens}")
-        out[name] = [start, end]
-    return out
-
-
-def _check_attrs(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
-    out = {}
-    for key, value in (attrs or {}).items():
-        if not isinstance(key, str) or not key or key in schema.TRACE_ATTRS:
-            raise CacheInputError(f"attribute name {key!r} is empty or reserved "
-                                  f"({sorted(schema.TRACE_ATTRS)})")
-        if isinstance(value, np.generic):
-            value = value.item()
-        if not isinstance(value, (str, int, float, bool)):
-            raise CacheInputError(
-                f"attribute {key!r} must be str/int/float/bool, got {type(value).__name__}; "
-                f"store arrays with arrays= and long text with text="
-            )
-        if isinstance(value, str) and len(value.encode("utf-8")) > schema.MAX_ATTR_BYTES:
-            raise CacheInputError(f"attribute {key!r} is over {schema.MAX_ATTR_BYTES} bytes; "
-                                  f"store it with text= instead")
-        out[key] = value
-    return out
-
-
-def _prepare_array(
-    name: str,
-    value: np.ndarray | SiteArray,
-    *,
-    kind: str,
-    n_rows: int | None,
-    where: str = "",
-) -> _Prepared:
-    """Validate one site / metric array and compute its dtype label, layers and chunks."""
-    schema.validate_dataset_name(name, what=kind)
-    prefix = f"{where}: {kind} {name!r}" if where else f"{kind} {name!r}"
-    wrapper = value if isinstance(value, SiteArray) else SiteArray(value)
-    data = wrapper.data
-    if not isinstance(data, np.ndarray):
-        raise CacheInputError(
-            f"{prefix} must be a numpy array, got {type(data).__name__}; convert torch tensors "
-            f"with t.cpu().numpy(), bfloat16 ones with t.view(torch.int16).numpy().view(np.uint16) "
-            f"in SiteArray(bits, dtype='bfloat16')"
-        )
-    if wrapper.dtype == schema.BFLOAT16:
-        if data.dtype not in (np.uint16, np.int16):
-            raise CacheInputError(f"{prefix}: dtype='bfloat16' needs the raw bits as a uint16 "
-                                  f"array, got {data.dtype}")
-        data = data.view(np.uint16)
-        label = schema.BFLOAT16
-    elif wrapper.dtype is not None and wrapper.dtype != data.dtype.name:
-        raise CacheInputError(f"{prefix}: dtype={wrapper.dtype!r} but the array is {data.dtype}; "
-                              f"give dtype=None, or 'bfloat16' with uint16 bits")
-    else:
-        label = data.dtype.name
-    if kind == schema.KIND_SITE:
-        if label not in schema.SITE_DTYPES:
-            hint = (" (bfloat16 bits? pass SiteArray(bits, dtype='bfloat16'))"
-                    if data.dtype == np.uint16 else "")
-            raise CacheInputError(f"{prefix} has dtype {label}; sites are "
-                                  f"{list(schema.SITE_DTYPES)}{hint}")
-        if data.ndim == 0 or data.shape[0] != n_rows:
-            raise CacheInputError(f"{prefix} has shape {data.shape}; its first axis must be the "
-                                  f"{n_rows} selected positions")
-        chunks: tuple[int, ...] | None = schema.site_chunks(data.shape)
-    else:
-        if data.dtype.kind not in "biuf":
-            raise CacheInputError(f"{prefix} has dtype {data.dtype}; arrays must be numeric")
-        chunks = None
-    if wrapper.layers is not None:
-        layers = tuple(int(x) for x in wrapper.layers)
-        if data.ndim < 2 or len(layers) != data.shape[1]:
-            raise CacheInputError(f"{prefix}: {len(layers)} layers given for shape {data.shape}; "
-                                  f"give one layer index per entry of axis 1")
-    else:
-        layers = tuple(range(data.shape[1])) if data.ndim >= 3 else ()
-    attrs: dict[str, Any] = {schema.ATTR_KIND: kind, schema.ATTR_DTYPE: label}
-    if kind == schema.KIND_SITE:
-        attrs[schema.ATTR_SITE] = name
-        attrs[schema.ATTR_LAYERS] = json.dumps(list(layers))
-    elif wrapper.layers is not None:
-        attrs[schema.ATTR_LAYERS] = json.dumps(list(layers))
-    return _Prepared(name=name, data=data, attrs=attrs, chunks=chunks,
-                     layout=(label, tuple(data.shape[1:]), layers))
