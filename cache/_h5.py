@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,24 @@ def open_file(path: Path, mode: str, *, writing: bool, **kwargs: Any) -> h5py.Fi
     try:
         return h5py.File(path, mode, **kwargs)
     except OSError as exc:
+        short = _truncated_by(exc)
+        if not (writing and short):
+            raise translate_os_error(path, exc, writing=writing) from None
+    # A writer killed inside a flush can leave the file shorter than its superblock's end of
+    # allocation; the missing tail belongs to the write in progress, which was not committed.
+    # The writer extends the file with zeros to that end, and the interrupted trace is then
+    # deleted and redone like any other.
+    os.truncate(path, os.path.getsize(path) + short)
+    try:
+        return h5py.File(path, mode, **kwargs)
+    except OSError as exc:
         raise translate_os_error(path, exc, writing=writing) from None
+
+
+def _truncated_by(exc: OSError) -> int:
+    """Bytes missing at the end of a file HDF5 calls truncated (0 for any other error)."""
+    found = re.search(r"truncated file: eof = (\d+).*stored_eof = (\d+)", str(exc))
+    return max(int(found.group(2)) - int(found.group(1)), 0) if found else 0
 
 
 def translate_os_error(path: Path, exc: OSError, *, writing: bool) -> Exception:

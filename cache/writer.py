@@ -65,6 +65,8 @@ _MODES = ("append", "create", "overwrite")
 
 
 _COMPRESSIONS = (None, "gzip")
+_RESERVE_SLACK = 4 << 20
+"""Bytes `_reserve` adds beyond a trace's data for the metadata HDF5 may allocate with it."""
 
 
 def open_writer(
@@ -259,6 +261,7 @@ class CacheWriter:
         )
         group_attrs, core, text_items, datasets = prepared
         self._check_layout(trace_id, datasets)
+        self._reserve(sum(a.nbytes for a in core.values()) + sum(d.data.nbytes for d in datasets))
         try:
             group = self._traces.create_group(name)
             group.attrs[schema.ATTR_COMPLETE] = np.bool_(False)
@@ -275,6 +278,7 @@ class CacheWriter:
             self.flush()
             group.attrs.modify(schema.ATTR_COMPLETE, np.bool_(True))
             self.flush()
+            self._trim()
         except OSError as exc:
             self._discard(name)
             raise CacheError(
@@ -329,6 +333,7 @@ class CacheWriter:
                     f"arrays and can't replace captured sites; choose another name"
                 )
         clean_attrs = _check_attrs(attrs)
+        self._reserve(sum(item.data.nbytes for item in prepared))
         for item in prepared:
             tmp = schema.TMP_PREFIX + item.name
             if tmp in group:
@@ -340,8 +345,35 @@ class CacheWriter:
         for key, value in clean_attrs.items():
             group.attrs[key] = value
         self.flush()
+        self._trim()
 
     # -- internals -------------------------------------------------------------------------------
+    def _reserve(self, n_bytes: int) -> None:
+        """Extend the file with zeros past everything this write can allocate, before writing.
+
+        HDF5 may write the superblock's end-of-allocation before metadata placed at the end of the
+        file; a writer killed in between leaves a file shorter than its superblock says, which
+        HDF5 then refuses to open ("truncated file"), losing the committed traces with it. With
+        the file already that long (sparse zeros), a kill leaves an openable file; `_trim` gives
+        the space back once the trace is committed. Best effort: without it the write proceeds.
+        """
+        file = self._open_file()
+        target = file.id.get_filesize() + int(n_bytes * 1.25) + _RESERVE_SLACK
+        try:
+            if os.path.getsize(self.path) < target:
+                os.truncate(self.path, target)
+        except OSError:
+            pass
+
+    def _trim(self) -> None:
+        """Give back the zeros `_reserve` added (the file ends at HDF5's end of allocation)."""
+        try:
+            end = self._open_file().id.get_filesize()
+            if os.path.getsize(self.path) > end:
+                os.truncate(self.path, end)
+        except OSError:
+            pass
+
     def _open_file(self) -> h5py.File:
         if self._file is None:
             raise CacheError(f"the writer of {self.path} is closed; open it again with open_writer")
