@@ -73,7 +73,9 @@ def mask_keys(rows: Sequence[int], keys: Sequence[int], device: torch.device | s
     r_idx = torch.as_tensor(list(rows), device=device)
     k_idx = torch.as_tensor(list(keys), device=device)
 
-    def mask(scores: Float[Tensor, "batch head query key"], hook: object) -> Tensor:
+    def mask(
+        scores: Float[Tensor, "batch head query key"], hook: object
+    ) -> Float[Tensor, "batch head query key"]:
         scores = scores.clone()
         sub = scores[:, :, r_idx]
         sub[..., k_idx] = float("-inf")

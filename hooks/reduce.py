@@ -12,7 +12,7 @@ from typing import Literal, get_args
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Shaped
 from torch import Tensor
 
 from hooks.errors import HooksError
@@ -142,8 +142,8 @@ def resolve_positions(
 
 
 def extract(
-    act: Tensor, layout: Layout, rows: slice | Int[Tensor, " n_sel"]
-) -> Tensor:
+    act: Shaped[Tensor, "1 ..."], layout: Layout, rows: slice | Int[Tensor, " n_sel"]
+) -> Shaped[Tensor, "n_sel ..."] | Shaped[Tensor, "head n_sel key"]:
     """Drop the batch axis of a hooked activation and keep only the selected positions.
 
     Args:
@@ -172,13 +172,13 @@ def extract(
 
 
 def finish(
-    x: Tensor,
+    x: Shaped[Tensor, "*lead last"],
     *,
-    source: Tensor,
+    source: Shaped[Tensor, "1 ..."],
     reduce: Reduce,
     dtype: torch.dtype | None,
     device: torch.device | None,
-) -> Tensor:
+) -> Shaped[Tensor, "*lead last"] | Float[Tensor, "*lead"]:
     """Reduce, cast on the source device, then copy to the storage device.
 
     The result never shares memory with `source`, so a kept row of a large activation does not keep

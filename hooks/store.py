@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Int
+from jaxtyping import Float, Int, Shaped
 from torch import Tensor
 
 from hooks.reduce import CaptureError, PositionSelector, Reduce, delta_rows, extract, finish
@@ -141,7 +141,7 @@ class CaptureStore:
         self._chunks.append(_Chunk(start, n_tokens, rows, positions))
         self._pending_pre.clear()
 
-    def current_rows(self) -> slice | Tensor:
+    def current_rows(self) -> slice | Int[Tensor, " n_sel"]:
         """Local rows to keep in the current chunk."""
         if not self._chunks:
             raise CaptureError(
@@ -150,7 +150,7 @@ class CaptureStore:
             )
         return self._chunks[-1].rows
 
-    def record(self, site: HookSite, act: Tensor) -> None:
+    def record(self, site: HookSite, act: Shaped[Tensor, "1 ..."]) -> None:
         """Reduce a hooked activation of `site` and store it for the current chunk."""
         rows = self.current_rows()
         x = extract(act, site.spec.layout, rows)
@@ -158,12 +158,12 @@ class CaptureStore:
             x, source=act, reduce=self.reduce, dtype=self.dtype, device=self.device
         )
 
-    def record_pre(self, site: HookSite, resid_pre: Tensor) -> None:
+    def record_pre(self, site: HookSite, resid_pre: Float[Tensor, "1 pos d_model"]) -> None:
         """Keep the selected rows of resid_pre (fp32, on device) until the layer's resid_post."""
         rows = self.current_rows()
         self._pending_pre[site] = extract(resid_pre, "pos d", rows).to(torch.float32, copy=True)
 
-    def record_delta(self, site: HookSite, resid_post: Tensor) -> None:
+    def record_delta(self, site: HookSite, resid_post: Float[Tensor, "1 pos d_model"]) -> None:
         """Store `resid_post - resid_pre` (computed in fp32) for the selected rows."""
         rows = self.current_rows()
         pre = self._pending_pre.pop(site, None)

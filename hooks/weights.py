@@ -31,18 +31,21 @@ class LlamaLayer:
         q_proj, k_proj, v_proj, o_proj: Attention projections [self_attn.*_proj].
         mlp_norm: RMSNorm before the MLP [post_attention_layernorm].
         gate_proj, up_proj, down_proj: The gated MLP [mlp.*_proj].
+
+    The projections are `nn.Linear` in a plain HF model and the bridge components wrapping them
+    once the model is booted (both expose `.weight` and `.bias`), hence typed `nn.Module`.
     """
 
     module: nn.Module
     attn_norm: nn.Module
-    q_proj: nn.Linear
-    k_proj: nn.Linear
-    v_proj: nn.Linear
-    o_proj: nn.Linear
+    q_proj: nn.Module
+    k_proj: nn.Module
+    v_proj: nn.Module
+    o_proj: nn.Module
     mlp_norm: nn.Module
-    gate_proj: nn.Linear
-    up_proj: nn.Linear
-    down_proj: nn.Linear
+    gate_proj: nn.Module
+    up_proj: nn.Module
+    down_proj: nn.Module
 
     @property
     def norm_eps(self) -> float:

@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from jaxtyping import Int
 
 from probes.errors import ProbesError
 
@@ -159,6 +160,7 @@ def choose_backend(
     return "hf" if not slow and family_ok else "bridge"
 
 
+@runtime_checkable
 class CaptureSettings(Protocol):
     """What `capture_trace` reads from a run's settings (`probes.commands.cache.CacheConfig` is one)."""
 
@@ -180,7 +182,7 @@ class TraceArrays:
         n_tokens: Tokens run through the model.
     """
 
-    positions: np.ndarray
+    positions: Int[np.ndarray, " n_sel"]
     sites: dict[str, Any]
     n_nonfinite: int
     n_tokens: int
@@ -207,7 +209,7 @@ class _Outputs:
         n_rows: int,
         dtype: str,
         *,
-        max_ram_bytes: float,
+        max_ram_bytes: int | float,
         spool_dir: Path | None,
     ) -> None:
         self.site_map = site_map
@@ -381,7 +383,8 @@ def _run_chunks(
 
 
 def forward_plain(
-    loaded: LoadedModel, ids: torch.Tensor, *, chunk_size: int = 512, backend: str = "hf"
+    loaded: LoadedModel, ids: Int[torch.Tensor, "1 n"], *, chunk_size: int = 512,
+    backend: str = "hf",
 ) -> None:
     """The same chunked forward as `capture_trace` without any hook (the benchmark's baseline).
 

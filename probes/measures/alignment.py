@@ -60,9 +60,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
+from jaxtyping import Float, Float64, Int
 from torch import Tensor
 
 from hooks.edit import module_hooks
@@ -85,6 +87,9 @@ MLP_WEIGHTS = ("gate", "up", "joint")
 """Order of the `which` axis of the M6 arrays."""
 
 _F64 = torch.float64
+
+_Ids = Int[Tensor, " n"] | Int[Tensor, "1 n"] | Int[np.ndarray, " n"] | Int[np.ndarray, "1 n"]
+"""Token ids of one sequence, [N] or [1, N] (torch or numpy)."""
 
 
 class AlignmentError(ProbesError, ValueError):
@@ -148,8 +153,9 @@ def _z_edit(layers: list[torch.nn.Module], z_delta: dict[int, Tensor], rows: Ten
 
 
 @torch.no_grad()
-def answer_loss(model: LoadedModel | torch.nn.Module, ids: Tensor | np.ndarray,
-                answer: tuple[int, int], *, z_delta: dict[int, Tensor] | None = None) -> float:
+def answer_loss(model: LoadedModel | torch.nn.Module, ids: _Ids, answer: tuple[int, int], *,
+                z_delta: dict[int, Float[Tensor, "q h d_h"] | Float[Tensor, "q hd"]] | None = None,
+                ) -> float:
     """The answer loss L (mean NLL of `ids[a:b]`), optionally with z edited at the answer rows.
 
     Args:
@@ -209,22 +215,23 @@ class AnswerAlignment:
     loss: float
     trajectory: tuple[int, int]
     answer: tuple[int, int]
-    grad_norm: np.ndarray
-    inner: np.ndarray
-    step_norm: np.ndarray
-    cos: np.ndarray
-    eta: np.ndarray
-    eta_pooled: np.ndarray
-    full_inner: np.ndarray
-    telescope_err: np.ndarray
-    m7: np.ndarray
-    m7_head: np.ndarray
-    mass: np.ndarray
+    grad_norm: Float64[np.ndarray, "w l"]
+    inner: Float64[np.ndarray, "w l q t"]
+    step_norm: Float64[np.ndarray, "w l q t"]
+    cos: Float64[np.ndarray, "w l q t"]
+    eta: Float64[np.ndarray, "w l q t"]
+    eta_pooled: Float64[np.ndarray, "w l q"]
+    full_inner: Float64[np.ndarray, "w l q"]
+    telescope_err: Float64[np.ndarray, "l q"]
+    m7: Float64[np.ndarray, "l t"]
+    m7_head: Float64[np.ndarray, "l h t"]
+    mass: Float64[np.ndarray, "l h q_all t"]
     factors: list[dict[str, Tensor]] = field(default_factory=list, repr=False)
-    m6_rows: np.ndarray | None = None
-    step_cos: np.ndarray | None = None
+    m6_rows: Int[np.ndarray, " q"] | None = None
+    step_cos: Float64[np.ndarray, "w l q t"] | None = None
 
-    def step_factors(self, layer: int, row: int, token: int) -> tuple[Tensor, Tensor]:
+    def step_factors(self, layer: int, row: int, token: int
+                     ) -> tuple[Float[Tensor, " d"], Float[Tensor, " d"]]:
         """Rank-1 factors of token `token`'s step at (layer, row): step = W @ du ⊗ b.
 
         Args:
@@ -243,7 +250,7 @@ class AnswerAlignment:
         u0 = f["u_base"][row]
         return f["du"][row, token], u0 / u0.dot(u0)
 
-    def loo_dz(self, layer: int, token: int) -> Tensor:
+    def loo_dz(self, layer: int, token: int) -> Float[Tensor, "q h d_h"]:
         """Leave-one-out δz of trajectory token `token` at layer `layer` for all rows 𝒬 [Q, H, d_h].
 
         `answer_loss(..., z_delta={layer: -loo_dz})` is the exact single-layer knockout of the key
@@ -257,10 +264,11 @@ class AnswerAlignment:
         return self.factors[layer]
 
 
-def answer_alignment(model: LoadedModel | torch.nn.Module, ids: Tensor | np.ndarray,
+def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
                      trajectory: tuple[int, int], answer: tuple[int, int], *,
                      keep_factors: bool = False, m6_rows: Sequence[int] | None = None,
-                     grams: Sequence[tuple[Tensor, Tensor]] | None = None) -> AnswerAlignment:
+                     grams: Sequence[tuple[Float[Tensor, "d d"], Float[Tensor, "d d"]]] | None = None,
+                     ) -> AnswerAlignment:
     """Compute M6 and M7 from one forward and one backward pass.
 
     Example:
@@ -442,13 +450,14 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: Tensor | np.ndar
     )
 
 
-def trace_alignment(model: LoadedModel | torch.nn.Module, tt: TokenizedTrace, *,
+def trace_alignment(model: LoadedModel | torch.nn.Module, tt: TokenizedTrace | Any, *,
                     keep_factors: bool = False) -> AnswerAlignment:
     """`answer_alignment` on a tokenized trace (its trajectory and answer spans).
 
     Args:
         model: A LoadedModel or a Llama-style HF causal LM with eager attention.
-        tt: The tokenized trace (prompt + trajectory + scaffold + answer).
+        tt: The tokenized trace (prompt + trajectory + scaffold + answer), or any object with
+            its `ids` and `spans`.
         keep_factors: See `answer_alignment`.
 
     Returns:

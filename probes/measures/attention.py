@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from jaxtyping import Float, Float32, Float64, Int, Shaped
 from torch import Tensor
 
 from hooks import capture
@@ -103,29 +104,30 @@ class TokenUpdates:
     """
 
     query: int
-    keys: np.ndarray
-    mass: np.ndarray
-    contrib_norm: np.ndarray
-    contrib_sum_norm: np.ndarray
-    loo_norm: np.ndarray
-    loo_out_norm: np.ndarray
-    loo_sum_norm: np.ndarray
-    dai_fro: np.ndarray
-    dai_action_norm: np.ndarray
-    dai_scaled_action_norm: np.ndarray
-    dai_action_out_norm: np.ndarray
-    dai_spearman: np.ndarray
-    dai_cos: np.ndarray
-    score: np.ndarray
+    keys: Int[np.ndarray, " t"]
+    mass: Float32[np.ndarray, "l h t"]
+    contrib_norm: Float32[np.ndarray, "l h t"]
+    contrib_sum_norm: Float32[np.ndarray, "l t"]
+    loo_norm: Float32[np.ndarray, "l h t"]
+    loo_out_norm: Float32[np.ndarray, "l h t"]
+    loo_sum_norm: Float32[np.ndarray, "l t"]
+    dai_fro: Float32[np.ndarray, "l h_kv t"]
+    dai_action_norm: Float32[np.ndarray, "l h t"]
+    dai_scaled_action_norm: Float32[np.ndarray, "l h t"]
+    dai_action_out_norm: Float32[np.ndarray, "l h t"]
+    dai_spearman: Float32[np.ndarray, "l h"]
+    dai_cos: Float32[np.ndarray, "l h"]
+    score: Float32[np.ndarray, "l h t"]
     scale: float
     gqa_group: int
 
-    def dai_fro_per_query_head(self) -> np.ndarray:
+    def dai_fro_per_query_head(self) -> Float32[np.ndarray, "l h t"]:
         """`dai_fro` repeated over each GQA group: [L, H, T] (do not sum it over heads)."""
         return np.repeat(self.dai_fro, self.gqa_group, axis=1)
 
 
-def o_proj_weights(loaded: LoadedModel) -> list[tuple[Tensor, Tensor | None]]:
+def o_proj_weights(loaded: LoadedModel
+                   ) -> list[tuple[Float[Tensor, "d_model hd"], Float[Tensor, " d_model"] | None]]:
     """The output projection of every layer, from the HF modules.
 
     Args:
@@ -169,12 +171,12 @@ class QueryCapture:
     """
 
     query: int
-    rot_k: list[Tensor]
-    v: list[Tensor]
-    rot_q: list[Tensor]
-    z: list[Tensor]
-    pattern: list[Tensor]
-    attn_out: list[Tensor]
+    rot_k: list[Float[Tensor, "t h_kv d_h"]]
+    v: list[Float[Tensor, "t h_kv d_h"]]
+    rot_q: list[Float[Tensor, "h d_h"]]
+    z: list[Float[Tensor, "h d_h"]]
+    pattern: list[Float[Tensor, "h t"]]
+    attn_out: list[Float[Tensor, " d_model"]]
 
 
 @dataclass
@@ -195,12 +197,12 @@ class QueryRowsCapture:
     """
 
     rows: list[int]
-    rot_k: list[Tensor]
-    v: list[Tensor]
-    rot_q: list[Tensor]
-    z: list[Tensor]
-    pattern: list[Tensor]
-    attn_out: list[Tensor]
+    rot_k: list[Float[Tensor, "k h_kv d_h"]]
+    v: list[Float[Tensor, "k h_kv d_h"]]
+    rot_q: list[Float[Tensor, "r h d_h"]]
+    z: list[Float[Tensor, "r h d_h"]]
+    pattern: list[Float[Tensor, "h r k"]]
+    attn_out: list[Float[Tensor, "r d_model"]]
 
     def row(self, i: int) -> QueryCapture:
         """The `QueryCapture` of row `self.rows[i]` (keys 0..rows[i]; views of these tensors)."""
@@ -320,7 +322,8 @@ def query_capture(loaded: LoadedModel, query: int, *, device: str | torch.device
 
 
 @torch.no_grad()
-def capture_query(loaded: LoadedModel, ids: Tensor, query: int) -> QueryCapture:
+def capture_query(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n"], query: int,
+                  ) -> QueryCapture:
     """Run the bridge once with hooks and keep what M1–M4 need for query position `query`.
 
     Args:
@@ -342,7 +345,8 @@ def capture_query(loaded: LoadedModel, ids: Tensor, query: int) -> QueryCapture:
 
 
 @torch.no_grad()
-def capture_query_rows(loaded: LoadedModel, ids: Tensor, rows: Sequence[int]) -> QueryRowsCapture:
+def capture_query_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n"],
+                       rows: Sequence[int]) -> QueryRowsCapture:
     """Run the bridge once with hooks and keep what M1–M4 need at several query rows.
 
     Args:
@@ -363,7 +367,8 @@ def capture_query_rows(loaded: LoadedModel, ids: Tensor, rows: Sequence[int]) ->
     return get()
 
 
-def layer_terms(cap: QueryCapture, layer: int, w_o: Tensor) -> dict[str, Tensor]:
+def layer_terms(cap: QueryCapture, layer: int, w_o: Float[Tensor, "d_model hd"],
+                ) -> dict[str, Float64[Tensor, "*shape"]]:
     """The exact per-token vectors of one layer in float64 (transient [H, T, d] tensors), on the
     capture's device.
 
@@ -400,7 +405,8 @@ def layer_terms(cap: QueryCapture, layer: int, w_o: Tensor) -> dict[str, Tensor]
     }
 
 
-def token_updates(loaded: LoadedModel, ids: Tensor, query: int) -> TokenUpdates:
+def token_updates(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n"], query: int,
+                  ) -> TokenUpdates:
     """Compute M1–M4 for one query position from one hooked bridge forward.
 
     Example:
@@ -423,7 +429,8 @@ def token_updates(loaded: LoadedModel, ids: Tensor, query: int) -> TokenUpdates:
     return token_updates_from(loaded, cap, weights)
 
 
-def token_updates_rows(loaded: LoadedModel, ids: Tensor, rows: Sequence[int]) -> list[TokenUpdates]:
+def token_updates_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n"],
+                       rows: Sequence[int]) -> list[TokenUpdates]:
     """M1–M4 at several query rows from ONE hooked bridge forward.
 
     Example:
@@ -456,7 +463,8 @@ def _updates_from_terms(terms: list[dict[str, Tensor]], query: int, scale: float
 
 
 def token_updates_from(loaded: LoadedModel, cap: QueryCapture | QueryRowsCapture,
-                       weights: list[tuple[Tensor, Tensor | None]] | None = None,
+                       weights: list[tuple[Float[Tensor, "d_model hd"],
+                                           Float[Tensor, " d_model"] | None]] | None = None,
                        ) -> TokenUpdates | list[TokenUpdates]:
     """M1–M4 from an existing capture (no forward).
 
@@ -579,23 +587,25 @@ class KeySummary:
 
     Attributes:
         rows: The query rows [R].
-        keys: The key positions [T] (all <= rows[0]).
+        keys: The key positions [T] (all <= rows[0]; int, float64 when empty).
         mass: M1 attention mass p averaged over the query heads [L, R, T].
         contrib_sum_norm: M2 ‖Σ_h p W_O^h v_t‖ [L, R, T].
         loo_sum_norm: M4 ‖Σ_h W_O^h δz_{h,t}‖ [L, R, T].
         dai_fro: M3 ‖v_t‖‖k̃_t‖ summed over the KV heads [L, T] (does not depend on the row).
     """
 
-    rows: np.ndarray
-    keys: np.ndarray
-    mass: np.ndarray
-    contrib_sum_norm: np.ndarray
-    loo_sum_norm: np.ndarray
-    dai_fro: np.ndarray
+    rows: Int[np.ndarray, " r"]
+    keys: Shaped[np.ndarray, " t"]
+    mass: Float64[np.ndarray, "l r t"]
+    contrib_sum_norm: Float64[np.ndarray, "l r t"]
+    loo_sum_norm: Float64[np.ndarray, "l r t"]
+    dai_fro: Float64[np.ndarray, "l t"]
 
 
 def key_summary_from(loaded: LoadedModel, cap: QueryRowsCapture, keys: Sequence[int],
-                     weights: list[tuple[Tensor, Tensor | None]] | None = None) -> KeySummary:
+                     weights: list[tuple[Float[Tensor, "d_model hd"],
+                                         Float[Tensor, " d_model"] | None]] | None = None,
+                     ) -> KeySummary:
     """The head-aggregated M1–M4 quantities of `keys` at every row of a capture (no forward).
 
     Equal (to float rounding) to the same keys of `token_updates_from` at each row:

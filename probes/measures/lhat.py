@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from jaxtyping import Float32, Float64, Int64, Integer, Real
 
 from hooks.edit import hook_name as edit_hook_name
 from hooks.model import LoadedModel
@@ -195,8 +196,8 @@ def _answer_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def lhat_naive(
     loaded: LoadedModel,
     tt: TokenizedTrace,
-    ts: Sequence[int] | np.ndarray | None = None,
-) -> np.ndarray:
+    ts: Sequence[int] | Integer[np.ndarray, " n_ts"] | None = None,
+) -> Float64[np.ndarray, " n_ts"]:
     """L̂_t by one bridge forward over `P + τ_≤t + S + A` per prefix t (the reference).
 
     Each forward is a plain full-sequence run of the bridge (no cache, no mask); only the last
@@ -249,9 +250,9 @@ class LhatResult:
         n_prefill_chunks: Forwards run to fill the prefix KV cache.
     """
 
-    lhat: np.ndarray
-    ts: np.ndarray
-    hidden: np.ndarray | None
+    lhat: Float32[np.ndarray, " n_ts"]
+    ts: Int64[np.ndarray, " n_ts"]
+    hidden: Float32[np.ndarray, "n_ts n_answer d_model"] | None
     hidden_hook: str | None
     copy_len: int
     copies_per_pack: int
@@ -390,7 +391,7 @@ def lhat_fast(
     loaded: LoadedModel,
     tt: TokenizedTrace,
     *,
-    ts: Sequence[int] | np.ndarray | None = None,
+    ts: Sequence[int] | Integer[np.ndarray, " n_ts"] | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_pack_tokens: int = DEFAULT_MAX_PACK_TOKENS,
     max_attn_bytes: int | None = DEFAULT_MAX_ATTN_BYTES,
@@ -531,14 +532,18 @@ def lhat_fast(
 # Per-token quantities (docs/methods.md#m8)
 
 
-def _curve(lhat: np.ndarray | Sequence[float]) -> np.ndarray:
+_Curve = Real[np.ndarray, "*batch t1"] | Sequence[float] | float
+"""An L̂ curve [..., T+1] (array or list); a bare float is taken so that `_curve` can refuse it."""
+
+
+def _curve(lhat: _Curve) -> np.ndarray:
     arr = np.asarray(lhat, dtype=np.float64)
     if arr.ndim < 1 or arr.shape[-1] < 1:
         raise ProbesError(f"An L̂ curve needs shape [..., T+1] with T+1 >= 1, got {arr.shape}.")
     return arr
 
 
-def delta_lhat(lhat: np.ndarray | Sequence[float]) -> np.ndarray:
+def delta_lhat(lhat: _Curve) -> Float64[np.ndarray, "*batch t"]:
     """Signed change ΔL̂_t = L̂_t − L̂_{t−1} for t = 1..T.
 
     Index i of the result (0-based) belongs to trajectory token τ_{i+1}, i.e. to the token at
@@ -557,7 +562,7 @@ def delta_lhat(lhat: np.ndarray | Sequence[float]) -> np.ndarray:
     return np.diff(_curve(lhat), axis=-1)
 
 
-def relative_change(lhat: np.ndarray | Sequence[float]) -> np.ndarray:
+def relative_change(lhat: _Curve) -> Float64[np.ndarray, "*batch t"]:
     """RaML's relative change ρ_t = |L̂_t − L̂_{t−1}| / L̂_{t−1} for t = 1..T.
 
     Aligned like `delta_lhat`. Where L̂_{t−1} = 0 the notebook skips the token; here it is NaN.
@@ -575,7 +580,7 @@ def relative_change(lhat: np.ndarray | Sequence[float]) -> np.ndarray:
     return np.where(prev == 0, np.nan, out)
 
 
-def log_ratio(lhat: np.ndarray | Sequence[float]) -> np.ndarray:
+def log_ratio(lhat: _Curve) -> Float64[np.ndarray, "*batch t"]:
     """Log-ratio λ_t = log L̂_t − log L̂_{t−1} for t = 1..T (less heavy-tailed than ρ_t).
 
     Aligned like `delta_lhat`.
@@ -596,7 +601,8 @@ LHAT_ARRAYS: tuple[str, ...] = arrays.names(arrays.LHAT)
 """The stored L̂ arrays, as the registry declares them."""
 
 
-def lhat_arrays(lhat: np.ndarray | Sequence[float]) -> dict[str, np.ndarray]:
+def lhat_arrays(lhat: Real[np.ndarray, " t1"] | Sequence[float]
+                ) -> dict[str, Float32[np.ndarray, " _"]]:
     """L̂ and its per-token derivatives as stored: `lhat` float32 [T+1]; `lhat_delta`,
     `lhat_rho`, `lhat_log_ratio` float32 [T] (index i = trajectory token i)."""
     curve = np.asarray(lhat, np.float64)

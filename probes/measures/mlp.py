@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from jaxtyping import Float, Float32, Float64, Int
 from torch import Tensor
 
 from hooks import capture
@@ -95,16 +96,16 @@ class LayerWeights:
         grams: Precomputed (W_gateᵀW_gate, W_upᵀW_up) [d, d] each, or None (computed on demand).
     """
 
-    w_o: Tensor
-    b_o: Tensor | None
-    gamma: Tensor
+    w_o: Float64[Tensor, "d hd"]
+    b_o: Float64[Tensor, " d"] | None
+    gamma: Float64[Tensor, " d"]
     eps: float
-    w_gate: Tensor | None
-    w_up: Tensor | None
-    w_down: Tensor | None
-    grams: tuple[Tensor, Tensor] | None = None
+    w_gate: Float64[Tensor, "d_mlp d"] | None
+    w_up: Float64[Tensor, "d_mlp d"] | None
+    w_down: Float64[Tensor, "d d_mlp"] | None
+    grams: tuple[Float64[Tensor, "d d"], Float64[Tensor, "d d"]] | None = None
 
-    def gram(self, which: str) -> Tensor:
+    def gram(self, which: str) -> Float64[Tensor, "d d"]:
         """WᵀW [d, d] for `which` in {"gate", "up"} (the stored one, else computed now)."""
         if self.grams is not None:
             return self.grams[0] if which == "gate" else self.grams[1]
@@ -114,7 +115,7 @@ class LayerWeights:
         return w.T @ w
 
 
-def layer_weights(loaded: LoadedModel, *, with_mlp: bool = True,
+def layer_weights(loaded: LoadedModel | torch.nn.Module, *, with_mlp: bool = True,
                   device: str | torch.device = "cpu") -> list[LayerWeights]:
     """Read every layer's o_proj, post-attention RMSNorm and gated-MLP weights from the HF model.
 
@@ -157,7 +158,8 @@ def layer_weights(loaded: LoadedModel, *, with_mlp: bool = True,
     return out
 
 
-def rms_norm(m: Tensor, gamma: Tensor, eps: float) -> Tensor:
+def rms_norm(m: Float[Tensor, "*batch d"], gamma: Float[Tensor, " d"], eps: float
+             ) -> Float[Tensor, "*batch d"]:
     """HF RMSNorm γ ⊙ m / sqrt(mean(m²) + ε) over the last axis (float64)."""
     return gamma * m * torch.rsqrt(m.pow(2).mean(-1, keepdim=True) + eps)
 
@@ -180,19 +182,20 @@ class RowCapture:
     """
 
     rows: list[int]
-    v: list[Tensor]
-    pattern: list[Tensor]
-    resid_pre: list[Tensor]
-    resid_mid: list[Tensor]
-    ln2_out: list[Tensor]
-    mlp_pre: list[Tensor]
-    mlp_pre_linear: list[Tensor]
-    mlp_post: list[Tensor]
-    logits: Tensor | None
+    v: list[Float[Tensor, "k h_kv d_h"]]
+    pattern: list[Float[Tensor, "h r k"]]
+    resid_pre: list[Float[Tensor, "r d"]]
+    resid_mid: list[Float[Tensor, "r d"]]
+    ln2_out: list[Float[Tensor, "r d"]]
+    mlp_pre: list[Float[Tensor, "r d_mlp"]]
+    mlp_pre_linear: list[Float[Tensor, "r d_mlp"]]
+    mlp_post: list[Float[Tensor, "r d_mlp"]]
+    logits: Float[Tensor, "r vocab"] | None
 
 
-def check_positions(loaded: LoadedModel, ids: Tensor, rows: Sequence[int],
-           trajectory: Sequence[int]) -> tuple[Tensor, list[int], list[int]]:
+def check_positions(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n"],
+                    rows: Sequence[int], trajectory: Sequence[int],
+                    ) -> tuple[Int[Tensor, "1 n"], list[int], list[int]]:
     """Validate the model and the positions for M5; returns (ids [1, N], rows, trajectory).
 
     Raises:
@@ -265,7 +268,8 @@ def row_capture(loaded: LoadedModel, rows: Sequence[int], *,
 
 
 @torch.no_grad()
-def capture_rows(loaded: LoadedModel, ids: Tensor, rows: Sequence[int]) -> RowCapture:
+def capture_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n"],
+                 rows: Sequence[int]) -> RowCapture:
     """Run the bridge once with hooks and keep what M5 needs at the query rows.
 
     Args:
@@ -282,8 +286,11 @@ def capture_rows(loaded: LoadedModel, ids: Tensor, rows: Sequence[int]) -> RowCa
     return get(logits)
 
 
-def restricted_prefix(p: Tensor, v_h: Tensor, trajectory: Tensor, resid_pre: Tensor, w_o: Tensor,
-                      b_o: Tensor | None, gamma: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def restricted_prefix(p: Float[Tensor, "h r k"], v_h: Float[Tensor, "h k d_h"],
+                      trajectory: Int[Tensor, " t"], resid_pre: Float[Tensor, "r d"],
+                      w_o: Float[Tensor, "d h*d_h"], b_o: Float[Tensor, " d"] | None,
+                      gamma: Float[Tensor, " d"], eps: float,
+                      ) -> tuple[Float[Tensor, "r t+1 d"], Float[Tensor, "r t+1 d"]]:
     """Frozen-upstream MLP inputs for the trajectory prefixes K_{−1}, K_0, …, K_{T−1} (§7.3 M5).
 
     The one implementation of the restricted attention, shared by `mlp_updates` /
@@ -326,8 +333,8 @@ def restricted_prefix(p: Tensor, v_h: Tensor, trajectory: Tensor, resid_pre: Ten
     return m, rms_norm(m, gamma, eps)
 
 
-def restricted_inputs(cap: RowCapture, w: LayerWeights, layer: int,
-                      trajectory: Sequence[int]) -> tuple[Tensor, Tensor]:
+def restricted_inputs(cap: RowCapture, w: LayerWeights, layer: int, trajectory: Sequence[int],
+                      ) -> tuple[Float64[Tensor, "r t1 d"], Float64[Tensor, "r t1 d"]]:
     """`restricted_prefix` on a `capture_rows` capture (float64).
 
     Args:
@@ -365,12 +372,12 @@ class EndpointPatch:
         u_base: u' = u^{(−1)} [R, d].
     """
 
-    gate_left: Tensor
-    up_left: Tensor
-    right: Tensor
-    down_left: Tensor
-    down_right: Tensor
-    u_base: Tensor
+    gate_left: Float64[Tensor, "r d_mlp"]
+    up_left: Float64[Tensor, "r d_mlp"]
+    right: Float64[Tensor, "r d"]
+    down_left: Float64[Tensor, "r d"]
+    down_right: Float64[Tensor, "r d_mlp"]
+    u_base: Float64[Tensor, "r d"]
 
 
 def endpoint_patches(cap: RowCapture, weights: Sequence[LayerWeights],
@@ -420,23 +427,23 @@ class MlpUpdates:
     """
 
     query: int
-    trajectory: np.ndarray
-    lr: np.ndarray
-    u_base_norm: np.ndarray
-    sigma_gate: np.ndarray
-    sigma_up: np.ndarray
-    grad_norm_gate: np.ndarray
-    grad_norm_up: np.ndarray
-    cos_gate: np.ndarray
-    cos_up: np.ndarray
-    cum_fro_gate: np.ndarray
-    cum_fro_up: np.ndarray
-    total_fro_gate: np.ndarray
-    total_fro_up: np.ndarray
-    down_fro: np.ndarray
-    delta_norm: np.ndarray
-    du: np.ndarray | None
-    u_base: np.ndarray
+    trajectory: Int[np.ndarray, " t"]
+    lr: Float64[np.ndarray, " l"]
+    u_base_norm: Float64[np.ndarray, " l"]
+    sigma_gate: Float64[np.ndarray, "l t"]
+    sigma_up: Float64[np.ndarray, "l t"]
+    grad_norm_gate: Float64[np.ndarray, "l t"]
+    grad_norm_up: Float64[np.ndarray, "l t"]
+    cos_gate: Float64[np.ndarray, "l t"]
+    cos_up: Float64[np.ndarray, "l t"]
+    cum_fro_gate: Float64[np.ndarray, "l t"]
+    cum_fro_up: Float64[np.ndarray, "l t"]
+    total_fro_gate: Float64[np.ndarray, " l"]
+    total_fro_up: Float64[np.ndarray, " l"]
+    down_fro: Float64[np.ndarray, " l"]
+    delta_norm: Float64[np.ndarray, " l"]
+    du: Float64[np.ndarray, "l t d"] | None
+    u_base: Float64[np.ndarray, "l d"]
 
 
 def _step_stats(du: Tensor, dcum: Tensor, gram: Tensor, base_norm: Tensor) -> dict[str, Tensor]:
@@ -450,7 +457,7 @@ def _step_stats(du: Tensor, dcum: Tensor, gram: Tensor, base_norm: Tensor) -> di
     return {"sigma": wnorm / base_norm, "cos": cos, "cum": cum}
 
 
-def mlp_updates(loaded: LoadedModel, ids: Tensor, query: int,
+def mlp_updates(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n"], query: int,
                 trajectory: Sequence[int]) -> MlpUpdates:
     """M5 per layer at one query row, from one hooked bridge forward.
 
@@ -476,8 +483,8 @@ def mlp_updates(loaded: LoadedModel, ids: Tensor, query: int,
     return mlp_updates_from(cap, weights, traj)
 
 
-def mlp_updates_rows(loaded: LoadedModel, ids: Tensor, rows: Sequence[int],
-                     trajectory: Sequence[int]) -> list[MlpUpdates]:
+def mlp_updates_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n"],
+                     rows: Sequence[int], trajectory: Sequence[int]) -> list[MlpUpdates]:
     """M5 per layer at several query rows, from ONE hooked bridge forward.
 
     Example:
@@ -592,8 +599,9 @@ def mlp_updates_rows_from(cap: RowCapture, weights: Sequence[LayerWeights],
 
 
 @torch.no_grad()
-def masked_patched_logits(loaded: LoadedModel, ids: Tensor, trajectory: Sequence[int],
-                          rows: Sequence[int], *, patch: bool = True) -> tuple[Tensor, Tensor]:
+def masked_patched_logits(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n"],
+                          trajectory: Sequence[int], rows: Sequence[int], *, patch: bool = True,
+                          ) -> tuple[Float32[Tensor, "r vocab"], Float32[Tensor, "r vocab"]]:
     """V5b: mask 𝒯 for `rows` at every layer and add the cache-derived endpoint patches.
 
     Rows must cover every row whose residual feeds the analysed query (normally every row from

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from jaxtyping import Float64, Int
 from sklearn.model_selection import GroupKFold
 from torch import Tensor
 
@@ -182,26 +183,26 @@ class PseudoGradientFit:
         cos_xy: Σ_t x_t·y_t / sqrt(Σ‖x_t‖² Σ‖y_t‖²) (pooled uncentred cosine, sign of η).
     """
 
-    layers: np.ndarray
+    layers: Int[np.ndarray, " l"]
     trace_ids: list[str]
-    n_tokens: np.ndarray
+    n_tokens: Int[np.ndarray, " n_traces"]
     n_splits: int
     fold_traces: list[list[int]]
     alphas: list[float]
-    eta: np.ndarray
-    eta_folds: np.ndarray
-    eta_value: np.ndarray
-    r2_scalar: np.ndarray
-    r2_scalar_in: np.ndarray
-    r2_map: np.ndarray
-    r2_map_in: np.ndarray
-    r2_value_map: np.ndarray
-    r2_value_map_in: np.ndarray
-    r2_value_scalar: np.ndarray
-    r2_value_scalar_in: np.ndarray
-    alpha_map: np.ndarray
-    alpha_value_map: np.ndarray
-    cos_xy: np.ndarray
+    eta: Float64[np.ndarray, " l"]
+    eta_folds: Float64[np.ndarray, "l n_splits"]
+    eta_value: Float64[np.ndarray, " l"]
+    r2_scalar: Float64[np.ndarray, " l"]
+    r2_scalar_in: Float64[np.ndarray, " l"]
+    r2_map: Float64[np.ndarray, " l"]
+    r2_map_in: Float64[np.ndarray, " l"]
+    r2_value_map: Float64[np.ndarray, " l"]
+    r2_value_map_in: Float64[np.ndarray, " l"]
+    r2_value_scalar: Float64[np.ndarray, " l"]
+    r2_value_scalar_in: Float64[np.ndarray, " l"]
+    alpha_map: Float64[np.ndarray, " l"]
+    alpha_value_map: Float64[np.ndarray, " l"]
+    cos_xy: Float64[np.ndarray, " l"]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (arrays as lists, NaN as None)."""

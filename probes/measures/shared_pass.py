@@ -12,6 +12,7 @@ import json
 import time
 
 import numpy as np
+from jaxtyping import Float32
 
 from hooks.model import LoadedModel
 from hooks.weights import llama_layers
@@ -69,7 +70,7 @@ class RunConstants:
 
 def trace_update_arrays(loaded: LoadedModel, tt, consts: RunConstants | None = None, *,
                         answer_rows: str = "first", timings: dict[str, float] | None = None,
-                        ) -> tuple[dict[str, np.ndarray], int]:
+                        ) -> tuple[dict[str, Float32[np.ndarray, "l t"]], int]:
     """The stored `upd_*` arrays of one tokenized trace (float32 [n_layers, T]).
 
     One forward + one backward: `answer_alignment` (M7 at all answer rows 𝒬; M6 at the first row

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from jaxtyping import Float, Float64, Int
 from sklearn.model_selection import KFold
 from torch import Tensor
 
@@ -51,7 +52,7 @@ from probes.traces.tokenize import TokenizedTrace
 
 
 def endpoint_inputs(cap: Any, w: LayerWeights, layer: int,
-                    trajectory: tuple[int, int]) -> dict[str, Tensor]:
+                    trajectory: tuple[int, int]) -> dict[str, Float64[Tensor, "r d"]]:
     """Base (trajectory removed) and full-context MLP inputs at the captured rows (float64).
 
     Only the two endpoints of `probes.measures.mlp.restricted_inputs` (indices 0 and −1), computed
@@ -122,11 +123,11 @@ class ThoughtPatchSamples:
     trace_id: str
     which: str
     trajectory: tuple[int, int]
-    rows: np.ndarray
-    layers: np.ndarray
-    x: np.ndarray
-    y: np.ndarray
-    u: np.ndarray
+    rows: Int[np.ndarray, " k"]
+    layers: Int[np.ndarray, " l"]
+    x: Float64[np.ndarray, "l k d"]
+    y: Float64[np.ndarray, "l k d_ff"]
+    u: Float64[np.ndarray, "l k d"]
 
 
 @torch.no_grad()
@@ -187,7 +188,7 @@ class StaticPatch:
         fro: ‖Δ‖_F.
     """
 
-    delta: np.ndarray
+    delta: Float64[np.ndarray, "d_out d"]
     alpha: float
     alpha_abs: float
     k: int
@@ -198,8 +199,8 @@ class StaticPatch:
 
 
 def fit_static_patch(
-    x: np.ndarray,
-    y: np.ndarray,
+    x: Float[np.ndarray, "k d"],
+    y: Float[np.ndarray, "k d_out"],
     *,
     alpha: float = DEFAULT_PATCH_ALPHA,
     n_splits: int = 5,
@@ -265,16 +266,16 @@ class ThoughtPatchFit:
 
     trace_id: str
     which: str
-    rows: np.ndarray
-    layers: np.ndarray
+    rows: Int[np.ndarray, " k"]
+    layers: Int[np.ndarray, " l"]
     k: int
     alpha: float
     n_splits: int
-    r2_heldout: np.ndarray
-    r2_in: np.ndarray
-    delta_fro: np.ndarray
-    exact_fro_mean: np.ndarray
-    deltas: list[np.ndarray] | None = field(default=None, repr=False)
+    r2_heldout: Float64[np.ndarray, " l"]
+    r2_in: Float64[np.ndarray, " l"]
+    delta_fro: Float64[np.ndarray, " l"]
+    exact_fro_mean: Float64[np.ndarray, " l"]
+    deltas: list[Float64[np.ndarray, "d_ff d"]] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (arrays as lists, NaN as None; without `deltas`)."""
@@ -355,8 +356,8 @@ class ThoughtPatchNll:
     nll_exact: float
     nll_static: float
     max_logit_err_exact: float
-    r2_rows_gate: np.ndarray
-    r2_rows_up: np.ndarray
+    r2_rows_gate: Float64[np.ndarray, " l"]
+    r2_rows_up: Float64[np.ndarray, " l"]
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (arrays as lists, NaN as None)."""
