@@ -44,26 +44,22 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from jaxtyping import Float, Float32, Float64, Int
+from jaxtyping import Float, Float64, Int
 from torch import Tensor
 
 from hooks import capture
-from hooks.edit import edit, mask_keys
 from hooks.model import LoadedModel
 from hooks.weights import llama_layers
 from probes.errors import ProbesError
 
 __all__ = [
-    "EndpointPatch",
     "LayerWeights",
     "MlpUpdateError",
     "MlpUpdates",
     "RowCapture",
     "capture_rows",
     "check_positions",
-    "endpoint_patches",
     "layer_weights",
-    "masked_patched_logits",
     "mlp_updates",
     "mlp_updates_from",
     "mlp_updates_rows",
@@ -73,6 +69,9 @@ __all__ = [
     "rms_norm",
     "row_capture",
 ]
+
+F64 = torch.float64
+
 
 F64 = torch.float64
 
@@ -357,55 +356,6 @@ def restricted_inputs(cap: RowCapture, w: LayerWeights, layer: int, trajectory: 
 
 
 @dataclass
-class EndpointPatch:
-    """Rank-1 factors of the full-trajectory patches of one layer, per row (float64).
-
-    ΔW_gate = gate_left[r] right[r]ᵀ, ΔW_up = up_left[r] right[r]ᵀ, ΔW_down = down_left[r]
-    down_right[r]ᵀ. Applied to a live input: ΔW u = left (right·u).
-
-    Attributes:
-        gate_left: W_gate (u − u') [R, d_mlp].
-        up_left: W_up (u − u') [R, d_mlp].
-        right: u'/‖u'‖² [R, d].
-        down_left: δ = m − m' [R, d].
-        down_right: φ/‖φ‖² [R, d_mlp].
-        u_base: u' = u^{(−1)} [R, d].
-    """
-
-    gate_left: Float64[Tensor, "r d_mlp"]
-    up_left: Float64[Tensor, "r d_mlp"]
-    right: Float64[Tensor, "r d"]
-    down_left: Float64[Tensor, "r d"]
-    down_right: Float64[Tensor, "r d_mlp"]
-    u_base: Float64[Tensor, "r d"]
-
-
-def endpoint_patches(cap: RowCapture, weights: Sequence[LayerWeights],
-                     trajectory: Sequence[int]) -> list[EndpointPatch]:
-    """The cache-derived Dherin endpoint patches (base K_{−1}) of every layer and row.
-
-    Args:
-        cap: Output of `capture_rows`.
-        weights: Output of `layer_weights`.
-        trajectory: Trajectory key positions.
-
-    Returns:
-        One `EndpointPatch` per layer.
-    """
-    out = []
-    for layer, w in enumerate(weights):
-        m, u = restricted_inputs(cap, w, layer, trajectory)
-        du = u[:, -1] - u[:, 0]
-        phi = cap.mlp_post[layer].to(F64)
-        out.append(EndpointPatch(
-            gate_left=du @ w.w_gate.T, up_left=du @ w.w_up.T,
-            right=u[:, 0] / u[:, 0].pow(2).sum(-1, keepdim=True),
-            down_left=m[:, -1] - m[:, 0], down_right=phi / phi.pow(2).sum(-1, keepdim=True),
-            u_base=u[:, 0]))
-    return out
-
-
-@dataclass
 class MlpUpdates:
     """M5 at one query row: per layer L, per trajectory token T (float64 numpy arrays).
 
@@ -597,71 +547,3 @@ def mlp_updates_rows_from(cap: RowCapture, weights: Sequence[LayerWeights],
         del m, u
     return [_mlp_result(out, q, traj) for q, out in zip(cap.rows, outs)]
 
-
-@torch.no_grad()
-def masked_patched_logits(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n"],
-                          trajectory: Sequence[int], rows: Sequence[int], *, patch: bool = True,
-                          ) -> tuple[Float32[Tensor, "r vocab"], Float32[Tensor, "r vocab"]]:
-    """V5b: mask 𝒯 for `rows` at every layer and add the cache-derived endpoint patches.
-
-    Rows must cover every row whose residual feeds the analysed query (normally every row from
-    the end of the trajectory to q); the patches are computed from the CLEAN cache, then one
-    hooked forward runs with scores[rows, 𝒯] = −inf at all layers, `ΔW u_live` added at
-    `mlp.hook_pre` / `mlp.hook_pre_linear` and `ΔW_down φ_live` at `hook_mlp_out` for those rows
-    (position ids unchanged).
-
-    Args:
-        loaded: A booted RoPE model with a gated MLP, batch 1.
-        ids: Token ids [1, N] (or [N]).
-        trajectory: Trajectory key positions (all < min(rows)).
-        rows: Rows to mask and patch.
-        patch: False runs the masked forward without patches (a control).
-
-    Returns:
-        `(logits_masked_patched, logits_clean)` at `rows`, each [R, vocab] float32.
-    """
-    ids, rows, traj = check_positions(loaded, ids, rows, trajectory)
-    weights = layer_weights(loaded)
-    cap = capture_rows(loaded, ids, rows)
-    patches = endpoint_patches(cap, weights, traj)
-    dev = loaded.device
-    r_idx = torch.as_tensor(rows, device=dev)
-    mask = mask_keys(rows, traj, dev)
-    live: dict[int, Tensor] = {}
-
-    def keep_u(layer: int):
-        def hook(act: Tensor, hook: object) -> None:
-            live[layer] = act[0, r_idx].to(F64).cpu()
-        return hook
-
-    def add_rank1(layer: int, which: str):
-        pt = patches[layer]
-
-        def hook(act: Tensor, hook: object) -> Tensor:
-            if which == "down":
-                add = pt.down_left * (pt.down_right * live[-layer - 1]).sum(-1, keepdim=True)
-            else:
-                left = pt.gate_left if which == "gate" else pt.up_left
-                add = left * (pt.right * live[layer]).sum(-1, keepdim=True)
-            act = act.clone()
-            act[0, r_idx] += add.to(act.dtype).to(act.device)
-            return act
-        return hook
-
-    def keep_phi(layer: int):
-        def hook(act: Tensor, hook: object) -> None:
-            live[-layer - 1] = act[0, r_idx].to(F64).cpu()
-        return hook
-
-    fwd = []
-    for l in range(loaded.arch.n_layers):
-        fwd.append((f"L{l}.attn.scores", mask))
-        if patch:
-            fwd += [(f"L{l}.ln2.out", keep_u(l)),
-                    (f"L{l}.mlp.pre", add_rank1(l, "gate")),
-                    (f"L{l}.mlp.pre_linear", add_rank1(l, "up")),
-                    (f"L{l}.mlp.post", keep_phi(l)),
-                    (f"L{l}.mlp_out", add_rank1(l, "down"))]
-    with edit(loaded, fwd):
-        logits = loaded.bridge(ids.to(dev))
-    return logits[0, rows].detach().to("cpu", torch.float32), cap.logits

@@ -152,7 +152,8 @@ def _mean_rows_arrays(loaded: LoadedModel, ids, trajectory: tuple[int, int],
     and Gram products as `mlp_updates_rows_from`, which would repeat that O(Q·T·d²) work).
     """
     from probes.measures.alignment import answer_alignment
-    from probes.measures.attention import check_query_rows, key_summary_from, query_rows_capture
+    from probes.measures.attention import check_query_rows, query_rows_capture
+    from probes.measures.attention_rows import key_summary_from
     from probes.measures.mlp import check_positions
 
     a, b = trajectory

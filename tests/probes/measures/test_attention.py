@@ -22,7 +22,6 @@ from probes.measures.attention import (
     UpdatesError,
     capture_query,
     capture_query_rows,
-    key_summary_from,
     layer_terms,
     o_proj_weights,
     query_capture,
@@ -31,6 +30,7 @@ from probes.measures.attention import (
     token_updates_from,
     token_updates_rows,
 )
+from probes.measures.attention_rows import key_summary_from
 from probes.models.load import boot_model
 from probes.models.tiny import TINY_FAMILIES, byte_tokenizer, tiny_config
 
@@ -283,7 +283,7 @@ def test_key_summary_equals_token_updates(setup, monkeypatch):
         _assert_close_f32(summ.dai_fro, single.dai_fro[:, :, KEYS].sum(axis=1), "dai_fro")
     assert (summ.loo_sum_norm > 0).all() and not np.allclose(summ.mass[:, 0], summ.mass[:, -1])
     # rows in chunks of one (a tiny memory budget): the same values
-    monkeypatch.setattr("probes.measures.attention._SUMMARY_BUDGET", 1)
+    monkeypatch.setattr("probes.measures.attention_rows._SUMMARY_BUDGET", 1)
     chunked = key_summary_from(loaded, capture_query_rows(loaded, ids, ROWS), KEYS, weights)
     for name in ("contrib_sum_norm", "loo_sum_norm"):
         np.testing.assert_allclose(getattr(chunked, name), getattr(summ, name), rtol=1e-12)

@@ -25,9 +25,7 @@ from probes.measures.mlp import (
     LayerWeights,
     MlpUpdateError,
     capture_rows,
-    endpoint_patches,
     layer_weights,
-    masked_patched_logits,
     mlp_updates,
     mlp_updates_from,
     mlp_updates_rows,
@@ -36,6 +34,7 @@ from probes.measures.mlp import (
     rms_norm,
     row_capture,
 )
+from probes.measures.mlp_patch import endpoint_patches, masked_patched_logits
 from probes.models.load import boot_model
 from probes.models.tiny import TINY_FAMILIES, byte_tokenizer, tiny_config
 
