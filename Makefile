@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: demo test lint install reasoner eval-reasoner
+.PHONY: demo test lint install reasoner eval-reasoner screenshot
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -36,3 +36,8 @@ reasoner: $(VENV)/.installed
 
 eval-reasoner: $(VENV)/.installed
 	$(PY) -m probes.reasoner.evaluate
+
+# The README's picture of the report: the demo, then its report rendered by headless Chromium.
+screenshot: $(VENV)/.installed
+	$(PY) -m probes.run demo --out demo-out
+	$(PY) -m probes.run report demo-out/run.h5 --control demo-out/random_init.h5 --compare-json demo-out/compare.json --out demo-out/report.html --screenshot docs/report.png

@@ -24,8 +24,11 @@ from probes.commands import (
     compare,
     demo,
     fit,
+    generate,
+    grade,
     inspect,
     lhat,
+    report,
     updates,
 )
 from probes.errors import ProbesError
@@ -33,7 +36,9 @@ from probes.errors import ProbesError
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
-COMMANDS: tuple[ModuleType, ...] = (demo, categories, cache, inspect, lhat, updates, fit, compare)
+COMMANDS: tuple[ModuleType, ...] = (
+    demo, generate, grade, categories, cache, inspect, lhat, updates, fit, compare, report,
+)
 """The subcommands, in the order `--help` lists them."""
 
 USER_ERRORS: tuple[type[Exception], ...] = (ProbesError, HooksError, CacheError)

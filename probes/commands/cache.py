@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from probes.commands import flags
 from probes.commands.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
+from probes.commands.progress import progress_on
 from probes.errors import ProbesError
 from probes.measures.activations import (
     BACKENDS,
@@ -251,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
                       lexicon=tuple(str(p) for p in args.lexicon), backend=args.backend,
                       max_ram_mib=args.max_ram_mib, strict=args.strict)
     result = cache_traces(args.model, args.traces, args.out, cfg, resume=args.resume,
-                          progress=not args.no_progress, device=args.device,
+                          progress=progress_on(args.quiet), device=args.device,
                           model_dtype=args.model_dtype,
                           log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:

@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from probes.commands import flags
+from probes.commands.progress import Stages, progress_on
 
 NAME = "categories"
 
@@ -27,7 +28,7 @@ def add_parser(sub: Any) -> None:
     )
     flags.traces_flags(p)
     flags.model_flags(p, tokenizer_only=True)
-    flags.report_flags(p, progress=False)
+    flags.report_flags(p)
     p.set_defaults(func=run)
 
 
@@ -46,8 +47,10 @@ def run(args: argparse.Namespace) -> int:
     lexicon = load_lexicon(extra=args.lexicon)
     tokenizer = load_tokenizer(args.tokenizer)
     traces = traceset.traces[: args.limit] if args.limit is not None else traceset.traces
-    tokenized, _too_long = tokenize_traces(traces, tokenizer)
-    counts = count_categories(tokenized, lexicon)
+    with Stages(total=1, desc=NAME, enabled=progress_on(args.quiet)) as stages, \
+            stages.working("tokenizing and labelling"):
+        tokenized, _too_long = tokenize_traces(traces, tokenizer)
+        counts = count_categories(tokenized, lexicon)
     counts["n_bad_lines"] = len(traceset.problems)
     if args.json:
         print(json.dumps(counts, ensure_ascii=False, sort_keys=True))

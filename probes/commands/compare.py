@@ -28,6 +28,7 @@ import numpy as np
 from analyses.lhat_effects import METRICS
 from probes.commands import flags
 from probes.commands.compare_updates import _fit_part, _update_plots, _updates_part
+from probes.commands.progress import Stages, progress_on
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
 
@@ -412,20 +413,21 @@ def add_parser(sub: Any) -> None:
                         "(--json always has all)")
     p.add_argument("--no-fit", action="store_true",
                    help="skip the regression of dL-hat on the mechanistic features")
-    flags.report_flags(p, progress=False)
+    flags.report_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """`compare` from parsed flags."""
-
     cfg = CompareConfig(metric=args.metric, unit=args.unit, statistic=args.statistic,
                         raml_notebook=args.raml_notebook, n_boot=args.n_boot, seed=args.seed,
                         plots=args.plots, versus=args.versus, control=args.control,
                         update_metrics=(tuple(args.update_metrics) if args.update_metrics
                                         else None),
                         update_unit=args.update_unit, layers=args.layers, fit=not args.no_fit)
-    report = compare_cache(args.path, cfg)
+    with Stages(total=1, desc=NAME, enabled=progress_on(args.quiet)) as stages, \
+            stages.working("statistics from the cache"):
+        report = compare_cache(args.path, cfg)
     if args.json:
         print(json.dumps(report_json(report), ensure_ascii=False, sort_keys=True))
     else:

@@ -25,6 +25,7 @@ from probes import DATA_DIR
 from probes.commands import flags
 from probes.commands.cache import CacheConfig, cache_traces
 from probes.commands.compare import CompareConfig, compare_cache
+from probes.commands.generate import DEMO_QUESTIONS, format_generation_demo, generation_demo
 from probes.commands.lhat import LhatConfig, lhat_traces
 from probes.commands.updates import UpdatesConfig, updates_traces
 from probes.errors import ProbesError
@@ -87,6 +88,11 @@ def run_demo(*, out: Path | None = None, limit: int | None = None, device: str =
         folder = out if out is not None else Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
         summary.update(_cache_and_lhat(loaded, folder, limit=limit, keep=out is not None))
+        summary["own_samples"] = generation_demo(
+            loaded, folder / "generation",
+            n_questions=DEMO_QUESTIONS if limit is None else min(limit, DEMO_QUESTIONS))
+        if out is None:
+            summary["own_samples"].pop("files")  # they were in the scratch folder
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     if out is not None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
@@ -128,6 +134,8 @@ def _cache_and_lhat(loaded, folder: Path, *, limit: int | None, keep: bool) -> d
     report = report_json(compare_cache(
         path, CompareConfig(n_boot=1000, plots=folder / "plots" if keep else None, control=control)
     ))
+    if keep:  # the HTML report (probes.commands.report.report_demo) reuses these numbers and plots
+        (folder / "compare.json").write_text(json.dumps(report, ensure_ascii=False) + "\n")
     trend = report["trend"]
     rows = {(r["a"], r["b"]): r for r in report["table"]["rows"]}
     refl = rows[("reflection", "ordinary")]
@@ -311,6 +319,8 @@ def format_summary(s: dict) -> str:
     ctrl = s["implicit_updates"].get("control_cache")
     lines.append("full tables: `python -m probes.run compare <out>/run.h5"
                  + (" --control <out>/random_init.h5" if ctrl else "") + " --layers all`")
+    if "own_samples" in s:
+        lines.append(format_generation_demo(s["own_samples"]))
     lines.append(f"took {s['seconds']:.1f}s")
     return "\n".join(lines)
 
@@ -340,19 +350,33 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--limit", type=flags.positive_int, default=None, metavar="N",
                    help="use only the first N sample traces")
     p.add_argument("--device", default="auto", help=flags.DEVICE_HELP)
-    flags.report_flags(p, progress=False)
+    p.add_argument("--verbose", action="store_true",
+                   help="print every number (the long summary) instead of the short one")
+    flags.report_flags(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """`demo` from parsed flags."""
+    """`demo` from parsed flags: the pipeline, then (with --out) the HTML report."""
+    from probes.commands.progress import Stages, progress_on
+    from probes.commands.report import report_demo
+
     flags.silence_hf()
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise ProbesError(f"--out {args.out} is a file; the demo writes a folder: choose another "
                           f"--out")
-    summary = run_demo(out=args.out, limit=args.limit, device=args.device)
+    progress = progress_on(args.quiet)
+    with Stages(total=1, desc=NAME, enabled=progress) as stages, \
+            stages.working("scores, cache, L-hat, updates, control, comparison, own samples"):
+        summary = run_demo(out=args.out, limit=args.limit, device=args.device)
+    report_path, short = (report_demo(args.out, progress=progress)
+                          if args.out is not None else (None, []))
     if args.json:
         print(json.dumps(summary, indent=None, sort_keys=True))
-    else:
+    elif args.verbose or report_path is None:
         print(format_summary(summary))
+        if report_path is not None:
+            print(f"report: {report_path}")
+    else:
+        print("\n".join(short))
     return 0

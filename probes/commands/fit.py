@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ import numpy as np
 
 from hooks.model import LoadedModel
 from probes.commands import flags
+from probes.commands.progress import Stages, progress_on
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
 from probes.models.load import load_model
@@ -258,7 +260,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--no-nll", action="store_true", help="skip the static-patch answer NLL")
     p.add_argument("--seed", type=int, default=0, help="seed of subsampling, random init, bootstrap")
     p.add_argument("--n-boot", type=flags.positive_int, default=1000, help="bootstrap resamples")
-    flags.report_flags(p, progress=False, json_help="print one JSON object instead of tables")
+    flags.report_flags(p, json_help="print one JSON object instead of tables")
     p.set_defaults(func=run)
 
 
@@ -271,10 +273,13 @@ def run(args: argparse.Namespace) -> int:
                     layers=tuple(args.layers) if args.layers else None,
                     random_init_control=args.random_init_control, seed=args.seed,
                     n_boot=args.n_boot, nll=not args.no_nll)
-    report = jsonable(fit_traces(args.model, args.traces, cfg, device=args.device,
-                                  dtype=args.model_dtype))
+    with Stages(total=1, desc=NAME, enabled=progress_on(args.quiet)) as stages, \
+            stages.working("model passes and fits"):
+        report = jsonable(fit_traces(args.model, args.traces, cfg, device=args.device,
+                                     dtype=args.model_dtype))
     if args.out is not None:
         args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        print(f"fit: report written to {args.out}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, sort_keys=True))
     else:

@@ -4,7 +4,7 @@ constants that the code checks against and defaults stated once (the parser show
 - `model_flags`: `--model` (or `--tokenizer`), `--device`, `--model-dtype`.
 - `traces_flags`: `--traces`, `--limit`, `--strict`, `--lexicon`.
 - `out_flags`: `--out` and `--resume` (the write loop's rule, `probes.commands.loop.RESUME_HELP`).
-- `report_flags`: `--json`, `--no-progress`.
+- `report_flags`: `--json` and `-q/--quiet` (alias `--no-progress`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from hooks.model import DTYPES
 from probes.commands.loop import RESUME_HELP
+from probes.commands.progress import QUIET_HELP
 
 MODEL_HELP = "tiny-reasoner, a local model folder, or a hub id in the local HF cache"
 DEVICE_HELP = "cpu, cuda, cuda:N or auto"
@@ -96,10 +97,11 @@ def out_flags(p: argparse.ArgumentParser, *, what: str) -> None:
 
 def report_flags(p: argparse.ArgumentParser, *, progress: bool = True,
                  json_help: str = "print one JSON object instead of a table") -> None:
-    """`--json` and (for commands that run a model over traces) `--no-progress`."""
+    """`--json` and (for commands that take longer than a second) `-q/--quiet`."""
     p.add_argument("--json", action="store_true", help=json_help)
     if progress:
-        p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+        p.add_argument("-q", "--quiet", "--no-progress", dest="quiet", action="store_true",
+                       help=QUIET_HELP)
 
 
 def silence_hf() -> None:

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 from probes.commands import flags
 from probes.commands.grade import format_statistics, record_statistics
 from probes.commands.loop import Log, loader
+from probes.commands.progress import progress_on
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
 from probes.models.generate import (
@@ -645,7 +646,7 @@ def run(args: argparse.Namespace) -> int:
     run_ = summarize_traces if args.summarize is not None else generate_samples
     result = run_(args.model, args.summarize or args.questions, args.out, cfg, resume=args.resume,
                   backend=args.backend, device=args.device, dtype=args.model_dtype,
-                  progress=not args.no_progress,
+                  progress=progress_on(args.quiet),
                   log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_generate(result), file=sys.stderr if args.json else sys.stdout)
     if args.json:

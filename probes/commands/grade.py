@@ -23,6 +23,7 @@ from typing import Any
 
 from analyses.sampling import sample_statistics
 from probes.commands import flags
+from probes.commands.progress import Stages, progress_on
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
 from probes.traces.grading import DEFAULT_GRADE_METHOD, GRADE_METHODS, grade
@@ -233,13 +234,16 @@ def add_parser(sub: Any) -> None:
                    help="math-verify: equivalent or equal strings; exact: equal strings only")
     p.add_argument("--strict", action="store_true",
                    help="fail on the first line that is not a trace instead of copying it")
-    flags.report_flags(p, progress=False, json_help="print one JSON object instead of the report")
+    flags.report_flags(p, json_help="print one JSON object instead of the report")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """`grade` from parsed flags."""
-    result = grade_file(args.traces, out=args.out, method=args.grade_method, strict=args.strict)
+    with Stages(total=1, desc=NAME, enabled=progress_on(args.quiet)) as stages, \
+            stages.working("grading"):
+        result = grade_file(args.traces, out=args.out, method=args.grade_method,
+                            strict=args.strict)
     for line_no, reason in result.bad_lines[:N_SHOWN]:
         print(f"not graded, line {line_no}: {reason}", file=sys.stderr)
     if args.json:

@@ -23,6 +23,7 @@ import numpy as np
 from hooks.model import LoadedModel
 from probes.commands import flags
 from probes.commands.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
+from probes.commands.progress import progress_on
 from probes.measures.lhat import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_PACK_TOKENS,
@@ -217,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
                      lexicon=tuple(str(p) for p in args.lexicon), no_thinking=args.no_thinking)
     result = lhat_traces(args.model, args.traces, args.out, cfg, resume=args.resume,
                          device=args.device, dtype=args.model_dtype,
-                         progress=not args.no_progress,
+                         progress=progress_on(args.quiet),
                          log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_lhat_run(result), file=sys.stderr if args.json else sys.stdout)
     if args.json:

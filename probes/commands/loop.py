@@ -356,7 +356,8 @@ def write_traces(
         prompt_format: Prompt template; None = chat template or the documented default.
         scaffold: The answer scaffold.
         transform: Applied to each trace before tokenizing (e.g. the no-thinking variant).
-        progress: Show a progress bar on stderr.
+        progress: Show a progress bar on stderr (the CLI passes
+            `probes.commands.progress.progress_on(--quiet)`: off when stderr is not a terminal).
         log: Receives one-line messages (skipped lines, redone traces, what is to do).
 
     Returns:

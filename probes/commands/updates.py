@@ -72,6 +72,7 @@ import numpy as np
 from hooks.model import LoadedModel
 from probes.commands import flags
 from probes.commands.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
+from probes.commands.progress import progress_on
 from probes.errors import ProbesError
 from probes.measures.shared_pass import (
     ANSWER_ROWS,
@@ -295,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
                         answer_rows=args.answer_rows)
     result = updates_traces(args.model, args.traces, args.out, cfg, resume=args.resume,
                             device=args.device, dtype=args.model_dtype,
-                            progress=not args.no_progress,
+                            progress=progress_on(args.quiet),
                             log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_updates_run(result), file=sys.stderr if args.json else sys.stdout)
     if args.json:
