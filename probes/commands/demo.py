@@ -378,5 +378,18 @@ def run(args: argparse.Namespace) -> int:
         if report_path is not None:
             print(f"report: {report_path}")
     else:
-        print("\n".join(short))
+        print("\n".join(_with_own_samples(short, summary.get("own_samples"))))
     return 0
+
+
+def _with_own_samples(short: list[str], own: dict | None) -> list[str]:
+    """The report's short summary with one line on the model's own samples, before its last two."""
+    if not own:
+        return short
+    acc, lhat = own["accuracy"], own["lhat"]
+    line = (f"own samples: {own['n_samples']} ({own['n_questions']} fresh questions x "
+            f"{own['samples_per_question']}, temperature {own['temperature']}), accuracy "
+            f"{acc['value']:.3f} [{acc['ci'][0]:.3f}, {acc['ci'][1]:.3f}]; L̂ falls in "
+            f"{lhat['share_falling']:.0%} of them, final L̂ {lhat['median_final_lhat_correct']:.2g} "
+            f"(correct) vs {lhat['median_final_lhat_incorrect']:.3g} (wrong)")
+    return [*short[:-2], line, *short[-2:]]
