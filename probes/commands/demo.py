@@ -387,9 +387,14 @@ def _with_own_samples(short: list[str], own: dict | None) -> list[str]:
     if not own:
         return short
     acc, lhat = own["accuracy"], own["lhat"]
+
+    def num(x, spec: str) -> str:
+        return "n/a" if x is None else format(x, spec)
+
     line = (f"own samples: {own['n_samples']} ({own['n_questions']} fresh questions x "
             f"{own['samples_per_question']}, temperature {own['temperature']}), accuracy "
-            f"{acc['value']:.3f} [{acc['ci'][0]:.3f}, {acc['ci'][1]:.3f}]; L̂ falls in "
-            f"{lhat['share_falling']:.0%} of them, final L̂ {lhat['median_final_lhat_correct']:.2g} "
-            f"(correct) vs {lhat['median_final_lhat_incorrect']:.3g} (wrong)")
+            f"{num(acc['value'], '.3f')} [{num(acc['ci'][0], '.3f')}, {num(acc['ci'][1], '.3f')}]; "
+            f"L̂ falls in {num(lhat['share_falling'], '.0%')} of them, final L̂ "
+            f"{num(lhat['median_final_lhat_correct'], '.2g')} (correct) vs "
+            f"{num(lhat['median_final_lhat_incorrect'], '.3g')} (wrong)")
     return [*short[:-2], line, *short[-2:]]

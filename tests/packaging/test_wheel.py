@@ -71,6 +71,7 @@ def test_demo_runs_from_the_wheel_outside_the_repository(wheel, tmp_path):
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "model: tiny-reasoner" in res.stdout
+    assert "3 traces of tiny-reasoner" in res.stdout
     assert (tmp_path / "demo" / "run.h5").is_file()
+    assert (tmp_path / "demo" / "report.html").is_file()
     assert (tmp_path / "demo" / "summary.json").is_file()

@@ -81,8 +81,14 @@ def test_cache_then_inspect(few, tmp_path, capsys):
         assert len(reader) == 6
 
 
-def test_progress_bar_on_stderr(few, tmp_path, capsys):
+def test_progress_bar_on_stderr(few, tmp_path, capsys, monkeypatch):
     args = [a for a in _cache_args(few, tmp_path / "run.h5", "--limit", "2") if a != "--no-progress"]
+    assert main(args) == 0  # stderr is not a terminal here: no bar
+    assert "tok/s" not in capsys.readouterr().err
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    args = [a for a in _cache_args(few, tmp_path / "tty.h5", "--limit", "2") if a != "--no-progress"]
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "2/2" in err and "tok/s" in err and "trace" in err
