@@ -25,7 +25,7 @@ from probes import DATA_DIR
 from probes.commands import flags
 from probes.commands.cache import CacheConfig, cache_traces
 from probes.commands.compare import CompareConfig, compare_cache
-from probes.commands.generate import DEMO_QUESTIONS, format_generation_demo, generation_demo
+from probes.commands.generate_demo import DEMO_QUESTIONS, format_generation_demo, generation_demo
 from probes.commands.lhat import LhatConfig, lhat_traces
 from probes.commands.updates import UpdatesConfig, updates_traces
 from probes.errors import ProbesError
