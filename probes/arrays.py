@@ -110,7 +110,24 @@ UPDATES: tuple[ArrayDecl, ...] = (
 )
 """Written by `updates` (`probes.measures.shared_pass`), in this order; the last marks a trace done."""
 
-REGISTRY: tuple[ArrayDecl, ...] = (*LABELS, *LHAT, *UPDATES)
+LANDSCAPE: tuple[ArrayDecl, ...] = (
+)
+"""Written by `landscape` (the loss plane and the implicit-update path)."""
+
+EFFICIENCY: tuple[ArrayDecl, ...] = (
+)
+"""Written by the trajectory-efficiency and model-comparison commands."""
+
+ANCHORS: tuple[ArrayDecl, ...] = (
+)
+"""Written by `anchors` (sentence units, receiver heads, suppression, resampling)."""
+
+EFFECTS: tuple[ArrayDecl, ...] = (
+)
+"""Written by `effects` (behaviour directions, causal edits of single tokens' updates)."""
+
+REGISTRY: tuple[ArrayDecl, ...] = (*LABELS, *LHAT, *UPDATES, *LANDSCAPE, *EFFICIENCY, *ANCHORS,
+                                   *EFFECTS)
 """Every stored per-trace array."""
 
 BY_NAME: dict[str, ArrayDecl] = {a.name: a for a in REGISTRY}

@@ -91,6 +91,7 @@ def run_demo(*, out: Path | None = None, limit: int | None = None, device: str =
         summary["own_samples"] = generation_demo(
             loaded, folder / "generation",
             n_questions=DEMO_QUESTIONS if limit is None else min(limit, DEMO_QUESTIONS))
+        # Later commands' demo sections: each adds one key to `summary` here.
         if out is None:
             summary["own_samples"].pop("files")  # they were in the scratch folder
     summary["seconds"] = round(time.perf_counter() - t0, 2)
