@@ -1,10 +1,13 @@
 """HDF5 store of per-token activations and metrics: the only package that imports h5py.
 
-Write with `open_writer(path, metadata=...)` (append / resume / crash-safe, one writer per file),
-read lazily without torch with `open_cache(path)`, overview with `summarize(path)`. The layout is
-schema v1 (`cache.schema`, `cache/SCHEMA.md`); bfloat16 is stored as raw bits (`cache.bf16`).
+Write with `open_writer(path, metadata=...)` (append / resume; safe against kills and failed
+writes: a segmented store, cache/SCHEMA.md#segmented-store), read lazily without torch with
+`open_cache(path)`, overview with `summarize(path)`, one self-contained file with `pack_cache`.
+The layout is schema v1 (`cache.schema`, `cache/SCHEMA.md`); bfloat16 is stored as raw bits
+(`cache.bf16`).
 """
 
+from cache._store import pack_cache, remove_cache, segments_dir, store_bytes, store_exists
 from cache.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
 from cache.errors import (
     CacheCorruptError,
@@ -13,13 +16,14 @@ from cache.errors import (
     CacheLockedError,
     CacheMismatchError,
     CacheVersionError,
+    CacheWriteError,
     DuplicateTraceError,
     NotACacheError,
     TraceNotFoundError,
 )
 from cache.reader import CachedTrace, CacheReader, LazyArray, SiteInfo, open_cache, summarize
 from cache.schema import SCHEMA_VERSION
-from cache.writer import CacheWriter, SiteArray, open_writer
+from cache.writer import CacheWriter, SiteArray, check_unlocked, open_writer
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -30,6 +34,7 @@ __all__ = [
     "CacheMismatchError",
     "CacheReader",
     "CacheVersionError",
+    "CacheWriteError",
     "CacheWriter",
     "CachedTrace",
     "DuplicateTraceError",
@@ -39,8 +44,14 @@ __all__ = [
     "SiteInfo",
     "TraceNotFoundError",
     "bf16_bits_to_float32",
+    "check_unlocked",
     "float32_to_bf16_bits",
     "open_cache",
     "open_writer",
+    "pack_cache",
+    "remove_cache",
+    "segments_dir",
+    "store_bytes",
+    "store_exists",
     "summarize",
 ]

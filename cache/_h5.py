@@ -91,8 +91,8 @@ def translate_os_error(path: Path, exc: OSError, *, writing: bool) -> Exception:
         return NotACacheError(f"{path} is not an HDF5 file (no HDF5 signature); "
                               f"expected a cache written by `python -m probes.run cache`")
     if isinstance(exc, FileExistsError) or exc.errno == errno.EEXIST:
-        return CacheError(f"{path} already exists; use mode='append' to resume it, or "
-                          f"mode='overwrite' to replace it")
+        return CacheError(f"{path} was created by another process at the same moment; rerun "
+                          f"with --resume to add to it, or choose another --out")
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, PermissionError)):
         return CacheError(f"cannot open {path}: {text}")
     return corrupt_error(path, exc)
@@ -100,9 +100,10 @@ def translate_os_error(path: Path, exc: OSError, *, writing: bool) -> Exception:
 
 def corrupt_error(path: Path, exc: BaseException) -> CacheCorruptError:
     """The `CacheCorruptError` for a file that HDF5 cannot read."""
+    text = " ".join(str(exc).split())
     return CacheCorruptError(
-        f"{path} is truncated or corrupt: {exc}; re-create it (or resume writing with --resume if "
-        f"the writer was interrupted)"
+        f"{path} is truncated or corrupt: {text}; re-create it (--resume cannot repair a damaged "
+        f"single file; the segmented caches this toolkit writes keep every committed trace)"
     )
 
 

@@ -194,3 +194,71 @@ def _prepare_array(
         attrs[schema.ATTR_LAYERS] = json.dumps(list(layers))
     return _Prepared(name=name, data=data, attrs=attrs, chunks=chunks,
                      layout=(label, tuple(data.shape[1:]), layers))
+
+
+def prepare_trace(
+    known_codes: set[int],
+    trace_id: str,
+    *,
+    tokens: np.ndarray,
+    category: np.ndarray,
+    positions: np.ndarray | None,
+    spans: Mapping[str, tuple[int, int]] | None,
+    sites: Mapping[str, np.ndarray | SiteArray] | None,
+    arrays: Mapping[str, np.ndarray | SiteArray] | None,
+    text: Mapping[str, str] | None,
+    source: str,
+    attrs: Mapping[str, Any] | None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, str], list[_Prepared]]:
+    """Validate everything before touching the file; returns what `write_trace` stores."""
+    where = f"trace {trace_id!r}"
+    token_ids = _int_vector(tokens, "tokens", where)
+    n_tokens = int(token_ids.shape[0])
+    codes = _int_vector(category, "category", where, lo=0, hi=255)
+    if codes.shape[0] != n_tokens:
+        raise CacheInputError(f"{where}: category has {codes.shape[0]} entries, tokens "
+                              f"{n_tokens}; give one code per token")
+    known = known_codes
+    unknown = sorted(set(np.unique(codes).tolist()) - known)
+    if unknown:
+        raise CacheInputError(f"{where}: category codes {unknown} are not in the cache's "
+                              f"category_codes {sorted(known)}")
+    if positions is None:
+        rows = np.arange(n_tokens, dtype=np.int32)
+    else:
+        rows = _int_vector(positions, "positions", where, lo=0, hi=max(n_tokens - 1, 0))
+        if rows.size and (n_tokens == 0 or np.any(np.diff(rows.astype(np.int64)) <= 0)):
+            raise CacheInputError(f"{where}: positions must be strictly increasing token "
+                                  f"indices in [0, {n_tokens}), got {rows[:8].tolist()}...")
+    n_sel = int(rows.shape[0])
+    span_dict = _check_spans(spans or {}, n_tokens, where)
+    if not isinstance(source, str):
+        raise CacheInputError(f"{where}: source must be a string, got {type(source).__name__}")
+    text_items = {}
+    for key, value in (text or {}).items():
+        schema.validate_dataset_name(key, what="text")
+        if not isinstance(value, str):
+            raise CacheInputError(f"{where}: text[{key!r}] must be str, "
+                                  f"got {type(value).__name__}")
+        text_items[key] = value
+    group_attrs = {
+        schema.ATTR_TRACE_ID: trace_id,
+        schema.ATTR_N_TOKENS: np.int64(n_tokens),
+        schema.ATTR_SPANS: json.dumps(span_dict),
+        schema.ATTR_SOURCE: source,
+        **_check_attrs(attrs),
+    }
+    datasets = [_prepare_array(key, value, kind=schema.KIND_SITE, n_rows=n_sel,
+                               where=where)
+                for key, value in (sites or {}).items()]
+    datasets += [_prepare_array(key, value, kind=schema.KIND_ARRAY, n_rows=None,
+                                where=where)
+                 for key, value in (arrays or {}).items()]
+    names = [d.name for d in datasets]
+    if len(set(names)) != len(names):
+        raise CacheInputError(f"{where}: a name is used both as a site and an array: "
+                              f"{sorted({n for n in names if names.count(n) > 1})}")
+    core = {schema.TOKENS: token_ids, schema.CATEGORY: codes.astype(np.uint8),
+            schema.POSITIONS: rows}
+    return group_attrs, core, text_items, datasets
+

@@ -10,6 +10,7 @@ __all__ = [
     "CacheLockedError",
     "CacheMismatchError",
     "CacheVersionError",
+    "CacheWriteError",
     "DuplicateTraceError",
     "NotACacheError",
     "TraceNotFoundError",
@@ -38,6 +39,10 @@ class NotACacheError(CacheError):
 
 class CacheVersionError(CacheError):
     """The file's `schema_version` is not one this toolkit reads or appends to."""
+
+
+class CacheWriteError(CacheError):
+    """Writing failed (full disk, file-size limit, I/O error); what was committed is kept."""
 
 
 class CacheMismatchError(CacheError, ValueError):

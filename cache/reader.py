@@ -23,7 +23,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from cache import _h5, schema
+from cache import _h5, _store, schema
 from cache.bf16 import bf16_bits_to_float32
 from cache.errors import CacheError, TraceNotFoundError
 
@@ -64,10 +64,22 @@ def open_cache(path: str | os.PathLike[str]) -> CacheReader:
         CacheError: The path is missing or a folder.
     """
     path = Path(path)
-    _h5.check_file_path(path, creating=False)
-    file = _h5.open_file(path, "r", writing=False, rdcc_nbytes=schema.READER_CHUNK_CACHE_BYTES)
+    pending: list[str] = []
+    if not path.is_dir() and _store.is_segmented(path):
+        file, pending = _store.open_index(path, rdcc_nbytes=schema.READER_CHUNK_CACHE_BYTES)
+    else:
+        _h5.check_file_path(path, creating=False)
+        file = _h5.open_file(path, "r", writing=False,
+                             rdcc_nbytes=schema.READER_CHUNK_CACHE_BYTES)
+        if _store.SEGMENTS_DATASET in file:  # an index copied away from its segments
+            try:
+                folder = _store.moved_folder(file, path)
+            finally:
+                file.close()
+            file, pending = _store.open_index(path, folder,
+                                              rdcc_nbytes=schema.READER_CHUNK_CACHE_BYTES)
     try:
-        return CacheReader(file, path)
+        return CacheReader(file, path, pending=pending)
     except BaseException:
         file.close()
         raise
@@ -83,9 +95,10 @@ class CacheReader:
             category_codes, versions, config, info.
     """
 
-    def __init__(self, file: h5py.File, path: Path) -> None:
+    def __init__(self, file: h5py.File, path: Path, *, pending: Sequence[str] = ()) -> None:
         """Use `open_cache`; this validates the root of an already open file."""
         self.path = path
+        self._pending = list(pending)
         self._file: h5py.File | None = file
         self.metadata: dict[str, Any] = _h5.read_root_metadata(file, path)
         try:
@@ -147,7 +160,7 @@ class CacheReader:
     def incomplete_ids(self) -> list[str]:
         """Ids of trace groups without `complete=True` (a writer was interrupted)."""
         complete = self._completeness()
-        return [self._ids[name] for name in self._names if not complete[name]]
+        return [self._ids[name] for name in self._names if not complete[name]] + self._pending
 
     def __len__(self) -> int:
         """Number of complete traces."""
@@ -521,7 +534,9 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
                 entry["bytes_logical"] += int(stored.size * stored.dtype.itemsize)
         return {
             "path": str(reader.path),
-            "file_bytes": os.path.getsize(reader.path),
+            "file_bytes": _store.store_bytes(reader.path),
+            "segmented": _store.is_segmented(reader.path),
+            "n_segments": len(_store.list_segments(_store.segments_dir(reader.path))),
             **{key: meta[key] for key in (
                 schema.ATTR_SCHEMA_VERSION, schema.ATTR_TOOLKIT_VERSION, schema.ATTR_CREATED,
                 schema.ATTR_MODEL, schema.ATTR_ARCHITECTURE, schema.ATTR_MODEL_DTYPE,

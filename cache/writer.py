@@ -1,23 +1,29 @@
-"""Append per-trace arrays to one HDF5 cache, crash-safely and resumably: `open_writer`.
+"""Append per-trace arrays to a cache, safely against kills and failed writes: `open_writer`.
 
 Entry point: `with open_writer(path, metadata=...) as w: w.write_trace(trace_id, tokens=..., ...)`.
-Commit protocol per trace: create the group (attr `complete=False`), write every dataset and attr,
-`flush()`, flip `complete` to True in place, `flush()` again. A writer killed at any moment leaves
-every committed trace readable; on the next `open_writer(..., mode="append")` the interrupted trace
-is deleted and the caller redoes it (`has_complete` tells which to skip). Default HDF5 file format
-(never `libver="latest"`, which needs `h5clear` after a crash; docs/tooling.md#crash-safety).
 
-`fsync` is off by default: `flush()` hands the data to the operating system, which survives the
-writer process being killed (SIGKILL, OOM, Ctrl-C, an exception); only a kernel crash or power loss
-(e.g. a preempted VM) can lose flushed-but-unsynced traces. Pass `fsync=True` for that, at the cost
-of two disk syncs per trace. Deleted (interrupted or replaced) data leaves unused space in the file;
-`h5repack` reclaims it.
+The store is segmented (`cache._store`; cache/SCHEMA.md#segmented-store): every committed write
+(a whole trace, or arrays added to one) is one small HDF5 file in `<path>.segments/`, built in
+memory and written with plain `os.write` under a temporary name, then renamed into place; the file
+at `path` is an index of HDF5 external links that plain h5py and `cache.open_cache` read as one
+store. A writer killed at any moment, or stopped by a full disk / file-size limit / I/O error,
+leaves every committed trace readable bit-exact: HDF5 never writes to disk, so a failed write
+can only leave a temporary file, which the next writer removes (`removed_incomplete`) and whose
+trace is then redone. The index is derived from the segments and rewritten whole (atomically) at
+most every `INDEX_INTERVAL_S` and on close; a reader rebuilds it when it is behind or damaged.
+
+`fsync` is off by default: the rename makes a segment visible only complete, and the kernel keeps
+it when the process dies (SIGKILL, OOM, Ctrl-C, an exception); only a kernel crash or power loss
+can lose unsynced segments (a damaged segment is then removed and its trace redone). Pass
+`fsync=True` to sync each segment and the folder before the rename.
 """
 
 from __future__ import annotations
 
-import json
+import fcntl
 import os
+import re
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
@@ -26,25 +32,24 @@ from typing import Any, Literal
 import h5py
 import numpy as np
 
-from cache import _h5, schema
-from cache._meta import _check_identity, _create_file, _normalize_metadata
+from cache import _h5, _store, schema
+from cache._meta import _check_identity, _fsync_dir, _normalize_metadata, _write_root
 from cache._validate import (
     SiteArray,
     _check_attrs,
-    _check_spans,
     _describe_layout,
     _group_layout,
-    _int_vector,
-    _is_complete,
     _prepare_array,
     _Prepared,
     _site_layout,
-    _trace_id,
+    prepare_trace,
 )
 from cache.errors import (
     CacheError,
     CacheInputError,
+    CacheLockedError,
     CacheMismatchError,
+    CacheWriteError,
     DuplicateTraceError,
     TraceNotFoundError,
 )
@@ -52,21 +57,12 @@ from cache.errors import (
 __all__ = ["CacheWriter", "SiteArray", "WriteMode", "open_writer"]
 
 WriteMode = Literal["append", "create", "overwrite"]
-WriteMode = Literal["append", "create", "overwrite"]
-
-
-WriteMode = Literal["append", "create", "overwrite"]
-
-
-WriteMode = Literal["append", "create", "overwrite"]
-
-
 _MODES = ("append", "create", "overwrite")
-
-
 _COMPRESSIONS = (None, "gzip")
-_RESERVE_SLACK = 4 << 20
-"""Bytes `_reserve` adds beyond a trace's data for the metadata HDF5 may allocate with it."""
+_SHARD = re.compile(r"^[A-Za-z0-9]{1,32}$")
+INDEX_INTERVAL_S = 1.0
+"""Least seconds between two index rewrites while writing (and at least 10x the last rewrite's
+time, so rewriting a large index costs under ~10%); it is always rewritten on close."""
 
 
 def open_writer(
@@ -76,11 +72,13 @@ def open_writer(
     mode: WriteMode = "append",
     compression: Literal["gzip"] | None = None,
     fsync: bool = False,
+    shard: str = "s",
+    index: bool = True,
 ) -> CacheWriter:
-    """Open (or create) a cache for writing; the only process with the file open until closed.
+    """Open (or create) a cache for writing; one writer per shard at a time.
 
     Args:
-        path: The .h5 file. Its folder must exist.
+        path: The .h5 index file. Its folder must exist; segments go to `<path>.segments/`.
         metadata: What identifies the run (see `cache.schema.METADATA_KEYS`): required `model`
             (str), `architecture` (dict, `ArchInfo.to_dict()`), `model_dtype`, `weight_convention`,
             `tokenizer_fingerprint`, `lexicon_fingerprint` (str), `category_codes` (dict name ->
@@ -89,20 +87,27 @@ def open_writer(
             transformer_lens, torch) and `info` (JSON-able dict, e.g. the lexicon JSON). The
             identity keys must equal the stored ones to append; `versions`/`info` are recorded
             at creation only.
-        mode: "append": create the file, or resume it (skip complete traces, delete interrupted
-            ones). "create": the file must not exist. "overwrite": replace any existing file.
+        mode: "append": create the store, or resume it (skip complete traces, remove interrupted
+            ones). "create": the file must not exist. "overwrite": replace any existing store.
+            Appending to a single-file cache (an older toolkit's, or `pack`'s) first moves its
+            complete traces into segments.
         compression: None (default; fastest) or "gzip" (shuffle + gzip 4, ~25 MB/s, 6–15% smaller;
             docs/tooling.md#compression). Blosc2-zstd via hdf5plugin is a possible later opt-in.
-        fsync: Also `os.fsync` after each flush (survives power loss, not just a killed process).
+        fsync: Also sync each segment (and the folder) to disk (survives power loss, not just a
+            killed process).
+        shard: Name of this writer's segments (letters and digits); several writers with
+            different shards may write one store at once (e.g. one per torchrun rank).
+        index: Whether this writer maintains the index file (one writer of a sharded run does;
+            the others only add segments).
 
     Returns:
         A `CacheWriter` (a context manager).
 
     Raises:
-        CacheLockedError: Another process has the file open (HDF5 lock, errno 11).
+        CacheLockedError: Another writer of the same shard has the store open.
         CacheMismatchError: Appending with a different model / tokenizer / config than stored.
         NotACacheError, CacheVersionError, CacheCorruptError: The existing file can't be appended.
-        CacheInputError: Bad metadata, mode or compression.
+        CacheInputError: Bad metadata, mode, compression or shard.
         CacheError: The path is a folder, its folder is missing, or (mode="create") it exists.
     """
     path = Path(path)
@@ -113,51 +118,109 @@ def open_writer(
             f"compression must be one of {list(_COMPRESSIONS)}, got {compression!r} "
             f"(Blosc2 via hdf5plugin is not supported yet)"
         )
+    if not isinstance(shard, str) or not _SHARD.match(shard):
+        raise CacheInputError(f"shard must be 1-32 letters or digits, got {shard!r}")
     meta = _normalize_metadata(metadata)
     _h5.check_file_path(path, creating=True)
-    exists = path.exists()
+    folder = _store.segments_dir(path)
+    exists = path.exists() or folder.is_dir()
     if exists and mode == "create":
-        raise CacheError(f"{path} already exists; use mode='append' to resume it, or "
-                         f"mode='overwrite' to replace it")
-    if not exists or mode == "overwrite":
-        _create_file(path, meta, replace=mode == "overwrite", fsync=fsync)
-    file = _h5.open_file(path, "r+", writing=True)
+        raise CacheError(f"{path} already exists; rerun with --resume to add to it (library: "
+                         f"mode='append'), or choose another --out")
+    if exists and mode == "overwrite":
+        check_unlocked(path)
+        _store.remove_store(path)
+        path.unlink(missing_ok=True)
+    legacy = path.exists() and not folder.is_dir()
+    if legacy:
+        with _h5.open_file(path, "r", writing=True) as f:  # locked / foreign / corrupt: one line
+            if _store.SEGMENTS_DATASET in f:
+                raise CacheError(
+                    f"{path} is the index of a segmented cache whose segments folder is not next "
+                    f"to it ({folder.name}/); move or copy that folder next to it to add to the "
+                    f"cache, or write to another --out"
+                )
+    created = not folder.is_dir()
     try:
-        stored = _h5.read_root_metadata(file, path)
-        _check_identity(path, stored, meta)
-        writer = CacheWriter(file, path, compression=compression, fsync=fsync)
+        folder.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise CacheWriteError(f"cannot create {folder}: {_store.describe_os_error(exc)}; "
+                              f"{_store.fix_hint(exc)}") from None
+    lock = _lock(folder, shard, path)
+    try:
+        writer = CacheWriter(path, meta, lock=lock, compression=compression, fsync=fsync,
+                             shard=shard, index=index, legacy=legacy)
     except BaseException:
-        file.close()
+        os.close(lock)
+        if created and not _store.list_segments(folder):  # creating it failed: leave nothing
+            _store.remove_store(path)
         raise
     return writer
 
 
+def _lock(folder: Path, shard: str, path: Path) -> int:
+    fd = os.open(folder / f".lock-{shard}", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CacheLockedError(
+            f"{path} is open by another writer (another process holds {folder.name}/.lock-"
+            f"{shard}); wait for it or write to another file (--out other.h5)"
+        ) from None
+    return fd
+
+
+def check_unlocked(path: Path, shard: str | None = None) -> None:
+    """Raise `CacheLockedError` if a writer (of `shard`, or of any shard) holds the store."""
+    folder = _store.segments_dir(path)
+    for name in (os.listdir(folder) if folder.is_dir() else []):
+        if name.startswith(".lock-") and shard in (None, name[len(".lock-"):]):
+            os.close(_lock(folder, name[len(".lock-"):], path))
+
+
 class CacheWriter:
-    """Writes traces into one open cache file; create it with `open_writer`.
+    """Writes traces into a segmented store; create it with `open_writer`.
 
     Attributes:
-        path: The file.
-        removed_incomplete: Ids of interrupted traces deleted when the file was opened (redo them).
+        path: The index file.
+        removed_incomplete: Ids of interrupted traces removed when the store was opened (redo them).
     """
 
-    def __init__(
-        self,
-        file: h5py.File,
-        path: Path,
-        *,
-        compression: Literal["gzip"] | None,
-        fsync: bool,
-    ) -> None:
-        """Use `open_writer`; this takes an already validated, open file."""
+    def __init__(self, path: Path, meta: dict[str, Any], *, lock: int,
+                 compression: Literal["gzip"] | None, fsync: bool, shard: str, index: bool,
+                 legacy: bool) -> None:
+        """Use `open_writer`."""
         self.path = path
-        self._file: h5py.File | None = file
+        self._folder = _store.segments_dir(path)
+        self._lock: int | None = lock
         self._compression = compression
         self._fsync = fsync
+        self._shard = shard
+        self._index = index
         self._seen: set[str] = set()
-        self._traces = file[schema.TRACES_GROUP]
-        self._codes = set(json.loads(_h5.as_str(file.attrs[schema.ATTR_CATEGORY_CODES])).values())
-        self.removed_incomplete: tuple[str, ...] = self._remove_incomplete()
+        self._codes = set(meta[schema.ATTR_CATEGORY_CODES].values())
+        self._last_dump = 0.0
+        self._dump_seconds = 0.0
+        self._dirty = False
+        removed = self._remove_pending()
+        self._state = _store.scan(self._folder)
+        removed += self._remove_damaged()
+        root = self._stored_root()
+        if root is None:
+            self._root = _store.Root.read_image(lambda f: _write_root(f, meta))
+            self._dirty = True
+        else:
+            self._root = root
+            _check_identity(path, self._root.metadata(path), meta)
+        self._seq = max((_store.segment_key(s)[0] for s in _store.list_segments(self._folder)
+                         if s.startswith(f"{shard}-")), default=0)
+        if legacy:
+            removed += self._adopt_single_file()
+        self.removed_incomplete: tuple[str, ...] = tuple(removed)
         self._layout = self._stored_layout()
+        if self._dirty or not self._index_current():
+            self._dump_index(force=True)
 
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> CacheWriter:
@@ -170,37 +233,47 @@ class CacheWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Close the file (committed traces stay; an uncommitted one is redone on resume)."""
-        self.close()
+        """Close the store (committed traces stay; an uncommitted one is redone on resume)."""
+        self.close(quiet=exc is not None)
 
-    def close(self) -> None:
-        """Flush and close the file; idempotent."""
-        if self._file is not None:
-            try:
-                self._file.flush()
-            finally:
-                self._file.close()
-                self._file = None
+    def close(self, *, quiet: bool = False) -> None:
+        """Rewrite the index (from every shard's segments) and release the lock; idempotent.
+
+        Args:
+            quiet: Do not raise when the index cannot be rewritten (closing after another error;
+                the segments are kept and any reader or `--resume` rebuilds the index).
+        """
+        if self._lock is None:
+            return
+        try:
+            if self._index:
+                known = len(self._state.segments)
+                _store.scan(self._folder, self._state)  # other shards' segments too
+                self._dirty |= len(self._state.segments) != known
+                if self._dirty or not self._index_current():
+                    self._dump_index(force=True)
+        except CacheWriteError:
+            if not quiet:
+                raise
+        finally:
+            os.close(self._lock)
+            self._lock = None
 
     def flush(self) -> None:
-        """Flush HDF5's buffers to the OS (and fsync when the writer was opened with fsync)."""
-        file = self._open_file()
-        file.flush()
-        if self._fsync:
-            os.fsync(file.id.get_vfd_handle())
+        """Rewrite the index now (every committed trace is already on disk)."""
+        self._open()
+        self._dump_index(force=True)
 
     # -- queries ---------------------------------------------------------------------------------
     def has_complete(self, trace_id: str) -> bool:
         """Whether `trace_id` is stored and committed (resume skips these)."""
-        self._open_file()
-        name = schema.escape_trace_id(trace_id)
-        return name in self._traces and _is_complete(self._traces[name])
+        self._open()
+        return schema.escape_trace_id(trace_id) in self._state.entries
 
     def complete_ids(self) -> list[str]:
         """Ids of every committed trace, in write order."""
-        self._open_file()
-        return [_trace_id(self._traces[name], name) for name in self._traces
-                if _is_complete(self._traces[name])]
+        self._open()
+        return [entry.trace_id for entry in self._state.entries.values()]
 
     # -- writing ---------------------------------------------------------------------------------
     def write_trace(
@@ -217,7 +290,7 @@ class CacheWriter:
         source: str = "",
         attrs: Mapping[str, str | int | float | bool] | None = None,
     ) -> bool:
-        """Write one trace and commit it (flushed, `complete=True`), or skip it if already complete.
+        """Write one trace and commit it (one segment), or skip it if already complete.
 
         Shapes: tokens/category [n_tokens]; positions [n_sel] (default: every token); each site
         [n_sel, ...], typically [n_sel, n_layers, d] float16/float32 or bf16 bits.
@@ -242,29 +315,29 @@ class CacheWriter:
             DuplicateTraceError: `trace_id` was already written (or skipped) by this writer.
             CacheInputError: An array, name or attribute that can't be stored as given.
             CacheMismatchError: Sites differing from the ones already in the file.
+            CacheWriteError: The disk refused the write (full, file-size limit, I/O error); every
+                trace committed before stays, and a rerun with --resume redoes this one.
         """
-        self._open_file()
+        self._open()
         name = schema.escape_trace_id(trace_id)
         if trace_id in self._seen:
             raise DuplicateTraceError(
                 f"trace id {trace_id!r} was already written to {self.path} in this run; trace ids "
                 f"must be unique (check the input for a repeated id)"
             )
-        if name in self._traces:
-            if _is_complete(self._traces[name]):
-                self._seen.add(trace_id)
-                return False
-            self._delete(name)
-        prepared = self._prepare_trace(
-            trace_id, tokens=tokens, category=category, positions=positions, spans=spans,
-            sites=sites, arrays=arrays, text=text, source=source, attrs=attrs,
+        if name in self._state.entries:
+            self._seen.add(trace_id)
+            return False
+        prepared = prepare_trace(
+            self._codes, trace_id, tokens=tokens, category=category, positions=positions,
+            spans=spans, sites=sites, arrays=arrays, text=text, source=source, attrs=attrs,
         )
         group_attrs, core, text_items, datasets = prepared
         self._check_layout(trace_id, datasets)
-        self._reserve(sum(a.nbytes for a in core.values()) + sum(d.data.nbytes for d in datasets))
-        try:
-            group = self._traces.create_group(name)
-            group.attrs[schema.ATTR_COMPLETE] = np.bool_(False)
+
+        def fill(f: h5py.File) -> None:
+            group = self._segment_group(f, _store.KIND_TRACE, name)
+            group.attrs[schema.ATTR_COMPLETE] = np.bool_(True)
             for key, value in group_attrs.items():
                 group.attrs[key] = value
             for key, array in core.items():
@@ -275,19 +348,15 @@ class CacheWriter:
                     text_group.create_dataset(key, data=value, dtype=_h5.STRING_DTYPE)
             for item in datasets:
                 self._create_dataset(group, item.name, item)
-            self.flush()
-            group.attrs.modify(schema.ATTR_COMPLETE, np.bool_(True))
-            self.flush()
-            self._trim()
-        except OSError as exc:
-            self._discard(name)
-            raise CacheError(
-                f"writing trace {trace_id!r} to {self.path} failed: {exc}; it was not marked "
-                f"complete, so resuming (mode='append') redoes it"
-            ) from exc
-        except BaseException:
-            self._discard(name)
-            raise
+
+        members = {key: "" for key in core}
+        members.update({item.name: item.attrs[schema.ATTR_KIND] for item in datasets})
+        if text_items:
+            members[schema.TEXT_GROUP] = "group"
+        self._commit(name, trace_id, fill, _store.KIND_TRACE,
+                     {schema.ATTR_COMPLETE: np.bool_(True), **group_attrs}, members,
+                     size_hint=sum(a.nbytes for a in core.values())
+                     + sum(d.data.nbytes for d in datasets))
         self._seen.add(trace_id)
         if self._layout is None:
             self._layout = _site_layout(datasets)
@@ -302,9 +371,7 @@ class CacheWriter:
     ) -> None:
         """Add (or replace) per-trace arrays and attrs of a committed trace, e.g. an L̂ curve.
 
-        Each array is written under a temporary name, then swapped in (delete old, rename new),
-        then flushed: a crash leaves either the old or the new array (plus, at worst, a hidden
-        `.tmp.` dataset that readers skip and the next call removes).
+        They are committed together as one segment: a failure leaves the old arrays.
 
         Args:
             trace_id: A complete trace of this file.
@@ -314,70 +381,165 @@ class CacheWriter:
         Raises:
             TraceNotFoundError: No complete trace `trace_id`.
             CacheInputError: A reserved or site name, or an array that can't be stored.
+            CacheWriteError: The disk refused the write; nothing of it is kept.
         """
-        self._open_file()
+        self._open()
         name = schema.escape_trace_id(trace_id)
-        if name not in self._traces or not _is_complete(self._traces[name]):
+        entry = self._state.entries.get(name)
+        if entry is None:
             raise TraceNotFoundError(
                 f"no complete trace {trace_id!r} in {self.path}; write it with write_trace first"
             )
-        group = self._traces[name]
         prepared = [_prepare_array(key, value, kind=schema.KIND_ARRAY, n_rows=None)
                     for key, value in arrays.items()]
         for item in prepared:
-            existing = group.get(item.name)
-            if isinstance(existing, h5py.Dataset) and (
-                    _h5.as_str(existing.attrs.get(schema.ATTR_KIND, "")) == schema.KIND_SITE):
+            if entry.kinds.get(item.name) == schema.KIND_SITE:
                 raise CacheInputError(
                     f"{item.name!r} is a site of trace {trace_id!r}; add_to_trace adds metric "
                     f"arrays and can't replace captured sites; choose another name"
                 )
         clean_attrs = _check_attrs(attrs)
-        self._reserve(sum(item.data.nbytes for item in prepared))
-        for item in prepared:
-            tmp = schema.TMP_PREFIX + item.name
-            if tmp in group:
-                del group[tmp]
-            self._create_dataset(group, tmp, item)
-            if item.name in group:
-                del group[item.name]
-            group.move(tmp, item.name)
-        for key, value in clean_attrs.items():
-            group.attrs[key] = value
-        self.flush()
-        self._trim()
+
+        def fill(f: h5py.File) -> None:
+            group = self._segment_group(f, _store.KIND_ADD, name)
+            for key, value in clean_attrs.items():
+                group.attrs[key] = value
+            for item in prepared:
+                self._create_dataset(group, item.name, item)
+
+        self._commit(name, trace_id, fill, _store.KIND_ADD, clean_attrs,
+                     {item.name: item.attrs[schema.ATTR_KIND] for item in prepared},
+                     size_hint=sum(item.data.nbytes for item in prepared))
 
     # -- internals -------------------------------------------------------------------------------
-    def _reserve(self, n_bytes: int) -> None:
-        """Extend the file with zeros past everything this write can allocate, before writing.
-
-        HDF5 may write the superblock's end-of-allocation before metadata placed at the end of the
-        file; a writer killed in between leaves a file shorter than its superblock says, which
-        HDF5 then refuses to open ("truncated file"), losing the committed traces with it. With
-        the file already that long (sparse zeros), a kill leaves an openable file; `_trim` gives
-        the space back once the trace is committed. Best effort: without it the write proceeds.
-        """
-        file = self._open_file()
-        target = file.id.get_filesize() + int(n_bytes * 1.25) + _RESERVE_SLACK
-        try:
-            if os.path.getsize(self.path) < target:
-                os.truncate(self.path, target)
-        except OSError:
-            pass
-
-    def _trim(self) -> None:
-        """Give back the zeros `_reserve` added (the file ends at HDF5's end of allocation)."""
-        try:
-            end = self._open_file().id.get_filesize()
-            if os.path.getsize(self.path) > end:
-                os.truncate(self.path, end)
-        except OSError:
-            pass
-
-    def _open_file(self) -> h5py.File:
-        if self._file is None:
+    def _open(self) -> None:
+        if self._lock is None:
             raise CacheError(f"the writer of {self.path} is closed; open it again with open_writer")
-        return self._file
+
+    def _segment_group(self, f: h5py.File, kind: str, name: str) -> h5py.Group:
+        self._root.write(f)
+        f.attrs[_store.ATTR_SEGMENT_KIND] = kind
+        return f[schema.TRACES_GROUP].create_group(name)
+
+    def _commit(self, name: str, trace_id: str, fill: Any, kind: str | None = None,
+                attrs: Mapping[str, Any] | None = None,
+                members: Mapping[str, str] | None = None, size_hint: int = 0) -> None:
+        """Build a segment in memory, write it under a temporary name, rename it into place.
+
+        `kind`, `attrs` and `members` describe what `fill` writes (so the state is updated
+        without reading the segment back); None: read it back.
+        """
+        image = _store.build_image(fill, size_hint)
+        self._seq += 1
+        seg = f"{self._shard}-{self._seq:06d}.h5"
+        try:
+            _store.write_file(image, self._folder / seg,
+                              self._folder / _store.tmp_name(seg, name), fsync=self._fsync)
+            if self._fsync:
+                _fsync_dir(self._folder)
+        except OSError as exc:
+            raise CacheWriteError(
+                f"writing trace {trace_id!r} to {self._folder / seg} failed: "
+                f"{_store.describe_os_error(exc)}; the {len(self._state.entries)} traces "
+                f"committed to {self.path} before are kept: {_store.fix_hint(exc)}"
+            ) from None
+        if kind is None or attrs is None or members is None:
+            self._state.apply(self._folder, seg)
+        else:
+            self._state.add(seg, name, kind, dict(attrs), dict(members))
+        self._dirty = True
+        self._dump_index(force=False)
+
+    def _dump_index(self, *, force: bool) -> None:
+        """Rewrite the index file (atomically) if this writer keeps it and it is due."""
+        due = max(INDEX_INTERVAL_S, 10 * self._dump_seconds)  # rewrites cost at most ~10%
+        if not self._index or not (force or time.monotonic() - self._last_dump >= due):
+            return
+        if not (force or self._dirty):
+            return
+        t0 = time.monotonic()
+        image = _store.index_image(self._root, self._state, self._folder, absolute=False)
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        try:
+            _store.write_file(image, self.path, tmp, fsync=self._fsync)
+        except OSError as exc:
+            if not force:
+                return  # the index lags; readers rebuild it and the next rewrite catches up
+            raise CacheWriteError(
+                f"rewriting the index {self.path} failed: {_store.describe_os_error(exc)}; every "
+                f"committed trace is kept in {self._folder} (readers rebuild the index): "
+                f"{_store.fix_hint(exc)}"
+            ) from None
+        self._last_dump = time.monotonic()
+        self._dump_seconds = self._last_dump - t0
+        self._dirty = False
+
+    def _index_current(self) -> bool:
+        """Whether the index on disk lists exactly the segments, in this store's folder."""
+        try:
+            with h5py.File(self.path, "r") as f:
+                listed = f[_store.SEGMENTS_DATASET]
+                return ([_h5.as_str(x) for x in listed[()]] == self._state.segments
+                        and _h5.as_str(listed.attrs.get("folder")) == self._folder.name)
+        except (OSError, KeyError, ValueError):
+            return False
+
+    def _remove_pending(self) -> list[str]:
+        removed = []
+        for file_name, trace_id in _store.list_pending(self._folder, self._shard):
+            (self._folder / file_name).unlink(missing_ok=True)
+            removed.append(trace_id)
+        return removed
+
+    def _remove_damaged(self) -> list[str]:
+        """Remove this shard's unreadable segments (torn by a power loss without fsync)."""
+        removed = []
+        for seg in self._state.damaged:
+            if seg.startswith(f"{self._shard}-"):
+                (self._folder / seg).unlink(missing_ok=True)
+                removed.append(f"(damaged segment {seg})")
+        if removed:
+            self._state = _store.scan(self._folder)
+            self._dirty = True
+        return removed
+
+    def _stored_root(self) -> _store.Root | None:
+        """The root of the existing index, else of the first segment, else of a single file."""
+        if self.path.exists():
+            try:
+                with h5py.File(self.path, "r") as f:
+                    _h5.read_root_metadata(f, self.path)
+                    return _store.Root.read(f)
+            except OSError:
+                self._dirty = True  # a damaged index: rebuilt from the segments
+        return self._state.root
+
+    def _adopt_single_file(self) -> list[str]:
+        """Move the complete traces of a single-file cache at `path` into segments."""
+        removed = []
+        with _h5.open_file(self.path, "r", writing=False) as src:
+            for name in list(src[schema.TRACES_GROUP]):
+                try:
+                    group = src[schema.TRACES_GROUP][name]
+                    complete = bool(group.attrs.get(schema.ATTR_COMPLETE, False))
+                except (OSError, KeyError, RuntimeError, ValueError):
+                    group, complete = None, False
+                trace_id = schema.unescape_trace_id(name)
+                if not complete or group is None:
+                    removed.append(trace_id)
+                    continue
+                if name in self._state.entries:
+                    continue
+
+                def fill(f: h5py.File, group: h5py.Group = group, name: str = name) -> None:
+                    self._root.write(f)
+                    f.attrs[_store.ATTR_SEGMENT_KIND] = _store.KIND_TRACE
+                    f[schema.TRACES_GROUP].copy(group, name)
+
+                self._commit(name, _h5.as_str(group.attrs.get(schema.ATTR_TRACE_ID, trace_id)),
+                             fill)
+        self._dirty = True
+        return removed
 
     def _create_dataset(self, group: h5py.Group, name: str, item: _Prepared) -> None:
         options: dict[str, Any] = {"chunks": item.chunks}
@@ -388,40 +550,14 @@ class CacheWriter:
         for key, value in item.attrs.items():
             dataset.attrs[key] = value
 
-    def _delete(self, name: str) -> None:
-        try:
-            del self._traces[name]
-        except (KeyError, OSError, RuntimeError) as exc:
-            raise _h5.corrupt_error(self.path, exc) from None
-
-    def _discard(self, name: str) -> None:
-        """Best-effort removal of a half-written trace after an error (resume redoes it anyway)."""
-        try:
-            if name in self._traces:
-                del self._traces[name]
-            self._open_file().flush()
-        except Exception:
-            pass
-
-    def _remove_incomplete(self) -> tuple[str, ...]:
-        removed = []
-        for name in list(self._traces):
-            try:
-                group = self._traces.get(name)
-            except (OSError, KeyError, RuntimeError, ValueError):  # a link to a half-written group
-                group = None
-            if group is not None and _is_complete(group):
-                continue
-            removed.append(_trace_id(group, name))
-            self._delete(name)
-        if removed:
-            self.flush()
-        return tuple(removed)
-
     def _stored_layout(self) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]] | None:
         """Sites of the first stored trace: name -> (dtype, row shape, layers); None if empty."""
-        for name in self._traces:
-            return _group_layout(self._traces[name])
+        for name, entry in self._state.entries.items():
+            seg = entry.datasets.get(schema.TOKENS)
+            if seg is None:
+                continue
+            with h5py.File(self._folder / seg, "r") as f:
+                return _group_layout(f[schema.TRACES_GROUP][name])
         return None
 
     def _check_layout(self, trace_id: str, datasets: Iterable[_Prepared]) -> None:
@@ -440,70 +576,3 @@ class CacheWriter:
                 + "; ".join(problems) + "); every trace of a cache has the same sites, dtypes, "
                 "shapes and layers: write to another file (--out other.h5) or use the same sites"
             )
-
-    def _prepare_trace(
-        self,
-        trace_id: str,
-        *,
-        tokens: np.ndarray,
-        category: np.ndarray,
-        positions: np.ndarray | None,
-        spans: Mapping[str, tuple[int, int]] | None,
-        sites: Mapping[str, np.ndarray | SiteArray] | None,
-        arrays: Mapping[str, np.ndarray | SiteArray] | None,
-        text: Mapping[str, str] | None,
-        source: str,
-        attrs: Mapping[str, Any] | None,
-    ) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, str], list[_Prepared]]:
-        """Validate everything before touching the file; returns what `write_trace` stores."""
-        where = f"trace {trace_id!r}"
-        token_ids = _int_vector(tokens, "tokens", where)
-        n_tokens = int(token_ids.shape[0])
-        codes = _int_vector(category, "category", where, lo=0, hi=255)
-        if codes.shape[0] != n_tokens:
-            raise CacheInputError(f"{where}: category has {codes.shape[0]} entries, tokens "
-                                  f"{n_tokens}; give one code per token")
-        known = self._codes
-        unknown = sorted(set(np.unique(codes).tolist()) - known)
-        if unknown:
-            raise CacheInputError(f"{where}: category codes {unknown} are not in the cache's "
-                                  f"category_codes {sorted(known)}")
-        if positions is None:
-            rows = np.arange(n_tokens, dtype=np.int32)
-        else:
-            rows = _int_vector(positions, "positions", where, lo=0, hi=max(n_tokens - 1, 0))
-            if rows.size and (n_tokens == 0 or np.any(np.diff(rows.astype(np.int64)) <= 0)):
-                raise CacheInputError(f"{where}: positions must be strictly increasing token "
-                                      f"indices in [0, {n_tokens}), got {rows[:8].tolist()}...")
-        n_sel = int(rows.shape[0])
-        span_dict = _check_spans(spans or {}, n_tokens, where)
-        if not isinstance(source, str):
-            raise CacheInputError(f"{where}: source must be a string, got {type(source).__name__}")
-        text_items = {}
-        for key, value in (text or {}).items():
-            schema.validate_dataset_name(key, what="text")
-            if not isinstance(value, str):
-                raise CacheInputError(f"{where}: text[{key!r}] must be str, "
-                                      f"got {type(value).__name__}")
-            text_items[key] = value
-        group_attrs = {
-            schema.ATTR_TRACE_ID: trace_id,
-            schema.ATTR_N_TOKENS: np.int64(n_tokens),
-            schema.ATTR_SPANS: json.dumps(span_dict),
-            schema.ATTR_SOURCE: source,
-            **_check_attrs(attrs),
-        }
-        datasets = [_prepare_array(key, value, kind=schema.KIND_SITE, n_rows=n_sel,
-                                   where=where)
-                    for key, value in (sites or {}).items()]
-        datasets += [_prepare_array(key, value, kind=schema.KIND_ARRAY, n_rows=None,
-                                    where=where)
-                     for key, value in (arrays or {}).items()]
-        names = [d.name for d in datasets]
-        if len(set(names)) != len(names):
-            raise CacheInputError(f"{where}: a name is used both as a site and an array: "
-                                  f"{sorted({n for n in names if names.count(n) > 1})}")
-        core = {schema.TOKENS: token_ids, schema.CATEGORY: codes.astype(np.uint8),
-                schema.POSITIONS: rows}
-        return group_attrs, core, text_items, datasets
-

@@ -293,6 +293,7 @@ def _versus(rows, cfg: CompareConfig) -> dict[str, Any]:
 
 def _plots(folder: Path, rows, effects, pooled, metric) -> list[str]:
     from analyses.plots import plot_category_distributions, plot_lhat_curve
+    from probes.commands.outputs import plot_file_name
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = [str(plot_category_distributions(pooled, folder / f"categories_{metric}.png", metric=metric))]
@@ -300,9 +301,9 @@ def _plots(folder: Path, rows, effects, pooled, metric) -> list[str]:
     order = sorted(range(len(rows)), key=lambda i: not any(o.category == 1 for o in effects[i].occurrences))
     for i in order[:3]:
         r = rows[i]
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in r["id"])
         paths.append(str(plot_lhat_curve(
-            r["lhat"], effects[i].occurrences, folder / f"lhat_{safe}.png", title=f"L̂ along trace {r['id']}"
+            r["lhat"], effects[i].occurrences, folder / plot_file_name("lhat", r["id"]),
+            title=f"L̂ along trace {r['id']}"
         )))
     return paths
 
@@ -419,6 +420,10 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`compare` from parsed flags."""
+    if args.plots is not None:
+        from probes.commands.outputs import check_plot_folder
+
+        check_plot_folder(args.plots)
     cfg = CompareConfig(metric=args.metric, unit=args.unit, statistic=args.statistic,
                         raml_notebook=args.raml_notebook, n_boot=args.n_boot, seed=args.seed,
                         plots=args.plots, versus=args.versus, control=args.control,

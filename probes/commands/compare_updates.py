@@ -111,6 +111,18 @@ def _updates_part(path: Path, cfg: CompareConfig):
         by_id = {r["id"]: r for r in load_updates(cfg.control, control=True)}
         common = [r for r in rows if r["id"] in by_id]
         if len(common) < 2:
+            from cache import open_cache
+
+            with open_cache(cfg.control) as reader:
+                held = set(reader.trace_ids())
+            shared = [r["id"] for r in rows if r["id"] in held and r["id"] not in by_id]
+            if shared:
+                raise ProbesError(
+                    f"--control {cfg.control} holds {len(shared)} of these traces (e.g. "
+                    f"{shared[0]!r}) but no update arrays (upd_contrib) for them; add them with "
+                    f"`updates --control random-init --resume --out {cfg.control}` on the same "
+                    "traces file"
+                )
             raise ProbesError(
                 f"--control {cfg.control} shares {len(common)} traces with {path}; run `updates "
                 "--control random-init` on the same traces file"
@@ -198,6 +210,7 @@ def _update_plots(folder: Path, rows, sets, upd: dict[str, Any]) -> list[str]:
     and the step-size curve of the first traces with a reflection."""
     from analyses.plots import plot_step_curve, plot_update_heatmap
     from analyses.update_effects import heatmap_values
+    from probes.commands.outputs import plot_file_name
 
     folder.mkdir(parents=True, exist_ok=True)
     cmp = upd["_cmp"]
@@ -224,9 +237,8 @@ def _update_plots(folder: Path, rows, sets, upd: dict[str, Any]) -> list[str]:
     for i in order[:2]:
         r = rows[i]
         vals = r["upd"][metric]
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in r["id"])
         paths.append(str(plot_step_curve(
-            vals, list(sets[i].occurrences), folder / f"steps_{metric}_{safe}.png",
+            vals, list(sets[i].occurrences), folder / plot_file_name(f"steps_{metric}", r["id"]),
             layer_labels=[f"layer {k}" for k in upd["layers"]], metric=metric,
             title=f"{metric} along trace {r['id']}")))
     return paths

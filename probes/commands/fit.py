@@ -267,8 +267,10 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """`fit` from parsed flags."""
     flags.silence_hf()
-    if args.out is not None and not args.out.parent.is_dir():
-        raise ProbesError(f"--out {args.out}: folder {args.out.parent} does not exist")
+    if args.out is not None:
+        from probes.commands.outputs import check_output_file
+
+        check_output_file(args.out, "--out")
     cfg = FitConfig(limit=args.limit, strict=args.strict, max_tokens=args.max_tokens,
                     layers=tuple(args.layers) if args.layers else None,
                     random_init_control=args.random_init_control, seed=args.seed,

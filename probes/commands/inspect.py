@@ -46,6 +46,9 @@ def format_inspect(s: Mapping[str, Any]) -> str:
         f"{s.get('info', {}).get('chunk_size', '?')}",
         f"traces:   {s['n_traces_complete']} complete, {s['n_tokens']:,} tokens",
     ]
+    if s.get("segmented"):
+        lines.append(f"store:    index + {s['n_segments']} segment files in {s['path']}.segments/ "
+                     f"(one file: `pack {s['path']} --out FILE`)")
     if s["complete"]:
         lines.append("complete: yes (no interrupted trace)")
     else:

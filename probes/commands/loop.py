@@ -19,6 +19,12 @@ One rule set for all of them:
 - **Input.** A repeated trace id is refused before anything is written, naming both lines; bad
   lines and traces over the model's context are reported one per line with their line number and
   reason (`--strict` turns the first bad line into an error).
+- **Failures.** A write the disk refuses (full, `ulimit -f`, I/O error) ends the run with one
+  `cache.CacheWriteError` line naming the file, the cause and the fix; every trace committed
+  before is kept (the store is segmented, cache/SCHEMA.md#segmented-store) and `--resume` finishes.
+- **Processes.** Under `torchrun --nproc-per-node N` (torch.distributed's `RANK`/`WORLD_SIZE`),
+  rank r takes traces r, r+N, ... and writes its own shard of the one store at `--out`
+  (`probes.commands.shards`); without those variables nothing changes.
 - **Feedback.** The same progress bar (traces, tokens/s) and the same final summary line
   (`WriteResult.summary`).
 
@@ -30,7 +36,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from probes.arrays import check_declared
+from probes.commands.shards import Shard, current_shard
 from probes.errors import ProbesError
 from probes.models.identity import run_metadata
 from probes.traces.categories import categorize, load_lexicon
@@ -292,11 +300,13 @@ def read_stored(job: WriteJob) -> Stored | None:
     Opening it also reports a locked, truncated, foreign or other-version file before the model
     is loaded.
     """
-    from cache import CacheLockedError, open_cache
+    from cache import CacheLockedError, check_unlocked, open_cache, store_exists
 
-    if job.overwrite or not job.out.exists():
-        return None
+    if job.overwrite or not (job.out.exists() or (job.resume and store_exists(job.out))):
+        return None  # (segments without their index file are replaced unless --resume)
     try:
+        if current_shard() is None:
+            check_unlocked(job.out, "s")
         with open_cache(job.out) as reader:
             if job.check_stored is not None:
                 job.check_stored(reader)
@@ -367,9 +377,10 @@ def write_traces(
         ProbesError, CacheError, HooksError: Bad input, a file that cannot take this run, a trace
             whose stored tokens differ (`CacheMismatchError`), an unsupported model.
     """
-    from cache import open_writer
+    from cache import remove_cache, store_bytes
 
     t_start = time.perf_counter()
+    shard = current_shard()
     say = log if log is not None else (lambda _msg: None)
     out = Path(job.out)
     traces_path = Path(traces_path)
@@ -387,7 +398,12 @@ def write_traces(
                           f"lines); nothing was written")
     lexicon = load_lexicon(extra=lexicon_files)
     stored = read_stored(job)
+    if shard is not None:
+        say = _rank_log(say, shard)
+        shard.barrier()  # every rank has checked --out before rank 0 creates it
 
+    if shard is not None:
+        shard.pin_gpu()
     loaded = load()
     prepared = plan(loaded)
 
@@ -416,7 +432,13 @@ def write_traces(
                           **{k: config.get(k) for k in (*TOKENIZATION_KEYS, *job.own_keys)}}
 
     mode = "overwrite" if job.overwrite else "append"
-    with open_writer(out, metadata=meta, mode=mode) as writer:
+    if not (job.resume or out.exists()) and (shard is None or shard.rank == 0):
+        # Deleting a cache's file deletes the cache: segments left without their index file
+        # are not resumed without --resume, but replaced (as a new file would be).
+        remove_cache(out)
+    if shard is not None:
+        tokenized = shard.take(tokenized)
+    with _open_store(out, meta, mode, shard) as writer:
         if stored is not None:
             _check_tokens(out, stored, tokenized, traces_path)
         result.n_redone = len(writer.removed_incomplete)
@@ -443,9 +465,44 @@ def write_traces(
                   command=job.command, progress=progress, t_loop=t_loop, say=say)
         finally:
             result.seconds_loop = time.perf_counter() - t_loop
-    result.file_bytes = out.stat().st_size
+        if shard is not None:
+            _close_shard(writer, shard)
+    result.file_bytes = store_bytes(out)
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+@contextmanager
+def _open_store(out: Path, meta: dict[str, Any], mode: str, shard: Shard | None) -> Iterator[Any]:
+    """`open_writer` for one process, or for one rank of a distributed run (own shard; rank 0
+    creates the store and keeps the index, the others open it after rank 0 has)."""
+    from cache import open_writer
+
+    if shard is None:
+        with open_writer(out, metadata=meta, mode=mode) as writer:
+            yield writer
+        return
+    if shard.rank != 0:
+        shard.barrier()
+    with open_writer(out, metadata=meta, mode=mode if shard.rank == 0 else "append",
+                     shard=shard.name, index=shard.rank == 0) as writer:
+        if shard.rank == 0:
+            shard.barrier()
+        yield writer
+
+
+def _close_shard(writer: Any, shard: Shard) -> None:
+    """End a rank's part: the others close, then rank 0 writes the index over every shard."""
+    if shard.rank != 0:
+        writer.close()
+    shard.barrier()
+    if shard.rank == 0:
+        writer.close()
+    shard.finish()
+
+
+def _rank_log(say: Log, shard: Shard) -> Log:
+    return lambda msg: say(f"[rank {shard.rank}/{shard.world}] {msg}")
 
 
 def _say_each(say: Log, lines: Sequence[str], what: str, limit: int = 10) -> None:

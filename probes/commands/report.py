@@ -28,6 +28,7 @@ from typing import Any
 
 from analyses.report import render_html, render_markdown
 from analyses.report_data import Report
+from cache import store_bytes
 from probes.commands import flags
 from probes.commands.loop import human_size
 from probes.commands.progress import Stages, progress_on, quiet_flag
@@ -232,7 +233,7 @@ def demo_summary_lines(folder: Path, result: ReportResult) -> list[str]:
     if "answer_accuracy" in summary:
         lines.insert(1, f"greedy answer accuracy {summary['answer_accuracy']:.3f} with the trajectory, "
                         f"{summary['answer_accuracy_no_trajectory']:.3f} without")
-    files = [f"{p} ({human_size(p.stat().st_size)})" for p in
+    files = [f"{p} ({human_size(store_bytes(p))})" for p in
              (folder / "run.h5", folder / "random_init.h5") if p.is_file()]
     n_png = len(list((folder / "plots").glob("*.png"))) if (folder / "plots").is_dir() else 0
     extra = "".join(f", {name}" for name in ("summary.json", "compare.json") if (folder / name).is_file())

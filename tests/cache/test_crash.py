@@ -125,19 +125,26 @@ def _check_committed(path: Path, done: set[int]) -> tuple[int, int]:
 
 
 def _snapshot(path: Path) -> dict:
-    """Everything in the file except the creation time, as comparable Python values."""
+    """Everything in the store (external links followed) except the creation time and the list
+    of segment files, as comparable Python values."""
     out: dict = {}
     with h5py.File(path, "r") as f:
         out["/"] = {k: _value(v) for k, v in f.attrs.items() if k != "created"}
 
-        def visit(name: str, obj) -> None:
-            entry = {"attrs": {k: _value(v) for k, v in obj.attrs.items()}}
-            if isinstance(obj, h5py.Dataset):
-                entry.update(dtype=str(obj.dtype), shape=obj.shape, chunks=obj.chunks,
-                             data=_value(obj[()]))
-            out[name] = entry
+        def visit(prefix: str, group) -> None:
+            for key, obj in group.items():
+                name = f"{prefix}{key}"
+                if name == "meta/segments":
+                    continue
+                entry = {"attrs": {k: _value(v) for k, v in obj.attrs.items()}}
+                if isinstance(obj, h5py.Dataset):
+                    entry.update(dtype=str(obj.dtype), shape=obj.shape, chunks=obj.chunks,
+                                 data=_value(obj[()]))
+                out[name] = entry
+                if isinstance(obj, h5py.Group):
+                    visit(name + "/", obj)
 
-        f.visititems(visit)
+        visit("", f)
     return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -21,6 +22,7 @@ from cache import (
     float32_to_bf16_bits,
     open_cache,
     open_writer,
+    pack_cache,
     summarize,
 )
 from cache.reader import _split_key
@@ -175,13 +177,30 @@ def test_summarize(small_cache):
     assert info["file_bytes"] > 120 * 3 * 16 * 6
 
 
-def test_truncated_file_is_reported_as_corrupt(small_cache):
+def test_truncated_single_file_is_reported_as_corrupt(small_cache, tmp_path):
+    packed = tmp_path / "packed.h5"
+    pack_cache(small_cache, packed)
+    size = packed.stat().st_size
+    with open(packed, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(CacheCorruptError, match=r"packed\.h5 is truncated or corrupt: .*truncated "
+                                                r"file.*re-create it \(--resume cannot"):
+        open_cache(packed)
+
+
+def test_damaged_index_is_rebuilt_from_the_segments(small_cache):
+    with open_cache(small_cache) as reader:
+        before = {tid: reader.trace(tid)["resid_post"][...] for tid in reader.trace_ids()}
     size = small_cache.stat().st_size
     with open(small_cache, "r+b") as f:
         f.truncate(size // 2)
-    with pytest.raises(CacheCorruptError, match=r"small\.h5 is truncated or corrupt: .*truncated "
-                                                r"file.*re-create it \(or resume"):
-        open_cache(small_cache)
+    with open_cache(small_cache) as reader:
+        assert reader.trace_ids() == ["t0", "t1", "t2"]
+        for tid, values in before.items():
+            assert reader.trace(tid)["resid_post"][...].tobytes() == values.tobytes()
+    small_cache.unlink()  # even without any index
+    with open_cache(small_cache) as reader:
+        assert reader.trace_ids() == ["t0", "t1", "t2"]
 
 
 def test_text_file_is_not_hdf5(tmp_path):
@@ -224,3 +243,17 @@ def test_reading_needs_no_torch(small_cache):
             "sys.exit(f'imported {bad}' if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_an_index_copied_away_reads_its_segments_where_they_are(small_cache, tmp_path, metadata):
+    copy = tmp_path / "elsewhere" / "copy.h5"
+    copy.parent.mkdir()
+    shutil.copy(small_cache, copy)
+    with open_cache(copy) as reader:
+        assert reader.trace_ids() == ["t0", "t1", "t2"]
+        assert reader.trace("t1")["resid_post"].shape == (40, 3, 16)
+    with pytest.raises(CacheError, match="segments folder is not next to it.*move or copy"):
+        open_writer(copy, metadata=metadata)
+    shutil.rmtree(small_cache.with_name(small_cache.name + ".segments"))
+    with pytest.raises(CacheError, match="segments folder is neither next to it.*pack"):
+        open_cache(copy)

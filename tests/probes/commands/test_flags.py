@@ -56,7 +56,7 @@ def test_choices_come_from_the_constants():
     assert tuple(_option(subs["updates"], "--answer-rows").choices) == ANSWER_ROWS
 
 
-@pytest.mark.parametrize("name", [c.NAME for c in COMMANDS if c.NAME != "inspect"])
+@pytest.mark.parametrize("name", [c.NAME for c in COMMANDS if c.NAME not in ("inspect", "pack")])
 def test_every_long_running_command_has_quiet(name):
     """Each command that can run longer than a second draws a bar on a terminal; -q turns it off."""
     action = _option(_subparsers()[name], "--quiet")

@@ -1,0 +1,528 @@
+"""The segmented store: one small HDF5 file per committed write, and an index of external links.
+
+Private to `cache/`. Layout of a store whose `--out` is `run.h5`::
+
+    run.h5                       the index: root metadata, /meta/config, /meta/info,
+                                 /meta/segments (the segment files it reflects), and one group per
+                                 trace whose attrs are the trace's and whose members are HDF5
+                                 external links into the segments (plain h5py follows them)
+    run.h5.segments/
+        s-000001.h5              a segment: the root metadata plus one group /traces/<name>,
+                                 either a whole trace (kind "trace") or arrays and attrs added
+                                 to one (kind "add"); named <shard>-<seq>.h5
+        s-000002.h5.tmp          a segment being written (or abandoned): never read, removed on
+                                 resume
+        .lock-s                  held (flock) by the one writer of shard "s"
+
+Every segment and every index is built in memory (HDF5 core driver, no backing store) and then
+written with plain `os.write` under a temporary name and renamed into place. HDF5 therefore never
+writes to disk itself: a full disk, a file-size limit or an I/O error surfaces as one Python
+`OSError` from `os.write` on a temporary file that is then deleted, and can neither damage a
+committed segment nor leave HDF5 in a broken state (the cause of the crashes of the in-place
+writer). The segments are the truth; the index is derived from them and rebuilt whenever it is
+missing, damaged or behind the folder (`open_index`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import itertools
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from cache import _h5, schema
+from cache.errors import CacheError, CacheWriteError
+
+SEGMENTS_SUFFIX = ".segments"
+SEGMENTS_DATASET = "meta/segments"
+"""Index dataset listing the segment files the index reflects (marks a segmented index)."""
+ATTR_SEGMENT_KIND = "segment_kind"
+KIND_TRACE = "trace"
+KIND_ADD = "add"
+_NAME = re.compile(r"^([A-Za-z0-9]+)-(\d{6,})\.h5$")
+_TMP = re.compile(r"^([A-Za-z0-9]+)-(\d{6,})\.h5\.(.*)\.tmp$")
+_memory_names = itertools.count()
+_write = os.write
+"""The one call that writes store bytes to disk (tests replace it to inject write errors)."""
+
+
+def segments_dir(path: Path) -> Path:
+    """The folder of segments of the store whose index is `path`."""
+    return path.with_name(path.name + SEGMENTS_SUFFIX)
+
+
+def is_segmented(path: Path) -> bool:
+    """Whether `path` is (or was) the index of a segmented store."""
+    return segments_dir(path).is_dir()
+
+
+def segment_key(name: str) -> tuple[int, str]:
+    """Sort key of a segment file name: (sequence number, shard)."""
+    found = _NAME.match(name)
+    return (int(found.group(2)), found.group(1)) if found else (1 << 62, name)
+
+
+def list_segments(folder: Path) -> list[str]:
+    """Committed segment file names in write order ((seq, shard)); [] if the folder is absent."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    return sorted((n for n in names if _NAME.match(n)), key=segment_key)
+
+
+def list_pending(folder: Path, shard: str | None = None) -> list[tuple[str, str]]:
+    """Temporary (uncommitted) segments: (file name, trace id or "?"), of one shard or all."""
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        found = _TMP.match(name)
+        if found and (shard is None or found.group(1) == shard):
+            out.append((name, schema.unescape_trace_id(found.group(3)) if found.group(3) else "?"))
+    return out
+
+
+def tmp_name(final: str, trace_name: str) -> str:
+    """Temporary name of segment `final` (holds the escaped trace name when short enough)."""
+    return f"{final}.{trace_name if len(trace_name.encode()) <= 120 else ''}.tmp"
+
+
+# -- building files in memory ----------------------------------------------------------------------
+def _memory_file(size_hint: int = 0) -> h5py.File:
+    name = f"/nonexistent/probes-memory-{os.getpid()}-{next(_memory_names)}.h5"
+    # One allocation for the whole image (the core driver grows by `block_size` steps, copying)
+    block = max(1 << 16, int(size_hint * 1.05) + (1 << 20)) if size_hint else 1 << 16
+    return h5py.File(name, "w", driver="core", backing_store=False, block_size=block)
+
+
+def build_image(fill: Callable[[h5py.File], None], size_hint: int = 0) -> bytes:
+    """The bytes of an HDF5 file that `fill` writes, built entirely in memory.
+
+    Args:
+        fill: Writes the file's content.
+        size_hint: Bytes of array data `fill` writes (sizes the in-memory image at once).
+    """
+    f = _memory_file(size_hint)
+    try:
+        fill(f)
+        f.flush()
+        return f.id.get_file_image()
+    finally:
+        f.close()
+
+
+def write_file(image: bytes, final: Path, tmp: Path, *, fsync: bool) -> None:
+    """Write `image` to `tmp`, then rename it to `final`; on any error `tmp` is removed.
+
+    Raises:
+        OSError: The write, sync or rename failed (ENOSPC, EFBIG, EIO, ...); `final` is untouched.
+    """
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        try:
+            view = memoryview(image)
+            while view:
+                written = _write(fd, view)
+                view = view[written:]
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def describe_os_error(exc: OSError) -> str:
+    """`exc` as "[Errno 28] No space left on device (ENOSPC)"."""
+    code = errno.errorcode.get(exc.errno or 0, "")
+    text = f"[Errno {exc.errno}] {exc.strerror}" if exc.errno else str(exc)
+    return f"{text} ({code})" if code else text
+
+
+def fix_hint(exc: OSError) -> str:
+    """The fix for a failed write, by cause."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space (or choose another --out folder), then rerun with --resume"
+    if exc.errno == errno.EFBIG:
+        return "raise the file-size limit (ulimit -f), then rerun with --resume"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "make the folder writable, then rerun with --resume"
+    return "check the disk, then rerun with --resume"
+
+
+# -- root metadata ---------------------------------------------------------------------------------
+@dataclass
+class Root:
+    """The root metadata of a store, as raw HDF5 values (copied verbatim into every file)."""
+
+    attrs: dict[str, Any]
+    config: str
+    info: str
+
+    @classmethod
+    def read(cls, f: h5py.File) -> Root:
+        """The root of an open cache, index or segment."""
+        return cls(attrs={k: v for k, v in f.attrs.items() if k != ATTR_SEGMENT_KIND},
+                   config=_h5.read_string_dataset(f, schema.CONFIG_DATASET),
+                   info=_h5.read_string_dataset(f, schema.INFO_DATASET))
+
+    @classmethod
+    def read_image(cls, fill: Callable[[h5py.File], None]) -> Root:
+        """The root that `fill` writes into an empty file (built in memory)."""
+        f = _memory_file()
+        try:
+            fill(f)
+            return cls.read(f)
+        finally:
+            f.close()
+
+    def metadata(self, path: Path) -> dict[str, Any]:
+        """The validated metadata dict (`_h5.read_root_metadata`) of this root, for `path`."""
+        f = _memory_file()
+        try:
+            self.write(f)
+            return _h5.read_root_metadata(f, path)
+        finally:
+            f.close()
+
+    def write(self, f: h5py.File) -> None:
+        """Write the root attrs and /meta datasets to `f`, and an empty creation-ordered /traces."""
+        for key, value in self.attrs.items():
+            f.attrs[key] = value
+        f.create_group(schema.META_GROUP)
+        f.create_dataset(schema.CONFIG_DATASET, data=self.config, dtype=_h5.STRING_DTYPE)
+        f.create_dataset(schema.INFO_DATASET, data=self.info, dtype=_h5.STRING_DTYPE)
+        f.create_group(schema.TRACES_GROUP, track_order=True)
+
+
+# -- the state of a store, read from its segments ----------------------------------------------------
+@dataclass
+class Entry:
+    """One trace as the segments define it."""
+
+    trace_id: str
+    attrs: dict[str, Any]
+    datasets: dict[str, str] = field(default_factory=dict)  # dataset -> segment file
+    kinds: dict[str, str] = field(default_factory=dict)      # dataset -> "site" / "array" / ""
+    text: str | None = None                                  # segment holding text/
+
+
+@dataclass
+class State:
+    """Every trace of a store (in write order), the segments read, and the unreadable ones."""
+
+    entries: dict[str, Entry] = field(default_factory=dict)
+    segments: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+    root: Root | None = None
+
+    def apply(self, folder: Path, seg: str) -> None:
+        """Read segment `seg` of `folder` into the state (a damaged one is listed, not raised)."""
+        self.segments.append(seg)
+        try:
+            with h5py.File(folder / seg, "r") as f:
+                if self.root is None:
+                    self.root = Root.read(f)
+                kind = _h5.as_str(f.attrs.get(ATTR_SEGMENT_KIND, KIND_TRACE))
+                traces = f[schema.TRACES_GROUP]
+                for name in traces:
+                    group = traces[name]
+                    attrs = dict(group.attrs.items())
+                    members = {key: _kind_of(obj) for key, obj in group.items()}
+                    self._merge(name, kind, seg, attrs, members)
+        except (OSError, KeyError, ValueError, RuntimeError):
+            self.damaged.append(seg)
+
+    def add(self, seg: str, name: str, kind: str, attrs: dict[str, Any],
+            members: dict[str, str]) -> None:
+        """Record segment `seg` that this process just wrote (what `apply` would read back)."""
+        self.segments.append(seg)
+        self._merge(name, kind, seg, dict(attrs), members)
+
+    def _merge(self, name: str, kind: str, seg: str, attrs: dict[str, Any],
+               members: dict[str, str]) -> None:
+        entry = self.entries.get(name)
+        if kind == KIND_TRACE:
+            if entry is not None:  # the same trace written twice (e.g. by two shards): first wins
+                return
+            trace_id = _h5.as_str(attrs.get(schema.ATTR_TRACE_ID, schema.unescape_trace_id(name)))
+            entry = self.entries[name] = Entry(trace_id=trace_id, attrs=attrs)
+        elif entry is None:  # arrays added to a trace this store does not hold
+            return
+        else:
+            entry.attrs.update(attrs)
+        for key, member_kind in members.items():
+            if key == schema.TEXT_GROUP:
+                entry.text = seg
+            else:
+                entry.datasets[key] = seg
+                entry.kinds[key] = member_kind
+
+
+def _kind_of(obj: Any) -> str:
+    if isinstance(obj, h5py.Group):
+        return "group"
+    return _h5.as_str(obj.attrs.get(schema.ATTR_KIND, ""))
+
+
+def scan(folder: Path, state: State | None = None) -> State:
+    """The state of the segments in `folder` (continuing `state`: only new segments are read)."""
+    state = state if state is not None else State()
+    known = set(state.segments)
+    for seg in list_segments(folder):
+        if seg not in known:
+            state.apply(folder, seg)
+    return state
+
+
+def index_image(root: Root, state: State, folder: Path, *, absolute: bool) -> bytes:
+    """The index file of `state`: root metadata, /meta/segments, a linked group per trace."""
+    prefix = str(folder.resolve()) if absolute else folder.name
+
+    def fill(f: h5py.File) -> None:
+        root.write(f)
+        listed = f.create_dataset(SEGMENTS_DATASET, data=np.array(state.segments, dtype=object),
+                                  dtype=_h5.STRING_DTYPE)
+        listed.attrs["folder"] = prefix  # the links' folder: an index of a renamed store is stale
+        listed.attrs["abs_folder"] = str(folder.resolve())  # where a copied index finds its data
+        traces = f[schema.TRACES_GROUP]
+        for name, entry in state.entries.items():
+            group = traces.create_group(name)
+            for key, value in entry.attrs.items():
+                group.attrs[key] = value
+            for key, seg in entry.datasets.items():
+                group[key] = h5py.ExternalLink(f"{prefix}/{seg}",
+                                               f"/{schema.TRACES_GROUP}/{name}/{key}")
+            if entry.text is not None:
+                group[schema.TEXT_GROUP] = h5py.ExternalLink(
+                    f"{prefix}/{entry.text}", f"/{schema.TRACES_GROUP}/{name}/{schema.TEXT_GROUP}")
+
+    return build_image(fill)
+
+
+# -- reading -----------------------------------------------------------------------------------------
+def moved_folder(f: h5py.File, path: Path) -> Path:
+    """The segments folder of an index that was copied or moved away from it.
+
+    Raises:
+        CacheError: That folder no longer exists either (names the fix).
+    """
+    listed = f[SEGMENTS_DATASET]
+    folder = Path(_h5.as_str(listed.attrs.get("abs_folder", "")))
+    if not folder.is_dir() or not str(folder).strip():
+        raise CacheError(
+            f"{path} is the index of a segmented cache, but its segments folder is neither next "
+            f"to it ({segments_dir(path).name}/) nor at {folder}; copy or move the folder together "
+            f"with the file, or make one self-contained file with `python -m probes.run pack`"
+        )
+    return folder
+
+
+def open_index(path: Path, folder: Path | None = None,
+               **kwargs: Any) -> tuple[h5py.File, list[str]]:
+    """Open the index of the segmented store `path` for reading, rebuilding it when needed.
+
+    The index on disk is used when it lists exactly the committed segments; otherwise (a writer
+    is running or was stopped, the index is missing or damaged) an index is rebuilt from the
+    segments into a private temporary file, so the reader sees every committed trace.
+
+    Returns:
+        The open file and the ids of traces being written or abandoned (temporary segments).
+
+    Raises:
+        CacheError: No segment and no readable index.
+    """
+    here = folder is None
+    folder = segments_dir(path) if folder is None else folder
+    pending = [tid for _, tid in list_pending(folder)]
+    committed = list_segments(folder)
+    root = None
+    if path.exists():
+        try:
+            f = h5py.File(path, "r", **kwargs)
+        except OSError:
+            f = None
+        if f is not None:
+            try:
+                listed = f[SEGMENTS_DATASET]
+                names = [_h5.as_str(s) for s in listed[()]]
+                if (here and names == committed
+                        and _h5.as_str(listed.attrs.get("folder")) == folder.name):
+                    return f, pending
+                root = Root.read(f)
+            except (KeyError, OSError, ValueError):
+                pass
+            f.close()
+    state = scan(folder)
+    root = root or state.root
+    if root is None:
+        raise CacheError(f"{path} is a segmented cache with no readable index and no readable "
+                         f"segment in {folder}; re-create it")
+    pending += [f"(damaged segment {seg})" for seg in state.damaged]
+    image = index_image(root, state, folder, absolute=True)
+    try:
+        fd, name = tempfile.mkstemp(prefix="probes-index-", suffix=".h5")
+        try:
+            os.write(fd, image)
+        finally:
+            os.close(fd)
+        try:
+            return h5py.File(name, "r", **kwargs), pending
+        finally:
+            os.unlink(name)  # the open file stays readable; nothing is left behind
+    except OSError:  # no room for a temporary file: read the index from memory
+        tmp = f"/nonexistent/probes-index-{os.getpid()}-{next(_memory_names)}.h5"
+        fapl = h5py.h5p.create(h5py.h5p.FILE_ACCESS)
+        fapl.set_fapl_core(backing_store=False)
+        fapl.set_file_image(image)
+        fid = h5py.h5f.open(tmp.encode(), h5py.h5f.ACC_RDONLY, fapl=fapl)
+        return h5py.File(fid), pending
+
+
+def store_exists(path: str | os.PathLike[str]) -> bool:
+    """Whether a cache is at `path` (its file, or the segments of a store whose index is gone)."""
+    path = Path(path)
+    return path.exists() or segments_dir(path).is_dir()
+
+
+def store_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes on disk of a cache: the file, plus its segments folder if it has one."""
+    path = Path(path)
+    total = path.stat().st_size if path.exists() else 0
+    folder = segments_dir(path)
+    for seg in list_segments(folder):
+        with contextlib.suppress(OSError):
+            total += (folder / seg).stat().st_size
+    return total
+
+
+def remove_store(path: Path) -> None:
+    """Delete a store's segments folder (the index is replaced by the caller)."""
+    shutil.rmtree(segments_dir(path), ignore_errors=True)
+
+
+def remove_cache(path: str | os.PathLike[str]) -> None:
+    """Delete the cache at `path`: its file and its segments folder (nothing if absent).
+
+    Raises:
+        CacheLockedError: A writer has it open.
+    """
+    from cache.writer import check_unlocked
+
+    path = Path(path)
+    check_unlocked(path)
+    remove_store(path)
+    path.unlink(missing_ok=True)
+
+
+def pack_cache(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
+               trace_ids: Iterable[str] | None = None) -> int:
+    """Copy the complete traces of cache `source` into one self-contained HDF5 file `target`.
+
+    The copy holds the same root metadata and trace groups (datasets bit-exact, with the same
+    dtypes, chunks and compression) and no external link; it is written to a temporary file next
+    to `target` by a forked child process (an HDF5 failure on a full disk cannot crash the caller),
+    then renamed; on failure the temporary file is removed and `target` is untouched.
+    `open_cache` and plain h5py read it; appending to it (`--resume`) first moves it back into
+    segments.
+
+    Args:
+        source: A cache (segmented store or single file).
+        target: The new file (replaced if it exists).
+        trace_ids: Traces to copy (default: every complete one).
+
+    Returns:
+        The number of traces copied.
+
+    Raises:
+        CacheWriteError: The copy could not be written (names the cause and the fix).
+    """
+    source, target = Path(source), Path(target)
+    ids = None if trace_ids is None else list(trace_ids)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child writes the file: an HDF5 failure cannot take the caller down
+        os.close(read_fd)
+        code = 0
+        try:
+            message = str(_pack_into(source, tmp, ids))
+        except CacheError as exc:  # the source cannot be read
+            message, code = f"{type(exc).__name__}\t{exc}", 4
+        except BaseException as exc:  # writing failed (OSError, or HDF5's RuntimeError)
+            found = re.search(r"errno = (\d+)", str(exc))
+            number = exc.errno if isinstance(exc, OSError) else None
+            number = number or (int(found.group(1)) if found else 0)
+            message, code = f"{number}\t{' '.join(str(exc).split())}", 3
+        os.write(write_fd, message.encode("utf-8", "replace"))
+        os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        message = pipe.read().decode("utf-8", "replace")
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 0:
+        try:
+            os.replace(tmp, target)
+            return int(message)
+        except OSError as exc:
+            cause = describe_os_error(exc)
+            fix = fix_hint(exc)
+    elif code == 4:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise CacheError(message.split("\t", 1)[-1])
+    elif code == 3:
+        number = int(message.split("\t", 1)[0] or 0)
+        exc = OSError(number, os.strerror(number)) if number else OSError(message)
+        cause, fix = describe_os_error(exc), fix_hint(exc)
+    else:
+        cause = (f"the HDF5 writer process died with signal {-code}" if code < 0
+                 else f"the HDF5 writer process failed (exit {code}): {message}")
+        fix = "check free space and the disk"
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+    fix = fix.replace(", then rerun with --resume", "")
+    raise CacheWriteError(
+        f"packing {source} into {target} failed: {cause}; {target} was not written and {source} "
+        f"is unchanged: {fix}, then pack again"
+    )
+
+
+def _pack_into(source: Path, tmp: Path, trace_ids: list[str] | None) -> int:
+    from cache.reader import open_cache
+
+    n_copied = 0
+    with open_cache(source) as reader:
+        src = reader._require_open()
+        root = Root.read(src)
+        with h5py.File(tmp, "w") as dst:
+            root.write(dst)
+            for trace_id in (reader.trace_ids() if trace_ids is None else trace_ids):
+                name = schema.escape_trace_id(trace_id)
+                dst[schema.TRACES_GROUP].copy(src[schema.TRACES_GROUP][name], name,
+                                              expand_external=True)
+                n_copied += 1
+    return n_copied
+
+
+def read_json_attr(root: Root, key: str) -> Any:
+    """A JSON root attribute of `root`, decoded."""
+    return json.loads(_h5.as_str(root.attrs[key]))
