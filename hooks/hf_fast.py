@@ -28,7 +28,7 @@ from hooks.store import Captured, CaptureStore
 if TYPE_CHECKING:
     from transformers import Cache, PreTrainedModel
 
-__all__ = ["HF_FAST_COMPONENTS", "HF_SITE_PATHS", "run_residual_hf"]
+__all__ = ["HF_FAST_COMPONENTS", "HF_SITE_PATHS", "plain_view", "run_residual_hf"]
 
 HF_FAST_COMPONENTS: tuple[str, ...] = (
     "embed", "resid_pre", "resid_mid", "resid_post", DELTA, "attn_out", "mlp_out", "ln_final"
@@ -213,6 +213,19 @@ def _hook(
         sink(output[0] if isinstance(output, tuple) else output)
 
     return module.register_forward_hook(post_hook)
+
+
+def plain_view(hf: nn.Module, attn_implementation: str = "sdpa") -> nn.Module:
+    """A plain-HF view of `hf` (booted into a bridge or not) with its own attention implementation.
+
+    Parameters and buffers are shared (no copy; gradients reach the model's own parameters); the
+    model, its modules, hooks and config are never changed. Used by `run_residual_hf` and by the
+    linear-memory passes (`probes.measures.sdpa_pass`).
+
+    Raises:
+        CaptureError: For a model with instance-level forwards (accelerate dispatch).
+    """
+    return _plain_view(hf, attn_implementation)
 
 
 def _plain_view(hf: nn.Module, attn_implementation: str) -> nn.Module:

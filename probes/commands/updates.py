@@ -74,6 +74,7 @@ from probes.commands import flags
 from probes.commands.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
 from probes.commands.progress import progress_on
 from probes.errors import ProbesError
+from probes.measures.sdpa_pass import ATTENTION_PATHS
 from probes.measures.shared_pass import (
     ANSWER_ROWS,
     UPDATE_ARRAYS,
@@ -107,6 +108,9 @@ class UpdatesConfig:
         answer_rows: "first": M1–M6 at the first answer row q = answer start − 1 only; "mean":
             measured at every answer row of 𝒬 and averaged over the rows (recorded in the trace
             attribute `upd_rows`; M7 is the sum over 𝒬 either way).
+        attention: The pass: "auto" (the eager reference while its attention patterns fit
+            `EAGER_PATTERN_BUDGET`, else the linear-memory pass), "sdpa" or "eager"; equal to
+            float32 rounding, so not part of the file's identity.
     """
 
     control: str = "none"
@@ -118,10 +122,14 @@ class UpdatesConfig:
     prompt_format: str | None = None
     scaffold: str = DEFAULT_SCAFFOLD
     answer_rows: str = "first"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.control not in CONTROLS:
             raise ProbesError(f"--control must be one of {', '.join(CONTROLS)}, got {self.control!r}")
+        if self.attention not in ("auto", *ATTENTION_PATHS):
+            raise ProbesError(f"--attention must be one of auto, {', '.join(ATTENTION_PATHS)}, got "
+                              f"{self.attention!r}")
         if self.answer_rows not in ANSWER_ROWS:
             raise ProbesError(f"--answer-rows must be one of {', '.join(ANSWER_ROWS)}, got "
                               f"{self.answer_rows!r}")
@@ -192,7 +200,8 @@ def updates_traces(
                 return "no trajectory or no answer token: nothing to measure"
             if not consts:
                 consts.append(RunConstants(loaded))
-            arrays, query = trace_update_arrays(loaded, tt, consts[0], answer_rows=cfg.answer_rows)
+            arrays, query = trace_update_arrays(loaded, tt, consts[0], answer_rows=cfg.answer_rows,
+                                                 attention=cfg.attention)
             if layers != list(range(loaded.arch.n_layers)):
                 arrays = {k: np.ascontiguousarray(v[layers]) for k, v in arrays.items()}
             answer = tt.spans["answer"]
@@ -283,6 +292,10 @@ def add_parser(sub: Any) -> None:
                    help="first: at the row predicting the first answer token; mean: at every "
                         "answer-predicting row, averaged over the rows (recorded in upd_rows; one "
                         "mode per cache: write the other to another --out)")
+    p.add_argument("--attention", choices=("auto", *ATTENTION_PATHS), default="auto",
+                   help="auto: the eager reference pass while its attention patterns fit 64 MiB, "
+                        "else the linear-memory pass (memory linear in the trace length); sdpa or "
+                        "eager: always that pass")
     flags.report_flags(p, json_help="end with one JSON object")
     p.set_defaults(func=run)
 
@@ -293,7 +306,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = UpdatesConfig(control=args.control, seed=args.seed, limit=args.limit,
                         strict=args.strict, lexicon=tuple(str(p) for p in args.lexicon),
                         layers=tuple(args.layers) if args.layers else None,
-                        answer_rows=args.answer_rows)
+                        answer_rows=args.answer_rows, attention=args.attention)
     result = updates_traces(args.model, args.traces, args.out, cfg, resume=args.resume,
                             device=args.device, dtype=args.model_dtype,
                             progress=progress_on(args.quiet),

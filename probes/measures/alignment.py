@@ -49,16 +49,20 @@ Only Llama-style HF models (`model.layers[i].self_attn.{v_proj,o_proj}`, `mlp.{g
 RMSNorm `post_attention_layernorm`), e.g. Qwen2 / Llama / Qwen3, with eager attention. Everything
 downstream of the captures is computed in float64, on the model's device.
 
-Memory: until the backward, autograd holds one eager attention pattern [H, N, N] per layer, i.e.
-≈ L·H·N²·(bytes per element) on top of a forward (the hooks keep only the rows 𝒬 of it): 0.75 GB
-extra measured for 4 layers × 8 heads at N ≈ 2.1k in fp32 (`bench/updates_bench.py`), ≈ 35 GB
-estimated for DeepSeek-R1-Distill-Qwen-1.5B (28 × 12) at N = 5k in fp32.
+Memory: with `attention="eager"` (the reference), until the backward autograd holds one eager
+attention pattern [H, N, N] per layer, i.e. ≈ L·H·N²·(bytes per element) on top of a forward (the
+hooks keep only the rows 𝒬 of it): 0.75 GB extra measured for 4 layers × 8 heads at N ≈ 2.1k in fp32
+(`bench/updates_bench.py`), ≈ 35 GB estimated for DeepSeek-R1-Distill-Qwen-1.5B (28 × 12) at N = 5k
+in fp32. With `attention="sdpa"` (`probes.measures.sdpa_pass`) the forward and backward run through
+`scaled_dot_product_attention` on a plain-HF view of the model and only the pattern rows 𝒬
+[H, Q, N] per layer are formed (exactly, from the captured q̃ and k̃): extra memory O(N·d·L + L·H·Q·N)
+(`bench/long_trace.py`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -268,6 +272,7 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
                      trajectory: tuple[int, int], answer: tuple[int, int], *,
                      keep_factors: bool = False, m6_rows: Sequence[int] | None = None,
                      grams: Sequence[tuple[Float[Tensor, "d d"], Float[Tensor, "d d"]]] | None = None,
+                     attention: str = "eager",
                      ) -> AnswerAlignment:
     """Compute M6 and M7 from one forward and one backward pass.
 
@@ -287,14 +292,25 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
         grams: Optional per-layer `(W_gateᵀW_gate, W_upᵀW_up)` [d, d] (float64, any device), e.g.
             `LayerWeights.grams` from `probes.measures.mlp.layer_weights(..., with_mlp=False)`,
             computed once per run instead of once per call.
+        attention: "eager" (the reference: the model's eager attention returns its pattern, and
+            autograd keeps every layer's [H, N, N] until the backward) or "sdpa" (linear memory:
+            the forward and backward run on `probes.measures.sdpa_pass.sdpa_view(model)`, a fused
+            `scaled_dot_product_attention`, and the pattern rows 𝒬 [H, Q, N] are recomputed
+            exactly from the captured rotated q and k; `model` may already be that view).
 
     Returns:
         The per-token quantities.
 
     Raises:
-        AlignmentError: For an unsupported model, bad spans or a non-eager attention.
+        AlignmentError: For an unsupported model, bad spans, an unknown `attention`, or a
+            non-eager attention with `attention="eager"`.
     """
-    hf = _hf(model)
+    from probes.measures.sdpa_pass import ATTENTION_PATHS, record_attention, sdpa_view
+
+    if attention not in ATTENTION_PATHS:
+        raise AlignmentError(f"attention must be one of {', '.join(ATTENTION_PATHS)}; got "
+                             f"{attention!r}.")
+    hf = _hf(model) if attention == "eager" else sdpa_view(model)
     layers = _layers(hf)
     ids = _ids(ids, hf)
     n = int(ids.shape[1])
@@ -328,8 +344,8 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
     mlp_params = []
     for l, layer in enumerate(layers):
         att = layer.self_attn
+        hooks += [(att, "forward", save_pattern(l))] if attention == "eager" else []
         hooks += [
-            (att, "forward", save_pattern(l)),
             (att.v_proj, "forward", save((l, "v"))),
             (att.o_proj, "forward_pre", lambda mod, args, l=l: store.__setitem__((l, "z"), args[0])),
             (layer.input_layernorm, "forward_pre",
@@ -337,17 +353,26 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
             (layer.post_attention_layernorm, "forward", save((l, "u"))),
         ]
         mlp_params += [layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]
-    saved_flags = [p.requires_grad for p in mlp_params]
+    # Only W_gate / W_up (and the embedding, so that every z is on the graph) require grad during
+    # the pass: autograd then saves no Linear input for a weight gradient nobody asked for
+    # (q/k/v/o/down projections, norms, unembedding); restored afterwards.
+    keep = {id(p) for p in mlp_params} | {id(p) for p in hf.get_input_embeddings().parameters()}
+    params = list(dict.fromkeys([*hf.parameters(), *mlp_params]))
+    saved_flags = [p.requires_grad for p in params]
     try:
-        for p in mlp_params:
-            p.requires_grad_(True)
-        with torch.enable_grad(), module_hooks(hooks):
+        for p in params:
+            p.requires_grad_(id(p) in keep)
+        recording = (record_attention(rows.tolist(), keys=n) if attention == "sdpa"
+                     else nullcontext(None))
+        with torch.enable_grad(), module_hooks(hooks), recording as rec:
             logits = _answer_logits(hf, ids, answer)
+            if rec is not None:    # the exact pattern rows 𝒬 [H, Q, N], recomputed from q̃, k̃
+                store.update({(l, "pattern"): rec.pattern[l] for l in range(len(layers))})
             loss = _nll(logits, ids, answer)
             zs = [store[(l, "z")] for l in range(len(layers))]
             grads = torch.autograd.grad(loss, zs + mlp_params)
     finally:
-        for p, flag in zip(mlp_params, saved_flags):
+        for p, flag in zip(params, saved_flags):
             p.requires_grad_(flag)
     L = len(layers)
     grad_z, grad_w = grads[:L], grads[L:]

@@ -321,13 +321,15 @@ def query_capture(loaded: LoadedModel, query: int, *, device: str | torch.device
 
 @torch.no_grad()
 def capture_query(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n"], query: int,
-                  ) -> QueryCapture:
+                  *, attention: str = "eager") -> QueryCapture:
     """Run the bridge once with hooks and keep what M1–M4 need for query position `query`.
 
     Args:
         loaded: A booted RoPE model (Qwen2 / Llama / Qwen3 family).
         ids: Token ids [1, N] (or [N]); batch 1.
         query: Query position q, 0 <= q < N.
+        attention: "eager" (the bridge, the reference) or "sdpa" (the linear-memory pass:
+            `probes.measures.sdpa_pass.sdpa_query_rows_capture`).
 
     Returns:
         The captured tensors (keys 0..q, query row q).
@@ -337,6 +339,8 @@ def capture_query(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n
     """
     ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
     check_query(loaded, int(ids.shape[1]), query)
+    if attention != "eager":
+        return capture_query_rows(loaded, ids, [query], attention=attention).row(0)
     with query_capture(loaded, query) as get:
         loaded.bridge(ids.to(loaded.device))
     return get()
@@ -344,13 +348,16 @@ def capture_query(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n
 
 @torch.no_grad()
 def capture_query_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n"],
-                       rows: Sequence[int]) -> QueryRowsCapture:
+                       rows: Sequence[int], *, attention: str = "eager") -> QueryRowsCapture:
     """Run the bridge once with hooks and keep what M1–M4 need at several query rows.
 
     Args:
         loaded: A booted RoPE model (Qwen2 / Llama / Qwen3 family).
         ids: Token ids [1, N] (or [N]); batch 1.
         rows: Strictly increasing query rows, each in [0, N).
+        attention: "eager" (the bridge's explicit pattern, the reference) or "sdpa" (the
+            linear-memory pass: a fused-attention forward of a plain-HF view, the pattern rows
+            recomputed exactly from the captured q̃, k̃; `probes.measures.sdpa_pass`).
 
     Returns:
         The captured tensors (keys 0..max(rows) once, the query side per row).
@@ -360,9 +367,25 @@ def capture_query_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor
     """
     ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
     rows = check_query_rows(loaded, int(ids.shape[1]), rows)
+    _check_attention(attention)
+    if attention == "sdpa":
+        from probes.measures.sdpa_pass import sdpa_query_rows_capture, sdpa_view
+
+        view = sdpa_view(loaded)
+        with sdpa_query_rows_capture(view, rows) as get:
+            view(ids.to(loaded.device), logits_to_keep=1)
+        return get()
     with query_rows_capture(loaded, rows) as get:
         loaded.bridge(ids.to(loaded.device))
     return get()
+
+
+def _check_attention(attention: str) -> None:
+    from probes.measures.sdpa_pass import ATTENTION_PATHS
+
+    if attention not in ATTENTION_PATHS:
+        raise UpdatesError(f"attention must be one of {', '.join(ATTENTION_PATHS)}; got "
+                           f"{attention!r}.")
 
 
 def layer_terms(cap: QueryCapture, layer: int, w_o: Float[Tensor, "d_model hd"],
@@ -404,7 +427,7 @@ def layer_terms(cap: QueryCapture, layer: int, w_o: Float[Tensor, "d_model hd"],
 
 
 def token_updates(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n"], query: int,
-                  ) -> TokenUpdates:
+                  *, attention: str = "eager") -> TokenUpdates:
     """Compute M1–M4 for one query position from one hooked bridge forward.
 
     Example:
@@ -415,6 +438,8 @@ def token_updates(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n
         loaded: A booted RoPE model (Qwen2 / Llama / Qwen3 family, batch 1).
         ids: Token ids [1, N] (or [N]).
         query: Query position q, 0 <= q < N (keys are 0..q).
+        attention: "eager" (the bridge, the reference) or "sdpa" (linear memory; see
+            `capture_query_rows`).
 
     Returns:
         The per-token quantities (float32; computed in float64 from the captured fp32 tensors).
@@ -423,12 +448,12 @@ def token_updates(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n
         UpdatesError: For a model without RoPE/o_proj or a query out of range.
     """
     weights = o_proj_weights(loaded)
-    cap = capture_query(loaded, ids, query)
+    cap = capture_query(loaded, ids, query, attention=attention)
     return token_updates_from(loaded, cap, weights)
 
 
 def token_updates_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n"],
-                       rows: Sequence[int]) -> list[TokenUpdates]:
+                       rows: Sequence[int], *, attention: str = "eager") -> list[TokenUpdates]:
     """M1–M4 at several query rows from ONE hooked bridge forward.
 
     Example:
@@ -439,6 +464,7 @@ def token_updates_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor
         loaded: A booted RoPE model (Qwen2 / Llama / Qwen3 family, batch 1).
         ids: Token ids [1, N] (or [N]).
         rows: Strictly increasing query rows, each in [0, N).
+        attention: "eager" or "sdpa" (see `capture_query_rows`).
 
     Returns:
         One `TokenUpdates` per row, equal (to float rounding) to `token_updates(loaded, ids, q)`.
@@ -447,7 +473,7 @@ def token_updates_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor
         UpdatesError: For a model without RoPE/o_proj or bad rows.
     """
     weights = o_proj_weights(loaded)
-    cap = capture_query_rows(loaded, ids, rows)
+    cap = capture_query_rows(loaded, ids, rows, attention=attention)
     return token_updates_from(loaded, cap, weights)
 
 

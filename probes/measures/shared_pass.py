@@ -35,6 +35,38 @@ def check_supported(loaded: LoadedModel) -> None:
     llama_layers(loaded, what="updates", error=UpdatesError, require_rope=True)
 
 
+EAGER_PATTERN_BUDGET = 64 * 2**20
+"""`attention="auto"`: the eager reference pass is used while the patterns autograd would keep
+(n_layers · n_heads · N² elements of the model dtype) fit in this many bytes; longer traces take the
+linear-memory pass. The two agree to float32 rounding (tests/probes/measures/test_sdpa_pass.py)."""
+
+
+def choose_attention(loaded: LoadedModel, n_tokens: int, attention: str = "auto") -> str:
+    """The pass `trace_update_arrays(attention=...)` runs: "eager" or "sdpa" ("auto": see
+    `EAGER_PATTERN_BUDGET`).
+
+    Raises:
+        ProbesError: For an attention that is not "auto", "sdpa" or "eager".
+    """
+    from probes.measures.sdpa_pass import ATTENTION_PATHS
+
+    if attention == "auto":
+        arch = loaded.arch
+        itemsize = torch_itemsize(loaded)
+        need = arch.n_layers * arch.n_heads * n_tokens * n_tokens * itemsize
+        return "eager" if need <= EAGER_PATTERN_BUDGET else "sdpa"
+    if attention not in ATTENTION_PATHS:
+        raise ProbesError(f"attention must be one of auto, {', '.join(ATTENTION_PATHS)}, got "
+                          f"{attention!r}")
+    return attention
+
+
+def torch_itemsize(loaded: LoadedModel) -> int:
+    """Bytes per element of the model's floating-point parameters."""
+    param = next(p for p in loaded.hf_model.parameters() if p.is_floating_point())
+    return int(param.element_size())
+
+
 UPDATE_ARRAYS: tuple[str, ...] = arrays.names(arrays.UPDATES)
 """The stored arrays, in the order they are written (each float32 [n_layers, T]; the registry
 declares them)."""
@@ -56,7 +88,11 @@ class RunConstants:
         m5: `probes.measures.mlp.layer_weights(loaded, with_mlp=False)` (W_O, γ2 and the Grams
             WᵀW of gate/up, float64 on the model's device).
         grams: The same Grams, as `answer_alignment(grams=...)` takes them.
+        view: The linear-memory view of the model (`probes.measures.sdpa_pass.sdpa_view`), made
+            on first use.
     """
+
+    view = None
 
     def __init__(self, loaded: LoadedModel) -> None:
         from probes.measures.attention import o_proj_weights
@@ -70,6 +106,7 @@ class RunConstants:
 
 def trace_update_arrays(loaded: LoadedModel, tt, consts: RunConstants | None = None, *,
                         answer_rows: str = "first", timings: dict[str, float] | None = None,
+                        attention: str = "auto",
                         ) -> tuple[dict[str, Float32[np.ndarray, "l t"]], int]:
     """The stored `upd_*` arrays of one tokenized trace (float32 [n_layers, T]).
 
@@ -82,47 +119,64 @@ def trace_update_arrays(loaded: LoadedModel, tt, consts: RunConstants | None = N
         tt: A `TokenizedTrace` with a non-empty trajectory and answer.
         consts: `RunConstants(loaded)`, reused across traces; None computes them now.
         answer_rows: "first": M1–M6 at q = answer start − 1 (`token_updates`, `mlp_updates`,
-            M6 row 0). "mean": each of them at every row of 𝒬 = answer start − 1 .. answer end − 2
-            (`key_summary_from`; M5 σ / cosine and M6 from `answer_alignment` at all rows), then
-            averaged over the rows per layer and token (the two cosines with a NaN-skipping mean:
-            NaN only where every row is NaN). `upd_dai_fro` does not depend on the row; `upd_m7`
+            M6 row 0; on the "sdpa" path the same values from `key_summary_from` and M6's
+            step norms / cosines, as "mean" does over one row). "mean": each of them at every
+            row of 𝒬 = answer start − 1 .. answer end − 2 (`key_summary_from`; M5 σ / cosine
+            and M6 from `answer_alignment` at all rows), then averaged over the rows per layer
+            and token (the two cosines with a NaN-skipping mean: NaN only where every row is
+            NaN). `upd_dai_fro` does not depend on the row; `upd_m7`
             is the sum over 𝒬 in both modes.
         timings: If given, filled with the seconds of each stage (device-synchronised):
             `alignment` (the shared forward + backward and M6/M7; for "mean" also M5), `m1_m4`,
-            `m5` (≈ 0 for "mean").
+            `m5` (≈ 0 for "mean" and for the "sdpa" path, where M5 comes from `alignment`).
+        attention: "sdpa" (linear memory: `probes.measures.sdpa_pass`; the forward and backward
+            through `scaled_dot_product_attention` on a plain-HF view, the pattern rows 𝒬
+            recomputed exactly from the captured q̃, k̃; extra memory O(N·d·L)), "eager" (the
+            reference: the bridge captures on an eager forward, O(L·H·N²) until the backward) or
+            "auto" (the default: "eager" while its patterns fit `EAGER_PATTERN_BUDGET`, else
+            "sdpa"; `choose_attention`). Equal to float32 rounding
+            (tests/probes/measures/test_sdpa_pass.py).
 
     Returns:
         (arrays in `UPDATE_ARRAYS` order, query position = the first answer row).
 
     Raises:
         UpdatesError: For an unsupported model.
-        ProbesError: For an unknown `answer_rows`.
+        ProbesError: For an unknown `answer_rows` or `attention`.
     """
     import torch
 
     from probes.measures.alignment import answer_alignment
-    from probes.measures.attention import check_query, query_capture, token_updates_from
-    from probes.measures.mlp import check_positions, mlp_updates_from, row_capture
+    from probes.measures.attention import check_query, token_updates_from
+    from probes.measures.mlp import check_positions, mlp_updates_from
 
     if answer_rows not in ANSWER_ROWS:
         raise ProbesError(f"answer_rows must be one of {', '.join(ANSWER_ROWS)}, got "
                           f"{answer_rows!r}")
+    attention = choose_attention(loaded, len(tt.ids), attention)
     consts = RunConstants(loaded) if consts is None else consts
+    model, query_caps, row_caps = _passes(loaded, consts, attention)
     a, b = (int(x) for x in tt.spans["trajectory"])
     answer = (int(tt.spans["answer"][0]), int(tt.spans["answer"][1]))
     query = answer[0] - 1
     ids = torch.as_tensor(np.asarray(tt.ids, dtype=np.int64)).reshape(1, -1).to(loaded.device)
     if answer_rows == "mean":
-        return _mean_rows_arrays(loaded, ids, (a, b), answer, consts, timings), query
+        rows = list(range(answer[0] - 1, answer[1] - 1))
+        return _rows_arrays(loaded, ids, (a, b), answer, consts, timings, attention, rows,
+                            None), query
+    if attention == "sdpa":   # the same values from `al` and the stored keys only (no M5 pass)
+        return _rows_arrays(loaded, ids, (a, b), answer, consts, timings, attention, [query],
+                            [0]), query
     check_query(loaded, int(ids.shape[1]), query)
     _, _, traj = check_positions(loaded, ids, [query], range(a, b))
     clock = _Clock(loaded.device, timings)
     # captures stay on the model's device: M1–M5 are computed there (float64), like M6/M7
-    with (query_capture(loaded, query, device=None) as get_query,
-          row_capture(loaded, [query], device=None) as get_rows):
-        al = answer_alignment(loaded, ids, (a, b), answer, m6_rows=[0], grams=consts.grams)
+    with (query_caps(model, [query], device=None) as get_query,
+          row_caps(model, [query], device=None) as get_rows):
+        al = answer_alignment(model, ids, (a, b), answer, m6_rows=[0], grams=consts.grams,
+                              attention=attention)
     clock.lap("alignment")
-    upd = token_updates_from(loaded, get_query(), consts.o_proj)
+    upd = token_updates_from(loaded, get_query().row(0), consts.o_proj)
     clock.lap("m1_m4")
     mlp = mlp_updates_from(get_rows(), consts.m5, traj, keep_du=False)
     clock.lap("m5")
@@ -141,28 +195,47 @@ def trace_update_arrays(loaded: LoadedModel, tt, consts: RunConstants | None = N
     return arrays, query
 
 
-def _mean_rows_arrays(loaded: LoadedModel, ids, trajectory: tuple[int, int],
-                      answer: tuple[int, int], consts: RunConstants,
-                      timings: dict[str, float] | None) -> dict[str, np.ndarray]:
-    """`trace_update_arrays(answer_rows="mean")`: every per-row quantity averaged over 𝒬.
+def _passes(loaded: LoadedModel, consts: RunConstants, attention: str):
+    """(model to run, query-rows capture, M5 row capture) of one `attention` path."""
+    if attention == "eager":
+        from probes.measures.attention import query_rows_capture
+        from probes.measures.mlp import row_capture
 
-    M1–M4 from `query_rows_capture` + `key_summary_from` (keys/values once, the trajectory keys
-    only). M5's σ and consecutive cosine at every row are the `step_norm` / `step_cos` that
-    `answer_alignment` forms anyway for M6 at all rows (the same restricted-attention prefixes
-    and Gram products as `mlp_updates_rows_from`, which would repeat that O(Q·T·d²) work).
+        return loaded, query_rows_capture, row_capture
+    from probes.measures.sdpa_pass import sdpa_query_rows_capture, sdpa_row_capture, sdpa_view
+
+    if consts.view is None:
+        consts.view = sdpa_view(loaded)
+    return consts.view, sdpa_query_rows_capture, sdpa_row_capture
+
+
+def _rows_arrays(loaded: LoadedModel, ids, trajectory: tuple[int, int],
+                 answer: tuple[int, int], consts: RunConstants,
+                 timings: dict[str, float] | None, attention: str, rows: list[int],
+                 m6_rows: list[int] | None) -> dict[str, np.ndarray]:
+    """Every per-row quantity at `rows`, averaged over them (`answer_rows="mean"`: rows = 𝒬,
+    M6 at every row; the "first" mode of the linear-memory path: rows = [q], M6 at row 0, where
+    the "mean" over one row is that row).
+
+    M1–M4 from the query-rows capture + `key_summary_from` (keys/values once, the trajectory keys
+    only, head-aggregated: what is stored). M5's σ and consecutive cosine at every row are the
+    `step_norm` / `step_cos` that `answer_alignment` forms anyway for M6 (the same
+    restricted-attention prefixes and Gram products as `mlp_updates_rows_from`, which would repeat
+    that O(Q·T·d²) work).
     """
     from probes.measures.alignment import answer_alignment
-    from probes.measures.attention import check_query_rows, query_rows_capture
+    from probes.measures.attention import check_query_rows
     from probes.measures.attention_rows import key_summary_from
     from probes.measures.mlp import check_positions
 
     a, b = trajectory
-    rows = list(range(answer[0] - 1, answer[1] - 1))
     check_query_rows(loaded, int(ids.shape[1]), rows)
     _, _, traj = check_positions(loaded, ids, rows, range(a, b))
     clock = _Clock(loaded.device, timings)
-    with query_rows_capture(loaded, rows, device=None) as get_query:
-        al = answer_alignment(loaded, ids, (a, b), answer, m6_rows=None, grams=consts.grams)
+    model, query_caps, _ = _passes(loaded, consts, attention)
+    with query_caps(model, rows, device=None) as get_query:
+        al = answer_alignment(model, ids, (a, b), answer, m6_rows=m6_rows, grams=consts.grams,
+                              attention=attention)
     clock.lap("alignment")
     summ = key_summary_from(loaded, get_query(), traj, consts.o_proj)      # [L, Q, T]
     clock.lap("m1_m4")

@@ -431,3 +431,27 @@ def test_answer_rows_cli(samples, mean_run, tmp_path, capsys):
     assert main(["updates", "--resume", *BASE, "--traces", str(samples), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--answer-rows mean" in err[0] and "--out" in err[0]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_linear_memory_pass_stores_what_the_eager_reference_stores(family, byte_traces, tmp_path):
+    """`--attention sdpa` (the pass long traces take) writes the eager reference's arrays."""
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="eager")
+    loaded = boot_model(hf, byte_tokenizer(), spec=f"tiny-{family}", device="cpu",
+                        dtype="float32")
+    stored = {}
+    for attention in ("eager", "sdpa"):
+        out = tmp_path / f"{attention}.h5"
+        updates_traces(loaded, byte_traces, out, UpdatesConfig(attention=attention), resume=True,
+                       progress=False)
+        with open_cache(out) as reader:
+            stored[attention] = {(tr.id, n): tr[n][:] for tr in reader for n in UPDATE_ARRAYS}
+    assert stored["eager"].keys() == stored["sdpa"].keys()
+    for key, ref in stored["eager"].items():
+        np.testing.assert_allclose(stored["sdpa"][key], ref, rtol=1e-5, atol=1e-6, err_msg=str(key))
+
+
+def test_attention_pass_must_be_known():
+    with pytest.raises(ProbesError, match="--attention must be one of auto, sdpa, eager"):
+        UpdatesConfig(attention="flash")

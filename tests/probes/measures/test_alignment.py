@@ -25,6 +25,7 @@ from probes.measures.alignment import (
     answer_loss,
     trace_alignment,
 )
+from probes.measures.sdpa_pass import ATTENTION_PATHS
 from probes.models.load import boot_model
 from probes.models.tiny import TINY_FAMILIES, byte_tokenizer, tiny_config
 
@@ -79,12 +80,17 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+@pytest.fixture(scope="module", params=[(f, a) for f in sorted(CONFIGS) for a in ATTENTION_PATHS],
+                ids=lambda p: "-".join(p))
 def setup(request):
-    """(name, float64 HF model, ids [1, N], AnswerAlignment with factors)."""
-    hf = _hf(CONFIGS[request.param]())
+    """((family, attention path), float64 HF model, ids [1, N], AnswerAlignment with factors).
+
+    Every identity runs on both paths: "eager" (the reference) and "sdpa" (the linear-memory
+    pass, `probes.measures.sdpa_pass`)."""
+    family, attention = request.param
+    hf = _hf(CONFIGS[family]())
     ids = torch.randint(0, 257, (1, N_TOKENS), generator=torch.Generator().manual_seed(1))
-    al = answer_alignment(hf, ids, TRAJ, ANSWER, keep_factors=True)
+    al = answer_alignment(hf, ids, TRAJ, ANSWER, keep_factors=True, attention=attention)
     return request.param, hf, ids, al
 
 
@@ -256,6 +262,8 @@ def test_errors():
         answer_alignment(hf, ids, (4, 20), (19, 23))      # trajectory overlaps the answer rows
     with pytest.raises(AlignmentError):
         answer_alignment(hf, ids, TRAJ, (19, 30))
+    with pytest.raises(AlignmentError, match="attention must be one of sdpa, eager"):
+        answer_alignment(hf, ids, TRAJ, ANSWER, attention="flash")
     hf.set_attn_implementation("sdpa")
     with pytest.raises(AlignmentError):
         answer_alignment(hf, ids, TRAJ, ANSWER)
@@ -272,12 +280,13 @@ def test_empty_trajectory():
 
 def test_m6_rows_and_precomputed_grams(setup):
     """M6 on a subset of 𝒬 with Grams passed in = the matching rows of the full computation."""
-    _, hf, ids, al = setup
+    (_, attention), hf, ids, al = setup
     grams = [tuple(w.T @ w for w in (layer.mlp.gate_proj.weight.detach(),
                                      layer.mlp.up_proj.weight.detach()))
              for layer in hf.model.layers]
     rows = [0, 2]
-    sub = answer_alignment(hf, ids, TRAJ, ANSWER, m6_rows=rows, grams=grams, keep_factors=True)
+    sub = answer_alignment(hf, ids, TRAJ, ANSWER, m6_rows=rows, grams=grams, keep_factors=True,
+                           attention=attention)
     assert list(sub.m6_rows) == rows and list(al.m6_rows) == list(range(ANSWER[1] - ANSWER[0]))
     for name in ("inner", "step_norm", "step_cos", "cos", "eta", "eta_pooled", "full_inner"):
         np.testing.assert_allclose(getattr(sub, name), getattr(al, name)[:, :, rows],

@@ -31,6 +31,7 @@ from probes.measures.attention import (
     token_updates_rows,
 )
 from probes.measures.attention_rows import key_summary_from
+from probes.measures.sdpa_pass import ATTENTION_PATHS, sdpa_query_rows_capture, sdpa_view
 from probes.models.load import boot_model
 from probes.models.tiny import TINY_FAMILIES, byte_tokenizer, tiny_config
 
@@ -52,12 +53,18 @@ def _build(config: PretrainedConfig, seed: int = 0) -> LoadedModel:
     return boot_model(hf, byte_tokenizer(), spec="tiny-updates", device="cpu", dtype="float32")
 
 
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
+@pytest.fixture(scope="module", params=[(f, a) for f in sorted(CONFIGS) for a in ATTENTION_PATHS],
+                ids=lambda p: "-".join(p))
 def setup(request):
-    """(name, loaded model, ids [1, N], capture at QUERY, o_proj weights)."""
-    loaded = _build(CONFIGS[request.param]())
+    """((family, attention path), loaded model, ids [1, N], capture at QUERY, o_proj weights).
+
+    Every identity runs on both capture paths: "eager" (the bridge, the reference) and "sdpa"
+    (the linear-memory pass, `probes.measures.sdpa_pass`)."""
+    family, attention = request.param
+    loaded = _build(CONFIGS[family]())
     ids = torch.randint(0, 257, (1, N_TOKENS), generator=torch.Generator().manual_seed(1))
-    return request.param, loaded, ids, capture_query(loaded, ids, QUERY), o_proj_weights(loaded)
+    return (request.param, loaded, ids, capture_query(loaded, ids, QUERY, attention=attention),
+            o_proj_weights(loaded))
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -91,8 +98,8 @@ def test_v0_v1_contributions_sum_to_attn_out(setup):
 
 
 def test_v1_mass_sums_to_one_and_shapes(setup):
-    _, loaded, ids, _, _ = setup
-    upd = token_updates(loaded, ids, QUERY)
+    (_, att), loaded, ids, _, _ = setup
+    upd = token_updates(loaded, ids, QUERY, attention=att)
     arch = loaded.arch
     shape = (arch.n_layers, arch.n_heads, QUERY + 1)
     for name in ("mass", "contrib_norm", "loo_norm", "loo_out_norm", "dai_action_norm",
@@ -111,13 +118,13 @@ def test_v1_mass_sums_to_one_and_shapes(setup):
 
 
 def test_v1_scores_match_the_model(setup):
-    _, loaded, ids, cap, weights = setup
+    (_, att), loaded, ids, cap, weights = setup
     from hooks import capture
 
     sites = [f"L{l}.attn.scores" for l in range(loaded.arch.n_layers)]
     with capture(loaded, sites, positions=[QUERY], dtype="float32") as store:
         loaded.bridge(ids)
-    upd = token_updates(loaded, ids, QUERY)
+    upd = token_updates(loaded, ids, QUERY, attention=att)
     for layer in range(loaded.arch.n_layers):
         model_scores = store[f"L{layer}.attn.scores"][:, 0, : QUERY + 1]
         assert _rel(torch.from_numpy(upd.score[layer]), model_scores) <= REL
@@ -127,8 +134,8 @@ def test_v1_scores_match_the_model(setup):
 
 
 def test_v3_rank1_dual_form(setup):
-    _, loaded, ids, cap, weights = setup
-    upd = token_updates(loaded, ids, QUERY)
+    (_, att), loaded, ids, cap, weights = setup
+    upd = token_updates(loaded, ids, QUERY, attention=att)
     G = loaded.arch.gqa_group
     for layer in range(loaded.arch.n_layers):
         t = layer_terms(cap, layer, weights[layer][0])
@@ -190,24 +197,33 @@ def test_v4_leave_one_out_equals_knockout(setup, layer, key):
 
 def test_shared_capture_equals_separate_forward(setup):
     """`query_capture` hooked into a grad-enabled HF forward = `capture_query` (bridge, no grad),
-    and `token_updates_from` on it = `token_updates`."""
-    _, loaded, ids, cap, weights = setup
-    with query_capture(loaded, QUERY) as get, torch.enable_grad():
-        loaded.hf_model(ids)
-    shared = get()
+    and `token_updates_from` on it = `token_updates` (sdpa: `sdpa_query_rows_capture` hooked into
+    a grad-enabled forward of the view = `capture_query(attention="sdpa")`)."""
+    (_, att), loaded, ids, cap, weights = setup
+    if att == "eager":
+        with query_capture(loaded, QUERY) as get, torch.enable_grad():
+            loaded.hf_model(ids)
+        shared = get()
+    else:
+        view = sdpa_view(loaded)
+        with sdpa_query_rows_capture(view, [QUERY]) as get, torch.enable_grad():
+            view(ids)
+        shared = get().row(0)
     for name in ("rot_k", "v", "rot_q", "z", "pattern", "attn_out"):
         for a, b in zip(getattr(shared, name), getattr(cap, name)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
-    direct = token_updates(loaded, ids, QUERY)
+    direct = token_updates(loaded, ids, QUERY, attention=att)
     again = token_updates_from(loaded, shared, weights)
     for name in ("mass", "contrib_sum_norm", "loo_sum_norm", "dai_fro", "dai_cos"):
         np.testing.assert_array_equal(getattr(again, name), getattr(direct, name))
 
 
 def test_rejects_unsupported_inputs(setup):
-    _, loaded, ids, _, _ = setup
+    (_, att), loaded, ids, _, _ = setup
     with pytest.raises(UpdatesError):
-        token_updates(loaded, ids, N_TOKENS)
+        token_updates(loaded, ids, N_TOKENS, attention=att)
+    with pytest.raises(UpdatesError, match="attention must be one of sdpa, eager"):
+        token_updates(loaded, ids, QUERY, attention="flash")
     torch.manual_seed(0)
     gpt2 = boot_model(
         AutoModelForCausalLM.from_config(GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=4,
@@ -215,7 +231,7 @@ def test_rejects_unsupported_inputs(setup):
                                          attn_implementation="eager"),
         byte_tokenizer(), spec="tiny-gpt2", device="cpu", dtype="float32")
     with pytest.raises(UpdatesError):
-        token_updates(gpt2, ids, QUERY)
+        token_updates(gpt2, ids, QUERY, attention=att)
 
 
 ROWS = [17, 19, 21]  # several query rows (the last one is QUERY)
@@ -224,16 +240,21 @@ KEYS = list(range(4, 16))
 
 def test_rows_capture_equals_single_row_captures(setup):
     """`capture_query_rows` (keys once, query side per row) and `query_rows_capture` hooked into
-    a grad-enabled HF forward: each `row(i)` is the `capture_query` of that row."""
-    _, loaded, ids, _, _ = setup
-    rows_cap = capture_query_rows(loaded, ids, ROWS)
-    with query_rows_capture(loaded, ROWS) as get, torch.enable_grad():
-        loaded.hf_model(ids)
+    a grad-enabled HF forward: each `row(i)` is the `capture_query` of that row (on both paths)."""
+    (_, att), loaded, ids, _, _ = setup
+    rows_cap = capture_query_rows(loaded, ids, ROWS, attention=att)
+    if att == "eager":
+        with query_rows_capture(loaded, ROWS) as get, torch.enable_grad():
+            loaded.hf_model(ids)
+    else:
+        view = sdpa_view(loaded)
+        with sdpa_query_rows_capture(view, ROWS) as get, torch.enable_grad():
+            view(ids)
     shared = get()
     assert shared.rows == rows_cap.rows == ROWS
     assert rows_cap.rot_k[0].shape[0] == rows_cap.pattern[0].shape[-1] == max(ROWS) + 1
     for i, q in enumerate(ROWS):
-        single = capture_query(loaded, ids, q)
+        single = capture_query(loaded, ids, q, attention=att)
         for cap in (rows_cap.row(i), shared.row(i)):
             assert cap.query == q
             for name in ("rot_k", "v", "rot_q", "z", "pattern", "attn_out"):
@@ -248,12 +269,13 @@ def _assert_close_f32(got: np.ndarray, ref: np.ndarray, name: str) -> None:
 
 
 def test_token_updates_rows_equal_single_rows(setup):
-    _, loaded, ids, _, weights = setup
-    rows = token_updates_rows(loaded, ids, ROWS)
+    (_, att), loaded, ids, _, weights = setup
+    rows = token_updates_rows(loaded, ids, ROWS, attention=att)
     assert [u.query for u in rows] == ROWS
-    again = token_updates_from(loaded, capture_query_rows(loaded, ids, ROWS), weights)
+    again = token_updates_from(loaded, capture_query_rows(loaded, ids, ROWS, attention=att),
+                               weights)
     for i, q in enumerate(ROWS):
-        single = token_updates(loaded, ids, q)
+        single = token_updates(loaded, ids, q, attention=att)
         assert rows[i].keys.tolist() == single.keys.tolist() == list(range(q + 1))
         assert rows[i].scale == single.scale and rows[i].gqa_group == single.gqa_group
         for name in ("mass", "contrib_norm", "contrib_sum_norm", "loo_norm", "loo_out_norm",
@@ -267,15 +289,16 @@ def test_token_updates_rows_equal_single_rows(setup):
 
 def test_key_summary_equals_token_updates(setup, monkeypatch):
     """The head-aggregated quantities `updates` stores, at several rows and only the given keys."""
-    _, loaded, ids, _, weights = setup
-    summ = key_summary_from(loaded, capture_query_rows(loaded, ids, ROWS), KEYS, weights)
+    (_, att), loaded, ids, _, weights = setup
+    summ = key_summary_from(loaded, capture_query_rows(loaded, ids, ROWS, attention=att), KEYS,
+                            weights)
     L = loaded.arch.n_layers
     assert summ.mass.shape == summ.contrib_sum_norm.shape == summ.loo_sum_norm.shape == (
         L, len(ROWS), len(KEYS))
     assert summ.dai_fro.shape == (L, len(KEYS))
     assert summ.rows.tolist() == ROWS and summ.keys.tolist() == KEYS
     for i, q in enumerate(ROWS):
-        single = token_updates(loaded, ids, q)
+        single = token_updates(loaded, ids, q, attention=att)
         _assert_close_f32(summ.mass[:, i], single.mass[:, :, KEYS].mean(axis=1), "mass")
         _assert_close_f32(summ.contrib_sum_norm[:, i], single.contrib_sum_norm[:, KEYS],
                           "contrib_sum_norm")
@@ -284,17 +307,18 @@ def test_key_summary_equals_token_updates(setup, monkeypatch):
     assert (summ.loo_sum_norm > 0).all() and not np.allclose(summ.mass[:, 0], summ.mass[:, -1])
     # rows in chunks of one (a tiny memory budget): the same values
     monkeypatch.setattr("probes.measures.attention_rows._SUMMARY_BUDGET", 1)
-    chunked = key_summary_from(loaded, capture_query_rows(loaded, ids, ROWS), KEYS, weights)
+    chunked = key_summary_from(loaded, capture_query_rows(loaded, ids, ROWS, attention=att), KEYS,
+                               weights)
     for name in ("contrib_sum_norm", "loo_sum_norm"):
         np.testing.assert_allclose(getattr(chunked, name), getattr(summ, name), rtol=1e-12)
 
 
 def test_rows_reject_bad_inputs(setup):
-    _, loaded, ids, _, weights = setup
+    (_, att), loaded, ids, _, weights = setup
     for rows in ([], [19, 17], [17, 17], [17, N_TOKENS]):
         with pytest.raises(UpdatesError):
-            capture_query_rows(loaded, ids, rows)
-    cap = capture_query_rows(loaded, ids, ROWS)
+            capture_query_rows(loaded, ids, rows, attention=att)
+    cap = capture_query_rows(loaded, ids, ROWS, attention=att)
     with pytest.raises(UpdatesError):
         key_summary_from(loaded, cap, [4, ROWS[0] + 1], weights)   # a key after the first row
     with pytest.raises(UpdatesError):
