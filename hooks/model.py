@@ -39,6 +39,10 @@ WEIGHT_CONVENTION = (
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
+DEVICE_SPEC_SEP = ";"
+"""Separates a device from its `device_map=` / `max_memory=` parts in one device string (what
+`--device-map` / `--max-memory` hand to `probes.models.load_model` through `--device`)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class ArchInfo:
@@ -59,6 +63,11 @@ class ArchInfo:
         mlp: "gated" (act(gate) * up) or "plain" (act(in)).
         dtype: Parameter dtype name, e.g. "float32", "bfloat16".
         weight_convention: How the weights are laid out; see `WEIGHT_CONVENTION`.
+        norm_layout: Where the block's norms sit: "pre" (before attention and MLP: Llama, Qwen,
+            Mistral, Phi-3, GPT-2), "sandwich" (before and after each: Gemma-2/3) or "post"
+            (after each only: OLMo-2). `hooks.weights.layer_views` has the norms themselves.
+        attn_softcap: Attention logit soft-cap c (scores c·tanh(s/c); Gemma-2), else None.
+        final_softcap: Final logit soft-cap (Gemma-2), else None.
     """
 
     family: str
@@ -75,6 +84,9 @@ class ArchInfo:
     mlp: str
     dtype: str
     weight_convention: str = WEIGHT_CONVENTION
+    norm_layout: str = "pre"
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
 
     @property
     def gqa_group(self) -> int:
@@ -150,6 +162,9 @@ class ArchInfo:
         positional = "rope" if rope else "learned"
         mlp = "plain" if family in _PLAIN_MLP_FAMILIES else "gated"
         dtype_name = dtype if isinstance(dtype, str) else _dtype_name(dtype)
+        caps = {k: (None if getattr(config, name, None) is None else float(getattr(config, name)))
+                for k, name in (("attn_softcap", "attn_logit_softcapping"),
+                                ("final_softcap", "final_logit_softcapping"))}
         return cls(
             family=family,
             n_layers=int(n_layers),
@@ -164,6 +179,8 @@ class ArchInfo:
             positional=positional,
             mlp=mlp,
             dtype=dtype_name,
+            norm_layout=_NORM_LAYOUTS.get(family, "pre"),
+            **caps,
         )
 
 
@@ -172,6 +189,11 @@ class ArchInfo:
 _PLAIN_MLP_FAMILIES = frozenset(
     {"gpt2", "gpt_neox", "gptj", "gpt_neo", "opt", "bloom", "phi", "codegen", "falcon", "mpt"}
 )
+
+
+# Families whose norms are not all before the sublayers (the rest: "pre").
+_NORM_LAYOUTS = {"gemma2": "sandwich", "gemma3": "sandwich", "gemma3_text": "sandwich",
+                 "olmo2": "post"}
 
 
 def _first_attr(config: Any, family: str, field: str, names: tuple[str, ...]) -> int:
@@ -206,7 +228,10 @@ class LoadedModel:
         arch: Architecture summary.
         spec: What the user asked for (built-in name, path or hub id).
         source: The folder the weights were read from, or "in-memory".
-        device: Where the parameters live.
+        device: Where the parameters live; for a model split over devices (`device_map`), where
+            the input embedding lives (token ids go there).
+        device_map: Module name -> device of a model dispatched by accelerate (`--device-map`),
+            else None.
     """
 
     bridge: TransformerBridge
@@ -215,6 +240,7 @@ class LoadedModel:
     spec: str
     source: str
     device: torch.device
+    device_map: dict[str, Any] | None = None
 
     @property
     def hf_model(self) -> PreTrainedModel:
@@ -236,6 +262,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """
     if isinstance(device, torch.device):
         device = str(device)
+    if isinstance(device, str) and DEVICE_SPEC_SEP in device:
+        device = device.split(DEVICE_SPEC_SEP, 1)[0]   # "auto;device_map=...": the first device
     if not isinstance(device, str) or not _DEVICE_RE.match(device):
         raise HooksError(
             f"Unknown device {device!r}. Use one of 'auto', 'cpu', 'cuda', 'cuda:N' (N = GPU index)."

@@ -1,7 +1,8 @@
 """The flag groups the subcommands share, each defined once, with `choices=` taken from the
 constants that the code checks against and defaults stated once (the parser shows them).
 
-- `model_flags`: `--model` (or `--tokenizer`), `--device`, `--model-dtype`.
+- `model_flags`: `--model` (or `--tokenizer`), `--device`, `--model-dtype`, `--device-map`,
+  `--max-memory` (the last two fold into `args.device`, the one string `load_model` reads).
 - `traces_flags`: `--traces`, `--limit`, `--strict`, `--lexicon`.
 - `out_flags`: `--out` and `--resume` (the write loop's rule, `probes.commands.loop.RESUME_HELP`).
 - `report_flags`: `--json` and `-q/--quiet` (alias `--no-progress`).
@@ -15,6 +16,7 @@ from pathlib import Path
 from hooks.model import DTYPES
 from probes.commands.loop import RESUME_HELP
 from probes.commands.progress import QUIET_HELP
+from probes.models.placement import DEVICE_MAPS
 
 MODEL_HELP = "tiny-reasoner, a local model folder, or a hub id in the local HF cache"
 DEVICE_HELP = "cpu, cuda, cuda:N or auto"
@@ -71,9 +73,32 @@ def model_flags(p: argparse.ArgumentParser, *, tokenizer_only: bool = False) -> 
         p.add_argument("--tokenizer", required=True, help=MODEL_HELP)
         return
     p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP, action=_DeviceAction)
     p.add_argument("--model-dtype", choices=MODEL_DTYPES, default="float32",
                    help="parameter dtype the model is loaded in")
+    p.add_argument("--device-map", choices=DEVICE_MAPS, default=None, action=_DeviceAction,
+                   help="split the model's layers over every visible GPU (accelerate); for a "
+                        "model bigger than one device")
+    p.add_argument("--max-memory", default=None, action=_DeviceAction, metavar="DEV=SIZE,...",
+                   help="memory budget per device for --device-map, e.g. 0=75GiB,1=75GiB "
+                        "(implies --device-map auto)")
+
+
+class _DeviceAction(argparse.Action):
+    """Stores its flag, then folds --device / --device-map / --max-memory into `args.device`."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        from probes.models.placement import PlacementError, device_spec, parse_max_memory
+
+        if self.dest == "max_memory":
+            try:
+                parse_max_memory(str(values))
+            except PlacementError as err:
+                parser.error(str(err))
+        setattr(namespace, self.dest, values)
+        namespace.device = device_spec(str(namespace.device), getattr(namespace, "device_map", None),
+                                       getattr(namespace, "max_memory", None))
 
 
 def traces_flags(p: argparse.ArgumentParser, *, limit_help: str = "use only the first N traces",

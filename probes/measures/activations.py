@@ -289,7 +289,9 @@ def capture_trace(
     sites = _hook_sites(site_map)
     nonfinite: list[torch.Tensor] = []
 
-    on_cpu = loaded.device.type == "cpu"
+    # A model split over devices (--device-map) has each layer's capture on its own device: copy
+    # each piece to the host on its own, as on the CPU (a stack across devices would fail).
+    on_cpu = loaded.device.type == "cpu" or getattr(loaded, "device_map", None) is not None
 
     def sink(tensors: Mapping[str, torch.Tensor]) -> None:
         # Per component: [rows, ...] per layer -> output[cursor:cursor + rows, i_layer]. On the CPU

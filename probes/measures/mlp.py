@@ -3,6 +3,15 @@
 For one answer query row q, per layer ℓ, with a gated (SwiGLU) MLP behind RMSNorm_2 (Qwen2 /
 Llama / Qwen3; HF convention, column vectors, UNFOLDED γ2 — the bridge runs in raw mode):
 
+Other layouts, through `hooks.weights.layer_views` (`layer_weights(..., any_layout=True)`, which
+`mlp_updates*`, `capture_rows` and `probes.measures.mlp_patch` use): Phi-3 (the gate/up halves of
+the fused `gate_up_proj`), Gemma-2/3 (m^{(i)} = x + N_post(W_O z^{(i)} + b_O), u = N_pre-ff(m), both
+(1 + γ) RMSNorms; GeGLU), OLMo-2 (m^{(i)} = x + N_post(W_O z^{(i)}), u = m: no norm before the MLP),
+GPT-2 (u = LayerNorm_2(m); the one input matrix W_in = `c_fc.weightᵀ` takes the place of W_gate:
+the same patch makes (W_in + ΔW) u' + b_in = W_in u_q + b_in, so φ is unchanged; its quantities
+are the `*_in` fields, the gate/up ones are None). Where a norm follows the MLP (Gemma, OLMo-2) the
+skip term δ is a bias added after that norm (`hook_mlp_out`), not a rank-1 patch of W_down.
+
 * Trajectory = a set of key positions 𝒯 = (τ_0 < … < τ_{T−1}) < q. The key set of step i is
   K_i = (keys ≤ q not in 𝒯) ∪ {τ_0..τ_i}; K_{−1} has no trajectory ("the context" of Dherin's
   contextual block is the trajectory; the rest of the sequence is the query side).
@@ -49,7 +58,7 @@ from torch import Tensor
 
 from hooks import capture
 from hooks.model import LoadedModel
-from hooks.weights import llama_layers
+from hooks.weights import layer_views
 from probes.errors import ProbesError
 
 __all__ = [
@@ -73,11 +82,34 @@ __all__ = [
 F64 = torch.float64
 
 
-F64 = torch.float64
-
-
 class MlpUpdateError(ProbesError, ValueError):
     """Unsupported model, or bad query / trajectory positions."""
+
+
+@dataclass
+class NormWeights:
+    """A norm's parameters in float64, callable on float64 inputs (see `hooks.weights.Norm`).
+
+    Attributes:
+        kind: "rms", "rms_1p" (Gemma: (1 + γ) ⊙ x/rms(x)) or "layer" (LayerNorm).
+        weight: γ [d].
+        bias: β [d] (LayerNorm) or None.
+        eps: ε.
+    """
+
+    kind: str
+    weight: Float64[Tensor, " d"]
+    bias: Float64[Tensor, " d"] | None
+    eps: float
+
+    def __call__(self, m: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch d"]:
+        if self.kind == "rms":
+            return rms_norm(m, self.weight, self.eps)
+        if self.kind == "rms_1p":
+            return rms_norm(m, 1.0 + self.weight, self.eps)
+        mc = m - m.mean(-1, keepdim=True)
+        out = self.weight * mc * torch.rsqrt(mc.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out if self.bias is None else out + self.bias
 
 
 @dataclass
@@ -93,6 +125,14 @@ class LayerWeights:
         w_up: `mlp.up_proj.weight` [d_mlp, d] (idem).
         w_down: `mlp.down_proj.weight` [d, d_mlp] (idem).
         grams: Precomputed (W_gateᵀW_gate, W_upᵀW_up) [d, d] each, or None (computed on demand).
+            For a plain MLP (GPT-2) `w_gate` holds W_in, `w_up` is None and `grams` = (W_inᵀW_in,).
+        names: The MLP input matrices, ("gate", "up") or ("in",) (W_in stored in `w_gate`).
+        mlp_norm: The norm before the MLP (float64), or None for the Llama RMSNorm(γ2, ε) of
+            `gamma` / `eps`; `identity` for OLMo-2 (no norm: u = m).
+        attn_out_norm: The norm applied to the attention output before the residual add (Gemma,
+            OLMo-2), or None.
+        down_bias_only: A norm follows the MLP: the skip term δ is a bias after it, not ΔW_down.
+        act: The HF name of the MLP activation.
     """
 
     w_o: Float64[Tensor, "d hd"]
@@ -102,58 +142,107 @@ class LayerWeights:
     w_gate: Float64[Tensor, "d_mlp d"] | None
     w_up: Float64[Tensor, "d_mlp d"] | None
     w_down: Float64[Tensor, "d d_mlp"] | None
-    grams: tuple[Float64[Tensor, "d d"], Float64[Tensor, "d d"]] | None = None
+    grams: tuple[Float64[Tensor, "d d"], ...] | None = None
+    names: tuple[str, ...] = ("gate", "up")
+    mlp_norm: NormWeights | None = None
+    identity: bool = False
+    attn_out_norm: NormWeights | None = None
+    down_bias_only: bool = False
+    act: str = "silu"
+
+    def matrix(self, which: str) -> Float64[Tensor, "d_mlp d"] | None:
+        """The MLP input matrix `which` (one of `names`), or None without MLP copies."""
+        self._check(which)
+        return self.w_up if which == "up" else self.w_gate
+
+    def _check(self, which: str) -> None:
+        if which not in self.names:
+            raise MlpUpdateError(
+                f"this layer's MLP has no {which!r} matrix: its input matrices are "
+                f"{list(self.names)} (a plain MLP act(W_in u) has no gate and no up projection).")
 
     def gram(self, which: str) -> Float64[Tensor, "d d"]:
-        """WᵀW [d, d] for `which` in {"gate", "up"} (the stored one, else computed now)."""
+        """WᵀW [d, d] for `which` in `names` (the stored one, else computed now)."""
+        self._check(which)
         if self.grams is not None:
-            return self.grams[0] if which == "gate" else self.grams[1]
-        w = self.w_gate if which == "gate" else self.w_up
+            return self.grams[self.names.index(which)]
+        w = self.matrix(which)
         if w is None:
             raise MlpUpdateError("these LayerWeights hold neither the MLP weights nor their Grams.")
         return w.T @ w
 
+    def norm2(self, m: Float[Tensor, "*batch d"]) -> Float[Tensor, "*batch d"]:
+        """The MLP input u from the residual m (float64): the norm before the MLP."""
+        if self.identity:
+            return m
+        if self.mlp_norm is not None:
+            return self.mlp_norm(m)
+        return rms_norm(m, self.gamma, self.eps)
+
 
 def layer_weights(loaded: LoadedModel | torch.nn.Module, *, with_mlp: bool = True,
-                  device: str | torch.device = "cpu") -> list[LayerWeights]:
-    """Read every layer's o_proj, post-attention RMSNorm and gated-MLP weights from the HF model.
+                  device: str | torch.device = "cpu", any_layout: bool = False
+                  ) -> list[LayerWeights]:
+    """Read every layer's o_proj, pre-MLP norm and MLP input/output weights (`hooks.weights`).
 
     Args:
-        loaded: A booted Llama-style model (Qwen2 / Llama / Qwen3), or its HF model.
+        loaded: A booted model of a family `hooks.weights.layer_views` describes, or its HF model.
         with_mlp: True: float64 copies of W_gate, W_up, W_down (what the endpoint patches and
             the identity checks use). False: no MLP copies; the two d×d Grams WᵀW (all that
             `mlp_updates` needs) are computed on the model's device in float64 and stored in
             `grams` (per-run constants: compute them once and reuse them for every trace).
         device: Where the float64 copies live (default CPU; the model's device for computing
             M5 next to a `row_capture(..., device=None)`).
+        any_layout: False (default): only the Llama computation (RMSNorm before the MLP, nothing
+            after the sublayers, a gated MLP: Qwen2 / Llama / Qwen3 / Mistral / Phi-3), so that
+            callers which apply `rms_norm(m, gamma, eps)` themselves stay exact. True: every
+            family of `hooks.weights.FAMILIES`; use `LayerWeights.norm2` / `restricted_inputs`.
 
     Returns:
         One `LayerWeights` per layer (float64 copies).
 
     Raises:
-        MlpUpdateError: If the model lacks the Llama-style modules or a gated MLP.
+        MlpUpdateError: For a model without a weight view (or, without `any_layout`, without the
+            Llama computation), naming what is missing.
     """
-    def f(t: Tensor) -> Tensor:
-        return t.detach().to(device, F64)
+    def f(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.detach().to(device, F64)
 
+    def nw(norm) -> NormWeights | None:
+        return None if norm is None else NormWeights(norm.kind, f(norm.weight), f(norm.bias),
+                                                     norm.eps)
+
+    views = layer_views(loaded, what="mlp_update", error=MlpUpdateError)
+    if not any_layout and views and not views[0].llama_like:
+        raise MlpUpdateError(
+            f"this caller of layer_weights needs the Llama computation (RMSNorm before the MLP, "
+            f"no norm after the sublayers, a gated MLP); {views[0].family!r} differs. M5 "
+            f"(probes.measures.mlp / mlp_patch) handles it through layer_weights(any_layout=True).")
     out = []
-    for view in llama_layers(loaded, what="mlp_update", error=MlpUpdateError):
-        gate, up, o = view.gate_proj, view.up_proj, view.o_proj
-        if gate.bias is not None or up.bias is not None:
-            raise MlpUpdateError("mlp_update supports bias-free gate/up projections only.")
-        common = {"w_o": f(o.weight), "b_o": None if o.bias is None else f(o.bias),
-                  "gamma": f(view.mlp_norm.weight), "eps": view.norm_eps}
+    for view in views:
+        names = tuple(view.mlp_in)
+        norm = view.mlp_in_norm
+        d = view.w_o.shape[0]
+        common = {"w_o": f(view.w_o), "b_o": f(view.b_o),
+                  "gamma": f(norm.weight) if norm is not None else torch.ones(d, dtype=F64,
+                                                                              device=device),
+                  "eps": norm.eps if norm is not None else 0.0,
+                  "names": names, "mlp_norm": nw(norm) if norm is not None and norm.kind != "rms"
+                  else None, "identity": norm is None, "attn_out_norm": nw(view.attn_out_norm),
+                  "down_bias_only": view.mlp_out_norm is not None, "act": view.act}
+        mats = [view.mlp_in[n] for n in names]
         if with_mlp:
-            out.append(LayerWeights(**common, w_gate=f(gate.weight), w_up=f(up.weight),
-                                    w_down=f(view.down_proj.weight)))
+            out.append(LayerWeights(**common, w_gate=f(mats[0]),
+                                    w_up=f(mats[1]) if len(mats) > 1 else None,
+                                    w_down=f(view.w_down)))
         else:
             grams = []
-            for w in (gate.weight, up.weight):
+            for w in mats:
                 w64 = w.detach().to(F64)
                 grams.append((w64.T @ w64).to(device))
                 del w64
             out.append(LayerWeights(**common, w_gate=None, w_up=None, w_down=None,
-                                    grams=(grams[0], grams[1])))
+                                    grams=tuple(grams)))
     return out
 
 
@@ -175,7 +264,7 @@ class RowCapture:
         resid_mid: Per layer, m at the rows [R, d].
         ln2_out: Per layer, u = RMSNorm_2(m) at the rows [R, d].
         mlp_pre: Per layer, W_gate u [R, d_mlp].
-        mlp_pre_linear: Per layer, W_up u [R, d_mlp].
+        mlp_pre_linear: Per layer, W_up u [R, d_mlp] (None for a plain MLP).
         mlp_post: Per layer, φ = SiLU(W_gate u) ⊙ W_up u [R, d_mlp].
         logits: Final logits at the rows [R, vocab] (None from `row_capture` without logits).
     """
@@ -187,7 +276,7 @@ class RowCapture:
     resid_mid: list[Float[Tensor, "r d"]]
     ln2_out: list[Float[Tensor, "r d"]]
     mlp_pre: list[Float[Tensor, "r d_mlp"]]
-    mlp_pre_linear: list[Float[Tensor, "r d_mlp"]]
+    mlp_pre_linear: list[Float[Tensor, "r d_mlp"]] | None
     mlp_post: list[Float[Tensor, "r d_mlp"]]
     logits: Float[Tensor, "r vocab"] | None
 
@@ -198,12 +287,10 @@ def check_positions(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, "
     """Validate the model and the positions for M5; returns (ids [1, N], rows, trajectory).
 
     Raises:
-        MlpUpdateError: For a model without RoPE and a gated MLP, or bad positions.
+        MlpUpdateError: For a model without a weight view (`hooks.weights.layer_views`), or bad
+            positions.
     """
-    arch = loaded.arch
-    if arch.positional != "rope" or getattr(arch, "mlp", "gated") != "gated":
-        raise MlpUpdateError(
-            f"mlp_update needs a RoPE model with a gated MLP; {arch.family!r} is not one.")
+    layer_views(loaded, what="mlp_update", error=MlpUpdateError)
     ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
     n = int(ids.shape[1])
     rows, traj = [int(r) for r in rows], [int(t) for t in trajectory]
@@ -230,7 +317,7 @@ def row_capture(loaded: LoadedModel, rows: Sequence[int], *,
         >>> cap = get()
 
     Args:
-        loaded: A booted RoPE model with a gated MLP (Qwen2 / Llama / Qwen3), batch 1.
+        loaded: A booted model of a `hooks.weights.FAMILIES` family, batch 1.
         rows: Strictly increasing query rows.
         device: Where the captured tensors go ("cpu"; None = the model's device, so that
             `mlp_updates_from` computes there, with `layer_weights(..., device=...)` there too).
@@ -240,9 +327,12 @@ def row_capture(loaded: LoadedModel, rows: Sequence[int], *,
     """
     rows = [int(r) for r in rows]
     L, last = loaded.arch.n_layers, rows[-1]
+    view = layer_views(loaded, what="mlp_update", error=MlpUpdateError)[0]
     kv_sites = [f"L{l}.attn.v" for l in range(L)]
-    comps = ("attn.pattern", "resid_pre", "resid_mid", "ln2.out", "mlp.pre", "mlp.pre_linear",
-             "mlp.post")
+    # No norm before the MLP (OLMo-2): its input is resid_mid; a plain MLP has no up projection.
+    u_site = "ln2.out" if view.mlp_in_norm is not None else "resid_mid"
+    comps = tuple(dict.fromkeys(("attn.pattern", "resid_pre", "resid_mid", u_site, "mlp.pre",
+                                 *(("mlp.pre_linear",) if view.gated else ()), "mlp.post")))
     row_sites = [f"L{l}.{c}" for l in range(L) for c in comps]
     with (
         capture(loaded, kv_sites, positions=slice(0, last + 1), dtype="float32",
@@ -259,8 +349,9 @@ def row_capture(loaded: LoadedModel, rows: Sequence[int], *,
                 rows=rows, v=[kv[f"L{l}.attn.v"] for l in range(L)],
                 pattern=[p[:, :, : last + 1] for p in per_layer("attn.pattern")],
                 resid_pre=per_layer("resid_pre"), resid_mid=per_layer("resid_mid"),
-                ln2_out=per_layer("ln2.out"), mlp_pre=per_layer("mlp.pre"),
-                mlp_pre_linear=per_layer("mlp.pre_linear"), mlp_post=per_layer("mlp.post"),
+                ln2_out=per_layer(u_site), mlp_pre=per_layer("mlp.pre"),
+                mlp_pre_linear=per_layer("mlp.pre_linear") if view.gated else None,
+                mlp_post=per_layer("mlp.post"),
                 logits=None if logits is None else logits[0, rows].detach().to("cpu", torch.float32))
 
         yield get
@@ -272,7 +363,7 @@ def capture_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n"
     """Run the bridge once with hooks and keep what M5 needs at the query rows.
 
     Args:
-        loaded: A booted RoPE model with a gated MLP (Qwen2 / Llama / Qwen3), batch 1.
+        loaded: A booted model of a `hooks.weights.FAMILIES` family, batch 1.
         ids: Token ids [1, N] (or [N]).
         rows: Strictly increasing query rows (e.g. [q], or every row of the answer block).
 
@@ -288,7 +379,9 @@ def capture_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n"
 def restricted_prefix(p: Float[Tensor, "h r k"], v_h: Float[Tensor, "h k d_h"],
                       trajectory: Int[Tensor, " t"], resid_pre: Float[Tensor, "r d"],
                       w_o: Float[Tensor, "d h*d_h"], b_o: Float[Tensor, " d"] | None,
-                      gamma: Float[Tensor, " d"], eps: float,
+                      gamma: Float[Tensor, " d"], eps: float, *,
+                      norm: Callable[[Tensor], Tensor] | None = None,
+                      attn_out_norm: Callable[[Tensor], Tensor] | None = None,
                       ) -> tuple[Float[Tensor, "r t+1 d"], Float[Tensor, "r t+1 d"]]:
     """Frozen-upstream MLP inputs for the trajectory prefixes K_{−1}, K_0, …, K_{T−1} (§7.3 M5).
 
@@ -310,6 +403,9 @@ def restricted_prefix(p: Float[Tensor, "h r k"], v_h: Float[Tensor, "h k d_h"],
         b_o: `o_proj.bias` [d] or None.
         gamma: γ2 of the post-attention RMSNorm [d].
         eps: Its ε.
+        norm: The norm before the MLP, if not RMSNorm(γ2, ε) (`LayerWeights.norm2`).
+        attn_out_norm: A norm on the attention output before the residual add (Gemma, OLMo-2):
+            m = x + N(W_O z + b_O).
 
     Returns:
         `(m, u)`, each [R, T+1, d]: index 0 is the base i = −1 (no trajectory), index i+1 the
@@ -326,10 +422,14 @@ def restricted_prefix(p: Float[Tensor, "h r k"], v_h: Float[Tensor, "h k d_h"],
     num = torch.cat([num0[:, :, None], num0[:, :, None] + pv.cumsum(2)], 2)  # [H, R, T+1, d_h]
     den = torch.cat([den0[..., None], den0[..., None] + p_t.cumsum(2)], 2)   # [H, R, T+1]
     z = (num / den[..., None]).permute(1, 2, 0, 3).reshape(R, den.shape[-1], -1)  # [R, T+1, H·d_h]
-    m = resid_pre[:, None, :] + z @ w_o.T                               # [R, T+1, d]
-    if b_o is not None:
-        m = m + b_o
-    return m, rms_norm(m, gamma, eps)
+    if attn_out_norm is None:
+        m = resid_pre[:, None, :] + z @ w_o.T                           # [R, T+1, d]
+        if b_o is not None:
+            m = m + b_o
+    else:                                                               # m = x + N(W_O z + b_O)
+        a = z @ w_o.T if b_o is None else z @ w_o.T + b_o
+        m = resid_pre[:, None, :] + attn_out_norm(a)
+    return m, (rms_norm(m, gamma, eps) if norm is None else norm(m))
 
 
 def restricted_inputs(cap: RowCapture, w: LayerWeights, layer: int, trajectory: Sequence[int],
@@ -346,13 +446,14 @@ def restricted_inputs(cap: RowCapture, w: LayerWeights, layer: int, trajectory: 
         `(m, u)`, each [R, T+1, d]: index 0 is the base i = −1 (no trajectory), index i+1 the
         prefix τ_0..τ_i; index T is the full context (equals the captured resid_mid / ln2.out).
     """
-    p = cap.pattern[layer].to(F64)                                  # [H, R, K]
-    v = cap.v[layer].to(F64)                                        # [K, H_kv, d_h]
+    dev = w.w_o.device      # the weights' device (a layer of a split model may be elsewhere)
+    p = cap.pattern[layer].to(dev, F64)                             # [H, R, K]
+    v = cap.v[layer].to(dev, F64)                                   # [K, H_kv, d_h]
     H = p.shape[0]
     v_h = v.repeat_interleave(H // v.shape[1], dim=1).transpose(0, 1)   # [H, K, d_h]
-    traj = torch.as_tensor(list(trajectory), dtype=torch.long, device=p.device)
-    return restricted_prefix(p, v_h, traj, cap.resid_pre[layer].to(F64), w.w_o, w.b_o, w.gamma,
-                             w.eps)
+    traj = torch.as_tensor(list(trajectory), dtype=torch.long, device=dev)
+    return restricted_prefix(p, v_h, traj, cap.resid_pre[layer].to(dev, F64), w.w_o, w.b_o,
+                             w.gamma, w.eps, norm=w.norm2, attn_out_norm=w.attn_out_norm)
 
 
 @dataclass
@@ -374,26 +475,43 @@ class MlpUpdates:
         du: u^{(i)} − u^{(i−1)} [L, T, d] (rank-1 left factor source: step_i = W du_i ⊗ right);
             None from `mlp_updates_rows_from(..., keep_du=False)`.
         u_base: u^{(−1)} [L, d].
+        sigma_in, grad_norm_in, cos_in, cum_fro_in, total_fro_in: The same for the one input
+            matrix W_in of a plain MLP (GPT-2); None for a gated MLP, whose gate/up fields are
+            None for a plain one (`get` refuses them with one line).
     """
 
     query: int
     trajectory: Int[np.ndarray, " t"]
     lr: Float64[np.ndarray, " l"]
     u_base_norm: Float64[np.ndarray, " l"]
-    sigma_gate: Float64[np.ndarray, "l t"]
-    sigma_up: Float64[np.ndarray, "l t"]
-    grad_norm_gate: Float64[np.ndarray, "l t"]
-    grad_norm_up: Float64[np.ndarray, "l t"]
-    cos_gate: Float64[np.ndarray, "l t"]
-    cos_up: Float64[np.ndarray, "l t"]
-    cum_fro_gate: Float64[np.ndarray, "l t"]
-    cum_fro_up: Float64[np.ndarray, "l t"]
-    total_fro_gate: Float64[np.ndarray, " l"]
-    total_fro_up: Float64[np.ndarray, " l"]
+    sigma_gate: Float64[np.ndarray, "l t"] | None
+    sigma_up: Float64[np.ndarray, "l t"] | None
+    grad_norm_gate: Float64[np.ndarray, "l t"] | None
+    grad_norm_up: Float64[np.ndarray, "l t"] | None
+    cos_gate: Float64[np.ndarray, "l t"] | None
+    cos_up: Float64[np.ndarray, "l t"] | None
+    cum_fro_gate: Float64[np.ndarray, "l t"] | None
+    cum_fro_up: Float64[np.ndarray, "l t"] | None
+    total_fro_gate: Float64[np.ndarray, " l"] | None
+    total_fro_up: Float64[np.ndarray, " l"] | None
     down_fro: Float64[np.ndarray, " l"]
     delta_norm: Float64[np.ndarray, " l"]
     du: Float64[np.ndarray, "l t d"] | None
     u_base: Float64[np.ndarray, "l d"]
+    sigma_in: Float64[np.ndarray, "l t"] | None = None
+    grad_norm_in: Float64[np.ndarray, "l t"] | None = None
+    cos_in: Float64[np.ndarray, "l t"] | None = None
+    cum_fro_in: Float64[np.ndarray, "l t"] | None = None
+    total_fro_in: Float64[np.ndarray, " l"] | None = None
+
+    def get(self, name: str) -> np.ndarray:
+        """The array `name`, or one clear refusal where the model's MLP has no such matrix."""
+        value = getattr(self, name)
+        if value is None:
+            have = "gate, up" if self.sigma_gate is not None else "in (plain MLP: act(W_in u))"
+            raise MlpUpdateError(
+                f"{name} does not apply to this model: its MLP input matrices are {have}.")
+        return value
 
 
 def _step_stats(du: Tensor, dcum: Tensor, gram: Tensor, base_norm: Tensor) -> dict[str, Tensor]:
@@ -416,7 +534,7 @@ def mlp_updates(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n"]
         >>> upd.sigma_gate.shape                # [n_layers, t1 - t0]
 
     Args:
-        loaded: A booted RoPE model with a gated MLP (Qwen2 / Llama / Qwen3), batch 1.
+        loaded: A booted model of a `hooks.weights.FAMILIES` family, batch 1.
         ids: Token ids [1, N] (or [N]).
         query: Query row q.
         trajectory: Trajectory key positions, strictly increasing, all < q.
@@ -428,7 +546,7 @@ def mlp_updates(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n"]
         MlpUpdateError: For an unsupported model or bad positions.
     """
     ids, rows, traj = check_positions(loaded, ids, [query], trajectory)
-    weights = layer_weights(loaded, with_mlp=False)
+    weights = layer_weights(loaded, with_mlp=False, any_layout=True)
     cap = capture_rows(loaded, ids, rows)
     return mlp_updates_from(cap, weights, traj)
 
@@ -442,7 +560,7 @@ def mlp_updates_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, 
         >>> ups[1].sigma_gate.shape             # [n_layers, t1 - t0]
 
     Args:
-        loaded: A booted RoPE model with a gated MLP (Qwen2 / Llama / Qwen3), batch 1.
+        loaded: A booted model of a `hooks.weights.FAMILIES` family, batch 1.
         ids: Token ids [1, N] (or [N]).
         rows: Strictly increasing query rows.
         trajectory: Trajectory key positions, strictly increasing, all < rows[0].
@@ -455,14 +573,14 @@ def mlp_updates_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, 
         MlpUpdateError: For an unsupported model or bad positions.
     """
     ids, rows, traj = check_positions(loaded, ids, rows, trajectory)
-    weights = layer_weights(loaded, with_mlp=False)
+    weights = layer_weights(loaded, with_mlp=False, any_layout=True)
     cap = capture_rows(loaded, ids, rows)
     return mlp_updates_rows_from(cap, weights, traj)
 
 
-_MLP_KEYS = ("sigma_gate", "sigma_up", "grad_norm_gate", "grad_norm_up", "cos_gate", "cos_up",
-             "cum_fro_gate", "cum_fro_up", "total_fro_gate", "total_fro_up", "down_fro",
-             "delta_norm", "lr", "u_base_norm", "du", "u_base")
+_MLP_KEYS = tuple(f"{q}_{w}" for w in ("gate", "up", "in")
+                  for q in ("sigma", "grad_norm", "cos", "cum_fro", "total_fro")) + (
+    "down_fro", "delta_norm", "lr", "u_base_norm", "du", "u_base")
 
 
 def _row_step_stats(m: Tensor, u: Tensor, w: LayerWeights, phi: Tensor,
@@ -472,7 +590,7 @@ def _row_step_stats(m: Tensor, u: Tensor, w: LayerWeights, phi: Tensor,
     bn = base.norm()
     du = u[1:] - u[:-1]
     dcum = u[1:] - base
-    for which in ("gate", "up"):
+    for which in w.names:
         s = _step_stats(du, dcum, w.gram(which), bn)
         out[f"sigma_{which}"].append(s["sigma"])
         out[f"grad_norm_{which}"].append(s["sigma"] * bn**2)
@@ -481,7 +599,7 @@ def _row_step_stats(m: Tensor, u: Tensor, w: LayerWeights, phi: Tensor,
         out[f"total_fro_{which}"].append(s["cum"][-1])
     delta = m[-1] - m[0]
     out["delta_norm"].append(delta.norm())
-    out["down_fro"].append(delta.norm() / phi.to(F64).norm())
+    out["down_fro"].append(delta.norm() / phi.to(delta.device, F64).norm())
     out["lr"].append(1.0 / bn**2)
     out["u_base_norm"].append(bn)
     if keep_du:
