@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: demo test lint install reasoner eval-reasoner screenshot
+.PHONY: demo test lint install reasoner eval-reasoner reasoner-stages screenshot
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -36,6 +36,18 @@ reasoner: $(VENV)/.installed
 
 eval-reasoner: $(VENV)/.installed
 	$(PY) -m probes.reasoner.evaluate
+
+# The checkpoints along training: the early SFT (the same run stopped after 150 steps), the GRPO
+# fine-tune (TRL, the optional `train` extra, in its own venv .venv-train; about 8 min on 2 CPU
+# cores) and the accuracy of each stage on 500 fresh problems.
+TRAIN_VENV := .venv-train
+reasoner-stages: $(VENV)/.installed
+	$(PY) -m probes.reasoner.train --stop-after 150 --threads 1 --out probes/reasoner/checkpoint_sft_early
+	test -x $(TRAIN_VENV)/bin/python || $(PYTHON) -m venv $(TRAIN_VENV)
+	$(TRAIN_VENV)/bin/python -c "import torch" 2>/dev/null || $(TRAIN_VENV)/bin/pip install --quiet $(TORCH)
+	$(TRAIN_VENV)/bin/pip install --quiet -e ".[train]"
+	$(TRAIN_VENV)/bin/python -m probes.reasoner.grpo --out probes/reasoner/checkpoint_grpo --max-minutes 17
+	$(PY) -m probes.reasoner.stages
 
 # The README's picture of the report: the demo, then its report rendered by headless Chromium.
 screenshot: $(VENV)/.installed

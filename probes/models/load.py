@@ -19,6 +19,7 @@ import torch
 from hooks.model import ArchInfo, LoadedModel, resolve_device, resolve_dtype
 from probes.errors import ModelNotFoundError, ProbesError
 from probes.models.kv import ensure_kv_cache_shim
+from probes.models.placement import dispatched_device, split_device_spec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -27,11 +28,22 @@ if TYPE_CHECKING:
 BUILTIN_MODELS: dict[str, Path] = {
     # Trained by `python -m probes.reasoner.train`; shipped as package data.
     "tiny-reasoner": Path(__file__).resolve().parents[1] / "reasoner" / "checkpoint",
+    # The same SFT run stopped early, and a GRPO fine-tune of tiny-reasoner (README, "Models along
+    # training"); they share tiny-reasoner's tokenizer.
+    "tiny-reasoner-sft-early": Path(__file__).resolve().parents[1] / "reasoner" / "checkpoint_sft_early",
+    "tiny-reasoner-grpo": Path(__file__).resolve().parents[1] / "reasoner" / "checkpoint_grpo",
 }
 """Built-in model names and the checkpoint folder each resolves to (the one source of truth)."""
 
 
-_BUILTIN_REBUILD: dict[str, str] = {"tiny-reasoner": "python -m probes.reasoner.train"}
+_BUILTIN_REBUILD: dict[str, str] = {
+    "tiny-reasoner": "python -m probes.reasoner.train",
+    "tiny-reasoner-sft-early": (
+        "python -m probes.reasoner.train --stop-after 150 --threads 1 "
+        "--out probes/reasoner/checkpoint_sft_early"
+    ),
+    "tiny-reasoner-grpo": "python -m probes.reasoner.grpo --out probes/reasoner/checkpoint_grpo",
+}
 """How to rebuild each built-in checkpoint when its folder is missing."""
 
 
@@ -193,6 +205,8 @@ def boot_model(
 
     The model is cast (floating parameters only) when `dtype` differs from its weights, moved to
     `device`, put in eval mode and switched to eager attention (the bridge does this in place).
+    A model dispatched over devices by accelerate (`hf_device_map`, from `load_model` with a
+    device map) stays where it is; `LoadedModel.device` is then its input embedding's device.
 
     Args:
         hf_model: An HF `*ForCausalLM` model; it becomes `bridge.original_model`.
@@ -213,15 +227,21 @@ def boot_model(
 
     _force_offline()
     ensure_kv_cache_shim()
-    target_device = resolve_device(device)
+    spread = dispatched_device(hf_model)
+    target_device = resolve_device(device) if spread is None else spread
     target_dtype = _param_dtype(hf_model) if dtype is None else resolve_dtype(dtype)
     if _param_dtype(hf_model) != target_dtype:
         from transformer_lens.utilities.multi_gpu import maybe_cast_floating_params
 
         # Casts parameters only; float32 buffers such as RoPE inv_freq stay float32, as HF does.
         maybe_cast_floating_params(hf_model, target_dtype)
-    hf_model.to(target_device)
+    if spread is None:
+        hf_model.to(target_device)
     hf_model.eval()
+    if not getattr(hf_model.config, "architectures", None):
+        # A config built in code has no `architectures`; TransformerLens picks its adapter from it
+        # (Gemma-3 and OLMo-2 are refused without it). `from_pretrained` folders always have it.
+        hf_model.config.architectures = [type(hf_model).__name__]
     # The label is only used by the bridge for naming and alias lookup; a local folder avoids any
     # chance of it being read as a hub id.
     label = source if source != "in-memory" and Path(source).is_dir() else spec
@@ -248,12 +268,14 @@ def boot_model(
         spec=spec,
         source=source,
         device=target_device,
+        device_map=None if spread is None else dict(hf_model.hf_device_map),
     )
 
 
 def _read_tokenizer(folder: Path, spec: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
+    _check_config_json(folder, spec)
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError) as err:
@@ -262,6 +284,27 @@ def _read_tokenizer(folder: Path, spec: str) -> PreTrainedTokenizerBase:
             "tokenizer files (tokenizer.json, or vocab.json + merges.txt, or tokenizer.model) next to "
             "config.json; save them with tokenizer.save_pretrained(folder)."
         ) from err
+
+
+def _check_config_json(folder: Path, spec: str) -> None:
+    """Refuse a config.json that is not a JSON object as a configuration problem (transformers would
+    report it while reading the tokenizer, as a tokenizer problem)."""
+    import json
+
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ProbesError(
+            f"{str(path)!r} (model {spec!r}) is not valid JSON ({err}); it is the model's "
+            "configuration: fix the file or save it again with model.save_pretrained(folder)."
+        ) from None
+    except OSError:
+        return  # missing or unreadable: reported where it is needed
+    if not isinstance(config, dict):
+        raise ProbesError(f"{str(path)!r} (model {spec!r}) holds a JSON {type(config).__name__}, "
+                          "not the model configuration object; save it again with "
+                          "model.save_pretrained(folder).")
 
 
 def load_tokenizer(spec: str, *, cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
@@ -305,7 +348,9 @@ def load_model(
     Args:
         spec: A built-in name (see `BUILTIN_MODELS`), a local folder with config.json + weights +
             tokenizer files, or a hub id already in the local HF cache.
-        device: "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N".
+        device: "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"; or, for a model
+            split over devices, "auto;device_map=auto[;max_memory=0=75GiB,1=75GiB]" (what
+            `--device-map` / `--max-memory` produce; `probes.models.placement`).
         dtype: "float32", "float16", "bfloat16" or a torch.dtype; weights are loaded in it.
         cache_dir: HF hub cache to search for hub ids; default `HF_HUB_CACHE` / `HF_HOME/hub`
             read at call time.
@@ -318,6 +363,7 @@ def load_model(
         ProbesError: For a bad device or dtype, or a folder whose files cannot be read.
     """
     _force_offline()
+    device, device_map, max_memory = split_device_spec(device)
     target_device = resolve_device(device)
     target_dtype = resolve_dtype(dtype)
     folder = resolve_spec(spec, cache_dir=cache_dir)
@@ -325,9 +371,11 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     tokenizer = _read_tokenizer(folder, spec)
+    placement = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory}
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=target_dtype, local_files_only=True, attn_implementation="eager"
+            folder, dtype=target_dtype, local_files_only=True, attn_implementation="eager",
+            **placement,
         )
     except (OSError, ValueError, KeyError) as err:
         raise ProbesError(

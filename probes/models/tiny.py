@@ -38,27 +38,58 @@ _TINY_COMMON = {
 TINY_FAMILIES = ("llama", "qwen2", "qwen3")
 """Families `tiny_config` builds (the RoPE + GQA architectures the update identities cover)."""
 
+MORE_FAMILIES = ("mistral", "gemma2", "gemma3", "phi3", "olmo2", "gpt2")
+"""The further families `tiny_config` builds (`hooks.weights.layer_views` describes them all;
+tests/probes/models/test_families.py says which measurements run on them)."""
+
 
 def tiny_config(family: str):
-    """A 2-layer Llama / Qwen2 / Qwen3 config: d_model 32, GQA 4/2, vocab 300.
+    """A 2-layer config of `family`: d_model 32, GQA 4/2 (GPT-2: 4 heads), vocab 300.
 
     `initializer_range=0.2` makes attention peaked rather than uniform, so identity tests on
     random-init models are not trivially satisfied. Llama gets attention biases, Qwen2 ties its
-    embeddings, Qwen3 sets `head_dim=16`.
+    embeddings, Qwen3 sets `head_dim=16`; Mistral has no sliding window (as Mistral-7B v0.2+ and
+    Mistral-Small); Gemma-2/3 use head_dim 16 with the published
+    `query_pre_attn_scalar` default (256, so the query scale is not 1/√d_h), Gemma-2 keeps its
+    attention and final logit soft-capping and both a sliding-window and a global layer (window 8,
+    so the tests' sequences exceed it); Phi-3 has the fused `qkv_proj` / `gate_up_proj`; OLMo-2 its
+    norms after the sublayers and q/k norms; GPT-2 LayerNorm, GELU without a gate, Conv1D.
 
     Args:
-        family: One of `TINY_FAMILIES`.
+        family: One of `TINY_FAMILIES` or `MORE_FAMILIES`.
 
     Returns:
         A transformers config for `AutoModelForCausalLM.from_config`.
     """
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        GPT2Config,
+        LlamaConfig,
+        MistralConfig,
+        Olmo2Config,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
 
+    ids = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+    gemma = {**_TINY_COMMON, **ids, "head_dim": 16, "sliding_window": 8}
     builders = {
         "qwen2": lambda: Qwen2Config(**_TINY_COMMON, tie_word_embeddings=True),
         "llama": lambda: LlamaConfig(**_TINY_COMMON, attention_bias=True),
         "qwen3": lambda: Qwen3Config(**_TINY_COMMON, head_dim=16),
+        "mistral": lambda: MistralConfig(**_TINY_COMMON, **ids, sliding_window=None),
+        "gemma2": lambda: Gemma2Config(**gemma, final_logit_softcapping=5.0,
+                                       attn_logit_softcapping=3.0),
+        "gemma3": lambda: Gemma3TextConfig(**gemma, layer_types=["sliding_attention",
+                                                                 "full_attention"]),
+        "phi3": lambda: Phi3Config(**_TINY_COMMON, **ids),
+        "olmo2": lambda: Olmo2Config(**_TINY_COMMON, **ids),
+        "gpt2": lambda: GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+                                   initializer_range=0.2, bos_token_id=0, eos_token_id=0),
     }
     if family not in builders:
-        raise ValueError(f"tiny_config: unknown family {family!r}; choose from {TINY_FAMILIES}")
+        raise ValueError(f"tiny_config: unknown family {family!r}; choose from "
+                         f"{TINY_FAMILIES + MORE_FAMILIES}")
     return builders[family]()

@@ -58,8 +58,75 @@ def self_generated_accuracy(
     return n_ok / len(answers)
 
 
-def evaluate(model: str = "tiny-reasoner", *, n: int = 500, device: str = "auto") -> dict:
-    """Compute the README figures on `n` fresh problems (seed `EVAL_SEED`)."""
+def _left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(r) for r in rows)
+    ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r) :] = torch.as_tensor(r)
+        mask[i, n - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def own_answers(
+    loaded: LoadedModel,
+    tokenized: list,
+    *,
+    batch_size: int = 64,
+    max_new_tokens: int = 400,
+    temperature: float | None = None,
+    seed: int = 0,
+) -> list[str]:
+    """The answers the model gives after reasoning on its own, in left-padded batches.
+
+    The same two stages as `self_generated_accuracy` (trajectory from the prompt until `</think>` or
+    eos, then the scaffold appended and the answer decoded up to the closing brace), run on
+    `batch_size` problems at once: the figure for hundreds of problems in seconds instead of minutes.
+
+    Args:
+        loaded: The model.
+        tokenized: Tokenized problems (only their prompt spans are used).
+        batch_size: Problems per batch.
+        max_new_tokens: Longest own trajectory.
+        temperature: None for greedy decoding; else sampling at this temperature (both stages),
+            seeded with `seed`.
+        seed: Seed of the sampling (`torch.manual_seed`, once, before the first batch).
+
+    Returns:
+        The decoded answer text (before `}`) per problem, in order.
+    """
+    hf, tok = loaded.hf_model, loaded.tokenizer
+    stops = [tok.convert_tokens_to_ids("</think>"), tok.eos_token_id]
+    scaffold = tok(DEFAULT_SCAFFOLD, add_special_tokens=False)["input_ids"]
+    sample = {"do_sample": False} if temperature is None else {
+        "do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+    if temperature is not None:
+        torch.manual_seed(seed)
+    out: list[str] = []
+    for lo in range(0, len(tokenized), batch_size):
+        prompts = [tt.ids[: tt.spans["prompt"][1]].tolist() for tt in tokenized[lo : lo + batch_size]]
+        ids, mask = _left_padded(prompts, tok.pad_token_id, loaded.device)
+        gen = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                          eos_token_id=stops, pad_token_id=tok.pad_token_id, **sample)
+        ctxs = []
+        for prompt, row in zip(prompts, gen[:, ids.shape[1] :].tolist()):
+            cut = next((i + 1 for i, t in enumerate(row) if t in stops), len(row))
+            ctxs.append(prompt + row[:cut] + scaffold)
+        ids, mask = _left_padded(ctxs, tok.pad_token_id, loaded.device)
+        ans = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **sample)
+        out += [t.split("}")[0] for t in tok.batch_decode(ans[:, ids.shape[1] :], skip_special_tokens=True)]
+    return out
+
+
+def evaluate(
+    model: str = "tiny-reasoner", *, n: int = 500, device: str = "auto", batch_size: int = 1
+) -> dict:
+    """Compute the README figures on `n` fresh problems (seed `EVAL_SEED`).
+
+    `batch_size` > 1 runs the own-trajectory figure through `own_answers` (left-padded batches).
+    """
     loaded = load_model(model, device=device)
     problems = generate_problems(n, seed=EVAL_SEED)
     tokenized = [tokenize_trace(problem_trace(p), loaded.tokenizer) for p in problems]
@@ -73,7 +140,10 @@ def evaluate(model: str = "tiny-reasoner", *, n: int = 500, device: str = "auto"
         "n_problems": n,
         "eval_seed": EVAL_SEED,
         "accuracy_reference_trajectory": float(np.mean([s.correct for s in full])),
-        "accuracy_own_trajectory": self_generated_accuracy(loaded, tokenized, answers),
+        "accuracy_own_trajectory": (
+            self_generated_accuracy(loaded, tokenized, answers) if batch_size <= 1 else float(np.mean(
+                [a == b for a, b in zip(own_answers(loaded, tokenized, batch_size=batch_size), answers)]))
+        ),
         "accuracy_no_trajectory": float(np.mean([s.correct for s in bare])),
         "chance_best_constant_guess": Counter(answers).most_common(1)[0][1] / n,
         "n_distinct_answers": len(set(answers)),
@@ -91,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=500, help="fresh problems (default 500)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="problems per batch for the own-trajectory figure (default 1: one at a time)")
     args = parser.parse_args(argv)
-    result = evaluate(args.model, n=args.n, device=args.device)
+    result = evaluate(args.model, n=args.n, device=args.device, batch_size=args.batch_size)
     if args.json:
         print(json.dumps(result))
     else:

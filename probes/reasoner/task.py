@@ -130,7 +130,37 @@ def make_problem(
     start, steps = _steps(rng, n_steps)
     expr = " ".join([str(start)] + [f"{op} {d}" for op, d in steps])
     question = rng.choice(QUESTION_FORMS).format(expr=expr)
+    trajectory, value, n_mistakes, n_conf = write_trajectory(
+        rng, start, steps, p_mistake_trace=p_mistake_trace, p_confirm=p_confirm
+    )
+    return Problem(
+        id=problem_id,
+        question=question,
+        trajectory=trajectory,
+        answer=str(value),
+        n_mistakes=n_mistakes,
+        n_confirmations=n_conf,
+    )
 
+
+def write_trajectory(
+    rng: random.Random,
+    start: int,
+    steps: list[tuple[str, int]],
+    *,
+    p_mistake_trace: float = 0.4,
+    p_confirm: float = 0.06,
+) -> tuple[str, int, int, int]:
+    """Write one trajectory for the chain `start op1 d1 ...` (`make_problem`'s second half).
+
+    Called again with the same chain and a different `rng`, it gives another trajectory for the same
+    question (other opening, planted mistakes, reflections, conclusion): the support-set sweep's
+    several trajectories per question.
+
+    Returns:
+        (trajectory text, final value, planted mistakes, confirming reflections).
+    """
+    n_steps = len(steps)
     mistakes: set[int] = set()
     if rng.random() < p_mistake_trace:
         n_wrong = 1 if rng.random() < 0.75 else 2
@@ -152,15 +182,7 @@ def make_problem(
                 lines.append("\n" + rng.choice(CONFIRMATIONS).format(a=value, op=op, d=d, r=right))
         value = right
     lines.append("\n" + rng.choice(CONCLUSIONS).format(v=value))
-    trajectory = "<think>\n" + "\n".join(lines) + "\n</think>"
-    return Problem(
-        id=problem_id,
-        question=question,
-        trajectory=trajectory,
-        answer=str(value),
-        n_mistakes=len(mistakes),
-        n_confirmations=n_conf,
-    )
+    return "<think>\n" + "\n".join(lines) + "\n</think>", value, len(mistakes), n_conf
 
 
 def generate_problems(n: int, *, seed: int, **kwargs) -> list[Problem]:

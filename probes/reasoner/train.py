@@ -117,13 +117,28 @@ def _log(line: str) -> None:
     print(line, flush=True)
 
 
-def train(cfg: TrainConfig, out: Path, *, log=_log) -> Path:
+def train(
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    log=_log,
+    problems: list[Problem] | None = None,
+    tokenizer=None,
+    stop_after: int | None = None,
+) -> Path:
     """Build the tokenizer and model, train, and save an HF folder to `out`.
 
     Args:
         cfg: The training configuration.
         out: Destination folder (created; existing model files are overwritten).
         log: Where progress lines go.
+        problems: Training problems; None generates `cfg.n_train` with seed `TRAIN_SEED` (the
+            shipped model). Given, `cfg.n_train` is ignored (the support-set sweep passes its own).
+        tokenizer: A tokenizer to reuse; None trains the BPE on the problems' text.
+        stop_after: Save after this many optimizer steps of the same `cfg.steps` schedule (the
+            learning rate follows the full run's warm-up and cosine), i.e. an early checkpoint of the
+            same deterministic run; None trains all `cfg.steps`. Recorded as `trained_steps` in
+            `training_config.json`.
 
     Returns:
         `out`.
@@ -132,18 +147,21 @@ def train(cfg: TrainConfig, out: Path, *, log=_log) -> Path:
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
     try:
-        return _train(cfg, out, log)
+        return _train(cfg, out, log, problems, tokenizer, stop_after)
     finally:  # leave the process as we found it
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic)
 
 
-def _train(cfg: TrainConfig, out: Path, log) -> Path:
+def _train(cfg: TrainConfig, out: Path, log, problems, tokenizer, stop_after) -> Path:
     t0 = time.time()
-    problems = generate_problems(cfg.n_train, seed=TRAIN_SEED)
-    corpus = [p.question for p in problems] + [p.trajectory for p in problems]
-    corpus += [DEFAULT_SCAFFOLD + p.answer + "}" for p in problems]
-    tokenizer = build_tokenizer(corpus, vocab_size=cfg.vocab_size)
+    if problems is None:
+        problems = generate_problems(cfg.n_train, seed=TRAIN_SEED)
+    if tokenizer is None:
+        corpus = [p.question for p in problems] + [p.trajectory for p in problems]
+        corpus += [DEFAULT_SCAFFOLD + p.answer + "}" for p in problems]
+        tokenizer = build_tokenizer(corpus, vocab_size=cfg.vocab_size)
+    n_steps = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
     seqs = encode_for_training(problems, tokenizer)
     log(f"data: {len(seqs)} sequences, mean {np.mean([len(s) for s, _ in seqs]):.0f} tokens "
         f"({time.time() - t0:.1f}s)")
@@ -171,7 +189,7 @@ def _train(cfg: TrainConfig, out: Path, log) -> Path:
     order = torch.randperm(len(seqs), generator=gen).numpy()
     cursor = 0
     model.train()
-    for step in range(cfg.steps):
+    for step in range(n_steps):
         if cursor + cfg.batch_size > len(order):
             order, cursor = torch.randperm(len(seqs), generator=gen).numpy(), 0
         idx = order[cursor : cursor + cfg.batch_size]
@@ -184,7 +202,7 @@ def _train(cfg: TrainConfig, out: Path, log) -> Path:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 100 == 0 or step == cfg.steps - 1:
+        if step % 100 == 0 or step == n_steps - 1:
             log(f"step {step:5d}  loss {loss.item():.4f}  lr {lr_at(step):.2e}  {time.time() - t0:.0f}s")
 
     model.eval()
@@ -192,7 +210,8 @@ def _train(cfg: TrainConfig, out: Path, log) -> Path:
     model.config._attn_implementation = "eager"
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    (out / "training_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    record = asdict(cfg) | ({} if n_steps == cfg.steps else {"trained_steps": n_steps})
+    (out / "training_config.json").write_text(json.dumps(record, indent=2) + "\n")
     log(f"saved to {out} after {time.time() - t0:.0f}s")
     return out
 
@@ -205,9 +224,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--samples", type=Path, default=SAMPLES_PATH, help="where the 200 demo traces are written"
     )
+    parser.add_argument(
+        "--stop-after", type=int, default=None, metavar="N",
+        help="save after N steps of the --steps schedule (an early checkpoint; needs --out)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=TrainConfig.threads,
+        help="torch threads (default 2, the shipped run's; results are reproducible for a fixed value)",
+    )
     args = parser.parse_args(argv)
+    if args.stop_after is not None and args.out.resolve() == CHECKPOINT_DIR:
+        parser.error("--stop-after would overwrite the shipped tiny-reasoner; pass --out DIR")
     write_jsonl(generate_problems(N_SAMPLES, seed=SAMPLE_SEED), args.samples)
-    train(TrainConfig(steps=args.steps), args.out)
+    train(TrainConfig(steps=args.steps, threads=args.threads), args.out, stop_after=args.stop_after)
     return 0
 
 

@@ -19,7 +19,12 @@ SHIPPED = (
     "probes/reasoner/checkpoint/tokenizer_config.json",
     "probes/reasoner/checkpoint/chat_template.jinja",
     "probes/data/lexicon.json",
+    "probes/reasoner/checkpoint_sft_early/model.safetensors",
+    "probes/reasoner/checkpoint_sft_early/config.json",
+    "probes/reasoner/checkpoint_grpo/model.safetensors",
+    "probes/reasoner/checkpoint_grpo/config.json",
     "probes/data/tiny_reasoner_traces.jsonl",
+    "probes/data/tiny_reasoner_variants.jsonl",
     "cache/SCHEMA.md",
 )
 
