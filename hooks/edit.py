@@ -7,6 +7,8 @@ Next to scoped capture (`hooks.capture`), the same site names write instead of r
   `"L3.mlp.pre"` or `HookSite`s; nobody outside `hooks/` types a bridge hook name.
 - `mask_keys(rows, keys)`: an `attn.scores` edit that removes `keys` from the softmax of `rows`
   (score −inf), position ids untouched.
+- `mask_keys_per_row(key_masks)`: the same with its own key set per batch row (several masked
+  variants of one sequence in one batched forward).
 - `module_hooks([(module, kind, fn), ...])`: plain PyTorch forward / pre-forward hooks on Hugging
   Face modules (for passes that run the HF model directly), removed on exit even on error.
 """
@@ -81,6 +83,27 @@ def mask_keys(rows: Sequence[int], keys: Sequence[int], device: torch.device | s
         sub[..., k_idx] = float("-inf")
         scores[:, :, r_idx] = sub
         return scores
+
+    return mask
+
+
+def mask_keys_per_row(key_masks: Tensor) -> EditFn:
+    """An `attn.scores` edit that masks, for batch row b, the keys where `key_masks[b]` is True
+    (score −inf for every query row and head), so one batched forward runs several masked variants
+    of the same sequence. Position ids are untouched.
+
+    Args:
+        key_masks: bool [batch, n_keys]; the forward's batch must equal `key_masks.shape[0]`.
+    """
+    masks = key_masks.to(torch.bool)
+
+    def mask(
+        scores: Float[Tensor, "batch head query key"], hook: object
+    ) -> Float[Tensor, "batch head query key"]:
+        if scores.shape[0] != masks.shape[0] or scores.shape[-1] != masks.shape[1]:
+            raise HooksError(f"mask_keys_per_row: masks {tuple(masks.shape)} do not fit scores "
+                             f"{tuple(scores.shape)} (batch and key axes must match)")
+        return scores.masked_fill(masks[:, None, None, :].to(scores.device), float("-inf"))
 
     return mask
 

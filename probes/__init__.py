@@ -22,5 +22,6 @@ from pathlib import Path
 __version__ = "0.1.0"
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
-"""Packaged data: the lexicon (`lexicon.json`) and tiny-reasoner's sample traces
-(`tiny_reasoner_traces.jsonl`)."""
+"""Packaged data: the lexicon (`lexicon.json`), tiny-reasoner's sample traces
+(`tiny_reasoner_traces.jsonl`) and paired variants of 12 of them (`tiny_reasoner_variants.jsonl`:
+original / direct / summary, `probes.reasoner.variants`)."""

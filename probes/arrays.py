@@ -111,6 +111,30 @@ UPDATES: tuple[ArrayDecl, ...] = (
 """Written by `updates` (`probes.measures.shared_pass`), in this order; the last marks a trace done."""
 
 LANDSCAPE: tuple[ArrayDecl, ...] = (
+    ArrayDecl("land_grid", "[n, n]", "float32", "landscape",
+              "trajectory-free answer NLL at θ + xδ₁ + yδ₂ on the random plane (row = y, column = "
+              "x; axes linspace(−land_range, land_range, land_grid_n), trace attributes)",
+              "nats per answer token",
+              doc="landscape"),
+    ArrayDecl("land_path", "[T+1, 2]", "float32", "landscape",
+              "implicit-update path (row-mean Dherin MLP patches ΔW̄_t, t = no trajectory..T) "
+              "projected onto the random plane", "plane coordinates (units of δ₁, δ₂)",
+              doc="landscape"),
+    ArrayDecl("land_path_nll", "[T+1]", "float32", "landscape",
+              "trajectory-free answer NLL with the exact per-row Dherin patches of prefix t "
+              "(index 0 = origin, index T = full-context NLL; positions kept)",
+              "nats per answer token", doc="landscape"),
+    ArrayDecl("land_path_norm", "[T+1]", "float32", "landscape",
+              "‖ΔW̄_t‖_F of the shared (row-mean) path", "Frobenius norm", doc="landscape"),
+    ArrayDecl("land_pca_axes", "[2, n]", "float32", "landscape",
+              "x and y coordinates of the path-plane grid", "plane coordinates (unit directions)",
+              doc="landscape"),
+    ArrayDecl("land_pca_path", "[T+1, 2]", "float32", "landscape",
+              "the path on its own plane (top-2 principal directions of {ΔW̄_t})",
+              "plane coordinates (unit directions)", doc="landscape"),
+    ArrayDecl("land_pca_grid", "[n, n]", "float32", "landscape",
+              "trajectory-free answer NLL on the path plane (row = y, column = x)",
+              "nats per answer token", doc="landscape"),
 )
 """Written by `landscape` (the loss plane and the implicit-update path)."""
 
@@ -119,10 +143,69 @@ EFFICIENCY: tuple[ArrayDecl, ...] = (
 """Written by the trajectory-efficiency and model-comparison commands."""
 
 ANCHORS: tuple[ArrayDecl, ...] = (
+    ArrayDecl("chunk_spans", "[C, 2]", "int32", "anchors",
+              "trajectory token range [start, end) of each chunk (sentence unit; C = chunks)",
+              doc="chunks"),
+    ArrayDecl("chunk_category", "[C]", "uint8", "anchors",
+              "category code of each chunk: the lexicon category of the phrase it opens with",
+              doc="chunks"),
+    ArrayDecl("anc_vertical", "[L, H, C]", "float32", "anchors",
+              "vertical score of each chunk per layer and head: mean sentence-averaged attention "
+              "it receives from chunks at least 4 later (NaN: none)",
+              "probability in [0, 1]", doc="receiver-heads"),
+    ArrayDecl("anc_kurtosis", "[L, H]", "float32", "anchors",
+              "Fisher kurtosis of each head's vertical scores over the chunks", doc="receiver-heads"),
+    ArrayDecl("anc_supp_kl", "[C, C]", "float32", "anchors",
+              "[j, i]: mean over chunk j's tokens of KL(P_base || P with chunk i's keys masked) "
+              "(NaN for j <= i)", "nats >= 0", doc="suppression"),
+    ArrayDecl("anc_supp_dl", "[C]", "float32", "anchors",
+              "answer NLL with chunk i's keys masked in all heads of all layers minus without",
+              "nats per answer token; > 0 = the answer needs the chunk", doc="suppression",
+              by_magnitude=True),
+    ArrayDecl("anc_forced", "[C]", "float32", "anchors",
+              "forced-answer importance: L-hat after the chunk minus L-hat before it",
+              "nats per answer token; < 0 = the chunk lowers the answer loss", doc="resampling",
+              by_magnitude=True),
+    ArrayDecl("anc_rs_acc", "[C+1]", "float32", "anchors",
+              "accuracy of the K continuations sampled from the prefix before chunk i (i = C: "
+              "after the whole trajectory)", "fraction in [0, 1]", doc="resampling"),
+    ArrayDecl("anc_rs_importance", "[C]", "float32", "anchors",
+              "resampling importance acc[i+1] - acc[i]", "fraction; > 0 = keeping the chunk helps",
+              doc="resampling"),
+    ArrayDecl("anc_rs_ci_acc", "[C]", "float32", "anchors",
+              "counterfactual importance: accuracy of dissimilar resamples at i minus accuracy at "
+              "i+1 (NaN: none dissimilar)", "fraction; < 0 = the chunk helps", doc="resampling"),
+    ArrayDecl("anc_rs_ci_kl", "[C]", "float32", "anchors",
+              "counterfactual importance: KL(answers of dissimilar resamples || reference)",
+              "nats >= 0", doc="resampling"),
+    ArrayDecl("anc_rs_n_dissimilar", "[C]", "int16", "anchors",
+              "resamples at i whose first chunk the similarity filter kept as dissimilar",
+              "count", doc="resampling"),
 )
 """Written by `anchors` (sentence units, receiver heads, suppression, resampling)."""
 
 EFFECTS: tuple[ArrayDecl, ...] = (
+    ArrayDecl("eff_pairs", "[n, 2]", "int32", "effects",
+              "sampled (layer ℓ, trajectory index t) pairs of the causal edits, stratified by "
+              "category", doc="effects"),
+    ArrayDecl("eff_pred_m7", "[n]", "float32", "effects",
+              "M7's first-order ΔL of the attention knockout of each pair (= upd_m7[ℓ, t])",
+              "nats; > 0 = removing the token raises L", doc="effects", by_magnitude=True),
+    ArrayDecl("eff_pred_m6", "[n]", "float32", "effects",
+              "M6's first-order ΔL of removing each pair's MLP step (= −upd_dl_pred[ℓ, t])",
+              "nats; > 0 = removing the step raises L", doc="effects", by_magnitude=True),
+    ArrayDecl("dir_proj", "[C, L, T]", "float32", "effects",
+              "projection û^c_ℓ · resid_post of each token on the unit behaviour direction of "
+              "category c (C = reflection, delimiter)", "residual units", doc="directions"),
+    ArrayDecl("dir_cos", "[C, L, T]", "float32", "effects",
+              "cos(M4 δ^ℓ_{q,t} at the first answer row, u^c_ℓ): the token's implicit residual "
+              "patch vs the behaviour direction", "cosine in [−1, 1]", doc="directions"),
+    ArrayDecl("eff_dl_attn", "[n]", "float32", "effects",
+              "real ΔL of masking key t for the answer rows in layer ℓ only (run to the loss)",
+              "nats; > 0 = removing the token raises L", doc="effects", by_magnitude=True),
+    ArrayDecl("eff_dl_mlp", "[n]", "float32", "effects",
+              "real ΔL of subtracting token t's rank-1 MLP step from W_gate, W_up of layer ℓ",
+              "nats; > 0 = removing the step raises L", doc="effects", by_magnitude=True),
 )
 """Written by `effects` (behaviour directions, causal edits of single tokens' updates)."""
 

@@ -19,15 +19,21 @@ from typing import NoReturn
 from cache.errors import CacheError
 from hooks.errors import HooksError
 from probes.commands import (
+    anchors,
     cache,
     categories,
     compare,
+    compare_models,
     demo,
+    effects,
+    efficiency,
     fit,
     generate,
     grade,
     inspect,
+    landscape,
     lhat,
+    pack,
     report,
     updates,
 )
@@ -37,7 +43,8 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 COMMANDS: tuple[ModuleType, ...] = (
-    demo, generate, grade, categories, cache, inspect, lhat, updates, fit, compare, report,
+    demo, generate, grade, categories, cache, inspect, pack, lhat, updates, landscape, fit, compare, report,
+    efficiency, compare_models, anchors, effects,
 )
 """The subcommands, in the order `--help` lists them."""
 

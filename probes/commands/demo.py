@@ -23,9 +23,16 @@ import numpy as np
 
 from probes import DATA_DIR
 from probes.commands import flags
+from probes.commands.anchors_demo import anchors_demo, format_anchors_demo
 from probes.commands.cache import CacheConfig, cache_traces
 from probes.commands.compare import CompareConfig, compare_cache
+from probes.commands.effects import demo_section as effects_demo
+from probes.commands.effects import format_demo_line as format_effects_demo
+from probes.commands.efficiency import demo_section as efficiency_demo
+from probes.commands.efficiency import format_demo_line as format_efficiency_demo
 from probes.commands.generate_demo import DEMO_QUESTIONS, format_generation_demo, generation_demo
+from probes.commands.landscape import demo_section as landscape_demo
+from probes.commands.landscape import format_demo_line as format_landscape_demo
 from probes.commands.lhat import LhatConfig, lhat_traces
 from probes.commands.updates import UpdatesConfig, updates_traces
 from probes.errors import ProbesError
@@ -92,6 +99,10 @@ def run_demo(*, out: Path | None = None, limit: int | None = None, device: str =
             loaded, folder / "generation",
             n_questions=DEMO_QUESTIONS if limit is None else min(limit, DEMO_QUESTIONS))
         # Later commands' demo sections: each adds one key to `summary` here.
+        summary["anchors"] = anchors_demo(loaded, folder, limit=limit, keep=out is not None)
+        summary["landscape"] = landscape_demo(loaded, folder, keep=out is not None)
+        summary["effects"] = effects_demo(loaded, folder, limit=limit)
+        summary["efficiency"] = efficiency_demo(loaded, folder, keep=out is not None, limit=limit)
         if out is None:
             summary["own_samples"].pop("files")  # they were in the scratch folder
     summary["seconds"] = round(time.perf_counter() - t0, 2)
@@ -119,12 +130,13 @@ def _verdict(row: dict) -> str:
 
 def _cache_and_lhat(loaded, folder: Path, *, limit: int | None, keep: bool) -> dict:
     """Write the activation cache, add L̂ curves to it, compare categories, draw the plots."""
+    from cache import remove_cache, store_bytes
     from probes.commands.compare import report_json
 
     cfg = CacheConfig(limit=limit)
     path = folder / "run.h5"
     control = folder / "random_init.h5"
-    control.unlink(missing_ok=True)
+    remove_cache(control)
     run = cache_traces(loaded, SAMPLE_TRACES, path, cfg, overwrite=True, progress=False)
     lhat = lhat_traces(loaded, SAMPLE_TRACES, path, LhatConfig(limit=limit, check_naive=2),
                        resume=True, progress=False)
@@ -171,7 +183,7 @@ def _cache_and_lhat(loaded, folder: Path, *, limit: int | None, keep: bool) -> d
     if keep:
         part["cache"] = {
             "path": str(path),
-            "bytes": path.stat().st_size,  # activations and the L̂ arrays
+            "bytes": store_bytes(path),  # activations and the L̂ arrays
             "n_traces": run.n_written,
             "sites": list(cfg.sites),
             "positions": cfg.positions,
@@ -320,6 +332,14 @@ def format_summary(s: dict) -> str:
     ctrl = s["implicit_updates"].get("control_cache")
     lines.append("full tables: `python -m probes.run compare <out>/run.h5"
                  + (" --control <out>/random_init.h5" if ctrl else "") + " --layers all`")
+    if "efficiency" in s:
+        lines.append(format_efficiency_demo(s["efficiency"]))
+    if "landscape" in s:
+        lines.append(format_landscape_demo(s["landscape"]))
+    if "effects" in s:
+        lines.append(format_effects_demo(s["effects"]))
+    if "anchors" in s:
+        lines += format_anchors_demo(s["anchors"])
     if "own_samples" in s:
         lines.append(format_generation_demo(s["own_samples"]))
     lines.append(f"took {s['seconds']:.1f}s")

@@ -9,4 +9,5 @@ returns typed results; no files, no printing. Method notes: docs/methods.md.
 - `shared_pass`: the one pass that produces every stored `upd_*` array.
 - `pseudo_gradient`, `thought_patch`, `fitting`: the fitted linear maps (M12).
 - `activations`: cached activations of one trace, chunked through the KV cache.
+- `landscape`, `landscape_path`: the answer loss on weight planes and the exact implicit-update path.
 """

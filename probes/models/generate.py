@@ -237,8 +237,15 @@ class HFGenerator:
 
     backend = "hf"
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, *, plain: bool = False) -> None:
+        """`plain`: generate with a plain-HF view of the model (`hooks.hf_fast.plain_view`, sdpa,
+        no bridge hooks; same weights, same samples, about twice as fast on CPU)."""
         self.loaded = loaded
+        self.model = loaded.hf_model
+        if plain:
+            from hooks.hf_fast import plain_view
+
+            self.model = plain_view(loaded.hf_model)
         self.tokenizer = loaded.tokenizer
         self.n_ctx = loaded.arch.n_ctx
         self.device = loaded.device
@@ -267,7 +274,7 @@ class HFGenerator:
         if not sampling.greedy:
             processors.append(SeededSampler([r.seed for r in requests], temperature=sampling.temperature,
                                             top_p=sampling.top_p, device=self.device))
-        out = self.loaded.hf_model.generate(input_ids=ids.to(self.device),
+        out = self.model.generate(input_ids=ids.to(self.device),
                                             attention_mask=mask.to(self.device),
                                             generation_config=config, logits_processor=processors)
         new = out[:, width:].tolist()

@@ -34,7 +34,7 @@ class Trace:
         question: The problem statement.
         trajectory: The model's reasoning text (may start with `<think>` and contain `</think>`).
         answer: The gold answer, as text.
-        meta: Every other field of the record, unchanged.
+        meta: Every other field of the record, unchanged (an integer `group` as a string).
         line_no: 1-based line number in the JSONL file.
     """
 
@@ -44,6 +44,16 @@ class Trace:
     answer: str
     meta: dict
     line_no: int
+
+    @property
+    def group(self) -> str | None:
+        """The optional `group` field: traces of one question (e.g. paired variants)."""
+        return self.meta.get("group")
+
+    @property
+    def variant(self) -> str | None:
+        """The optional `variant` field within a group, e.g. original / summary / direct."""
+        return self.meta.get("variant")
 
 
 @dataclass(frozen=True)
@@ -178,7 +188,24 @@ def _parse_line(text: str, line_no: int) -> tuple[Trace | None, str]:
         if bad:
             return None, f"field {name!r} {bad}"
     meta = {k: v for k, v in record.items() if k not in used and k != "id"}
+    reason = _group_fields(meta)
+    if reason:
+        return None, reason
     return Trace(trace_id, question, trajectory, answer, meta, line_no), ""
+
+
+def _group_fields(meta: dict) -> str:
+    """Validate the optional `group` / `variant` fields in place ("" when fine): `group` a
+    non-empty string or an integer (stored as a string), `variant` a non-empty string."""
+    group = meta.get("group")
+    if isinstance(group, int) and not isinstance(group, bool):
+        meta["group"] = str(group)
+    elif group is not None and (not isinstance(group, str) or not group.strip()):
+        return f"field 'group' must be a non-empty string or an integer, got {group!r}"
+    variant = meta.get("variant")
+    if variant is not None and (not isinstance(variant, str) or not variant.strip()):
+        return f"field 'variant' must be a non-empty string, got {variant!r}"
+    return ""
 
 
 def _not_text(value: str) -> str:

@@ -7,10 +7,14 @@ import h5py
 import pytest
 
 from probes import arrays
+from probes.commands.anchors import AnchorsConfig, anchors_traces
 from probes.commands.cache import CacheConfig, cache_traces
+from probes.commands.effects import EffectsConfig, effects_traces
+from probes.commands.landscape import LandscapeConfig, landscape_traces
 from probes.commands.lhat import LhatConfig, lhat_traces
 from probes.commands.updates import UpdatesConfig, updates_traces
 from probes.errors import ProbesError
+from probes.measures.resampling import ResampleSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,6 +50,14 @@ def test_the_writing_commands_store_only_declared_arrays(tmp_path):
     cache_traces(loaded, traces, out, CacheConfig(limit=2))
     lhat_traces(loaded, traces, out, LhatConfig(limit=2), resume=True, progress=False)
     updates_traces(loaded, traces, out, UpdatesConfig(limit=2), resume=True, progress=False)
+    landscape_traces(loaded, traces, out, LandscapeConfig(limit=2, grid=3), resume=True,
+                     progress=False)
+    effects_traces(loaded, traces, out, EffectsConfig(limit=2, pairs_per_category=2), resume=True,
+                   progress=False)
+    anchors_traces(loaded, traces, out,
+                   AnchorsConfig(analyses=("receiver", "suppression", "resampling"), limit=2,
+                                 resample=ResampleSettings(k=2, max_new_tokens=8)),
+                   resume=True, progress=False)
     seen = set()
     with h5py.File(out, "r") as f:
         for group in f["traces"].values():

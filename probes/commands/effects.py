@@ -1,0 +1,498 @@
+"""`python -m probes.run effects`: causal edits of single tokens' implicit updates (V7) and behaviour
+directions, into an HDF5 cache (docs/methods.md#effects, #directions).
+
+Per trace (through the one write loop, `probes.commands.loop.write_traces`; resumable, done =
+`eff_dl_mlp` present):
+
+* (layer ℓ, token t) pairs are sampled, `--pairs-per-category` per category (reflection, delimiter,
+  ordinary; seeded per trace id), and for each the two real edits of `probes.measures.effects` are
+  run to the answer loss, batched `--batch-size` edited copies per forward: the attention knockout
+  of key t at the answer rows in layer ℓ (`eff_dl_attn`, predicted by M7: `eff_pred_m7`) and the
+  removal of t's rank-1 MLP step from W_gate/W_up of layer ℓ (`eff_dl_mlp`, predicted by M6:
+  `eff_pred_m6`).
+* `dir_proj` / `dir_cos` [C, L, T] (C = reflection, delimiter): each token's projection on the
+  behaviour direction and the cosine of its M4 residual patch δ with it.
+
+The directions themselves are one result of the whole traces file, not of a trace: a first pass over
+the traces (`probes.measures.directions`) computes them before the loop, and they are written, with
+the probe accuracies, to `<out>.directions.npz` / the run summary `<out>.effects.json` (a cache
+holds per-trace groups only; `--resume` recomputes the same directions from the same traces).
+
+After the loop the command reads every trace's `eff_*` arrays back from the cache and prints V7 (real
+ΔL vs the first-order predictions: Pearson, Spearman, median relative error, pooled and per
+category) and the headline table (per category, the mean real ΔL of removing one token's update,
+95% bootstrap CI over traces), next to a second cache's (`--versus`, e.g. a `--control random-init`
+run) when given; `--plots DIR` draws predicted vs real ΔL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analyses.token_sets import CATEGORY_CODES, CATEGORY_NAMES
+from hooks.model import LoadedModel
+from probes import arrays
+from probes.commands import flags
+from probes.commands.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
+from probes.commands.progress import progress_on
+from probes.errors import ProbesError
+from probes.models.controls import CONTROLS, random_init_model
+from probes.traces.tokenize import DEFAULT_SCAFFOLD
+
+NAME = "effects"
+EFFECT_ARRAYS = arrays.names(arrays.EFFECTS)
+DONE_KEY = EFFECT_ARRAYS[-1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EffectsConfig:
+    """Settings of an `effects` run.
+
+    Attributes:
+        pairs_per_category: Sampled (layer, token) pairs per category and trace.
+        batch_size: Edited forwards per batch.
+        scale: ε of both edits (1 = remove the whole update).
+        seed: Seed of the pair sampling (combined with each trace id) and of the probe split.
+        control: "none" or "random-init" (same architecture, seeded random weights).
+        control_seed: Seed of the random initialisation.
+        limit, strict, lexicon, prompt_format, scaffold: As for every writing command.
+    """
+
+    pairs_per_category: int = 30
+    batch_size: int = 16
+    scale: float = 1.0
+    seed: int = 0
+    control: str = "none"
+    control_seed: int = 0
+    limit: int | None = None
+    strict: bool = False
+    lexicon: tuple[str, ...] = ()
+    prompt_format: str | None = None
+    scaffold: str = DEFAULT_SCAFFOLD
+
+    def __post_init__(self) -> None:
+        if self.pairs_per_category < 1:
+            raise ProbesError(f"--pairs-per-category must be at least 1, got "
+                              f"{self.pairs_per_category}")
+        if self.batch_size < 1:
+            raise ProbesError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not 0 < self.scale <= 1:
+            raise ProbesError(f"--scale must be in (0, 1], got {self.scale}")
+        if self.control not in CONTROLS:
+            raise ProbesError(f"--control must be one of {', '.join(CONTROLS)}, got "
+                              f"{self.control!r}")
+
+    def own(self) -> dict[str, Any]:
+        """The settings that change the stored arrays: stored as trace attributes, and an existing
+        cache's must equal them (`--resume`)."""
+        return {"eff_pairs_per_category": self.pairs_per_category, "eff_scale": self.scale,
+                "eff_seed": self.seed, "eff_control": self.control,
+                "eff_control_seed": self.control_seed}
+
+
+@dataclass
+class EffectsRunResult(WriteResult):
+    """The write loop's counts plus the run-level results (directions, probes)."""
+
+    control: str = "none"
+    directions: dict[str, Any] = field(default_factory=dict)
+
+
+def _rng(seed: int, trace_id: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(trace_id.encode())])
+
+
+def _trajectory_names(tt, lexicon) -> np.ndarray:
+    from probes.traces.categories import categorize
+
+    a, b = tt.spans["trajectory"]
+    codes = categorize(tt, lexicon).category[a:b]
+    return np.array([CATEGORY_NAMES[int(c)] for c in codes], dtype=object)
+
+
+def _directions_pass(loaded: LoadedModel, tokenized, lexicon, seed: int, log: Log
+                     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Pass 1: the difference-of-means directions and the probe accuracies over all traces."""
+    from probes.measures.directions import (
+        DIRECTION_CATEGORIES,
+        DirectionAccumulator,
+        DirectionsError,
+        probe_accuracy,
+        trajectory_residuals,
+    )
+
+    acc = DirectionAccumulator()
+    feats: dict[str, list[np.ndarray]] = {c: [] for c in DIRECTION_CATEGORIES}
+    labels: dict[str, list[np.ndarray]] = {c: [] for c in DIRECTION_CATEGORIES}
+    for tt in tokenized:
+        a, b = tt.spans["trajectory"]
+        if b <= a:
+            continue
+        resid = trajectory_residuals(loaded, tt.ids, (a, b))
+        names = _trajectory_names(tt, lexicon)
+        acc.add(resid, names)
+        rng = _rng(seed, tt.trace.id)
+        for c in DIRECTION_CATEGORIES:
+            pos = np.flatnonzero(names == c)
+            neg = np.flatnonzero(names == "ordinary")
+            neg = rng.choice(neg, min(len(neg), max(len(pos), 8)), replace=False)
+            idx = np.concatenate([pos, neg]).astype(int)
+            feats[c].append(resid[:, idx])
+            labels[c].append((np.arange(len(idx)) < len(pos)).astype(int))
+    dirs = acc.directions()
+    info: dict[str, Any] = {"n_traces": acc.n_traces, "n_occurrences": dict(acc.counts),
+                            "window": acc.window, "probe": {}}
+    for c in DIRECTION_CATEGORIES:
+        try:
+            info["probe"][c] = probe_accuracy(feats[c], labels[c], seed=seed)
+        except DirectionsError as e:
+            info["probe"][c] = {"error": str(e)}
+            log(f"effects: no {c} probe: {e}")
+    return dirs, info
+
+
+def effects_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: EffectsConfig, *,
+                   resume: bool = False, device: str = "auto", dtype: str = "float32",
+                   progress: bool = True, log: Log | None = None) -> EffectsRunResult:
+    """Run the causal edits and the direction measures of every trace into `out`.
+
+    Returns:
+        Counts, timing and the run-level direction results (also written next to `out`).
+
+    Raises:
+        ProbesError, CacheError: Bad input, an unsupported model, a cache made with another model
+            or other effects settings.
+    """
+    from probes.measures.alignment import answer_alignment
+    from probes.measures.directions import (
+        DIRECTION_CATEGORIES,
+        cosines,
+        loo_residual,
+        projections,
+        trajectory_residuals,
+    )
+    from probes.measures.effects import causal_effects, sample_pairs
+    from probes.measures.shared_pass import check_supported
+    from probes.traces.categories import load_lexicon
+    from probes.traces.read import read_traces
+    from probes.traces.tokenize import tokenize_traces
+
+    out = Path(out)
+    say = log if log is not None else (lambda _m: None)
+    own = cfg.own()
+
+    def check_stored(reader: Any) -> None:
+        """An existing cache's effects arrays must come from the same settings (trace attrs)."""
+        for tr in reader:
+            if DONE_KEY in tr.names():
+                diff = [f"{k}: stored {tr.attrs.get(k)!r}, given {v!r}" for k, v in own.items()
+                        if tr.attrs.get(k) != v]
+                if diff:
+                    raise ProbesError(f"{out} holds effects arrays made with other settings ("
+                                      f"{'; '.join(diff)}): pass the same flags or write to "
+                                      f"another --out")
+                return
+
+    job = WriteJob(command=NAME, out=out, resume=resume, done_key=DONE_KEY,
+                   check_stored=check_stored)
+    result = EffectsRunResult(control=cfg.control)
+
+    def load() -> LoadedModel:
+        loaded = loader(model, device=device, dtype=dtype)()
+        check_supported(loaded)
+        return (random_init_model(loaded, cfg.control_seed) if cfg.control == "random-init"
+                else loaded)
+
+    def plan(loaded: LoadedModel) -> Plan:
+        lexicon = load_lexicon(extra=cfg.lexicon)
+        traces = read_traces(traces_path, strict=cfg.strict).traces
+        traces = traces[:cfg.limit] if cfg.limit is not None else traces
+        tokenized, _ = tokenize_traces(traces, loaded.tokenizer, prompt_format=cfg.prompt_format,
+                                       scaffold=cfg.scaffold, max_tokens=loaded.arch.n_ctx)
+        say(f"effects: behaviour directions from {len(tokenized)} traces")
+        dirs, info = _directions_pass(loaded, tokenized, lexicon, cfg.seed, say)
+        result.directions = {"categories": sorted(dirs), **info}
+        _save_directions(out, dirs)
+        w_o = [v.o_proj.weight for v in _layer_views(loaded)]
+
+        def compute(tt) -> TraceOutput | str:
+            a, b = tt.spans["trajectory"]
+            answer = tt.spans["answer"]
+            if b <= a or answer[1] <= answer[0]:
+                return "no trajectory or no answer token: nothing to measure"
+            names = _trajectory_names(tt, lexicon)
+            codes = np.array([CATEGORY_CODES[n] for n in names], dtype=np.uint8)
+            pairs = sample_pairs(codes, loaded.arch.n_layers, cfg.pairs_per_category,
+                                 _rng(cfg.seed, tt.trace.id), CATEGORY_CODES)
+            al = answer_alignment(loaded, tt.ids, (a, b), answer, keep_factors=True, m6_rows=[0])
+            eff = causal_effects(loaded, tt.ids, (a, b), answer, pairs, scale=cfg.scale,
+                                 batch_size=cfg.batch_size, al=al)
+            resid = trajectory_residuals(loaded, tt.ids, (a, b))
+            L, T = resid.shape[:2]
+            proj = np.full((len(DIRECTION_CATEGORIES), L, T), np.nan)
+            cos = np.full_like(proj, np.nan)
+            deltas = [loo_residual(al.factors[l]["dz"][0], w_o[l]) for l in range(L)]
+            for k, c in enumerate(DIRECTION_CATEGORIES):
+                if c in dirs:
+                    proj[k] = projections(resid, dirs[c])
+                    cos[k] = np.stack([cosines(deltas[l], dirs[c][l]) for l in range(L)])
+            f32 = lambda x: np.ascontiguousarray(x, dtype=np.float32)  # noqa: E731
+            stored = {"eff_pairs": eff.pairs.astype(np.int32), "eff_pred_m7": f32(eff.pred_m7),
+                      "eff_pred_m6": f32(eff.pred_m6), "dir_proj": f32(proj), "dir_cos": f32(cos),
+                      "eff_dl_attn": f32(eff.dl_attn), "eff_dl_mlp": f32(eff.dl_mlp)}
+            return TraceOutput(arrays={k: stored[k] for k in EFFECT_ARRAYS},
+                               attrs={"eff_loss": float(eff.loss), "eff_n_pairs": len(pairs),
+                                      **own},
+                               n_tokens=int(tt.n_tokens) * (2 * len(pairs) + 3))
+
+        return Plan(compute, info={"effects_directions": json.dumps(result.directions)})
+
+    write_traces(job, traces_path, load=load, plan=plan, result=result,
+                 lexicon_files=cfg.lexicon, limit=cfg.limit, strict=cfg.strict,
+                 prompt_format=cfg.prompt_format, scaffold=cfg.scaffold, progress=progress, log=log)
+    return result
+
+
+def _layer_views(loaded: LoadedModel):
+    from hooks.weights import llama_layers
+    from probes.measures.effects import EffectsError
+
+    return llama_layers(loaded, what="effects", error=EffectsError)
+
+
+def directions_path(out: Path) -> Path:
+    """Where the run's directions go: `<out>.directions.npz`."""
+    return Path(str(out) + ".directions.npz")
+
+
+def _save_directions(out: Path, dirs: dict[str, np.ndarray]) -> None:
+    np.savez(directions_path(out), **{c: v.astype(np.float32) for c, v in dirs.items()})
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the results back
+
+
+def read_effects(path: Path):
+    """Every trace's `eff_*` arrays with each pair's category name (`analyses.effects.TraceEffects`).
+
+    Raises:
+        ProbesError: When the cache holds no effects arrays.
+    """
+    from analyses.effects import TraceEffects
+    from cache import open_cache
+
+    out = []
+    with open_cache(path) as reader:
+        for tr in reader:
+            if DONE_KEY not in tr.names():
+                continue
+            a, _ = tr.spans["trajectory"]
+            got = {n: np.asarray(tr[n][...]) for n in EFFECT_ARRAYS if n.startswith("eff_")}
+            codes = np.asarray(tr.category)[a + got["eff_pairs"][:, 1]] if len(got["eff_pairs"]) \
+                else np.zeros(0, np.uint8)
+            out.append(TraceEffects(tr.id, got, np.array([CATEGORY_NAMES[int(c)] for c in codes],
+                                                         dtype=object)))
+    if not out:
+        raise ProbesError(f"{path} holds no effects arrays; run `effects --out {path}` first")
+    return out
+
+
+def direction_summary(path: Path) -> dict[str, Any]:
+    """Mean `dir_cos` per category of the token, per direction and layer (reflection tokens vs
+    ordinary ones: does a reflection's implicit update point along the reflection direction?)."""
+    from cache import open_cache
+    from probes.measures.directions import DIRECTION_CATEGORIES
+
+    sums: dict[tuple[str, str], list[np.ndarray]] = {}
+    with open_cache(path) as reader:
+        for tr in reader:
+            if "dir_cos" not in tr.names():
+                continue
+            a, b = tr.spans["trajectory"]
+            cat = np.asarray(tr.category)[a:b]
+            cos = np.asarray(tr["dir_cos"][...], np.float64)          # [C, L, T]
+            for k, d in enumerate(DIRECTION_CATEGORIES):
+                for c in ("reflection", "delimiter", "ordinary"):
+                    m = cat == CATEGORY_CODES[c]
+                    if m.any():  # per-trace mean first
+                        sums.setdefault((d, c), []).append(np.nanmean(cos[k][:, m], axis=1))
+    return {f"{d}|{c}": {"mean_per_layer": np.nanmean(np.stack(v), axis=0).round(4).tolist(),
+                         "n_traces": len(v)} for (d, c), v in sums.items()}
+
+
+def summarize(path: Path, versus: Path | None = None, plots: Path | None = None) -> dict[str, Any]:
+    """V7 and the headline table of a cache (and of `versus`), the direction cosines, a plot."""
+    from analyses.effects import headline, scatter_plot, v7_table
+
+    traces = read_effects(path)
+    summary: dict[str, Any] = {"cache": str(path), "n_traces": len(traces),
+                               "n_pairs": int(sum(len(t.category) for t in traces)),
+                               "v7": v7_table(traces), "headline": {"this": headline(traces)},
+                               "direction_cos": direction_summary(path)}
+    if versus is not None:
+        other = read_effects(versus)
+        summary["v7_versus"] = v7_table(other)
+        summary["headline"]["versus"] = headline(other)
+    if plots is not None:
+        p = scatter_plot(traces, Path(plots) / "effects_scatter.png", title=str(path))
+        summary["plots"] = [str(p)]
+        if versus is not None:
+            summary["plots"].append(str(scatter_plot(other, Path(plots) / "effects_scatter_versus.png",
+                                                     title=str(versus))))
+    return summary
+
+
+def format_summary(s: dict[str, Any], directions: dict[str, Any] | None = None) -> str:
+    from analyses.effects import format_headline, format_v7
+
+    lines = [f"{s['n_pairs']} (layer, token) pairs in {s['n_traces']} traces of {s['cache']}"]
+    lines += format_v7(s["v7"], "(real ΔL vs first-order prediction):")
+    if "v7_versus" in s:
+        lines += format_v7(s["v7_versus"], "of --versus:")
+    labels = {"this": "this", "versus": "versus"}
+    lines += format_headline({labels[k]: v for k, v in s["headline"].items()})
+    if directions:
+        for c, r in directions.get("probe", {}).items():
+            if "accuracy" in r:
+                lines.append(f"  {c} probe, held-out accuracy per layer "
+                             f"{[round(x, 3) for x in r['accuracy']]} (shuffled labels "
+                             f"{[round(x, 3) for x in r['shuffled_accuracy']]}; chance 0.5)")
+    for key in ("reflection|reflection", "reflection|ordinary"):
+        r = s["direction_cos"].get(key)
+        if r:
+            d, c = key.split("|")
+            lines.append(f"  cos(M4 δ, {d} direction) of {c} tokens per layer: "
+                         f"{r['mean_per_layer']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# The demo's section
+
+DEMO_TRACES = 6
+DEMO_PAIRS = 4
+
+
+def demo_section(loaded: LoadedModel, folder: Path, *, limit: int | None = None) -> dict[str, Any]:
+    """The demo's effects section: a few traces of the sample file, trained vs random-init.
+
+    Writes `folder/effects.h5` and `folder/effects_random_init.h5` (replacing earlier ones).
+
+    Returns:
+        One JSON-able dict: pairs, V7 pooled per edit, the headline rows of both models, seconds.
+    """
+    import time
+
+    from cache import remove_cache
+    from probes import DATA_DIR
+
+    t0 = time.perf_counter()
+    n = DEMO_TRACES if limit is None else min(limit, DEMO_TRACES)
+    paths = {"trained": folder / "effects.h5", "random_init": folder / "effects_random_init.h5"}
+    for control, path in zip(("none", "random-init"), paths.values()):
+        remove_cache(path)
+        cfg = EffectsConfig(pairs_per_category=DEMO_PAIRS, limit=n, control=control)
+        effects_traces(loaded, DATA_DIR / "tiny_reasoner_traces.jsonl", path, cfg, progress=False)
+    s = summarize(paths["trained"], paths["random_init"])
+    keep = ("n", "pearson", "spearman", "median_rel_err")
+    return {
+        "n_traces": s["n_traces"], "n_pairs": s["n_pairs"],
+        "v7": {e: {k: s["v7"][e]["all"][k] for k in keep} for e in s["v7"]},
+        "v7_random_init": {e: {k: s["v7_versus"][e]["all"][k] for k in keep} for e in s["v7_versus"]},
+        "headline": {"trained": s["headline"]["this"], "random_init": s["headline"]["versus"]},
+        "files": {k: str(v) for k, v in paths.items()},
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def format_demo_line(d: dict[str, Any]) -> str:
+    """The demo's lines for its effects section."""
+    v, vr = d["v7"], d["v7_random_init"]
+    lines = [f"causal edits of single tokens' updates ({d['n_pairs']} (layer, token) pairs in "
+             f"{d['n_traces']} traces, V7 real ΔL vs first-order): attention knockout vs M7 "
+             f"Spearman {v['attn']['spearman']:.2f} (random-init {vr['attn']['spearman']:.2f}), "
+             f"MLP-step removal vs M6 {v['mlp']['spearman']:.2f} ({vr['mlp']['spearman']:.2f})"]
+    h, hr = d["headline"]["trained"]["attn"], d["headline"]["random_init"]["attn"]
+    lines.append("  mean real ΔL of knocking one token out of one layer's attention, nats: " + "; ".join(
+        f"{c} {h[c]['mean']:+.2g} [{h[c]['ci_low']:+.2g}, {h[c]['ci_high']:+.2g}] "
+        f"(random-init {hr[c]['mean']:+.2g})" for c in ("reflection", "delimiter", "ordinary")))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_parser(sub: Any) -> None:
+    """Register `effects` and its flags."""
+    p = sub.add_parser(
+        NAME, formatter_class=flags.HelpFormatter,
+        help="causal edits of single tokens' updates (real ΔL vs M7/M6: V7) and behaviour "
+             "directions, into a cache",
+        description=(
+            "For every trace, sample (layer, token) pairs per category (reflection, delimiter, "
+            "ordinary) and remove exactly that token's update: (a) mask its key for the answer "
+            "rows in that layer's attention only, (b) subtract its rank-1 MLP step from that "
+            "layer's W_gate/W_up; run each edited model to the answer loss (batched) and store the "
+            "real ΔL next to the first-order predictions of M7 and M6 (eff_* arrays). Also the "
+            "difference-of-means behaviour directions per layer (Venhoff et al.: window = the "
+            "token before an occurrence and up to 10 tokens; written to <out>.directions.npz), "
+            "each token's projection on them and the cosine of its M4 residual patch with them "
+            "(dir_proj, dir_cos), and a logistic-regression probe's held-out accuracy with a "
+            "shuffled-label control. Prints V7 (Pearson, Spearman, median relative error, by "
+            "category) and the headline table (mean real ΔL per category with 95% CIs), next to "
+            "--versus (e.g. a --control random-init cache)."
+        ),
+    )
+    flags.model_flags(p)
+    flags.traces_flags(p)
+    flags.out_flags(p, what="the .h5 cache")
+    p.add_argument("--pairs-per-category", type=flags.positive_int, default=30,
+                   help="(layer, token) pairs per category and trace")
+    p.add_argument("--batch-size", type=flags.positive_int, default=16,
+                   help="edited copies of the trace per forward")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="ε in (0, 1]: remove ε times the update (small ε: first-order regime)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the pair sampling and probe split")
+    p.add_argument("--control", choices=CONTROLS, default=CONTROLS[0],
+                   help="random-init: a seeded random initialisation (needs its own --out)")
+    p.add_argument("--control-seed", type=int, default=0, help="seed of --control random-init")
+    p.add_argument("--versus", type=Path, default=None,
+                   help="another effects cache (e.g. the random-init control) shown side by side")
+    p.add_argument("--plots", type=Path, default=None, help="folder for the predicted-vs-real plot")
+    flags.report_flags(p, json_help="end with one JSON object (the summary)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`effects`: compute, store, then print V7 and the headline table."""
+    flags.silence_hf()
+    if args.versus is not None and not Path(args.versus).is_file():
+        raise ProbesError(f"--versus {args.versus} does not exist; give an effects cache")
+    cfg = EffectsConfig(pairs_per_category=args.pairs_per_category, batch_size=args.batch_size,
+                        scale=args.scale, seed=args.seed, control=args.control,
+                        control_seed=args.control_seed, limit=args.limit, strict=args.strict,
+                        lexicon=tuple(str(p) for p in args.lexicon))
+    result = effects_traces(args.model, args.traces, args.out, cfg, resume=args.resume,
+                            device=args.device, dtype=args.model_dtype,
+                            progress=progress_on(args.quiet),
+                            log=lambda line: print(line, file=sys.stderr, flush=True))
+    summary = summarize(args.out, args.versus, args.plots)
+    summary["directions"] = result.directions
+    summary["run"] = result.to_dict()
+    Path(str(args.out) + ".effects.json").write_text(json.dumps(summary, indent=1, default=str))
+    out = sys.stderr if args.json else sys.stdout
+    print(result.summary(), file=out)
+    print(format_summary(summary, result.directions), file=out)
+    if args.json:
+        print(json.dumps(summary, default=str))
+    return 0

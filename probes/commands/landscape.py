@@ -1,0 +1,373 @@
+"""`python -m probes.run landscape`: the answer-loss landscape of every trace on two planes through the
+weights, with the exact implicit-update path (docs/methods.md#landscape).
+
+Per trace (through the write loop, so `--resume` skips traces that already have `land_grid`):
+
+* `land_grid` [n, n]: the answer NLL with the trajectory removed, on a seeded random plane
+  (`--style raml`: tensor-wise normalised, 1-D tensors kept; `--style filter`: Li et al.'s
+  filter-wise normalisation, 1-D tensors zeroed; embeddings and unembedding never moved), axes
+  `linspace(−range, range, n)`. The directions are regenerated from `--seed` (stored in the config),
+  so the cache holds the seed, not the directions.
+* `land_path` [T+1, 2], `land_path_norm` [T+1]: the Dherin path (row-mean MLP patches) projected
+  onto that plane by rank-1 algebra; `land_path_nll` [T+1]: the loss along the exact per-row path
+  (its last value is the full-context NLL: the endpoint identity, checked per trace).
+* `land_pca_axes`, `land_pca_path`, `land_pca_grid`: the plane spanned by the top-2 principal
+  directions of the path, with the path on it and the NLL grid over it.
+* attributes: the captured fractions of both planes, the shared fraction, the no-trajectory NLL
+  (both position conventions), the full-context NLL and the endpoint identity's |difference|.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hooks.model import LoadedModel
+from probes.commands import flags
+from probes.commands.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
+from probes.commands.progress import progress_on
+from probes.measures.answers import answer_scores, without_trajectory
+from probes.measures.landscape import (
+    POSITIONS,
+    STYLES,
+    LandscapeError,
+    PlaneModel,
+    grid_axis,
+    inner,
+    plane_params,
+    random_directions,
+)
+from probes.measures.landscape_path import (
+    implicit_path,
+    path_gram,
+    path_nll,
+    path_plane,
+    plane_coords,
+)
+from probes.traces.categories import categorize, load_lexicon
+
+NAME = "landscape"
+DONE_KEY = "land_grid"
+"""A trace that has this array is skipped on resume."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LandscapeConfig:
+    """Settings of a `landscape` run.
+
+    Attributes:
+        grid: Points per axis (odd puts the origin on the grid).
+        span: Random-plane axes run over [−span, span] (units of the normalised directions).
+        style: "raml" or "filter" direction normalisation.
+        seed: Seed of the random directions.
+        positions: "kept" (original position ids; the path's endpoint is exact) or "shifted".
+        margin: The path-plane grid spans margin × the path's largest coordinate.
+        batch: Weight perturbations per batched forward.
+        limit, strict, lexicon: As in every command.
+        plot_dir: Write three PNGs per trace there (None: no plots).
+    """
+
+    grid: int = 21
+    span: float = 1.0
+    style: str = "raml"
+    seed: int = 0
+    positions: str = "kept"
+    margin: float = 1.5
+    batch: int = 128
+    limit: int | None = None
+    strict: bool = False
+    lexicon: tuple[str, ...] = ()
+    plot_dir: Path | None = None
+
+    def own(self) -> dict[str, Any]:
+        """The settings that decide the stored arrays (stored as trace attributes, the seed of the
+        directions among them; checked on `--resume`)."""
+        return {"land_grid_n": self.grid, "land_range": self.span, "land_style": self.style,
+                "land_seed": self.seed, "land_positions": self.positions,
+                "land_margin": self.margin}
+
+
+@dataclass
+class LandscapeRunResult(WriteResult):
+    """The write loop's counts plus the landscape figures (medians over the written traces)."""
+
+    captured_path_plane_median: float | None = None
+    captured_random_plane_median: float | None = None
+    shared_fraction_median: float | None = None
+    endpoint_max_abs_diff: float | None = None
+    nll_full_median: float | None = None
+    nll_no_trajectory_median: float | None = None
+    seconds_per_grid_median: float | None = None
+    plots: list[str] | None = None
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80]
+
+
+def landscape_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: LandscapeConfig,
+                     *, resume: bool = False, device: str = "auto", dtype: str = "float32",
+                     progress: bool = True, log: Log | None = None) -> LandscapeRunResult:
+    """Compute and store every trace's landscape through the write loop.
+
+    Raises:
+        ProbesError, CacheError: Bad input or settings, a cache made with other settings.
+    """
+    if cfg.style not in STYLES or cfg.positions not in POSITIONS:
+        raise LandscapeError(f"--style must be one of {STYLES} and --positions one of {POSITIONS}")
+    if cfg.grid < 2 or cfg.span <= 0 or cfg.margin <= 0:
+        raise LandscapeError(f"--grid must be ≥ 2 and --range, --margin > 0; got {cfg.grid}, "
+                             f"{cfg.span}, {cfg.margin}")
+    lexicon = load_lexicon(extra=cfg.lexicon)
+    xs = grid_axis(cfg.grid, cfg.span)
+    figs: dict[str, list[float]] = {k: [] for k in ("pca", "rand", "shared", "diff", "full", "base",
+                                                     "secs")}
+    plots: list[str] = []
+    own = cfg.own()
+
+    def check_stored(reader: Any) -> None:
+        """An existing cache's landscape arrays must come from the same settings (trace attrs);
+        a cache written by another command (no landscape yet) gains them."""
+        for tr in reader:
+            if DONE_KEY in tr.names():
+                diff = [f"{k}: stored {tr.attrs.get(k)!r}, given {v!r}" for k, v in own.items()
+                        if tr.attrs.get(k) != v]
+                if diff:
+                    raise LandscapeError(f"{out} holds landscape arrays made with other settings ("
+                                         f"{'; '.join(diff)}): pass the same flags or write to "
+                                         f"another --out")
+                return
+
+    job = WriteJob(command=NAME, out=Path(out), resume=resume, done_key=DONE_KEY,
+                   check_stored=check_stored)
+
+    def plan(loaded: LoadedModel) -> Plan:
+        params = plane_params(loaded)
+        d1, d2 = random_directions(params, cfg.seed, cfg.style)
+        plane_g = np.array([[inner(d1, d1), inner(d1, d2)], [inner(d2, d1), inner(d2, d2)]])
+
+        def compute(tt) -> TraceOutput | str:
+            t0, t1 = tt.spans["trajectory"]
+            if t1 - t0 < 2:
+                return "the trajectory has fewer than 2 tokens (no path plane)"
+            t_start = time.perf_counter()
+            pm = PlaneModel(loaded, tt, positions=cfg.positions, params=params)
+            with torch.no_grad():
+                grid = pm.grid(xs, xs, d1, d2, batch=cfg.batch)
+            figs["secs"].append(time.perf_counter() - t_start)
+            path = implicit_path(loaded, tt)
+            K, _ = path_gram(path)
+            coords, captured = plane_coords(path, d1, d2, K, plane_gram=plane_g)
+            try:
+                pp = path_plane(path)
+            except LandscapeError as err:
+                return str(err)
+            extent = cfg.margin * float(np.abs(pp.coords).max())
+            axes = np.linspace(-extent, extent, cfg.grid)
+            pgrid = pm.grid(axes, axes, *pp.directions, batch=cfg.batch)
+            kept = pm if cfg.positions == "kept" else PlaneModel(loaded, tt, params=params)
+            along = path_nll(kept, path, batch=cfg.batch)
+            endpoint = float(along[-1])
+            full = answer_scores(loaded, [tt])[0].nll
+            base = float(pm.nll(np.zeros((1, 2)), None, None)[0])
+            origin_diff = pm.check_origin(loaded)
+            shifted = answer_scores(loaded, [without_trajectory(tt)])[0].nll
+            figs["pca"].append(pp.captured)
+            figs["rand"].append(captured)
+            figs["shared"].append(pp.shared_fraction)
+            figs["diff"].append(abs(endpoint - full))
+            figs["full"].append(full)
+            figs["base"].append(base)
+            if cfg.plot_dir is not None:
+                cats = categorize(tt, lexicon).category[t0:t1]
+                plots.extend(_plots(cfg, tt.trace.id, grid, xs, coords, pgrid, axes, pp.coords,
+                                    cats, pp.captured, captured, along))
+            attrs = {**own, "land_nll_no_trajectory": base, "land_nll_no_trajectory_shifted": shifted,
+                     "land_nll_full": full, "land_nll_endpoint": endpoint,
+                     "land_endpoint_abs_diff": abs(endpoint - full),
+                     "land_origin_abs_diff": origin_diff,
+                     "land_captured_path_plane": pp.captured,
+                     "land_captured_random_plane": captured,
+                     "land_shared_fraction": pp.shared_fraction,
+                     "land_pca_eig1_fraction": float(pp.eigenvalues[0] / pp.eigenvalues.sum())}
+            arrays = {"land_grid": grid.astype(np.float32),
+                      "land_path": coords.astype(np.float32),
+                      "land_path_nll": along.astype(np.float32),
+                      "land_path_norm": np.sqrt(np.clip(np.diag(K), 0, None)).astype(np.float32),
+                      "land_pca_axes": np.stack([axes, axes]).astype(np.float32),
+                      "land_pca_path": pp.coords.astype(np.float32),
+                      "land_pca_grid": pgrid.astype(np.float32)}
+            return TraceOutput(arrays=arrays, attrs=attrs,
+                               n_tokens=tt.n_tokens + cfg.grid**2 * 2 * (tt.n_tokens - t1 + t0))
+
+        return Plan(compute, info={"land_directions": f"torch.Generator seed {cfg.seed}, "
+                                                      f"{cfg.style} normalisation"})
+
+    result = write_traces(job, traces_path, load=loader(model, device=device, dtype=dtype),
+                          plan=plan, result=LandscapeRunResult(), lexicon_files=cfg.lexicon,
+                          limit=cfg.limit, strict=cfg.strict, progress=progress, log=log)
+
+    def med(key: str) -> float | None:
+        return float(np.median(figs[key])) if figs[key] else None
+
+    result.captured_path_plane_median = med("pca")
+    result.captured_random_plane_median = med("rand")
+    result.shared_fraction_median = med("shared")
+    result.endpoint_max_abs_diff = max(figs["diff"]) if figs["diff"] else None
+    result.nll_full_median = med("full")
+    result.nll_no_trajectory_median = med("base")
+    result.seconds_per_grid_median = med("secs")
+    result.plots = plots or None
+    return result
+
+
+def _plots(cfg: LandscapeConfig, trace_id: str, grid, xs, coords, pgrid, axes, pcoords, cats,
+           cap_pca: float, cap_rand: float, along) -> list[str]:
+    from analyses.landscape_plots import path_loss_figure, plot_landscape
+
+    base = Path(cfg.plot_dir) / f"landscape_{_safe(trace_id)}"
+    a = plot_landscape(f"{base}_random.png", grid, xs, xs, coords, cats,
+                       title=f"{trace_id}: {cfg.style} random plane (path captured {cap_rand:.1e})")
+    b = plot_landscape(f"{base}_path_plane.png", pgrid, axes, axes, pcoords, cats,
+                       title=f"{trace_id}: path plane (captured {cap_pca:.3f})",
+                       axis_labels=("PC1 of the path", "PC2 of the path"))
+    c = plot_landscape(f"{base}_path_loss.png", along, cats, figure=path_loss_figure,
+                       title=f"{trace_id}: answer NLL along the exact implicit-update path")
+    return [str(a), str(b), str(c)]
+
+
+def format_landscape_run(r: LandscapeRunResult) -> str:
+    """The write loop's summary line plus the landscape figures."""
+    lines = [r.summary()]
+    if r.captured_path_plane_median is not None:
+        lines.append(
+            f"median answer NLL: no trajectory {r.nll_no_trajectory_median:.3g}, full context "
+            f"{r.nll_full_median:.3g}; endpoint identity max |patched - full| = "
+            f"{r.endpoint_max_abs_diff:.1e} nats")
+        lines.append(
+            f"path variance captured (median): path plane {r.captured_path_plane_median:.3f}, "
+            f"random plane {r.captured_random_plane_median:.1e}; shared-weight fraction of the "
+            f"per-row path {r.shared_fraction_median:.3f}; {r.seconds_per_grid_median:.1f}s per "
+            f"random-plane grid")
+    if r.plots:
+        lines.append(f"{len(r.plots)} plots in {Path(r.plots[0]).parent}")
+    return "\n".join(lines)
+
+
+def demo_section(loaded: LoadedModel, folder: Path, *, keep: bool, n_traces: int = 1,
+                 grid: int = 11) -> dict[str, Any]:
+    """The demo's landscape part: a `grid`×`grid` landscape of the first `n_traces` sample traces
+    into `folder/landscape.h5` (replaced), plots in `folder/plots` with `keep`.
+
+    Returns:
+        `n_traces`, `grid`, `seconds`, the captured fractions, the endpoint identity's largest
+        |difference|, the median NLLs and (with `keep`) `cache` and `plots`.
+    """
+    from probes import DATA_DIR
+
+    t0 = time.perf_counter()
+    path = folder / "landscape.h5"
+    path.unlink(missing_ok=True)
+    cfg = LandscapeConfig(grid=grid, limit=n_traces, plot_dir=folder / "plots" if keep else None)
+    r = landscape_traces(loaded, DATA_DIR / "tiny_reasoner_traces.jsonl", path, cfg, progress=False)
+    part: dict[str, Any] = {
+        "n_traces": r.n_written, "grid": grid, "style": cfg.style,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "captured_path_plane": r.captured_path_plane_median,
+        "captured_random_plane": r.captured_random_plane_median,
+        "shared_fraction": r.shared_fraction_median,
+        "endpoint_max_abs_diff": r.endpoint_max_abs_diff,
+        "nll_full": r.nll_full_median, "nll_no_trajectory": r.nll_no_trajectory_median,
+    }
+    if keep:
+        part["cache"] = str(path)
+        part["plots"] = r.plots or []
+    return part
+
+
+def format_demo_line(part: Mapping[str, Any]) -> str:
+    """One line of the demo report for `demo_section`'s summary."""
+    if not part.get("n_traces"):
+        return "landscape: no trace measured"
+    return (f"landscape ({part['n_traces']} traces, {part['grid']}x{part['grid']}, {part['style']} "
+            f"directions, {part['seconds']:.1f}s): the exact implicit-update path reaches the "
+            f"full-context NLL within {part['endpoint_max_abs_diff']:.1e} nats; its top-2 plane holds "
+            f"{part['captured_path_plane']:.1%} of it, the random plane "
+            f"{part['captured_random_plane']:.1e}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_parser(sub: Any) -> None:
+    """Register `landscape` and its flags."""
+    p = sub.add_parser(
+        NAME, formatter_class=flags.HelpFormatter,
+        help="answer-loss landscape on weight planes, with the exact implicit-update path",
+        description=(
+            "For every trace: the mean answer NLL with the trajectory removed (prompt + scaffold + "
+            "answer) at weights theta + x*d1 + y*d2 on an n x n grid, for two seeded random "
+            "directions (--style raml: each tensor scaled to its weight's norm, 1-D tensors kept; "
+            "--style filter: Li et al. 2018 filter-wise, 1-D tensors zeroed; embeddings and "
+            "unembedding never moved), evaluated in batches of grid points (every weight is "
+            "affine in x, y: one matmul per layer against [W; d1; d2]). Then the exact "
+            "implicit-update path: for every trajectory prefix t the Dherin rank-1 patches of each "
+            "layer's MLP weights (M5), which at the end reproduce the full-context answer NLL "
+            "without the trajectory (checked per trace); its projection onto the random plane, and "
+            "the plane of its top-2 principal directions with the fraction of the path it holds "
+            "and a grid over it. Writes land_* arrays into each trace group of --out."
+        ),
+    )
+    flags.model_flags(p)
+    flags.traces_flags(p)
+    flags.out_flags(p, what="the .h5 cache")
+    p.add_argument("--grid", type=flags.positive_int, default=21, metavar="N",
+                   help="grid points per axis (odd: the origin is on the grid; RaML used 10)")
+    p.add_argument("--range", dest="span", type=float, default=1.0, metavar="R",
+                   help="random-plane axes run over [-R, R] in units of the normalised directions")
+    p.add_argument("--style", choices=STYLES, default="raml",
+                   help="direction normalisation: raml (tensor-wise) or filter (Li et al.)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the two random directions")
+    p.add_argument("--positions", choices=POSITIONS, default="kept",
+                   help="position ids of the trajectory-free input: kept (a gap where the "
+                        "trajectory was, the convention in which the path endpoint is exact) or "
+                        "shifted (renumbered, a truncated run)")
+    p.add_argument("--margin", type=float, default=1.5,
+                   help="the path-plane grid spans MARGIN x the path's largest coordinate")
+    p.add_argument("--batch", type=flags.positive_int, default=128,
+                   help="weight perturbations per batched forward")
+    p.add_argument("--plot-dir", type=Path, default=None,
+                   help="write three plots per trace there: the random plane and the path plane "
+                        "(contours, the path, reflection and delimiter steps marked) and the "
+                        "loss along the path")
+    flags.report_flags(p, json_help="end with one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`landscape`: compute, then print the summary (and JSON)."""
+    flags.silence_hf()
+    cfg = LandscapeConfig(grid=args.grid, span=args.span, style=args.style, seed=args.seed,
+                          positions=args.positions, margin=args.margin, batch=args.batch,
+                          limit=args.limit, strict=args.strict,
+                          lexicon=tuple(str(p) for p in args.lexicon), plot_dir=args.plot_dir)
+    result = landscape_traces(args.model, args.traces, args.out, cfg, resume=args.resume,
+                              device=args.device, dtype=args.model_dtype,
+                              progress=progress_on(args.quiet),
+                              log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_landscape_run(result), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(result.to_dict(), sort_keys=True))
+    return 0
+
