@@ -125,11 +125,11 @@ def _cmp(block: dict, a: str) -> str:
 def format_anchors_demo(a: dict) -> list[str]:
     """The demo report's lines for the anchors section."""
     s, r, sh = a["suppression"], a["suppression_random_init"], a["suppression_shuffled_labels"]
-    share = ", ".join(f"{k} {v:.0%}" for k, v in s["anchor_category_share"].items())
+    share = ", ".join(f"a {k} chunk in {v:.0%}" for k, v in s["anchor_category_share"].items())
     lines = [
         f"sentence anchors ({a['n_traces']} traces, {a['n_chunks']} chunks; {a['seconds']:.1f}s): "
-        f"the chunk whose suppression (keys masked in all layers) raises the answer NLL most is a "
-        f"{share} chunk (median rise {s['median_anchor_value']:.3g} nats); suppression cost "
+        f"the chunk whose suppression (keys masked in all layers) raises the answer NLL most is "
+        f"{share} of traces (median rise {s['median_anchor_value']:.3g} nats); suppression cost "
         f"{a['supp_cost_ratio']:.2f}x a forward per chunk",
         "  answer-NLL rise when suppressed: " + _cmp(s, "reflection"),
         "  " + _cmp(s, "delimiter"),

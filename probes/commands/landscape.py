@@ -299,7 +299,8 @@ def format_demo_line(part: Mapping[str, Any]) -> str:
     """One line of the demo report for `demo_section`'s summary."""
     if not part.get("n_traces"):
         return "landscape: no trace measured"
-    return (f"landscape ({part['n_traces']} traces, {part['grid']}x{part['grid']}, {part['style']} "
+    n = part["n_traces"]
+    return (f"landscape ({n} trace{'s' * (n != 1)}, {part['grid']}x{part['grid']}, {part['style']} "
             f"directions, {part['seconds']:.1f}s): the exact implicit-update path reaches the "
             f"full-context NLL within {part['endpoint_max_abs_diff']:.1e} nats; its top-2 plane holds "
             f"{part['captured_path_plane']:.1%} of it, the random plane "

@@ -106,4 +106,4 @@ def test_demo_section(tmp_path):
     loaded = load_model("tiny-reasoner", device="cpu")
     part = demo_section(loaded, tmp_path, keep=False, n_traces=1, grid=3)
     assert part["n_traces"] == 1 and part["endpoint_max_abs_diff"] <= 1e-4
-    assert "landscape (1 traces, 3x3" in format_demo_line(part)
+    assert "landscape (1 trace, 3x3" in format_demo_line(part)
