@@ -257,7 +257,7 @@ def test_existing_file_without_resume_and_missing_inputs(few, tmp_path, capsys):
 # -- kill -9 at random moments ----------------------------------------------------------------------
 
 N_KILL_TRACES = 30
-N_KILLS = 10
+N_KILLS = 20
 
 
 def _same_snapshots(got: dict, want: dict) -> bool:
