@@ -36,12 +36,16 @@ CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "fa
 N_TRACES = 3
 COMMANDS = ("cache", "lhat", "updates", "lhat+cache")
 """`lhat+cache`: `lhat --resume` adding arrays to an activation cache (add segments)."""
+LATER = ("landscape", "anchors", "effects")
+"""The writing commands of the later analyses (same loop): injected write errors only."""
+EXTRA = {"landscape": ("--grid", "3"), "effects": ("--pairs-per-category", "2")}
+"""Small settings, so that the references stay fast."""
 
 
 def _args(command: str, traces: Path, out: Path, *extra: str) -> list[str]:
     name = command.split("+")[0]
     return [name, "--model", "tiny-reasoner", "--traces", str(traces), "--out", str(out),
-            "--device", "cpu", "--no-progress", "--resume", *extra]
+            "--device", "cpu", "--no-progress", "--resume", *EXTRA.get(name, ()), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,7 @@ def references(traces, tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     """An uninterrupted run of every command (and the activation cache `lhat+cache` starts from)."""
     folder = tmp_path_factory.mktemp("refs")
     out = {}
-    for command in ("cache", "lhat", "updates"):
+    for command in ("cache", "lhat", "updates", *LATER):
         path = folder / f"{command}.h5"
         assert main(_args(command, traces, path)) == 0
         out[command] = (path, snapshot(path))
@@ -110,7 +114,7 @@ def _one_error_line(err: str, *needles: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", COMMANDS + LATER)
 def test_injected_write_error_keeps_committed_traces_and_resumes(command, traces, references,
                                                                  tmp_path, capsys, monkeypatch):
     expected = references[command][1]
