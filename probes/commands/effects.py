@@ -41,7 +41,16 @@ from analyses.token_sets import CATEGORY_CODES, CATEGORY_NAMES
 from hooks.model import LoadedModel
 from probes import arrays
 from probes.commands import flags
-from probes.commands.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
+from probes.commands.loop import (
+    Log,
+    Plan,
+    TraceOutput,
+    WriteJob,
+    WriteResult,
+    loader,
+    same_settings,
+    write_traces,
+)
 from probes.commands.progress import progress_on
 from probes.errors import ProbesError
 from probes.models.controls import CONTROLS, random_init_model
@@ -189,20 +198,8 @@ def effects_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: 
     say = log if log is not None else (lambda _m: None)
     own = cfg.own()
 
-    def check_stored(reader: Any) -> None:
-        """An existing cache's effects arrays must come from the same settings (trace attrs)."""
-        for tr in reader:
-            if DONE_KEY in tr.names():
-                diff = [f"{k}: stored {tr.attrs.get(k)!r}, given {v!r}" for k, v in own.items()
-                        if tr.attrs.get(k) != v]
-                if diff:
-                    raise ProbesError(f"{out} holds effects arrays made with other settings ("
-                                      f"{'; '.join(diff)}): pass the same flags or write to "
-                                      f"another --out")
-                return
-
     job = WriteJob(command=NAME, out=out, resume=resume, done_key=DONE_KEY,
-                   check_stored=check_stored)
+                   check_stored=same_settings(out, DONE_KEY, own, "effects arrays", ProbesError))
     result = EffectsRunResult(control=cfg.control)
 
     def load() -> LoadedModel:

@@ -34,7 +34,16 @@ import torch
 
 from hooks.model import LoadedModel
 from probes.commands import flags
-from probes.commands.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
+from probes.commands.loop import (
+    Log,
+    Plan,
+    TraceOutput,
+    WriteJob,
+    WriteResult,
+    loader,
+    same_settings,
+    write_traces,
+)
 from probes.commands.progress import progress_on
 from probes.measures.answers import answer_scores, without_trajectory
 from probes.measures.landscape import (
@@ -135,21 +144,8 @@ def landscape_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg
     plots: list[str] = []
     own = cfg.own()
 
-    def check_stored(reader: Any) -> None:
-        """An existing cache's landscape arrays must come from the same settings (trace attrs);
-        a cache written by another command (no landscape yet) gains them."""
-        for tr in reader:
-            if DONE_KEY in tr.names():
-                diff = [f"{k}: stored {tr.attrs.get(k)!r}, given {v!r}" for k, v in own.items()
-                        if tr.attrs.get(k) != v]
-                if diff:
-                    raise LandscapeError(f"{out} holds landscape arrays made with other settings ("
-                                         f"{'; '.join(diff)}): pass the same flags or write to "
-                                         f"another --out")
-                return
-
     job = WriteJob(command=NAME, out=Path(out), resume=resume, done_key=DONE_KEY,
-                   check_stored=check_stored)
+                   check_stored=same_settings(out, DONE_KEY, own, "landscape arrays", LandscapeError))
 
     def plan(loaded: LoadedModel) -> Plan:
         params = plane_params(loaded)

@@ -268,6 +268,33 @@ def check_out(out: Path, *, resume: bool, overwrite: bool = False) -> None:
                          f"not writable for this user; choose another --out or fix the permissions")
 
 
+def same_settings(out: Path, done_key: str, own: Mapping[str, Any], what: str,
+                  error: type[Exception] = ProbesError) -> Callable[[Any], None]:
+    """A `WriteJob.check_stored` for a command that keeps its settings as trace attributes:
+    refuses an existing `out` whose first trace holding `done_key` was made with other settings
+    (naming every differing one); a cache without the command's arrays yet gains them.
+
+    Args:
+        out: The cache (named in the message).
+        done_key: The array that marks the command's arrays complete in a trace.
+        own: The settings of this run, as stored in the trace attributes.
+        what: The arrays' name in the message ("effects arrays").
+        error: The error type to raise (a `ProbesError`).
+    """
+    def check(reader: Any) -> None:
+        for tr in reader:
+            if done_key in tr.names():
+                diff = [f"{k}: stored {tr.attrs.get(k)!r}, given {v!r}" for k, v in own.items()
+                        if tr.attrs.get(k) != v]
+                if diff:
+                    raise error(f"{out} holds {what} made with other settings "
+                                f"({'; '.join(diff)}): pass the same flags or write to another "
+                                f"--out")
+                return
+
+    return check
+
+
 def check_unique_ids(traceset: TraceSet) -> None:
     """Refuse a traces file that repeats an id (nothing is written), naming both lines."""
     dupes = [bad for bad in traceset.problems if bad.reason.startswith("duplicate id")]
