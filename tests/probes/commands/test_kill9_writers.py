@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cache import open_cache
+from cache import open_cache, segments_dir
 from probes.commands.demo import SAMPLE_TRACES
 from tests.probes.commands._store_snapshot import snapshot
 
@@ -46,6 +46,24 @@ def _wait_for_writing(proc: subprocess.Popen, err: Path, timeout: float = 180) -
     raise AssertionError("run did not start writing")
 
 
+def _n_segments(out: Path) -> int:
+    folder = segments_dir(out)
+    return len(list(folder.glob("*.h5"))) if folder.is_dir() else 0
+
+
+def _wait_for_commit(proc: subprocess.Popen, out: Path, timeout: float = 120) -> float:
+    """Wait until the run commits a new segment; returns the seconds waited."""
+    t0, before = time.monotonic(), _n_segments(out)
+    while time.monotonic() - t0 < timeout:
+        if _n_segments(out) > before:
+            return time.monotonic() - t0
+        if proc.poll() is not None:  # it finished the last traces: nothing left to kill
+            assert proc.returncode == 0
+            return time.monotonic() - t0
+        time.sleep(0.001)
+    raise AssertionError("run committed nothing")
+
+
 @pytest.mark.parametrize("command", ["lhat", "updates"])
 def test_kill_9_at_20_seeded_moments_then_resume_equals_one_run(command, tmp_path):
     traces = tmp_path / "traces.jsonl"
@@ -53,6 +71,8 @@ def test_kill_9_at_20_seeded_moments_then_resume_equals_one_run(command, tmp_pat
     ref, work, err = tmp_path / "ref.h5", tmp_path / "work.h5", tmp_path / "stderr.txt"
 
     proc = _start(command, traces, ref, err, "--json")
+    _wait_for_writing(proc, err)
+    first = _wait_for_commit(proc, ref)  # from "writing" to the first trace on disk
     stdout, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, err.read_text()
     per_trace = json.loads(stdout.strip().splitlines()[-1])["seconds_loop"] / N_TRACES
@@ -61,10 +81,14 @@ def test_kill_9_at_20_seeded_moments_then_resume_equals_one_run(command, tmp_pat
 
     rng = random.Random(20261203)
     n_committed, n_killed = 0, 0
-    for _ in range(N_KILLS):
+    for trial in range(N_KILLS):  # half within a run's first trace, half within the next ~3
         proc = _start(command, traces, work, err)
         _wait_for_writing(proc, err)
-        time.sleep(rng.uniform(0.0, 2 * per_trace))
+        if trial % 2:
+            _wait_for_commit(proc, work)
+            time.sleep(rng.uniform(0.0, 3 * per_trace))
+        else:
+            time.sleep(rng.uniform(0.0, 1.2 * first))
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
         n_killed += proc.returncode == -signal.SIGKILL
