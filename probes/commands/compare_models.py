@@ -27,6 +27,7 @@ import numpy as np
 from probes import arrays
 from probes.commands import flags
 from probes.commands.progress import Stages, progress_on
+from probes.commands.text import num as _num
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
 
@@ -247,10 +248,6 @@ def compare_models_report(paths: list[Path], *, names: list[str] | None = None, 
 def report_json(report: dict[str, Any]) -> dict[str, Any]:
     """The report as plain JSON (NaN → null)."""
     return jsonable(report)
-
-
-def _num(x: Any, spec: str = ".3g") -> str:
-    return "n/a" if x is None or x != x else format(x, spec)
 
 
 def format_report(report: dict[str, Any], *, all_categories: bool = True) -> str:

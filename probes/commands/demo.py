@@ -34,6 +34,7 @@ from probes.commands.generate_demo import DEMO_QUESTIONS, format_generation_demo
 from probes.commands.landscape import demo_section as landscape_demo
 from probes.commands.landscape import format_demo_line as format_landscape_demo
 from probes.commands.lhat import LhatConfig, lhat_traces
+from probes.commands.text import num as _num
 from probes.commands.updates import UpdatesConfig, updates_traces
 from probes.errors import ProbesError
 from probes.measures.answers import answer_scores, without_trajectory
@@ -109,11 +110,6 @@ def run_demo(*, out: Path | None = None, limit: int | None = None, device: str =
     if out is not None:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
-
-
-def _num(x, spec: str) -> str:
-    """Format a number that may be missing (None/NaN when too few traces have the category)."""
-    return "n/a" if x is None or x != x else format(x, spec)
 
 
 def _verdict(row: dict) -> str:
@@ -408,9 +404,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _later_sections(s: dict) -> list[str]:
     """One short line per later demo section (anchors, causal edits, landscape, variants)."""
-    def num(x, spec: str = ".3g") -> str:
-        return "n/a" if x is None else format(x, spec)
-
+    num = _num
     lines = []
     if "anchors" in s:
         a = s["anchors"]

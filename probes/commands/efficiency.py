@@ -21,6 +21,7 @@ import numpy as np
 
 from probes.commands import flags
 from probes.commands.progress import Stages, progress_on
+from probes.commands.text import num as _num
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
 
@@ -148,10 +149,6 @@ def efficiency_report(path: Path, traces: Path | None = None, *,
 def report_json(report: dict[str, Any]) -> dict[str, Any]:
     """The report as plain JSON (NaN → null)."""
     return jsonable(report)
-
-
-def _num(x: Any, spec: str) -> str:
-    return "n/a" if x is None or x != x else format(x, spec)
 
 
 def format_report(report: dict[str, Any]) -> str:
