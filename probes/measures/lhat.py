@@ -6,17 +6,20 @@ For a trace `x = [P | τ_1..τ_T | S | A]` (prompt, trajectory, scaffold, answer
 
 (t = 0: no trajectory; t = T: the full trace). This is the answer NLL that RaML re-runs per prefix.
 
-Entry points:
+Where it lives (this module is the entry point and re-exports the others' public names):
 
-* `lhat_naive(loaded, tt, ts=None)`: the reference, one bridge forward over `P + τ_≤t + S + A` per
-  prefix t.
-* `lhat_fast(loaded, tt, ...)`: one chunked prefill of `P + τ` into a KV cache, then the suffix
-  `S + A` for many truncation points at once ("packed suffixes", M8): k copies of the suffix are
-  concatenated into one sequence evaluated over the cached prefix, with a custom 4-D additive mask
-  (copy i sees cached positions `[0, |P| + t_i)` and itself causally, never another copy) and
-  explicit `position_ids` (copy i starts at `|P| + t_i`, so RoPE distances, or GPT-2's learned
-  positions, equal those of a truly truncated run). Equal to `lhat_naive` to float32 rounding.
-* `delta_lhat`, `relative_change`, `log_ratio`: per-token quantities of §1.4, pure numpy.
+* `lhat_naive(loaded, tt, ts=None)` (`probes.measures.lhat_reference`): the reference, one bridge
+  forward over `P + τ_≤t + S + A` per prefix t.
+* `lhat_fast(loaded, tt, ...)` (this module): one chunked prefill of `P + τ` into a KV cache, then
+  the suffix `S + A` for many truncation points at once ("packed suffixes", M8): k copies of the
+  suffix are concatenated into one sequence evaluated over the cached prefix, with a custom 4-D
+  additive mask (copy i sees cached positions `[0, |P| + t_i)` and itself causally, never another
+  copy) and explicit `position_ids` (copy i starts at `|P| + t_i`, so RoPE distances, or GPT-2's
+  learned positions, equal those of a truly truncated run). Equal to `lhat_naive` to float32
+  rounding.
+* `delta_lhat`, `relative_change`, `log_ratio`, `lhat_arrays` (`probes.measures.lhat_per_token`):
+  per-token quantities of §1.4, pure numpy.
+* The trace layout and helpers both paths share (`probes.measures.lhat_layout`).
 
 How the packed suffix reaches the model (checked on TransformerLens 4.3.0 + transformers 5.23.0):
 the bridge forward passes `attention_mask`, `position_ids`, `past_key_values` and `logits_to_keep`
@@ -48,7 +51,6 @@ log-softmax.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,12 +58,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Float32, Float64, Int64, Integer, Real
+from jaxtyping import Float32, Int64, Integer
 
 from hooks.edit import hook_name as edit_hook_name
 from hooks.model import LoadedModel
-from probes import arrays
 from probes.errors import ProbesError
+from probes.measures.lhat_layout import (
+    _answer_nll,
+    _check_ts,
+    _keeps_logits,
+    _Layout,
+    _layout,
+    _model_dtype,
+)
+from probes.measures.lhat_per_token import LHAT_ARRAYS as LHAT_ARRAYS
+from probes.measures.lhat_per_token import delta_lhat, log_ratio, relative_change
+from probes.measures.lhat_per_token import lhat_arrays as lhat_arrays
+from probes.measures.lhat_reference import lhat_naive
 from probes.traces.tokenize import TokenizedTrace
 
 __all__ = [
@@ -82,151 +95,6 @@ DEFAULT_MAX_PACK_TOKENS = 512
 
 DEFAULT_MAX_ATTN_BYTES = 1 << 30
 """Budget for one layer's attention buffers of one pack (scores, masked scores, fp32 softmax)."""
-
-
-# --------------------------------------------------------------------------------------------------
-# Layout of one trace
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Token pieces of one trace on the model's device.
-
-    Attributes:
-        context: int64 [|P| + T] prompt + trajectory ids.
-        scaffold: int64 [|S|].
-        answer: int64 [|A|].
-        n_prompt: |P|.
-        n_traj: T.
-        lead: 1 when the scaffold is empty (the last context token is re-fed at the head of
-            each copy so that a row of the copy predicts A_1), else 0.
-    """
-
-    context: torch.Tensor
-    scaffold: torch.Tensor
-    answer: torch.Tensor
-    n_prompt: int
-    n_traj: int
-    lead: int
-
-    @property
-    def copy_len(self) -> int:
-        """Tokens per suffix copy: lead + |S| + |A| − 1 (the last answer token predicts nothing)."""
-        return self.lead + len(self.scaffold) + len(self.answer) - 1
-
-    @property
-    def first_row(self) -> int:
-        """Offset, inside a copy, of the row that predicts A_1."""
-        return self.lead + len(self.scaffold) - 1
-
-
-def _layout(tt: TokenizedTrace, device: torch.device) -> _Layout:
-    spans = tt.spans
-    (p0, p1), (t0, t1) = spans["prompt"], spans["trajectory"]
-    (s0, s1), (a0, a1) = spans["scaffold"], spans["answer"]
-    if not (p0 == 0 and p1 == t0 and t1 == s0 and s1 == a0 and a1 == tt.n_tokens):
-        raise ProbesError(
-            f"Trace {tt.trace.id!r}: spans {spans} are not contiguous prompt, trajectory, "
-            f"scaffold, answer covering all {tt.n_tokens} ids; build it with "
-            "probes.traces.tokenize.tokenize_trace."
-        )
-    if a1 == a0:
-        raise ProbesError(
-            f"Trace {tt.trace.id!r} has an empty answer span, so L̂ (mean answer NLL) is undefined."
-        )
-    lead = 1 if s1 == s0 else 0
-    if lead and p1 == 0:
-        raise ProbesError(
-            f"Trace {tt.trace.id!r} has an empty prompt and an empty scaffold: at t=0 no token "
-            "precedes the first answer token, so nothing predicts it. Give it a prompt or scaffold."
-        )
-    ids = torch.as_tensor(tt.ids, dtype=torch.long, device=device)
-    return _Layout(
-        context=ids[:s0],
-        scaffold=ids[s0:s1],
-        answer=ids[a0:a1],
-        n_prompt=p1,
-        n_traj=t1 - t0,
-        lead=lead,
-    )
-
-
-def _check_ts(ts: Sequence[int] | np.ndarray | None, n_traj: int) -> np.ndarray:
-    if ts is None:
-        return np.arange(n_traj + 1, dtype=np.int64)
-    arr = np.asarray(ts)
-    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-        raise ProbesError(f"ts must be a 1-D sequence of integers, got {ts!r}.")
-    arr = arr.astype(np.int64)
-    bad = arr[(arr < 0) | (arr > n_traj)]
-    if bad.size:
-        raise ProbesError(
-            f"ts contains {bad[:5].tolist()}, outside 0..{n_traj} (the trajectory has {n_traj} "
-            "tokens; t counts trajectory tokens kept, 0 = none, T = all)."
-        )
-    return arr
-
-
-def _model_dtype(loaded: LoadedModel) -> torch.dtype:
-    for param in loaded.hf_model.parameters():
-        if param.is_floating_point():
-            return param.dtype
-    return torch.float32
-
-
-def _keeps_logits(loaded: LoadedModel) -> bool:
-    """Whether the HF model's forward takes `logits_to_keep` (all current causal LMs do)."""
-    return "logits_to_keep" in inspect.signature(loaded.hf_model.forward).parameters
-
-
-def _answer_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token NLL (float32 log-softmax, returned as float64).
-
-    logits [..., n, vocab], targets [..., n] -> [..., n].
-    """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).double()
-
-
-# --------------------------------------------------------------------------------------------------
-# Reference
-
-
-@torch.inference_mode()
-def lhat_naive(
-    loaded: LoadedModel,
-    tt: TokenizedTrace,
-    ts: Sequence[int] | Integer[np.ndarray, " n_ts"] | None = None,
-) -> Float64[np.ndarray, " n_ts"]:
-    """L̂_t by one bridge forward over `P + τ_≤t + S + A` per prefix t (the reference).
-
-    Each forward is a plain full-sequence run of the bridge (no cache, no mask); only the last
-    |A| + 1 rows are projected to logits (`logits_to_keep`, which does not change them). The
-    log-softmax is taken in float32 and the mean over answer tokens accumulated in float64.
-
-    Args:
-        loaded: The model.
-        tt: The tokenized trace (contiguous prompt/trajectory/scaffold/answer spans).
-        ts: Trajectory prefix lengths to evaluate, each in 0..T; None for all of 0..T.
-
-    Returns:
-        float64 [len(ts)] (or [T+1]) mean answer NLL in nats, aligned with `ts`.
-
-    Raises:
-        ProbesError: Empty answer, non-contiguous spans, or a t outside 0..T.
-    """
-    lay = _layout(tt, loaded.device)
-    t_values = _check_ts(ts, lay.n_traj)
-    n_ans = len(lay.answer)
-    extra: dict[str, Any] = {"logits_to_keep": n_ans + 1} if _keeps_logits(loaded) else {}
-    out = np.empty(len(t_values), dtype=np.float64)
-    for i, t in enumerate(t_values):
-        e = lay.n_prompt + int(t)
-        ids = torch.cat([lay.context[:e], lay.scaffold, lay.answer])[None]  # [1, pos]
-        logits = loaded.bridge(ids, return_type="logits", **extra)[0]  # [rows, vocab]
-        pred = logits[-(n_ans + 1) : -1]  # rows predicting A_1..A_|A|
-        out[i] = float(_answer_nll(pred, lay.answer).mean())
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -526,89 +394,3 @@ def lhat_fast(
         n_packs=n_packs,
         n_prefill_chunks=n_chunks,
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# Per-token quantities (docs/methods.md#m8)
-
-
-_Curve = Real[np.ndarray, "*batch t1"] | Sequence[float] | float
-"""An L̂ curve [..., T+1] (array or list); a bare float is taken so that `_curve` can refuse it."""
-
-
-def _curve(lhat: _Curve) -> np.ndarray:
-    arr = np.asarray(lhat, dtype=np.float64)
-    if arr.ndim < 1 or arr.shape[-1] < 1:
-        raise ProbesError(f"An L̂ curve needs shape [..., T+1] with T+1 >= 1, got {arr.shape}.")
-    return arr
-
-
-def delta_lhat(lhat: _Curve) -> Float64[np.ndarray, "*batch t"]:
-    """Signed change ΔL̂_t = L̂_t − L̂_{t−1} for t = 1..T.
-
-    Index i of the result (0-based) belongs to trajectory token τ_{i+1}, i.e. to the token at
-    trajectory position i: the change caused by appending it. Negative = the answer got likelier.
-
-    Args:
-        lhat: [..., T+1] L̂ curve(s), t = 0..T on the last axis.
-
-    Returns:
-        float64 [..., T].
-
-    Example:
-        >>> delta_lhat([2.0, 1.5, 1.75])
-        array([-0.5 ,  0.25])
-    """
-    return np.diff(_curve(lhat), axis=-1)
-
-
-def relative_change(lhat: _Curve) -> Float64[np.ndarray, "*batch t"]:
-    """RaML's relative change ρ_t = |L̂_t − L̂_{t−1}| / L̂_{t−1} for t = 1..T.
-
-    Aligned like `delta_lhat`. Where L̂_{t−1} = 0 the notebook skips the token; here it is NaN.
-
-    Args:
-        lhat: [..., T+1] L̂ curve(s).
-
-    Returns:
-        float64 [..., T]; NaN where L̂_{t−1} = 0.
-    """
-    arr = _curve(lhat)
-    prev = arr[..., :-1]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        out = np.abs(np.diff(arr, axis=-1)) / prev
-    return np.where(prev == 0, np.nan, out)
-
-
-def log_ratio(lhat: _Curve) -> Float64[np.ndarray, "*batch t"]:
-    """Log-ratio λ_t = log L̂_t − log L̂_{t−1} for t = 1..T (less heavy-tailed than ρ_t).
-
-    Aligned like `delta_lhat`.
-
-    Args:
-        lhat: [..., T+1] L̂ curve(s).
-
-    Returns:
-        float64 [..., T]; NaN where L̂_t or L̂_{t−1} is not positive.
-    """
-    arr = _curve(lhat)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logs = np.where(arr > 0, np.log(np.where(arr > 0, arr, 1.0)), np.nan)
-    return np.diff(logs, axis=-1)
-
-
-LHAT_ARRAYS: tuple[str, ...] = arrays.names(arrays.LHAT)
-"""The stored L̂ arrays, as the registry declares them."""
-
-
-def lhat_arrays(lhat: Real[np.ndarray, " t1"] | Sequence[float]
-                ) -> dict[str, Float32[np.ndarray, " _"]]:
-    """L̂ and its per-token derivatives as stored: `lhat` float32 [T+1]; `lhat_delta`,
-    `lhat_rho`, `lhat_log_ratio` float32 [T] (index i = trajectory token i)."""
-    curve = np.asarray(lhat, np.float64)
-    return {
-        "lhat": curve.astype(np.float32),
-        "lhat_delta": delta_lhat(curve).astype(np.float32),
-        "lhat_rho": relative_change(curve).astype(np.float32),
-        "lhat_log_ratio": log_ratio(curve).astype(np.float32),
-    }
