@@ -13,7 +13,10 @@ tokens for each `--lengths` T, and measures in one process, per T (median of `--
   MB = 1e6 bytes of site data; RAM run).
 
 With `--samples N` (default 200) it also times the built-in `tiny-reasoner` on its first N sample
-traces (short traces: per-trace fixed costs dominate there).
+traces (short traces: per-trace fixed costs dominate there): `cache` as it runs by default (short
+traces several per right-padded forward, one commit per group: `probes.measures.batching`) and
+with `--batch-tokens 0` (one forward and one commit per trace), against one plain forward per
+trace (the goal: cache <= 1.3x that) and against plain forwards of the same padded batches.
 
 Then, in a separate process per cell (one trace of length T after a warm-up), the peak memory
 beyond the process's baseline of: the plain forward, caching with outputs in RAM, and caching
@@ -52,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 from hooks.model import LoadedModel
 from probes.commands.cache import CacheConfig, cache_traces
 from probes.measures.activations import forward_plain
+from probes.measures.batching import BATCH_TOKENS
 from probes.models.load import boot_model
 from probes.models.tiny import byte_tokenizer as _byte_tokenizer
 from probes.traces.read import read_traces
@@ -72,6 +76,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float16", help="storage dtype")
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--backend", default="auto", choices=["auto", "hf", "bridge"])
+    p.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS,
+                   help="cache's padded tokens per batched forward (0: one trace per forward)")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats per length (median)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU")
@@ -202,8 +208,18 @@ def time_lengths(args: argparse.Namespace, loaded: LoadedModel, workdir: Path) -
 
 
 def time_samples(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    """tiny-reasoner on its sample traces: plain forward vs cache_traces (median of repeats)."""
+    """tiny-reasoner on its sample traces (median of repeats, in one process):
+
+    * `plain_s`: one plain forward per trace (`forward_plain`: the baseline of the goal);
+    * `plain_batched_s`: plain forwards of exactly the padded batches the capture runs (no hooks,
+      no writing): what batching alone saves;
+    * `cache_s`: `cache_traces` as it runs by default (short traces batched, commits grouped);
+    * `cache_one_s`: `cache_traces` with `batch_tokens=0` (one forward and one commit per trace).
+    """
+    from hooks.hf_fast import plain_view
     from probes.commands.demo import SAMPLE_TRACES
+    from probes.measures.activations import resolve_cache_sites, selection
+    from probes.measures.batching import forwards, plan_batches, row_bytes
     from probes.models.load import load_model
 
     loaded = load_model("tiny-reasoner", device=args.device)
@@ -211,11 +227,35 @@ def time_samples(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     lines = SAMPLE_TRACES.read_text().splitlines(keepends=True)[:args.samples]
     traces.write_text("".join(lines))
     tokenized, _ = tokenize_traces(read_traces(traces), loaded.tokenizer)
-    ids = [torch.as_tensor(tt.ids[:tt.spans["trajectory"][1]]).unsqueeze(0) for tt in tokenized]
+    ends = [selection(tt, "trajectory")[1] for tt in tokenized]
+    ids = [torch.as_tensor(tt.ids[:end]).unsqueeze(0) for tt, end in zip(tokenized, ends)]
     cfg = CacheConfig(sites=tuple(args.sites), dtype=args.dtype, chunk_size=args.chunk_size,
-                      backend=args.backend)
+                      backend=args.backend, batch_tokens=args.batch_tokens)
+    one = CacheConfig(sites=tuple(args.sites), dtype=args.dtype, chunk_size=args.chunk_size,
+                      backend=args.backend, batch_tokens=0)
+    site_map = resolve_cache_sites(cfg.sites, loaded.arch)
+    groups = plan_batches(tokenized, positions="trajectory", batch_tokens=cfg.batch_tokens,
+                          max_tokens=cfg.chunk_size,
+                          bytes_per_row=row_bytes(site_map, loaded.arch.d_model, cfg.dtype),
+                          max_bytes=cfg.max_ram_mib * 2**20)
+    padded = []
+    for group in groups:
+        for part in forwards([ends[i] for i in group], cfg.batch_tokens):
+            members = [group[k] for k in part]
+            longest = max(ends[i] for i in members)
+            batch = torch.zeros((len(members), longest), dtype=torch.long)
+            for b, i in enumerate(members):
+                batch[b, :ends[i]] = ids[i][0]
+            padded.append(batch)
+    view = plain_view(loaded.hf_model)
+
+    def plain_batched() -> None:
+        with torch.no_grad():
+            for batch in padded:
+                view.base_model(input_ids=batch.to(loaded.device), use_cache=False)
+
     cache_traces(loaded, traces, workdir / "warm.h5", CacheConfig(limit=3), overwrite=True)
-    plain_s, cache_s, write_s, mb = [], [], [], 0.0
+    plain_s, batched_s, cache_s, one_s, write_s, mb = [], [], [], [], [], 0.0
     for _ in range(args.repeats):
         t0 = time.perf_counter()
         result = cache_traces(loaded, traces, workdir / "samples.h5", cfg, overwrite=True)
@@ -224,16 +264,28 @@ def time_samples(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         write_s.append(result.seconds_write)
         mb = result.bytes_sites / 1e6
         t0 = time.perf_counter()
+        cache_traces(loaded, traces, workdir / "one.h5", one, overwrite=True)
+        _sync(loaded)
+        one_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
         for x in ids:
             forward_plain(loaded, x, chunk_size=args.chunk_size, backend=result.backend)
         plain_s.append(time.perf_counter() - t0)
-    plain, cached = statistics.median(plain_s), statistics.median(cache_s)
+        t0 = time.perf_counter()
+        plain_batched()
+        _sync(loaded)
+        batched_s.append(time.perf_counter() - t0)
+    med = statistics.median
+    plain, cached = med(plain_s), med(cache_s)
     return {
-        "n_traces": len(ids), "tokens_run": int(sum(x.shape[1] for x in ids)),
-        "plain_s": round(plain, 3), "cache_s": round(cached, 3), "ratio": round(cached / plain, 3),
-        "write_s": round(statistics.median(write_s), 3), "mb_written": round(mb, 1),
-        "write_mb_s": round(mb / statistics.median(write_s), 0),
-        "cache_mb_s": round(mb / cached, 1),
+        "n_traces": len(ids), "tokens_run": int(sum(ends)), "n_commits": len(groups),
+        "n_forwards": len(padded), "padded_tokens": int(sum(b.numel() for b in padded)),
+        "plain_s": round(plain, 3), "plain_batched_s": round(med(batched_s), 3),
+        "cache_s": round(cached, 3), "cache_one_s": round(med(one_s), 3),
+        "ratio": round(cached / plain, 3), "ratio_batched": round(cached / med(batched_s), 3),
+        "ratio_one": round(med(one_s) / plain, 3),
+        "write_s": round(med(write_s), 3), "mb_written": round(mb, 1),
+        "write_mb_s": round(mb / med(write_s), 0), "cache_mb_s": round(mb / cached, 1),
     }
 
 
@@ -304,6 +356,23 @@ def _table(report: dict[str, Any]) -> str:
             f"{r['plain_s']:.3f} | {r['cache_s']:.3f} | {r['ratio']:.2f}× | | | "
             f"{r['mb_written']:.1f} | {r['write_mb_s']:.0f} | {r['cache_mb_s']:.1f} |"
         )
+        lines += [
+            "",
+            f"Short traces (tiny-reasoner, {r['n_traces']} sample traces, {r['tokens_run']} "
+            f"tokens run): {r['n_forwards']} padded forwards ({r['padded_tokens']} tokens), "
+            f"{r['n_commits']} commits",
+            "",
+            "| | seconds | cache / this |",
+            "|---|---|---|",
+            f"| plain forward, one per trace (baseline) | {r['plain_s']:.3f} | "
+            f"{r['ratio']:.2f}× |",
+            f"| plain forward of the same padded batches | {r['plain_batched_s']:.3f} | "
+            f"{r['ratio_batched']:.2f}× |",
+            f"| cache, batched (default) | {r['cache_s']:.3f} | 1.00× |",
+            f"| cache, one trace per forward and commit (--batch-tokens 0) | "
+            f"{r['cache_one_s']:.3f} | {r['cache_s'] / r['cache_one_s']:.2f}× "
+            f"({r['ratio_one']:.2f}× the baseline) |",
+        ]
     if report.get("memory"):
         by = {(c["allocator"], c["mode"], c["T"]): c for c in report["memory"]}
         for alloc in ALLOCATORS:

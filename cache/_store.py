@@ -7,9 +7,10 @@ Private to `cache/`. Layout of a store whose `--out` is `run.h5`::
                                  trace whose attrs are the trace's and whose members are HDF5
                                  external links into the segments (plain h5py follows them)
     run.h5.segments/
-        s-000001.h5              a segment: the root metadata plus one group /traces/<name>,
-                                 either a whole trace (kind "trace") or arrays and attrs added
-                                 to one (kind "add"); named <shard>-<seq>.h5
+        s-000001.h5              a segment: the root metadata plus groups /traces/<name>:
+                                 whole traces (kind "trace"; one, or several committed
+                                 together) or arrays and attrs added to one (kind "add");
+                                 named <shard>-<seq>.h5
         s-000002.h5.tmp          a segment being written (or abandoned): never read, removed on
                                  resume
         .lock-s                  held (flock) by the one writer of shard "s"
@@ -250,11 +251,13 @@ class State:
         except (OSError, KeyError, ValueError, RuntimeError):
             self.damaged.append(seg)
 
-    def add(self, seg: str, name: str, kind: str, attrs: dict[str, Any],
-            members: dict[str, str]) -> None:
-        """Record segment `seg` that this process just wrote (what `apply` would read back)."""
+    def add(self, seg: str, groups: Iterable[tuple[str, str, dict[str, Any], dict[str, str]]],
+            ) -> None:
+        """Record segment `seg` that this process just wrote (what `apply` would read back):
+        (name, kind, attrs, members) of each trace group in it."""
         self.segments.append(seg)
-        self._merge(name, kind, seg, dict(attrs), members)
+        for name, kind, attrs, members in groups:
+            self._merge(name, kind, seg, dict(attrs), members)
 
     def _merge(self, name: str, kind: str, seg: str, attrs: dict[str, Any],
                members: dict[str, str]) -> None:

@@ -24,7 +24,7 @@ import fcntl
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -60,7 +60,7 @@ WriteMode = Literal["append", "create", "overwrite"]
 _MODES = ("append", "create", "overwrite")
 _COMPRESSIONS = (None, "gzip")
 _SHARD = re.compile(r"^[A-Za-z0-9]{1,32}$")
-INDEX_INTERVAL_S = 1.0
+INDEX_INTERVAL_S = 5.0
 """Least seconds between two index rewrites while writing (and at least 10x the last rewrite's
 time, so rewriting a large index costs under ~10%); it is always rewritten on close."""
 
@@ -318,49 +318,89 @@ class CacheWriter:
             CacheWriteError: The disk refused the write (full, file-size limit, I/O error); every
                 trace committed before stays, and a rerun with --resume redoes this one.
         """
+        return self.write_traces([{
+            "trace_id": trace_id, "tokens": tokens, "category": category, "positions": positions,
+            "spans": spans, "sites": sites, "arrays": arrays, "text": text, "source": source,
+            "attrs": attrs,
+        }])[0]
+
+    def write_traces(self, traces: Sequence[Mapping[str, Any]]) -> list[bool]:
+        """Write several traces and commit them together (one segment: all of them or none).
+
+        Writing short traces in groups pays the per-commit cost (a segment file, its root
+        metadata) once per group; a kill or a refused write loses at most the uncommitted group.
+
+        Args:
+            traces: One mapping of `write_trace`'s keyword arguments per trace.
+
+        Returns:
+            Per trace: True if written, False if the file already held it complete.
+
+        Raises:
+            The errors of `write_trace`; on any of them nothing of the group is kept.
+        """
         self._open()
-        name = schema.escape_trace_id(trace_id)
-        if trace_id in self._seen:
-            raise DuplicateTraceError(
-                f"trace id {trace_id!r} was already written to {self.path} in this run; trace ids "
-                f"must be unique (check the input for a repeated id)"
+        parts: list[tuple[str, str, Any, dict[str, Any], dict[str, str], int, list[_Prepared]]] = []
+        names: set[str] = set()
+        written = []
+        for kw in traces:
+            trace_id = kw["trace_id"]
+            name = schema.escape_trace_id(trace_id)
+            if trace_id in self._seen or name in names:
+                raise DuplicateTraceError(
+                    f"trace id {trace_id!r} was already written to {self.path} in this run; "
+                    f"trace ids must be unique (check the input for a repeated id)"
+                )
+            if name in self._state.entries:
+                self._seen.add(trace_id)
+                written.append(False)
+                continue
+            prepared = prepare_trace(
+                self._codes, trace_id, tokens=kw["tokens"], category=kw["category"],
+                positions=kw.get("positions"), spans=kw.get("spans"), sites=kw.get("sites"),
+                arrays=kw.get("arrays"), text=kw.get("text"), source=kw.get("source", ""),
+                attrs=kw.get("attrs"),
             )
-        if name in self._state.entries:
-            self._seen.add(trace_id)
-            return False
-        prepared = prepare_trace(
-            self._codes, trace_id, tokens=tokens, category=category, positions=positions,
-            spans=spans, sites=sites, arrays=arrays, text=text, source=source, attrs=attrs,
-        )
-        group_attrs, core, text_items, datasets = prepared
-        self._check_layout(trace_id, datasets)
+            group_attrs, core, text_items, datasets = prepared
+            self._check_layout(trace_id, datasets)
+            if self._layout is None:
+                self._layout = _site_layout(datasets)
+            members = {key: "" for key in core}
+            members.update({item.name: item.attrs[schema.ATTR_KIND] for item in datasets})
+            if text_items:
+                members[schema.TEXT_GROUP] = "group"
+            size = sum(a.nbytes for a in core.values()) + sum(d.data.nbytes for d in datasets)
+            parts.append((trace_id, name, prepared, {schema.ATTR_COMPLETE: np.bool_(True),
+                                                     **group_attrs}, members, size, datasets))
+            names.add(name)
+            written.append(True)
+        if not parts:
+            return written
 
         def fill(f: h5py.File) -> None:
-            group = self._segment_group(f, _store.KIND_TRACE, name)
-            group.attrs[schema.ATTR_COMPLETE] = np.bool_(True)
-            for key, value in group_attrs.items():
-                group.attrs[key] = value
-            for key, array in core.items():
-                group.create_dataset(key, data=array)
-            if text_items:
-                text_group = group.create_group(schema.TEXT_GROUP)
-                for key, value in text_items.items():
-                    text_group.create_dataset(key, data=value, dtype=_h5.STRING_DTYPE)
-            for item in datasets:
-                self._create_dataset(group, item.name, item)
+            for _, name, (group_attrs, core, text_items, datasets), *_ in parts:
+                group = self._segment_group(f, _store.KIND_TRACE, name)
+                group.attrs[schema.ATTR_COMPLETE] = np.bool_(True)
+                _h5.set_attrs(group, group_attrs)
+                for key, array in core.items():
+                    group.create_dataset(key, data=array)
+                if text_items:
+                    text_group = group.create_group(schema.TEXT_GROUP)
+                    for key, value in text_items.items():
+                        text_group.create_dataset(key, data=value, dtype=_h5.STRING_DTYPE)
+                for item in datasets:
+                    self._create_dataset(group, item.name, item)
 
-        members = {key: "" for key in core}
-        members.update({item.name: item.attrs[schema.ATTR_KIND] for item in datasets})
-        if text_items:
-            members[schema.TEXT_GROUP] = "group"
-        self._commit(name, trace_id, fill, _store.KIND_TRACE,
-                     {schema.ATTR_COMPLETE: np.bool_(True), **group_attrs}, members,
-                     size_hint=sum(a.nbytes for a in core.values())
-                     + sum(d.data.nbytes for d in datasets))
-        self._seen.add(trace_id)
-        if self._layout is None:
-            self._layout = _site_layout(datasets)
-        return True
+        try:
+            self._commit([(name, attrs, members) for _, name, _, attrs, members, _, _ in parts],
+                         [trace_id for trace_id, *_ in parts], fill, _store.KIND_TRACE,
+                         size_hint=sum(size for *_, size, _ in parts))
+        except CacheWriteError:
+            if not self._state.entries:
+                self._layout = None  # the first group was refused: no layout is stored yet
+            raise
+        self._seen.update(trace_id for trace_id, *_ in parts)
+        return written
 
     def add_to_trace(
         self,
@@ -407,8 +447,9 @@ class CacheWriter:
             for item in prepared:
                 self._create_dataset(group, item.name, item)
 
-        self._commit(name, trace_id, fill, _store.KIND_ADD, clean_attrs,
-                     {item.name: item.attrs[schema.ATTR_KIND] for item in prepared},
+        self._commit([(name, clean_attrs,
+                       {item.name: item.attrs[schema.ATTR_KIND] for item in prepared})],
+                     trace_id, fill, _store.KIND_ADD,
                      size_hint=sum(item.data.nbytes for item in prepared))
 
     # -- internals -------------------------------------------------------------------------------
@@ -417,36 +458,44 @@ class CacheWriter:
             raise CacheError(f"the writer of {self.path} is closed; open it again with open_writer")
 
     def _segment_group(self, f: h5py.File, kind: str, name: str) -> h5py.Group:
-        self._root.write(f)
-        f.attrs[_store.ATTR_SEGMENT_KIND] = kind
+        """A new trace group in segment `f` (the root metadata is written with the first)."""
+        if schema.TRACES_GROUP not in f:
+            self._root.write(f)
+            f.attrs[_store.ATTR_SEGMENT_KIND] = kind
         return f[schema.TRACES_GROUP].create_group(name)
 
-    def _commit(self, name: str, trace_id: str, fill: Any, kind: str | None = None,
-                attrs: Mapping[str, Any] | None = None,
-                members: Mapping[str, str] | None = None, size_hint: int = 0) -> None:
+    def _commit(self, entries: str | Sequence[tuple[str, Mapping[str, Any], Mapping[str, str]]],
+                trace_ids: str | Sequence[str], fill: Any, kind: str | None = None,
+                size_hint: int = 0) -> None:
         """Build a segment in memory, write it under a temporary name, rename it into place.
 
-        `kind`, `attrs` and `members` describe what `fill` writes (so the state is updated
-        without reading the segment back); None: read it back.
+        `entries` ((name, attrs, members) per trace group) and `kind` describe what `fill`
+        writes, so the state is updated without reading the segment back; a bare name (or no
+        `kind`): read it back.
         """
         image = _store.build_image(fill, size_hint)
         self._seq += 1
         seg = f"{self._shard}-{self._seq:06d}.h5"
+        ids = [trace_ids] if isinstance(trace_ids, str) else list(trace_ids)
+        first = entries if isinstance(entries, str) else entries[0][0]
         try:
             _store.write_file(image, self._folder / seg,
-                              self._folder / _store.tmp_name(seg, name), fsync=self._fsync)
+                              self._folder / _store.tmp_name(seg, first), fsync=self._fsync)
             if self._fsync:
                 _fsync_dir(self._folder)
         except OSError as exc:
+            what = (f"trace {ids[0]!r}" if len(ids) == 1 else
+                    f"{len(ids)} traces ({ids[0]!r} to {ids[-1]!r})")
             raise CacheWriteError(
-                f"writing trace {trace_id!r} to {self._folder / seg} failed: "
+                f"writing {what} to {self._folder / seg} failed: "
                 f"{_store.describe_os_error(exc)}; the {len(self._state.entries)} traces "
                 f"committed to {self.path} before are kept: {_store.fix_hint(exc)}"
             ) from None
-        if kind is None or attrs is None or members is None:
+        if kind is None or isinstance(entries, str):
             self._state.apply(self._folder, seg)
         else:
-            self._state.add(seg, name, kind, dict(attrs), dict(members))
+            self._state.add(seg, [(name, kind, dict(attrs), dict(members))
+                                  for name, attrs, members in entries])
         self._dirty = True
         self._dump_index(force=False)
 
@@ -547,8 +596,7 @@ class CacheWriter:
             options.update(compression="gzip", compression_opts=schema.GZIP_LEVEL, shuffle=True,
                            chunks=item.chunks or True)
         dataset = group.create_dataset(name, data=item.data, **options)
-        for key, value in item.attrs.items():
-            dataset.attrs[key] = value
+        _h5.set_attrs(dataset, item.attrs)
 
     def _stored_layout(self) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...]]] | None:
         """Sites of the first stored trace: name -> (dtype, row shape, layers); None if empty."""

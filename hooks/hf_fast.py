@@ -98,11 +98,18 @@ def run_residual_hf(
         >>> parts = [run_residual_hf(loaded, c, ["L5.delta"], past_key_values=cache)
         ...          for c in ids.split(1024, dim=1)]                     # positions are global
 
+    Several short sequences can share one forward: pass them right-padded as `ids` `[batch, pos]`
+    (no cache). Each row runs as if alone (causal attention: a token never sees the padding after
+    it; positions count from 0 in every row), and the rows are captured as one flat sequence in
+    row-major order: token `j` of row `b` is position `b * pos + j`, so `positions` selects rows
+    of every sequence at once.
+
     Args:
         model: A `LoadedModel`, or an HF causal LM (booted into a bridge or not).
-        ids: Token ids, `[1, pos]` or `[pos]` (batch 1).
+        ids: Token ids, `[1, pos]` or `[pos]`; or `[batch, pos]` right-padded (no cache).
         sites: Sites with components in `HF_FAST_COMPONENTS`.
-        positions: As in `capture()`: "all", a span name, a slice, or increasing indices.
+        positions: As in `capture()`: "all", a span name, a slice, or increasing indices
+            (of the flattened batch for `batch > 1`).
         spans: Named `(start, end)` ranges for `positions`.
         reduce: "none" or "norm" (fp32 per-token L2 norm).
         dtype: Storage dtype; None keeps the activation's (norms: float32).
@@ -117,7 +124,7 @@ def run_residual_hf(
     Raises:
         UnknownSiteError: For a site outside `HF_FAST_COMPONENTS` or this model's layers, or an
             unsupported model family.
-        CaptureError: For batch size > 1, bad positions, or an accelerate-dispatched model.
+        CaptureError: For a batch with a cache, bad positions, or an accelerate-dispatched model.
     """
     hf = model.hf_model if isinstance(model, LoadedModel) else model
     family = str(hf.config.model_type)
@@ -138,10 +145,12 @@ def run_residual_hf(
         )
     if ids.ndim == 1:
         ids = ids.unsqueeze(0)  # [pos] -> [1, pos]
-    if ids.ndim != 2 or ids.shape[0] != 1:
+    if ids.ndim != 2 or (ids.shape[0] != 1 and past_key_values is not None):
         raise CaptureError(
-            f"run_residual_hf takes one sequence, ids of shape [1, pos] or [pos]; got "
-            f"{tuple(ids.shape)}. Run the sequences one at a time."
+            f"run_residual_hf takes ids of shape [pos], [1, pos], or [batch, pos] without a cache; "
+            f"got {tuple(ids.shape)}"
+            f"{' with past_key_values' if ids.ndim == 2 else ''}. Run cached sequences one at a "
+            f"time."
         )
     if position_offset is None:
         position_offset = 0 if past_key_values is None else int(past_key_values.get_seq_length())
@@ -156,7 +165,7 @@ def run_residual_hf(
     )
     view = _plain_view(hf, attn_implementation)
     param = next(hf.parameters())
-    store.begin_chunk(int(ids.shape[1]))
+    store.begin_chunk(int(ids.numel()))
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
         for site in checked:
@@ -205,14 +214,19 @@ def _hook(
     if where == "in":
 
         def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            sink(args[0] if args else kwargs["hidden_states"])
+            sink(_one_row(args[0] if args else kwargs["hidden_states"]))
 
         return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
     def post_hook(mod: nn.Module, args: tuple, output: Any) -> None:
-        sink(output[0] if isinstance(output, tuple) else output)
+        sink(_one_row(output[0] if isinstance(output, tuple) else output))
 
     return module.register_forward_hook(post_hook)
+
+
+def _one_row(t: Tensor) -> Tensor:
+    """`[batch, pos, d]` as one row `[1, batch * pos, d]` (row-major; a view; batch 1 unchanged)."""
+    return t if t.shape[0] == 1 else t.reshape(1, -1, *t.shape[2:])
 
 
 def plain_view(hf: nn.Module, attn_implementation: str = "sdpa") -> nn.Module:

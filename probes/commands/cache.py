@@ -3,9 +3,10 @@
 Per trace: tokenize (prompt / trajectory / scaffold / answer spans), label every token, capture the
 configured sites in chunks through the KV cache (`probes.measures.activations.capture_trace`) and
 commit one trace group through the write loop (`probes.commands.loop`), whose rules (resume,
-identity, duplicate ids, token mismatch) every writing command shares. A run killed at any moment
-leaves only complete traces; `--resume` skips them and redoes the interrupted one, giving the same
-file as an uninterrupted run.
+identity, duplicate ids, token mismatch) every writing command shares. Short traces run several
+per forward and are committed together (`probes.measures.batching`, `--batch-tokens`). A run
+killed at any moment leaves only complete traces; `--resume` skips them and redoes the interrupted
+ones, giving the same file as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -14,13 +15,23 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from probes.commands import flags
-from probes.commands.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
+from probes.commands.loop import (
+    Batching,
+    Log,
+    Plan,
+    TraceOutput,
+    WriteJob,
+    WriteResult,
+    loader,
+    write_traces,
+)
 from probes.commands.progress import progress_on
 from probes.errors import ProbesError
 from probes.measures.activations import (
@@ -33,6 +44,7 @@ from probes.measures.activations import (
     choose_backend,
     resolve_cache_sites,
 )
+from probes.measures.batching import BATCH_TOKENS, capture_batch, plan_batches, row_bytes
 from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
 if TYPE_CHECKING:
@@ -55,6 +67,9 @@ class CacheConfig:
         positions: "trajectory" (rows for trajectory tokens) or "all" (every token).
         dtype: Storage dtype: "float16" (default), "float32" or "bfloat16".
         chunk_size: Tokens per forward through the KV cache (prefill chunk); bounds memory.
+        batch_tokens: Traces no longer than `chunk_size` run several per forward, right-padded,
+            up to this many padded tokens, and are committed together (`hf` backend; 0: one
+            trace per forward). Equal to one forward each up to float rounding.
         limit: Use only the first `limit` traces of the file (None: all).
         prompt_format: Prompt template with `{question}` (None: the chat template, else
             `probes.traces.tokenize.DEFAULT_PROMPT_TEMPLATE`).
@@ -73,6 +88,7 @@ class CacheConfig:
     positions: str = "trajectory"
     dtype: str = "float16"
     chunk_size: int = 512
+    batch_tokens: int = BATCH_TOKENS
     limit: int | None = None
     prompt_format: str | None = None
     scaffold: str = DEFAULT_SCAFFOLD
@@ -94,6 +110,9 @@ class CacheConfig:
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or (
                 self.chunk_size < 1):
             raise ProbesError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
+        if isinstance(self.batch_tokens, bool) or not isinstance(self.batch_tokens, int) or (
+                self.batch_tokens < 0):
+            raise ProbesError(f"batch_tokens must be an integer >= 0, got {self.batch_tokens!r}")
         if self.limit is not None and (
                 isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
             raise ProbesError(f"limit must be a positive integer or None, got {self.limit!r}")
@@ -159,7 +178,7 @@ def cache_traces(
     out = Path(out)
     result = CacheRunResult()
     job = WriteJob(command=NAME, out=out, resume=resume, overwrite=overwrite, own_keys=OWN_KEYS,
-                   info={"chunk_size": cfg.chunk_size})
+                   info={"chunk_size": cfg.chunk_size, "batch_tokens": cfg.batch_tokens})
 
     def plan(loaded: LoadedModel) -> Plan:
         site_map = resolve_cache_sites(cfg.sites, loaded.arch)
@@ -178,9 +197,28 @@ def cache_traces(
                                attrs={"n_nonfinite": arrays.n_nonfinite},
                                n_tokens=arrays.n_tokens, nbytes=arrays.nbytes, close=stack.close)
 
+        def plan_batch(tts: Sequence[TokenizedTrace]) -> list[list[int]]:
+            return plan_batches(tts, positions=cfg.positions, batch_tokens=cfg.batch_tokens,
+                                max_tokens=cfg.chunk_size,
+                                bytes_per_row=row_bytes(site_map, loaded.arch.d_model, cfg.dtype),
+                                max_bytes=cfg.max_ram_mib * 2**20)
+
+        def compute_batch(tts: Sequence[TokenizedTrace]) -> list[TraceOutput | str]:
+            outputs: list[TraceOutput | str] = []
+            for tt, arrays in zip(tts, capture_batch(loaded, tts, site_map, cfg), strict=True):
+                result.n_rows += int(arrays.positions.shape[0])
+                if arrays.n_nonfinite:
+                    result.nonfinite[tt.trace.id] = arrays.n_nonfinite
+                outputs.append(TraceOutput(sites=arrays.sites, positions=arrays.positions,
+                                           attrs={"n_nonfinite": arrays.n_nonfinite},
+                                           n_tokens=arrays.n_tokens, nbytes=arrays.nbytes))
+            return outputs
+
         config = {"sites": {c: (None if ls is None else list(ls)) for c, ls in site_map.items()},
                   "positions": cfg.positions, "storage_dtype": cfg.dtype}
-        return Plan(compute, config=config, info={"backend": backend})
+        batching = (Batching(plan_batch, compute_batch)
+                    if backend == "hf" and cfg.batch_tokens > 1 else None)
+        return Plan(compute, config=config, info={"backend": backend}, batching=batching)
 
     write_traces(job, traces_path, load=loader(model, device=device, dtype=model_dtype), plan=plan,
                  result=result, lexicon_files=cfg.lexicon, limit=cfg.limit, strict=cfg.strict,
@@ -233,6 +271,10 @@ def add_parser(sub: Any) -> None:
                    help="storage dtype of the sites")
     p.add_argument("--chunk-size", type=flags.positive_int, default=CacheConfig.chunk_size,
                    help="tokens per forward through the KV cache")
+    p.add_argument("--batch-tokens", type=flags.nonnegative_int,
+                   default=CacheConfig.batch_tokens,
+                   help="traces up to --chunk-size tokens run several per forward (right-padded) "
+                        "up to this many padded tokens, committed together; 0: one per forward")
     p.add_argument("--backend", choices=BACKENDS, default=CacheConfig.backend,
                    help="hf: plain HF forward (residual-level sites); bridge: TransformerLens "
                         "hooks (any site); auto: hf when the sites allow it")
@@ -248,7 +290,8 @@ def run(args: argparse.Namespace) -> int:
     flags.silence_hf()
     sites = tuple(s for item in args.sites for s in item.split(",") if s)
     cfg = CacheConfig(sites=sites, positions=args.positions, dtype=args.dtype,
-                      chunk_size=args.chunk_size, limit=args.limit,
+                      chunk_size=args.chunk_size, batch_tokens=args.batch_tokens,
+                      limit=args.limit,
                       lexicon=tuple(str(p) for p in args.lexicon), backend=args.backend,
                       max_ram_mib=args.max_ram_mib, strict=args.strict)
     result = cache_traces(args.model, args.traces, args.out, cfg, resume=args.resume,

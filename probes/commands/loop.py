@@ -100,6 +100,21 @@ Compute = Callable[["TokenizedTrace"], "TraceOutput | str"]
 
 
 @dataclass
+class Batching:
+    """How a command computes several traces at once (cheap traces: `cache` on short ones).
+
+    Attributes:
+        plan: Cuts the traces into batches (lists of indices, in order, each trace once). It must
+            depend on the traces alone, so that a resumed or sharded run puts every trace in the
+            batch an uninterrupted run does (same shapes, same bits).
+        compute: A batch's outputs, one per trace in order (an output or a reason to leave it out).
+    """
+
+    plan: Callable[[Sequence[TokenizedTrace]], list[list[int]]]
+    compute: Callable[[Sequence[TokenizedTrace]], list[TraceOutput | str]]
+
+
+@dataclass
 class Plan:
     """What a command prepares once the model is loaded.
 
@@ -108,11 +123,13 @@ class Plan:
         config: Settings of the command's arrays that need the model to state (e.g. the sites
             resolved to layers), added to `WriteJob.config`.
         info: Informational entries added to `WriteJob.info`.
+        batching: Several traces per computation, committed together (None: one at a time).
     """
 
     compute: Compute
     config: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    batching: Batching | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -463,32 +480,40 @@ def write_traces(
         # Deleting a cache's file deletes the cache: segments left without their index file
         # are not resumed without --resume, but replaced (as a new file would be).
         remove_cache(out)
+    batches = ([[tokenized[i] for i in batch] for batch in prepared.batching.plan(tokenized)]
+               if prepared.batching is not None else [[tt] for tt in tokenized])
     if shard is not None:
-        tokenized = shard.take(tokenized)
+        batches = shard.take(batches)
+        tokenized = [tt for batch in batches for tt in batch]
     with _open_store(out, meta, mode, shard) as writer:
         if stored is not None:
             _check_tokens(out, stored, tokenized, traces_path)
         result.n_redone = len(writer.removed_incomplete)
         for tid in writer.removed_incomplete:
             say(f"{out}: trace {tid!r} was interrupted; deleted, it is redone")
-        todo = []
-        for tt in tokenized:
-            reason = _done_or_absent(job, stored, writer, tt.trace.id)
-            if reason == "done":
-                result.n_skipped += 1
-            elif reason:
-                _leave_out(result, tt.trace.id, reason)
-            else:
-                todo.append(tt)
+        todo: list[tuple[list[TokenizedTrace], set[str]]] = []
+        for batch in batches:
+            wanted = set()
+            for tt in batch:
+                reason = _done_or_absent(job, stored, writer, tt.trace.id)
+                if reason == "done":
+                    result.n_skipped += 1
+                elif reason:
+                    _leave_out(result, tt.trace.id, reason)
+                else:
+                    wanted.add(tt.trace.id)
+            if wanted:  # the whole batch is computed again: its traces keep their bits
+                todo.append((batch, wanted))
         if result.left_out:
             say(f"{len(result.left_out)} traces are not in the activation cache {out}; "
                 f"{job.command} adds arrays only to the traces it holds")
-        say(f"writing {out}: {len(todo)} traces to do ({result.n_skipped} already done, "
+        n_todo = sum(len(wanted) for _, wanted in todo)
+        say(f"writing {out}: {n_todo} traces to do ({result.n_skipped} already done, "
             f"{result.n_redone} interrupted redone, {result.n_too_long} too long), "
             f"{loaded.device}")
         t_loop = time.perf_counter()
         try:
-            _loop(writer, todo, prepared.compute, stored, lexicon, loaded, traces_path, result,
+            _loop(writer, todo, prepared, stored, lexicon, loaded, traces_path, result,
                   command=job.command, progress=progress, t_loop=t_loop, say=say)
         finally:
             result.seconds_loop = time.perf_counter() - t_loop
@@ -571,48 +596,71 @@ def _done_or_absent(job: WriteJob, stored: Stored | None, writer: Any, trace_id:
     return ""
 
 
-def _loop(writer: Any, todo: Sequence[TokenizedTrace], compute: Compute, stored: Stored | None,
-          lexicon: Lexicon, loaded: LoadedModel, traces_path: Path, result: WriteResult, *,
-          command: str, progress: bool, t_loop: float, say: Log) -> None:
+def _loop(writer: Any, todo: Sequence[tuple[list[TokenizedTrace], set[str]]], prepared: Plan,
+          stored: Stored | None, lexicon: Lexicon, loaded: LoadedModel, traces_path: Path,
+          result: WriteResult, *, command: str, progress: bool, t_loop: float, say: Log) -> None:
+    """Compute every batch and commit its wanted traces: new traces of a batch in one segment,
+    arrays added to stored traces one commit each."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(todo), unit="trace", desc=command, disable=not progress,
-               dynamic_ncols=True, leave=True)
+    bar = tqdm(total=sum(len(wanted) for _, wanted in todo), unit="trace", desc=command,
+               disable=not progress, dynamic_ncols=True, leave=True)
     try:
-        for tt in todo:
-            tid = tt.trace.id
-            output = compute(tt)
-            if isinstance(output, str):
-                _leave_out(result, tid, output)
-                say(f"left out trace {tid!r} (line {tt.trace.line_no}): {output}")
-                bar.update(1)
-                continue
+        for batch, wanted in todo:
+            if len(batch) == 1 or prepared.batching is None:
+                outputs: list[TraceOutput | str] = [prepared.compute(tt) for tt in batch]
+            else:
+                outputs = prepared.batching.compute(batch)
+            done = [(tt, output) for tt, output in zip(batch, outputs, strict=True)
+                    if tt.trace.id in wanted]
             try:
-                prior = stored.traces.get(tid) if stored is not None else None
-                cats = categorize(tt, lexicon)
-                arrays = dict(output.arrays)
-                if prior is None or LABEL_KEY not in prior[1]:
-                    arrays.update(label_arrays(tt, cats, loaded.tokenizer))
-                check_declared(arrays, command)
-                t_write = time.perf_counter()
-                if prior is None:
-                    writer.write_trace(
-                        tid, tokens=tt.ids, category=cats.category, spans=tt.spans,
-                        positions=output.positions, sites=output.sites, arrays=arrays,
-                        text={"question": tt.trace.question, "answer": tt.trace.answer},
-                        source=f"{traces_path.name}:{tt.trace.line_no}", attrs=output.attrs,
-                    )
-                else:
-                    writer.add_to_trace(tid, arrays, attrs=output.attrs)
-                result.seconds_write += time.perf_counter() - t_write
+                new, counted = [], []
+                for tt, output in done:
+                    if isinstance(output, str):
+                        _leave_out(result, tt.trace.id, output)
+                        say(f"left out trace {tt.trace.id!r} (line {tt.trace.line_no}): {output}")
+                        bar.update(1)
+                        continue
+                    prior = stored.traces.get(tt.trace.id) if stored is not None else None
+                    cats = categorize(tt, lexicon)
+                    arrays = dict(output.arrays)
+                    if prior is None or LABEL_KEY not in prior[1]:
+                        arrays.update(label_arrays(tt, cats, loaded.tokenizer))
+                    check_declared(arrays, command)
+                    if prior is None:
+                        new.append(dict(
+                            trace_id=tt.trace.id, tokens=tt.ids, category=cats.category,
+                            spans=tt.spans, positions=output.positions, sites=output.sites,
+                            arrays=arrays,
+                            text={"question": tt.trace.question, "answer": tt.trace.answer},
+                            source=f"{traces_path.name}:{tt.trace.line_no}", attrs=output.attrs,
+                        ))
+                        counted.append((tt, output))
+                    else:
+                        t_write = time.perf_counter()
+                        writer.add_to_trace(tt.trace.id, arrays, attrs=output.attrs)
+                        result.seconds_write += time.perf_counter() - t_write
+                        _count(result, tt, output, bar, t_loop)
+                if new:
+                    t_write = time.perf_counter()
+                    writer.write_traces(new)
+                    result.seconds_write += time.perf_counter() - t_write
+                    for tt, output in counted:
+                        _count(result, tt, output, bar, t_loop)
             finally:
-                if output.close is not None:
-                    output.close()
-            result.n_written += 1
-            result.n_tokens += output.n_tokens or tt.n_tokens
-            result.bytes_sites += output.nbytes
-            elapsed = time.perf_counter() - t_loop
-            bar.set_postfix_str(f"{result.n_tokens / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
-            bar.update(1)
+                for output in outputs:
+                    if not isinstance(output, str) and output.close is not None:
+                        output.close()
     finally:
         bar.close()
+
+
+def _count(result: WriteResult, tt: TokenizedTrace, output: TraceOutput, bar: Any,
+           t_loop: float) -> None:
+    """Count one committed trace (result figures, progress bar)."""
+    result.n_written += 1
+    result.n_tokens += output.n_tokens or tt.n_tokens
+    result.bytes_sites += output.nbytes
+    elapsed = time.perf_counter() - t_loop
+    bar.set_postfix_str(f"{result.n_tokens / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
+    bar.update(1)

@@ -118,7 +118,7 @@ def resolve_cache_sites(
     return {c: (None if ls is None else tuple(sorted(ls))) for c, ls in out.items()}
 
 
-def _hook_sites(site_map: Mapping[str, tuple[int, ...] | None]) -> list[HookSite]:
+def hook_sites(site_map: Mapping[str, tuple[int, ...] | None]) -> list[HookSite]:
     from hooks.sites import HookSite
 
     return [HookSite(None, c) if ls is None else HookSite(layer, c)
@@ -193,7 +193,7 @@ class TraceArrays:
         return sum(int(s.data.nbytes) for s in self.sites.values())
 
 
-def _selection(tt: TokenizedTrace, positions: str) -> tuple[int, int]:
+def selection(tt: TokenizedTrace, positions: str) -> tuple[int, int]:
     """(first, end) of the selected rows; every position in the range is selected."""
     if positions == "all":
         return 0, tt.n_tokens
@@ -245,7 +245,7 @@ class _Outputs:
         self._files.clear()
 
 
-def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
+def to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
     """A CPU numpy copy of `t` (bfloat16 as raw uint16 bits)."""
     if dtype == "bfloat16":
         return t.view(torch.int16).cpu().numpy().view(np.uint16)
@@ -282,11 +282,11 @@ def capture_trace(
     """
     from cache import SiteArray
 
-    first, end = _selection(tt, cfg.positions)
+    first, end = selection(tt, cfg.positions)
     n_rows = end - first
     outputs = _Outputs(site_map, n_rows, cfg.dtype, max_ram_bytes=cfg.max_ram_mib * 2**20,
                        spool_dir=spool_dir)
-    sites = _hook_sites(site_map)
+    sites = hook_sites(site_map)
     nonfinite: list[torch.Tensor] = []
 
     # A model split over devices (--device-map) has each layer's capture on its own device: copy
@@ -313,12 +313,12 @@ def capture_trace(
                 nonfinite.extend((~torch.isfinite(t)).sum() for t in ts)
             target = outputs.arrays[comp]
             if site_map[comp] is None:
-                target[window] = _to_numpy(ts[0], cfg.dtype)
+                target[window] = to_numpy(ts[0], cfg.dtype)
             elif on_cpu:
                 for i, t in enumerate(ts):
-                    target[window, i] = _to_numpy(t, cfg.dtype)
+                    target[window, i] = to_numpy(t, cfg.dtype)
             else:
-                target[window] = _to_numpy(torch.stack(ts, dim=1), cfg.dtype)
+                target[window] = to_numpy(torch.stack(ts, dim=1), cfg.dtype)
         outputs.cursor += rows
 
     if end < 1:

@@ -7,6 +7,8 @@ declared in `probes.arrays`.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -42,9 +44,7 @@ def label_arrays(tt: TokenizedTrace, cats: TokenCategories, tokenizer: Any) -> d
     close = tokenizer.convert_tokens_to_ids("</think>")
     if close is None or close == tokenizer.unk_token_id:
         close = None
-    occ = raml_notebook_occurrences(
-        tt.ids[a:b], lambda w: tokenizer.encode(w, add_special_tokens=False), close
-    )
+    occ = raml_notebook_occurrences(tt.ids[a:b], _encoder(tokenizer), close)
     return {
         "phrase_id": cats.phrase_id.astype(np.int16),
         "phrase_first": cats.is_first.astype(np.uint8),
@@ -53,3 +53,22 @@ def label_arrays(tt: TokenizedTrace, cats: TokenCategories, tokenizer: Any) -> d
             [(o.start, o.end, o.phrase_id) for o in occ], dtype=np.int32
         ).reshape(-1, 3),
     }
+
+
+_ENCODED: weakref.WeakKeyDictionary[Any, dict[str, Sequence[int]]] = weakref.WeakKeyDictionary()
+
+
+def _encoder(tokenizer: Any) -> Callable[[str], Sequence[int]]:
+    """`tokenizer.encode(word, add_special_tokens=False)`, remembered per tokenizer (the same
+    ten words are encoded for every trace)."""
+    try:
+        known = _ENCODED.setdefault(tokenizer, {})
+    except TypeError:  # not weakly referenceable: encode every time
+        known = {}
+
+    def encode(word: str) -> Sequence[int]:
+        if word not in known:
+            known[word] = tokenizer.encode(word, add_special_tokens=False)
+        return known[word]
+
+    return encode

@@ -335,3 +335,52 @@ def test_fsync_option_writes_the_same(tmp_path, metadata, trace_kwargs):
         writer.write_trace("t", **trace_kwargs(0))
     with open_cache(tmp_path / "s.h5") as reader:
         assert reader.trace_ids() == ["t"]
+
+
+def test_write_traces_commits_a_group_as_one_segment(tmp_path, metadata, trace_kwargs):
+    """Several traces in one commit read back exactly as written one by one."""
+    from cache import segments_dir
+
+    one, group = tmp_path / "one.h5", tmp_path / "group.h5"
+    with open_writer(one, metadata=metadata) as writer:
+        for i in range(4):
+            writer.write_trace(f"t{i}", **trace_kwargs(i))
+    with open_writer(group, metadata=metadata) as writer:
+        assert writer.write_traces([{"trace_id": f"t{i}", **trace_kwargs(i)}
+                                    for i in range(3)]) == [True] * 3
+        # A repeated id refuses the whole group before anything is written.
+        with pytest.raises(DuplicateTraceError, match="'t3'"):
+            writer.write_traces([{"trace_id": "t3", **trace_kwargs(3)},
+                                 {"trace_id": "t3", **trace_kwargs(3)}])
+        assert writer.write_traces([{"trace_id": "t3", **trace_kwargs(3)}]) == [True]
+    assert len(list(segments_dir(group).glob("*.h5"))) == 2
+    with open_writer(group, metadata=metadata) as writer:  # resumed: what is there is skipped
+        assert writer.write_traces([{"trace_id": f"t{i}", **trace_kwargs(i)}
+                                    for i in (2, 4)]) == [False, True]
+    with open_cache(one) as a, open_cache(group) as b:
+        assert b.trace_ids() == ["t0", "t1", "t2", "t3", "t4"]
+        for tid in a.trace_ids():
+            ta, tb = a.trace(tid), b.trace(tid)
+            assert dict(ta.attrs) == dict(tb.attrs) and ta.spans == tb.spans
+            assert sorted(ta.names()) == sorted(tb.names())
+            for name in ta.names():
+                assert ta.array(name, raw=True)[...].tobytes() == \
+                    tb.array(name, raw=True)[...].tobytes()
+
+
+def test_set_attrs_writes_what_h5py_writes(tmp_path):
+    """The fast attribute writer stores the same type, shape and value as `obj.attrs[k] = v`."""
+    from cache import _h5
+
+    values = {"text": "résumé ✓ </think>", "empty": "", "n": 3, "x": 0.5, "flag": np.bool_(True)}
+    path = tmp_path / "attrs.h5"
+    with h5py.File(path, "w") as f:
+        ref = f.create_group("ref")
+        for key, value in values.items():
+            ref.attrs[key] = value
+        _h5.set_attrs(f.create_group("fast"), values)
+    with h5py.File(path, "r") as f:
+        for key, value in values.items():
+            a, b = f["ref"].attrs.get_id(key), f["fast"].attrs.get_id(key)
+            assert a.get_type() == b.get_type() and a.shape == b.shape, key
+            assert f["fast"].attrs[key] == value == f["ref"].attrs[key], key

@@ -527,11 +527,33 @@ def test_hf_fast_path_on_a_plain_hf_model(models: dict[str, LoadedModel], ids) -
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in plain.modules())
 
 
+def test_hf_fast_path_batch_equals_each_row_alone(tiny: LoadedModel) -> None:
+    """Right-padded rows of different lengths in one forward: every real token's activations
+    equal those of its row run alone (fp32 rounding), with positions over the flattened batch."""
+    lengths = [24, 9, 17]
+    rows = [token_ids(n, seed=s)[0] for s, n in enumerate(lengths, start=3)]
+    longest = max(lengths)
+    batch = torch.stack([torch.cat([r, r[-1:].repeat(longest - len(r))]) for r in rows])
+    sites = ["embed", "L0.resid_pre", "L1.resid_mid", "L0.delta", "L1.resid_post", "L0.attn_out",
+             "L1.mlp_out", "ln_final"]
+    keep = [(b, j) for b, n in enumerate(lengths) for j in range(n) if j % 2 == 0]
+    flat = torch.tensor([b * longest + j for b, j in keep])
+    got = run_residual_hf(tiny, batch, sites, positions=flat)
+    assert torch.equal(got.positions, flat)
+    for b, row in enumerate(rows):
+        alone = run_residual_hf(tiny, row, sites, positions=slice(0, None, 2))
+        mine = torch.tensor([i for i, (bb, _) in enumerate(keep) if bb == b])
+        for site in sites:
+            torch.testing.assert_close(got[site][mine], alone[site], rtol=1e-5, atol=1e-5)
+
+
 def test_hf_fast_path_errors(models: dict[str, LoadedModel], ids) -> None:
     loaded = models["qwen2"]
     with pytest.raises(UnknownSiteError, match=r"\['L0.attn.q'\] need the bridge \(hooks.capt"):
         run_residual_hf(loaded, ids, ["L0.resid_post", "L0.attn.q"])
-    with pytest.raises(CaptureError, match=r"ids of shape \[1, pos\] or \[pos\]; got \(2, 24\)"):
-        run_residual_hf(loaded, ids.repeat(2, 1), ["L0.resid_post"])
+    with pytest.raises(CaptureError, match=r"\[batch, pos\] without a cache; got \(2, 24\) "
+                                           r"with past_key_values"):
+        run_residual_hf(loaded, ids.repeat(2, 1), ["L0.resid_post"],
+                        past_key_values=DynamicCache(config=loaded.hf_model.config))
     with pytest.raises(UnknownSiteError, match=r"valid layers are 0\.\.1"):
         run_residual_hf(loaded, ids, sites_for(loaded.arch, "resid_post") + (HookSite(9, "delta"),))

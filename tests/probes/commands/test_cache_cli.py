@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from cache import open_cache, segments_dir, store_bytes
+from cache._store import list_segments
 from probes.commands.demo import SAMPLE_TRACES
 from probes.run import main
 
@@ -178,7 +179,8 @@ def _small_cache(few: Path, out: Path, capsys) -> None:
 def test_truncated_index_and_segment(few, tmp_path, capsys):
     """A damaged index is rebuilt from the segments; a damaged segment is listed and redone."""
     out = tmp_path / "run.h5"
-    _small_cache(few, out, capsys)
+    assert main(_cache_args(few, out, "--batch-tokens", "0")) == 0  # a segment per trace
+    capsys.readouterr()
     expected = _snapshot(out)
     data = out.read_bytes()
     out.write_bytes(data[: len(data) // 2])
@@ -189,7 +191,7 @@ def test_truncated_index_and_segment(few, tmp_path, capsys):
     assert main(["inspect", str(out)]) == 0
     table = capsys.readouterr().out
     assert "3 complete" in table and f"damaged segment {segment.name}" in table
-    assert main(_cache_args(few, out, "--resume")) == 0
+    assert main(_cache_args(few, out, "--resume", "--batch-tokens", "0")) == 0
     assert "1 traces written, 3 already done, 1 interrupted redone" in capsys.readouterr().out
     assert _snapshot(out) == expected or _same_snapshots(_snapshot(out), expected)
 
@@ -256,8 +258,11 @@ def test_existing_file_without_resume_and_missing_inputs(few, tmp_path, capsys):
 
 # -- kill -9 at random moments ----------------------------------------------------------------------
 
-N_KILL_TRACES = 30
+N_KILL_TRACES = 60
 N_KILLS = 20
+KILL_BATCH = ("--batch-tokens", "128")
+"""Traces up to 128 tokens in groups of ~4 (one commit each), longer ones alone: the kills meet
+grouped and single commits."""
 
 
 def _same_snapshots(got: dict, want: dict) -> bool:
@@ -328,14 +333,24 @@ def _wait_for_writing(proc: subprocess.Popen, err_path: Path, timeout: float = 1
     raise AssertionError("cache run did not start writing")
 
 
-def _wait_for_growth(proc: subprocess.Popen, path: Path, size: int, timeout: float = 60) -> float:
-    """Wait until the file grows beyond `size` (the run's first trace reaches the file)."""
+def _n_committed(path: Path) -> int:
+    """Committed segments of the store (a temporary file of an interrupted commit is not one)."""
+    return len(list_segments(segments_dir(path)))
+
+
+def _wait_for_growth(proc: subprocess.Popen, path: Path, timeout: float = 60) -> float:
+    """Wait until the run commits its first segment (its first trace, or group, reaches the
+    store); returns the seconds waited."""
     t0 = time.monotonic()
+    known = _n_committed(path)
     while time.monotonic() - t0 < timeout:
-        if store_bytes(path) > size:
+        if _n_committed(path) > known:
             return time.monotonic() - t0
         if proc.poll() is not None:
-            raise AssertionError("cache run exited before writing a trace")
+            if _n_committed(path) > known:  # it committed and ended between the two checks
+                return time.monotonic() - t0
+            raise AssertionError(f"cache run exited (code {proc.returncode}) before writing a "
+                                 f"trace: {proc.communicate()[0]}")
         time.sleep(0.001)
     raise AssertionError("cache run wrote nothing")
 
@@ -352,9 +367,9 @@ def test_kill_9_at_random_moments_then_resume_equals_one_run(tmp_path):
     ref, work = tmp_path / "ref.h5", tmp_path / "work.h5"
     err = tmp_path / "stderr.txt"
 
-    proc = _start(traces, ref, err, "--json")
+    proc = _start(traces, ref, err, "--json", *KILL_BATCH)
     _wait_for_writing(proc, err)
-    first = _wait_for_growth(proc, ref, store_bytes(ref))
+    first = _wait_for_growth(proc, ref)
     stdout, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.read_text()
     per_trace = json.loads(stdout)["seconds_loop"] / N_KILL_TRACES
@@ -364,10 +379,10 @@ def test_kill_9_at_random_moments_then_resume_equals_one_run(tmp_path):
     rng = random.Random(20261125)
     n_complete, progress, n_interrupted_seen = 0, [], 0
     for trial in range(N_KILLS):
-        proc = _start(traces, work, err)
+        proc = _start(traces, work, err, *KILL_BATCH)
         _wait_for_writing(proc, err)
         if trial % 2:
-            _wait_for_growth(proc, work, store_bytes(work))
+            _wait_for_growth(proc, work)
             time.sleep(rng.uniform(0.0, 3 * per_trace))
         else:
             time.sleep(rng.uniform(0.0, 1.2 * first))
@@ -386,7 +401,7 @@ def test_kill_9_at_random_moments_then_resume_equals_one_run(tmp_path):
         progress.append(len(committed) - n_complete)
         n_complete = len(committed)
     assert 0 < n_complete < N_KILL_TRACES  # killed runs made progress; the resume has work left
-    proc = _start(traces, work, err)
+    proc = _start(traces, work, err, *KILL_BATCH)
     proc.communicate(timeout=300)
     assert proc.returncode == 0, err.read_text()
     final = _snapshot(work)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cache import CacheError, CacheMismatchError, open_cache
+from cache import CacheError, CacheMismatchError, open_cache, segments_dir
 from hooks import UnknownSiteError, run_residual_hf
 from probes.commands.cache import CacheConfig, cache_traces
 from probes.commands.demo import SAMPLE_TRACES
@@ -173,15 +173,20 @@ def test_cache_holds_the_model_activations(reasoner, samples, tmp_path):
 
 
 def test_backends_chunks_and_spooling_agree(reasoner, samples, tmp_path):
-    base = dict(sites=("resid_post", "delta", "mlp_out"), dtype="float32", limit=3)
+    base = dict(sites=("resid_post", "delta", "mlp_out"), dtype="float32", limit=3,
+                batch_tokens=0)
     cache_traces(reasoner, samples, tmp_path / "hf.h5", CacheConfig(**base, backend="hf"))
     cache_traces(reasoner, samples, tmp_path / "br.h5", CacheConfig(**base, backend="bridge"))
     cache_traces(reasoner, samples, tmp_path / "small.h5", CacheConfig(**base, chunk_size=17))
     spool = cache_traces(reasoner, samples, tmp_path / "spool.h5",
                          CacheConfig(**base, max_ram_mib=0))
+    batched = cache_traces(reasoner, samples, tmp_path / "batched.h5",
+                           CacheConfig(**{**base, "batch_tokens": 400}))
+    assert len(list(segments_dir(tmp_path / "batched.h5").glob("*.h5"))) == 1  # one commit
+    assert batched.n_written == 3 and batched.n_rows == spool.n_rows
     hf, br = _datasets(tmp_path / "hf.h5"), _datasets(tmp_path / "br.h5")
     small = _datasets(tmp_path / "small.h5")
-    for other in (br, small):
+    for other in (br, small, _datasets(tmp_path / "batched.h5")):
         for tid, data in hf.items():
             for name in ("resid_post", "delta", "mlp_out"):
                 np.testing.assert_allclose(other[tid][name], data[name], atol=2e-5)
@@ -225,15 +230,27 @@ def test_bridge_only_components(reasoner, samples, tmp_path):
         assert tr["resid_post"].shape == (n, 4, 128)
 
 
-def test_resume_adds_only_missing_traces_and_equals_one_run(reasoner, samples, tmp_path):
-    cfg = CacheConfig(limit=3)
+@pytest.mark.parametrize("batch_tokens", [0, 300])
+def test_resume_adds_only_missing_traces_and_equals_one_run(reasoner, samples, tmp_path,
+                                                             batch_tokens):
+    cfg = CacheConfig(limit=3, batch_tokens=batch_tokens)
     cache_traces(reasoner, samples, tmp_path / "part.h5", cfg)
     with pytest.raises(CacheError, match="--resume"):
         cache_traces(reasoner, samples, tmp_path / "part.h5", cfg)
-    more = cache_traces(reasoner, samples, tmp_path / "part.h5", CacheConfig(), resume=True)
+    full = CacheConfig(batch_tokens=batch_tokens)
+    more = cache_traces(reasoner, samples, tmp_path / "part.h5", full, resume=True)
     assert (more.n_skipped, more.n_written) == (3, 3)
-    cache_traces(reasoner, samples, tmp_path / "one.h5", CacheConfig())
-    _assert_bit_exact(_datasets(tmp_path / "part.h5"), _datasets(tmp_path / "one.h5"))
+    cache_traces(reasoner, samples, tmp_path / "one.h5", full)
+    part, one = _datasets(tmp_path / "part.h5"), _datasets(tmp_path / "one.h5")
+    if batch_tokens == 0:
+        _assert_bit_exact(part, one)
+    else:  # --limit changed which traces share a forward: equal up to one float16 step
+        assert list(part) == list(one)
+        for tid in one:
+            for name in ("resid_post", "delta"):
+                np.testing.assert_allclose(part[tid][name].astype(np.float32),
+                                           one[tid][name].astype(np.float32), rtol=2**-10,
+                                           atol=2**-14)
     again = cache_traces(reasoner, samples, tmp_path / "one.h5", CacheConfig(), resume=True)
     assert (again.n_skipped, again.n_written) == (6, 0)
     replaced = cache_traces(reasoner, samples, tmp_path / "one.h5", CacheConfig(limit=1),

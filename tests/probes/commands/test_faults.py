@@ -12,6 +12,7 @@ signal or a traceback; every trace the store lists is bit-exact with an uninterr
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import resource
@@ -22,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import h5py
 import pytest
 
 import cache._store as store
@@ -38,8 +40,10 @@ COMMANDS = ("cache", "lhat", "updates", "lhat+cache")
 """`lhat+cache`: `lhat --resume` adding arrays to an activation cache (add segments)."""
 LATER = ("landscape", "anchors", "effects")
 """The writing commands of the later analyses (same loop): injected write errors only."""
-EXTRA = {"landscape": ("--grid", "3"), "effects": ("--pairs-per-category", "2")}
-"""Small settings, so that the references stay fast."""
+EXTRA = {"landscape": ("--grid", "3"), "effects": ("--pairs-per-category", "2"),
+         "cache": ("--batch-tokens", "0")}
+"""Small settings, so that the references stay fast; `cache` commits each trace on its own here
+(a commit per trace, as the other commands; grouped commits: `test_grouped_commit_refused`)."""
 
 
 def _args(command: str, traces: Path, out: Path, *extra: str) -> list[str]:
@@ -142,6 +146,50 @@ def test_injected_write_error_keeps_committed_traces_and_resumes(command, traces
         assert main(_args(command, traces, out)) == 0
         capsys.readouterr()
         assert snapshot(out) == expected
+
+
+def test_grouped_commit_refused(tmp_path, capsys, monkeypatch):
+    """`cache` commits short traces in groups (one segment each): a refused group write keeps
+    every earlier group bit-exact and nothing of its own group; --resume equals one run."""
+    nine = tmp_path / "nine.jsonl"
+    nine.write_text("".join(SAMPLE_TRACES.read_text().splitlines(keepends=True)[:9]))
+    grouped = ("--batch-tokens", "250")
+    reference = tmp_path / "ref.h5"
+    assert main(_args("cache", nine, reference, *grouped)) == 0
+    capsys.readouterr()
+    expected = snapshot(reference)
+    groups = [sorted(json.loads(s)) for s in _segment_traces(reference)]
+    assert len(groups) >= 2 and all(len(g) >= 2 for g in groups[:-1])
+    out = tmp_path / "run.h5"
+    calls = []
+    real = store._write
+
+    def failing(fd, data):
+        calls.append(1)
+        if len(calls) == 3:  # the index of the new store, the first group, then the second group
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(store, "_write", failing)
+    assert main(_args("cache", nine, out, *grouped)) == 2
+    monkeypatch.setattr(store, "_write", real)
+    line = _one_error_line(capsys.readouterr().err, str(out), f"writing {len(groups[1])} traces")
+    assert "free space" in line and "--resume" in line
+    assert _check_kept(out, expected) == len(groups[0])
+    assert main(_args("cache", nine, out, *grouped)) == 0
+    assert f"{9 - len(groups[0])} traces written, {len(groups[0])} already done" in \
+        capsys.readouterr().out
+    assert snapshot(out) == expected
+
+
+def _segment_traces(path: Path) -> list[str]:
+    """Per segment of the store (in order), the JSON list of the trace groups it holds."""
+    folder = segments_dir(path)
+    out = []
+    for seg in store.list_segments(folder):
+        with h5py.File(folder / seg, "r") as f:
+            out.append(json.dumps(list(f["traces"])))
+    return out
 
 
 def _store_files(path: Path, command: str) -> list[int]:

@@ -59,33 +59,42 @@ def test_current_shard_reads_the_torchrun_environment():
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason=f"no torchrun next to {sys.executable}")
-def test_two_ranks_write_one_store_equal_to_one_process(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(("n_traces", "batch_tokens"), [(3, "0"), (9, "250")])
+def test_two_ranks_write_one_store_equal_to_one_process(tmp_path, capsys, monkeypatch, n_traces,
+                                                        batch_tokens):
+    """One commit per trace (`--batch-tokens 0`), and short traces in groups (several per
+    forward, one commit per group): the ranks take whole groups, so every trace runs in the same
+    forward as in one process and the store is bit for bit the same."""
     for key in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)
-    traces = tmp_path / "three.jsonl"
-    traces.write_text("".join(SAMPLE_TRACES.read_text().splitlines(keepends=True)[:3]))
+    traces = tmp_path / "few.jsonl"
+    traces.write_text("".join(SAMPLE_TRACES.read_text().splitlines(keepends=True)[:n_traces]))
     single, dist = tmp_path / "single.h5", tmp_path / "dist.h5"
     assert main(["cache", "--model", "tiny-reasoner", "--traces", str(traces), "--out",
-                 str(single), "--device", "cpu", "--no-progress"]) == 0
+                 str(single), "--device", "cpu", "--no-progress", "--batch-tokens",
+                 batch_tokens]) == 0
     capsys.readouterr()
     expected = snapshot(single)
+    n_groups = len(list(segments_dir(single).glob("*.h5")))
+    assert n_groups == (3 if batch_tokens == "0" else 2)
 
-    res = _torchrun(traces, dist)
+    res = _torchrun(traces, dist, "--batch-tokens", batch_tokens)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "[rank 0/2]" in res.stderr and "[rank 1/2]" in res.stderr
     segments = sorted(p.name for p in segments_dir(dist).glob("*.h5"))
-    assert segments == ["r0-000001.h5", "r0-000002.h5", "r1-000001.h5"]
+    assert segments == sorted(f"r{g % 2}-{g // 2 + 1:06d}.h5" for g in range(n_groups))
     assert snapshot(dist) == expected  # every dataset, attr, dtype, chunking; the same order
     with h5py.File(dist, "r") as f:  # plain h5py reads the index rank 0 wrote (no rebuild)
         assert sorted(f["meta/segments"].asstr()[()]) == segments
         name = next(iter(f["traces"]))
         assert f["traces"][name]["tokens"].shape[0] == f["traces"][name].attrs["n_tokens"]
+        lost = len(h5py.File(segments_dir(dist) / "r1-000001.h5", "r")["traces"])
 
     # A rank lost its work (killed): its segment is gone and a temporary one is left behind;
-    # --resume redoes exactly that trace, on the same shard layout.
+    # --resume redoes exactly that work, on the same shard layout.
     (segments_dir(dist) / "r1-000001.h5").rename(segments_dir(dist) / "r1-000001.h5.x.tmp")
-    res = _torchrun(traces, dist, "--resume")
+    res = _torchrun(traces, dist, "--resume", "--batch-tokens", batch_tokens)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "1 traces written" in res.stdout and "interrupted redone" in res.stdout
+    assert f"{lost} traces written" in res.stdout and "interrupted redone" in res.stdout
     assert snapshot(dist) == expected
     shutil.rmtree(segments_dir(dist))
