@@ -24,6 +24,7 @@ view, never a copy): an in-place edit of a view edits the model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +101,16 @@ class LayerView:
         attn_scale: The factor on q̃·k̃ before the softmax.
         attn_softcap: Gemma-2's attention logit soft-cap, or None.
         qk_norm: Whether q and k pass through a norm before RoPE (Qwen3, Gemma-3, OLMo-2).
+        attn: The attention module (its HF forward returns (output, pattern or None)).
+        mlp: The MLP module (its input is u, the MLP input; m itself where no norm precedes it).
+        down: The MLP output module (its input is φ).
+        outputs: Where a forward hook finds a tensor by name: {"v", and each name of `mlp_in`} →
+            (module, column slice of its output): v = the values [.., H_kv·d_h], "gate" / "up" /
+            "in" = the MLP pre-activations W u + b (slices of a fused projection where fused).
+        mlp_params: The parameters behind `mlp_in` (one fused tensor or one per matrix), the ones
+            a gradient is taken with respect to.
+        mlp_split: Maps tensors shaped like `mlp_params` (e.g. their gradients) to the `mlp_in`
+            layout {name: [d_mlp, d]} (the same slices / transposes as the weights).
     """
 
     family: str
@@ -125,6 +136,12 @@ class LayerView:
     attn_scale: float
     attn_softcap: float | None
     qk_norm: bool
+    attn: nn.Module
+    mlp: nn.Module
+    down: nn.Module
+    outputs: dict[str, tuple[nn.Module, slice]]
+    mlp_params: tuple[Tensor, ...]
+    mlp_split: Callable[..., dict[str, Tensor]]
 
     @property
     def gated(self) -> bool:
@@ -171,7 +188,7 @@ def _act_name(config: Any) -> str:
 
 def _attn_common(attn: nn.Module, family: str) -> dict[str, Any]:
     o = attn.o_proj
-    return {"o_proj": o, "w_o": o.weight, "b_o": _bias(o),
+    return {"attn": attn, "o_proj": o, "w_o": o.weight, "b_o": _bias(o),
             "attn_scale": float(attn.scaling),
             "attn_softcap": getattr(attn, "attn_logit_softcapping", None) if family == "gemma2"
             else None,
@@ -186,7 +203,17 @@ def _separate_qkv(attn: nn.Module) -> dict[str, Any]:
 def _gated(mlp: nn.Module) -> dict[str, Any]:
     return {"mlp_in": {"gate": mlp.gate_proj.weight, "up": mlp.up_proj.weight},
             "mlp_in_bias": {"gate": _bias(mlp.gate_proj), "up": _bias(mlp.up_proj)},
-            "w_down": mlp.down_proj.weight, "b_down": _bias(mlp.down_proj)}
+            "w_down": mlp.down_proj.weight, "b_down": _bias(mlp.down_proj),
+            "mlp": mlp, "down": mlp.down_proj,
+            "mlp_params": (mlp.gate_proj.weight, mlp.up_proj.weight),
+            "mlp_split": lambda gate, up: {"gate": gate, "up": up}}
+
+
+_ALL = slice(None)
+
+
+def _separate_outputs(attn: nn.Module, mlp: nn.Module) -> dict[str, tuple[nn.Module, slice]]:
+    return {"v": (attn.v_proj, _ALL), "gate": (mlp.gate_proj, _ALL), "up": (mlp.up_proj, _ALL)}
 
 
 def _llama_view(layer: Any, family: str, config: Any) -> LayerView:
@@ -195,7 +222,7 @@ def _llama_view(layer: Any, family: str, config: Any) -> LayerView:
         family=family, module=layer, attn_in_norm=_norm(layer.input_layernorm),
         attn_out_norm=None, mlp_in_norm=_norm(layer.post_attention_layernorm), mlp_out_norm=None,
         **_separate_qkv(attn), **_attn_common(attn, family), **_gated(layer.mlp),
-        act=_act_name(config),
+        act=_act_name(config), outputs=_separate_outputs(attn, layer.mlp),
     )
 
 
@@ -213,7 +240,12 @@ def _phi3_view(layer: Any, family: str, config: Any) -> LayerView:
         **_attn_common(attn, family),
         mlp_in={"gate": gate_up[:d_mlp], "up": gate_up[d_mlp:]},
         mlp_in_bias={"gate": None, "up": None}, w_down=mlp.down_proj.weight,
-        b_down=_bias(mlp.down_proj), act=_act_name(config),
+        b_down=_bias(mlp.down_proj), act=_act_name(config), mlp=mlp, down=mlp.down_proj,
+        outputs={"v": (attn.qkv_proj, slice(n_q + n_kv, None)),
+                 "gate": (mlp.gate_up_proj, slice(0, d_mlp)),
+                 "up": (mlp.gate_up_proj, slice(d_mlp, None))},
+        mlp_params=(mlp.gate_up_proj.weight,),
+        mlp_split=lambda gu: {"gate": gu[:d_mlp], "up": gu[d_mlp:]},
     )
 
 
@@ -225,7 +257,7 @@ def _gemma_view(layer: Any, family: str, config: Any) -> LayerView:
         mlp_in_norm=_norm(layer.pre_feedforward_layernorm, "rms_1p"),
         mlp_out_norm=_norm(layer.post_feedforward_layernorm, "rms_1p"),
         **_separate_qkv(attn), **_attn_common(attn, family), **_gated(layer.mlp),
-        act=_act_name(config),
+        act=_act_name(config), outputs=_separate_outputs(attn, layer.mlp),
     )
 
 
@@ -236,7 +268,7 @@ def _olmo2_view(layer: Any, family: str, config: Any) -> LayerView:
         attn_out_norm=_norm(layer.post_attention_layernorm), mlp_in_norm=None,
         mlp_out_norm=_norm(layer.post_feedforward_layernorm),
         **_separate_qkv(attn), **_attn_common(attn, family), **_gated(layer.mlp),
-        act=_act_name(config),
+        act=_act_name(config), outputs=_separate_outputs(attn, layer.mlp),
     )
 
 
@@ -258,7 +290,9 @@ def _gpt2_view(layer: Any, family: str, config: Any) -> LayerView:
         o_proj=attn.c_proj, w_o=attn.c_proj.weight.T, b_o=attn.c_proj.bias,
         mlp_in={"in": mlp.c_fc.weight.T}, mlp_in_bias={"in": mlp.c_fc.bias},
         w_down=mlp.c_proj.weight.T, b_down=mlp.c_proj.bias, act=_act_name(config),
-        attn_scale=scale, attn_softcap=None, qk_norm=False,
+        attn_scale=scale, attn_softcap=None, qk_norm=False, attn=attn, mlp=mlp, down=mlp.c_proj,
+        outputs={"v": (attn.c_attn, slice(2 * d, 3 * d)), "in": (mlp.c_fc, _ALL)},
+        mlp_params=(mlp.c_fc.weight,), mlp_split=lambda w: {"in": w.T},
     )
 
 

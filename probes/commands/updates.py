@@ -4,7 +4,8 @@ The answer rows are 𝒬 = answer start − 1 .. answer end − 2 (the positions
 tokens). `--answer-rows first` (the default) measures M1–M6 at q = `spans["answer"][0] - 1`, the
 first row of 𝒬; `--answer-rows mean` measures every per-row quantity at each row of 𝒬 and stores
 its average over the rows (per layer and trajectory token). ONE forward and ONE backward pass of
-the model per trace either way (`probes.measures.shared_pass.trace_update_arrays`:
+the model per trace either way (plus one forward without grad for the bridge captures on the eager
+pass of a family outside the Llama layout) (`probes.measures.shared_pass.trace_update_arrays`:
 `probes.measures.alignment.answer_alignment`, with the bridge captures of
 `probes.measures.attention.query_capture` / `query_rows_capture` and, for "first",
 `probes.measures.mlp.row_capture` riding on its forward) give the attention quantities M1–M4
@@ -49,9 +50,12 @@ last of `UPDATE_ARRAYS`) is skipped, so a cache written before the M6/M7 arrays 
 `--layers` or another `--answer-rows` (`upd_rows`; absent = "first") is refused with one error:
 write to another --out.
 
-Only Llama-style RoPE models with a gated MLP (Qwen2 / Qwen2.5 / DeepSeek-R1-Distill-Qwen, Qwen3,
-Llama); any other (e.g. GPT-2) is refused with one clear error before the cache is touched. The
-model runs with eager attention (what `load_model` / `boot_model` give).
+The families of `probes.measures.families.UPDATE_FAMILIES`: the Llama layout (Qwen2 / Qwen2.5 /
+DeepSeek-R1-Distill-Qwen, Qwen3, Llama, Mistral), GPT-2 (no up projection: `upd_sigma_gate` /
+`upd_cos_gate` are those of its one MLP input matrix W_in = `c_fc`, `upd_sigma_up` is NaN) and
+Phi-3 (fused projections; the linear-memory pass only: `--attention eager` is refused, `auto`
+picks `sdpa`). Any other family (Gemma-2/3, OLMo-2, …) is refused with one line naming what is
+missing, before the cache is touched.
 
 `--control random-init` runs a randomly initialised model of the same architecture (seeded) instead
 of the trained weights; its metadata model label is `"<model>+random-init(<seed>)"`, so it must go
@@ -79,7 +83,7 @@ from probes.measures.shared_pass import (
     ANSWER_ROWS,
     UPDATE_ARRAYS,
     RunConstants,
-    check_supported,
+    check_updates,
     stored_layers,
     trace_update_arrays,
 )
@@ -187,7 +191,7 @@ def updates_traces(
 
     def load() -> LoadedModel:
         loaded = loader(model, device=device, dtype=dtype)()
-        check_supported(loaded)
+        check_updates(loaded, cfg.attention)
         return random_init_model(loaded, cfg.seed) if cfg.control == "random-init" else loaded
 
     def plan(loaded: LoadedModel) -> Plan:

@@ -45,8 +45,13 @@ head h's softmax at row q changes z by −δz_{q,h,t}, δz = p (v_t − z_q)/(1 
 
 (direct edges t → 𝒬 through layer ℓ's attention only; frozen upstream, see §7.7).
 
-Only Llama-style HF models (`model.layers[i].self_attn.{v_proj,o_proj}`, `mlp.{gate_proj,up_proj}`,
-RMSNorm `post_attention_layernorm`), e.g. Qwen2 / Llama / Qwen3, with eager attention. Everything
+Every family of `probes.measures.families.UPDATE_FAMILIES`, through its weight view
+(`hooks.weights.LayerView`: v from the view's v source, z at the o_proj input, x at the decoder
+layer input, u at the MLP input, the gradient taken with respect to the MLP input parameters and
+split into W_gate / W_up, or W_in for GPT-2's plain MLP, whose M6 arrays have NaN in the up slot
+and W_in alone as "joint"). The restricted prefixes apply the family's norms (after attention for
+OLMo-2 / Gemma: m = x + N_ao(W_O z + b_O)). The eager pass of a family outside the Llama layout
+runs on a plain-HF view with eager attention (`probes.measures.families.eager_model`). Everything
 downstream of the captures is computed in float64, on the model's device.
 
 Memory: with `attention="eager"` (the reference), until the backward autograd holds one eager
@@ -73,8 +78,9 @@ from torch import Tensor
 
 from hooks.edit import module_hooks
 from hooks.model import LoadedModel
-from hooks.weights import llama_layers
+from hooks.weights import LayerView
 from probes.errors import ProbesError
+from probes.measures.families import eager_model, norm_functions, views
 from probes.measures.mlp import restricted_prefix
 from probes.traces.tokenize import TokenizedTrace
 
@@ -104,8 +110,8 @@ def _hf(model: LoadedModel | torch.nn.Module) -> torch.nn.Module:
     return model.hf_model if isinstance(model, LoadedModel) else model
 
 
-def _layers(hf: torch.nn.Module) -> list[torch.nn.Module]:
-    return [view.module for view in llama_layers(hf, what="alignment", error=AlignmentError)]
+def _layers(hf: torch.nn.Module) -> list[LayerView]:
+    return views(hf, what="alignment", error=AlignmentError)
 
 
 def _ids(ids: Tensor | np.ndarray, hf: torch.nn.Module) -> Tensor:
@@ -141,7 +147,7 @@ def _check_spans(n: int, trajectory: tuple[int, int], answer: tuple[int, int]) -
 
 
 @contextmanager
-def _z_edit(layers: list[torch.nn.Module], z_delta: dict[int, Tensor], rows: Tensor
+def _z_edit(layers: list[LayerView], z_delta: dict[int, Tensor], rows: Tensor
             ) -> Iterator[None]:
     """Add `z_delta[ℓ]` [Q, H·d_h] to the o_proj input of layer ℓ at `rows`."""
     def pre(delta: Tensor):
@@ -151,7 +157,7 @@ def _z_edit(layers: list[torch.nn.Module], z_delta: dict[int, Tensor], rows: Ten
             return (z, *args[1:])
         return hook
 
-    with module_hooks([(layers[l].self_attn.o_proj, "forward_pre", pre(delta))
+    with module_hooks([(layers[l].o_proj, "forward_pre", pre(delta))
                        for l, delta in z_delta.items()]):
         yield
 
@@ -271,7 +277,7 @@ class AnswerAlignment:
 def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
                      trajectory: tuple[int, int], answer: tuple[int, int], *,
                      keep_factors: bool = False, m6_rows: Sequence[int] | None = None,
-                     grams: Sequence[tuple[Float[Tensor, "d d"], Float[Tensor, "d d"]]] | None = None,
+                     grams: Sequence[tuple[Float[Tensor, "d d"], ...]] | None = None,
                      attention: str = "eager",
                      ) -> AnswerAlignment:
     """Compute M6 and M7 from one forward and one backward pass.
@@ -289,7 +295,8 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
         keep_factors: Keep the per-layer factor tensors (for checks; O(L·Q·T·d) memory).
         m6_rows: Indices into 𝒬 (0 = the row predicting the first answer token) at which M6 is
             computed; default all Q rows. M7 and `mass` always cover all of 𝒬.
-        grams: Optional per-layer `(W_gateᵀW_gate, W_upᵀW_up)` [d, d] (float64, any device), e.g.
+        grams: Optional per-layer `(W_gateᵀW_gate, W_upᵀW_up)` [d, d] (`(W_inᵀW_in,)` for a
+            plain MLP; float64, any device), e.g.
             `LayerWeights.grams` from `probes.measures.mlp.layer_weights(..., with_mlp=False)`,
             computed once per run instead of once per call.
         attention: "eager" (the reference: the model's eager attention returns its pattern, and
@@ -310,7 +317,7 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
     if attention not in ATTENTION_PATHS:
         raise AlignmentError(f"attention must be one of {', '.join(ATTENTION_PATHS)}; got "
                              f"{attention!r}.")
-    hf = _hf(model) if attention == "eager" else sdpa_view(model)
+    hf = eager_model(_hf(model)) if attention == "eager" else sdpa_view(model)
     layers = _layers(hf)
     ids = _ids(ids, hf)
     n = int(ids.shape[1])
@@ -329,10 +336,13 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
         raise AlignmentError(f"grams has {len(grams)} layers, the model {len(layers)}.")
     store: dict[tuple[int, str], Tensor] = {}
 
-    def save(key: tuple[int, str]):
+    def save(key: tuple[int, str], cols: slice):
         def hook(mod, args, out):
-            store[key] = out[0] if isinstance(out, tuple) else out
+            store[key] = (out[0] if isinstance(out, tuple) else out)[..., cols]
         return hook
+
+    def save_input(key: tuple[int, str]):
+        return lambda mod, args: store.__setitem__(key, args[0])
 
     def save_pattern(l: int):
         def hook(mod, args, out):  # rows 𝒬 only: the full [H, N, N] stays with autograd alone
@@ -342,17 +352,16 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
 
     hooks: list = []
     mlp_params = []
-    for l, layer in enumerate(layers):
-        att = layer.self_attn
-        hooks += [(att, "forward", save_pattern(l))] if attention == "eager" else []
+    for l, view in enumerate(layers):
+        hooks += [(view.attn, "forward", save_pattern(l))] if attention == "eager" else []
+        v_module, v_cols = view.outputs["v"]
         hooks += [
-            (att.v_proj, "forward", save((l, "v"))),
-            (att.o_proj, "forward_pre", lambda mod, args, l=l: store.__setitem__((l, "z"), args[0])),
-            (layer.input_layernorm, "forward_pre",
-             lambda mod, args, l=l: store.__setitem__((l, "x"), args[0])),
-            (layer.post_attention_layernorm, "forward", save((l, "u"))),
+            (v_module, "forward", save((l, "v"), v_cols)),
+            (view.o_proj, "forward_pre", save_input((l, "z"))),
+            (view.module, "forward_pre", save_input((l, "x"))),           # resid_pre
+            (view.mlp, "forward_pre", save_input((l, "u"))),              # the MLP input
         ]
-        mlp_params += [layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]
+        mlp_params += list(view.mlp_params)
     # Only W_gate / W_up (and the embedding, so that every z is on the graph) require grad during
     # the pass: autograd then saves no Linear input for a weight gradient nobody asked for
     # (q/k/v/o/down projections, norms, unembedding); restored afterwards.
@@ -375,20 +384,19 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
         for p, flag in zip(params, saved_flags):
             p.requires_grad_(flag)
     L = len(layers)
-    grad_z, grad_w = grads[:L], grads[L:]
+    grad_z, grad_w = grads[:L], list(grads[L:])
 
     out: dict[str, list] = {k: [] for k in (
         "grad_norm", "inner", "step_norm", "step_prev", "full_inner", "telescope_err", "m7_head",
         "mass")}
     factors: list[dict[str, Tensor]] = []
-    for l, layer in enumerate(layers):
+    for l, view in enumerate(layers):
         pattern = store.get((l, "pattern"))
         if pattern is None:
             raise AlignmentError("the attention returned no pattern; load the model with "
                                  "attn_implementation='eager'.")
-        att = layer.self_attn
-        w_o = att.o_proj.weight.detach().to(_F64)                 # [d, H·d_h]
-        b_o = None if att.o_proj.bias is None else att.o_proj.bias.detach().to(_F64)
+        w_o = view.w_o.detach().to(_F64)                            # [d, H·d_h]
+        b_o = None if view.b_o is None else view.b_o.detach().to(_F64)
         H = pattern.shape[0]
         p = pattern.to(_F64)                                        # [H, Q, N]
         v = store[(l, "v")][0].detach().to(_F64)                   # [N, H_kv·d_h]
@@ -411,20 +419,21 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
         qrows = rows[sel_t]
         x_q = store[(l, "x")][0, qrows].detach().to(_F64)         # [Q', d]
         u_q = store[(l, "u")][0, qrows].detach().to(_F64)
-        norm = layer.post_attention_layernorm
-        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-        _, u_i = restricted_prefix(p[:, sel_t], v_h, traj, x_q, w_o, b_o,
-                                   norm.weight.detach().to(_F64), eps)     # [Q', T+1, d]
+        norm2, attn_out_norm = norm_functions(view, w_o.device)
+        _, u_i = restricted_prefix(p[:, sel_t], v_h, traj, x_q, w_o, b_o, None, 0.0,
+                                   norm=norm2, attn_out_norm=attn_out_norm)  # [Q', T+1, d]
         out["telescope_err"].append((u_i[:, -1] - u_q).norm(dim=-1)
                                     / u_q.norm(dim=-1).clamp_min(1e-300))
         u0 = u_i[:, 0]                                                      # [Q', d]
         du = u_i[:, 1:] - u_i[:, :-1]                                       # [Q', T, d]
         u0_sq = (u0 * u0).sum(-1)                                           # [Q']
         inner, sq, prev, gsq, full = [], [], [], [], []
-        for k, (w_param, g) in enumerate(zip((layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight),
-                                             grad_w[2 * l: 2 * l + 2])):
-            W = w_param.detach().to(_F64)
-            Gm = g.detach().to(_F64)
+        n_params = len(view.mlp_params)
+        grad_in = view.mlp_split(*grad_w[:n_params])              # {name: [d_mlp, d]}
+        del grad_w[:n_params]
+        for k, name in enumerate(view.mlp_in):
+            W = view.mlp_in[name].detach().to(_F64)
+            Gm = grad_in[name].detach().to(_F64)
             Au0 = (u0 @ Gm.T) @ W                                           # [Q', d] = Wᵀ G u0
             C = W.T @ W if grams is None else grams[l][k].to(W.device, _F64)
             del W
@@ -434,11 +443,8 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
             prev.append((duC[:, 1:] * du[:, :-1]).sum(-1) / u0_sq[:, None])  # ⟨step_i, step_{i−1}⟩
             gsq.append((Gm * Gm).sum())
             full.append(((u_i[:, -1] - u0) * Au0).sum(-1) / u0_sq)
-        inner.append(inner[0] + inner[1])
-        sq.append(sq[0] + sq[1])
-        prev.append(prev[0] + prev[1])
-        gsq.append(gsq[0] + gsq[1])
-        full.append(full[0] + full[1])
+        for terms in (inner, sq, prev, gsq, full):
+            _joint(terms)
         out["inner"].append(torch.stack(inner))
         out["step_norm"].append(torch.stack(sq).clamp_min(0).sqrt())
         out["step_prev"].append(torch.stack(prev))
@@ -473,6 +479,16 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
         mass=torch.stack(out["mass"]).cpu().numpy(),
         factors=factors, m6_rows=np.asarray(sel), step_cos=step_cos.numpy(),
     )
+
+
+def _joint(terms: list[Tensor]) -> None:
+    """Complete per-matrix terms to the `MLP_WEIGHTS` slots (gate, up, joint), in place: a gated
+    MLP's two terms gain their sum; a plain MLP's one term (W_in, in the gate slot) gains a NaN up
+    slot (there is no up projection) and itself as the joint one."""
+    if len(terms) == 2:
+        terms.append(terms[0] + terms[1])
+    else:
+        terms[1:] = [torch.full_like(terms[0], float("nan")), terms[0]]
 
 
 def trace_alignment(model: LoadedModel | torch.nn.Module, tt: TokenizedTrace | Any, *,

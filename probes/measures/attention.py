@@ -25,8 +25,8 @@ For one query position `q` (e.g. the position predicting the first answer token)
 GQA: query head h reads KV head g(h) = h // (H / H_kv). Values are taken from `attn.v` as the
 bridge computes them (raw HF weights, b_V included: Dai's ‖v‖ is NOT invariant to b_V, LOO is).
 Key axis: all keys 0..q inclusive (the last one is q itself), so the sums are exact; slice
-`[..., :q]` for the strict "t < q" keys. Only Llama-style models with RoPE (Qwen2, Llama, Qwen3)
-are supported.
+`[..., :q]` for the strict "t < q" keys. The families of `probes.measures.families.UPDATE_FAMILIES`
+(the Llama layout, GPT-2 with its unrotated q/k, Phi-3 on the "sdpa" path only) are supported.
 
 Several query rows (e.g. every answer row 𝒬) from the same ONE forward: `capture_query_rows` /
 `query_rows_capture` take the keys and values once and rot_q / z / the pattern row / attn_out per
@@ -49,8 +49,8 @@ from torch import Tensor
 
 from hooks import capture
 from hooks.model import LoadedModel
-from hooks.weights import llama_layers
 from probes.errors import ProbesError
+from probes.measures.families import check_family, qk_sites, views
 
 __all__ = [
     "QueryCapture",
@@ -96,8 +96,10 @@ class TokenUpdates:
         dai_action_out_norm: M3 ‖W_O^h v_t‖ |s_{h,t}| [L, H, T] (scaled action in the residual).
         dai_spearman: Spearman over t of ‖v_t‖ s_{h,t} vs ‖v_t‖ p_{h,t} [L, H].
         dai_cos: cos(Σ_t v_t s_{h,t}, z_h) [L, H].
-        score: Pre-softmax scores s = q̃·k̃/√d_h [L, H, T].
-        scale: 1/√d_h.
+        score: Pre-softmax scores q̃·k̃ · scale [L, H, T] as the model's softmax sees them
+            (soft-capped, c·tanh(s/c), where the model caps them: Gemma-2; the M3 quantities use
+            the uncapped s = q̃·k̃ · scale of relaxed linear attention).
+        scale: The model's score scale (1/√d_h; Gemma: query_pre_attn_scalar^-1/2).
         gqa_group: G = H / H_kv.
     """
 
@@ -126,19 +128,20 @@ class TokenUpdates:
 
 def o_proj_weights(loaded: LoadedModel
                    ) -> list[tuple[Float[Tensor, "d_model hd"], Float[Tensor, " d_model"] | None]]:
-    """The output projection of every layer, from the HF modules.
+    """The output projection of every layer, from the weight views (`hooks.weights`).
 
     Args:
-        loaded: A booted Llama-style model (`model.layers[i].self_attn.o_proj`).
+        loaded: A booted model of a family in `probes.measures.families.UPDATE_FAMILIES`.
 
     Returns:
-        Per layer `(W, b)`: W = `o_proj.weight` [d_model, H·d_h] (y = z Wᵀ + b), b or None.
+        Per layer `(W, b)`: W [d_model, H·d_h] (y = z Wᵀ + b; GPT-2's Conv1D `c_proj` transposed),
+        b or None.
 
     Raises:
-        UpdatesError: If the model has no `model.layers[i].self_attn.o_proj`.
+        UpdatesError: For a family the update measurements do not handle.
     """
-    layers = llama_layers(loaded, what="token_updates", error=UpdatesError)
-    return [(layer.o_proj.weight, layer.o_proj.bias) for layer in layers]
+    layers = views(loaded, what="token_updates", error=UpdatesError)
+    return [(layer.w_o, layer.b_o) for layer in layers]
 
 
 def _ranks(x: Tensor) -> Tensor:
@@ -191,7 +194,8 @@ class QueryRowsCapture:
         rot_q: Per layer, rotated queries of the rows [R, H, d_h].
         z: Per layer, z at the rows [R, H, d_h].
         pattern: Per layer, pattern rows [H, R, K] (zero beyond each row: causal).
-        attn_out: Per layer, attention output at the rows [R, d_model].
+        attn_out: Per layer, attention output at the rows [R, d_model] (what attention adds to
+            the residual: after N_ao where a norm follows attention, OLMo-2).
     """
 
     rows: list[int]
@@ -217,13 +221,9 @@ class QueryRowsCapture:
 
 
 def check_query(loaded: LoadedModel, n_tokens: int, query: int) -> None:
-    """Raise `UpdatesError` unless the model has RoPE and 0 <= query < n_tokens."""
-    arch = loaded.arch
-    if arch.positional != "rope":
-        raise UpdatesError(
-            f"token_updates needs RoPE-rotated q/k (attn.rot_q/rot_k); {arch.family!r} has "
-            f"positional={arch.positional!r}."
-        )
+    """Raise `UpdatesError` unless the family is supported (`probes.measures.families`) and
+    0 <= query < n_tokens."""
+    check_family(loaded, what="token_updates", error=UpdatesError)
     if not 0 <= query < n_tokens:
         raise UpdatesError(f"query={query} is outside the sequence of {n_tokens} tokens.")
 
@@ -235,7 +235,7 @@ def check_query_rows(loaded: LoadedModel, n_tokens: int, rows: Sequence[int]) ->
         The rows as a list of ints.
 
     Raises:
-        UpdatesError: For a model without RoPE, no rows, rows not strictly increasing or out of
+        UpdatesError: For an unsupported family, no rows, rows not strictly increasing or out of
             range.
     """
     rows = [int(r) for r in rows]
@@ -261,7 +261,7 @@ def query_rows_capture(loaded: LoadedModel, rows: Sequence[int], *,
         >>> cap = get()                        # cap.row(1) is the QueryCapture of q1
 
     Args:
-        loaded: A booted RoPE model (check with `check_query_rows`).
+        loaded: A booted model of a supported family (check with `check_query_rows`).
         rows: Strictly increasing query rows.
         device: Where the captured tensors go ("cpu"; None = the model's device).
 
@@ -269,10 +269,11 @@ def query_rows_capture(loaded: LoadedModel, rows: Sequence[int], *,
         `get() -> QueryRowsCapture`.
     """
     rows = [int(r) for r in rows]
+    check_family(loaded, what="the eager capture", error=UpdatesError, attention="eager")
     L, last = loaded.arch.n_layers, rows[-1]
-    kv_sites = [f"L{l}.attn.{c}" for l in range(L) for c in ("rot_k", "v")]
-    q_sites = [f"L{l}.{c}" for l in range(L)
-               for c in ("attn.rot_q", "attn.z", "attn.pattern", "attn_out")]
+    q_site, k_site = qk_sites(loaded)                 # rotated (RoPE) or as projected (GPT-2)
+    kv_sites = [f"L{l}.{c}" for l in range(L) for c in (k_site, "attn.v")]
+    q_sites = [f"L{l}.{c}" for l in range(L) for c in (q_site, "attn.z", "attn.pattern", "attn_out")]
     with (
         capture(loaded, kv_sites, positions=slice(0, last + 1), dtype="float32",
                 device=device) as kv_store,
@@ -282,9 +283,9 @@ def query_rows_capture(loaded: LoadedModel, rows: Sequence[int], *,
             kv, qs = kv_store.result(), q_store.result()
             return QueryRowsCapture(
                 rows=rows,
-                rot_k=[kv[f"L{l}.attn.rot_k"] for l in range(L)],
+                rot_k=[kv[f"L{l}.{k_site}"] for l in range(L)],
                 v=[kv[f"L{l}.attn.v"] for l in range(L)],
-                rot_q=[qs[f"L{l}.attn.rot_q"] for l in range(L)],
+                rot_q=[qs[f"L{l}.{q_site}"] for l in range(L)],
                 z=[qs[f"L{l}.attn.z"] for l in range(L)],
                 pattern=[qs[f"L{l}.attn.pattern"][:, :, : last + 1] for l in range(L)],
                 attn_out=[qs[f"L{l}.attn_out"] for l in range(L)],
@@ -307,7 +308,7 @@ def query_capture(loaded: LoadedModel, query: int, *, device: str | torch.device
         >>> cap = get()
 
     Args:
-        loaded: A booted RoPE model (check with `check_query`).
+        loaded: A booted model of a supported family (check with `check_query`).
         query: Query position q.
         device: Where the captured tensors go ("cpu"; None = the model's device, so that
             `token_updates_from` computes there).
@@ -325,7 +326,7 @@ def capture_query(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n
     """Run the bridge once with hooks and keep what M1–M4 need for query position `query`.
 
     Args:
-        loaded: A booted RoPE model (Qwen2 / Llama / Qwen3 family).
+        loaded: A booted model of a supported family (`probes.measures.families`).
         ids: Token ids [1, N] (or [N]); batch 1.
         query: Query position q, 0 <= q < N.
         attention: "eager" (the bridge, the reference) or "sdpa" (the linear-memory pass:
@@ -335,7 +336,7 @@ def capture_query(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n
         The captured tensors (keys 0..q, query row q).
 
     Raises:
-        UpdatesError: For a model without RoPE or a query out of range.
+        UpdatesError: For an unsupported family or a query out of range.
     """
     ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
     check_query(loaded, int(ids.shape[1]), query)
@@ -352,7 +353,7 @@ def capture_query_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor
     """Run the bridge once with hooks and keep what M1–M4 need at several query rows.
 
     Args:
-        loaded: A booted RoPE model (Qwen2 / Llama / Qwen3 family).
+        loaded: A booted model of a supported family (`probes.measures.families`).
         ids: Token ids [1, N] (or [N]); batch 1.
         rows: Strictly increasing query rows, each in [0, N).
         attention: "eager" (the bridge's explicit pattern, the reference) or "sdpa" (the
@@ -363,7 +364,7 @@ def capture_query_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor
         The captured tensors (keys 0..max(rows) once, the query side per row).
 
     Raises:
-        UpdatesError: For a model without RoPE or bad rows.
+        UpdatesError: For an unsupported family or bad rows.
     """
     ids = ids.reshape(1, -1) if ids.dim() == 1 else ids
     rows = check_query_rows(loaded, int(ids.shape[1]), rows)
@@ -389,7 +390,7 @@ def _check_attention(attention: str) -> None:
 
 
 def layer_terms(cap: QueryCapture, layer: int, w_o: Float[Tensor, "d_model hd"],
-                ) -> dict[str, Float64[Tensor, "*shape"]]:
+                scale: float | None = None) -> dict[str, Float64[Tensor, "*shape"]]:
     """The exact per-token vectors of one layer in float64 (transient [H, T, d] tensors), on the
     capture's device.
 
@@ -397,12 +398,14 @@ def layer_terms(cap: QueryCapture, layer: int, w_o: Float[Tensor, "d_model hd"],
         cap: Output of `capture_query`.
         layer: Layer index.
         w_o: That layer's `o_proj.weight` [d_model, H·d_h].
+        scale: The score scale of `relaxed` (default 1/√d_h; the model's own, e.g. Gemma's
+            query_pre_attn_scalar^-1/2, from `token_updates_from`).
 
     Returns:
         Dict with `p` [H, T], `v_h` / `k_h` [H, T, d_h] (KV heads expanded with g(h) = h // G),
         `q` / `z` [H, d_h], `wv` = W_O^h v_t [H, T, d], `c` = p W_O^h v_t [H, T, d],
         `dz` = p (v_t − z)/(1 − p) [H, T, d_h], `dz_out` = W_O^h δz [H, T, d],
-        `dots` = k̃_t·q̃_h [H, T], `relaxed` = Σ_t v_t (k̃_t·q̃_h)/√d_h [H, d_h].
+        `dots` = k̃_t·q̃_h [H, T], `relaxed` = Σ_t v_t (k̃_t·q̃_h) · scale [H, d_h].
     """
     f64 = torch.float64
     k = cap.rot_k[layer].to(f64)                          # [T, H_kv, d_h]
@@ -421,7 +424,8 @@ def layer_terms(cap: QueryCapture, layer: int, w_o: Float[Tensor, "d_model hd"],
     return {
         "p": p, "v_h": v_h, "k_h": k_h, "q": q, "z": z, "wv": wv,
         "c": p[..., None] * wv, "dz": dz, "dz_out": torch.einsum("dhe,hte->htd", w, dz),
-        "dots": dots, "relaxed": torch.einsum("ht,hte->he", dots / d_h**0.5, v_h),
+        "dots": dots, "relaxed": torch.einsum("ht,hte->he", dots * (
+            d_h**-0.5 if scale is None else scale), v_h),
         "kv_fro": (v.norm(dim=-1) * k.norm(dim=-1)).T,    # [H_kv, T]
     }
 
@@ -435,7 +439,7 @@ def token_updates(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n
         >>> upd.mass.shape                     # [n_layers, n_heads, query + 1]
 
     Args:
-        loaded: A booted RoPE model (Qwen2 / Llama / Qwen3 family, batch 1).
+        loaded: A booted model of a supported family (`probes.measures.families`), batch 1.
         ids: Token ids [1, N] (or [N]).
         query: Query position q, 0 <= q < N (keys are 0..q).
         attention: "eager" (the bridge, the reference) or "sdpa" (linear memory; see
@@ -445,7 +449,7 @@ def token_updates(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n
         The per-token quantities (float32; computed in float64 from the captured fp32 tensors).
 
     Raises:
-        UpdatesError: For a model without RoPE/o_proj or a query out of range.
+        UpdatesError: For an unsupported family or a query out of range.
     """
     weights = o_proj_weights(loaded)
     cap = capture_query(loaded, ids, query, attention=attention)
@@ -461,7 +465,7 @@ def token_updates_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor
         >>> ups[1].mass.shape                  # [n_layers, n_heads, q0 + 2]
 
     Args:
-        loaded: A booted RoPE model (Qwen2 / Llama / Qwen3 family, batch 1).
+        loaded: A booted model of a supported family (`probes.measures.families`), batch 1.
         ids: Token ids [1, N] (or [N]).
         rows: Strictly increasing query rows, each in [0, N).
         attention: "eager" or "sdpa" (see `capture_query_rows`).
@@ -470,7 +474,7 @@ def token_updates_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor
         One `TokenUpdates` per row, equal (to float rounding) to `token_updates(loaded, ids, q)`.
 
     Raises:
-        UpdatesError: For a model without RoPE/o_proj or bad rows.
+        UpdatesError: For an unsupported family or bad rows.
     """
     weights = o_proj_weights(loaded)
     cap = capture_query_rows(loaded, ids, rows, attention=attention)
@@ -505,14 +509,14 @@ def token_updates_from(loaded: LoadedModel, cap: QueryCapture | QueryRowsCapture
         to float rounding).
     """
     weights = o_proj_weights(loaded) if weights is None else weights
-    d_h = loaded.arch.d_head
-    scale = 1.0 / float(np.sqrt(d_h))
+    view = views(loaded, what="token_updates", error=UpdatesError)[0]
+    scale, cap_c = float(view.attn_scale), view.attn_softcap
     if isinstance(cap, QueryRowsCapture):
         per_row: list[list[dict[str, Tensor]]] = [[] for _ in cap.rows]
         for l in range(loaded.arch.n_layers):
             shared = _shared_key_terms(cap, l, weights[l][0])
             for i in range(len(cap.rows)):
-                per_row[i].append(_row_quantities(cap, shared, l, i, scale))
+                per_row[i].append(_row_quantities(cap, shared, l, i, scale, cap_c))
             del shared
         return [_updates_from_terms(terms, q, scale, loaded.arch.gqa_group)
                 for q, terms in zip(cap.rows, per_row)]
@@ -522,8 +526,8 @@ def token_updates_from(loaded: LoadedModel, cap: QueryCapture | QueryRowsCapture
         "dai_fro", "dai_action_norm", "dai_scaled_action_norm", "dai_action_out_norm",
         "dai_spearman", "dai_cos", "score")}
     for l in range(loaded.arch.n_layers):
-        t = layer_terms(cap, l, weights[l][0])
-        p, s = t["p"], t["dots"] * scale
+        t = layer_terms(cap, l, weights[l][0], scale)
+        p, s = t["p"], t["dots"] * scale                  # linear (Dai's relaxed attention)
         v_norm = t["v_h"].norm(dim=-1)                    # [H, T]
         out["mass"].append(p)
         out["contrib_norm"].append(t["c"].norm(dim=-1))
@@ -537,7 +541,7 @@ def token_updates_from(loaded: LoadedModel, cap: QueryCapture | QueryRowsCapture
         out["dai_action_out_norm"].append(t["wv"].norm(dim=-1) * s.abs())
         out["dai_spearman"].append(_spearman(v_norm * s, v_norm * p))
         out["dai_cos"].append(torch.nn.functional.cosine_similarity(t["relaxed"], t["z"], dim=-1))
-        out["score"].append(s)
+        out["score"].append(_scores(t["dots"], scale, cap_c))
     arrays = {k: torch.stack(vs).to(torch.float32).cpu().numpy() for k, vs in out.items()}
     return TokenUpdates(query=query, keys=np.arange(query + 1), scale=scale,
                         gqa_group=loaded.arch.gqa_group, **arrays)
@@ -564,8 +568,15 @@ def _shared_key_terms(cap: QueryRowsCapture, layer: int, w_o: Tensor) -> dict[st
             "wv_norm": wv.norm(dim=-1), "kv_fro": (v.norm(dim=-1) * k.norm(dim=-1)).T}
 
 
+def _scores(dots: Tensor, scale: float, softcap: float | None) -> Tensor:
+    """Pre-softmax scores s = q̃·k̃ · scale, soft-capped as c·tanh(s/c) where the model does
+    (Gemma-2)."""
+    s = dots * scale
+    return s if softcap is None else softcap * torch.tanh(s / softcap)
+
+
 def _row_quantities(cap: QueryRowsCapture, sh: dict[str, Tensor], layer: int, i: int,
-                    scale: float) -> dict[str, Tensor]:
+                    scale: float, softcap: float | None = None) -> dict[str, Tensor]:
     """Every `TokenUpdates` quantity of row i at one layer (float64, keys 0..rows[i])."""
     f64 = torch.float64
     n = cap.rows[i] + 1
@@ -579,7 +590,7 @@ def _row_quantities(cap: QueryRowsCapture, sh: dict[str, Tensor], layer: int, i:
     wz = torch.einsum("dhe,he->hd", sh["w"], z)           # W_O^h z  [H, d]
     dz_out = coef[..., None] * (wv - wz[:, None, :])      # W_O^h δz  [H, T, d]
     dots = torch.einsum("hte,he->ht", k_h, q)
-    s = dots * scale
+    s = dots * scale                                      # linear (Dai's relaxed attention)
     relaxed = torch.einsum("ht,hte->he", s, v_h)
     return {
         "mass": p,
@@ -594,6 +605,6 @@ def _row_quantities(cap: QueryRowsCapture, sh: dict[str, Tensor], layer: int, i:
         "dai_action_out_norm": wv_norm * s.abs(),
         "dai_spearman": _spearman(v_norm * s, v_norm * p),
         "dai_cos": torch.nn.functional.cosine_similarity(relaxed, z, dim=-1),
-        "score": s,
+        "score": _scores(dots, scale, softcap),
     }
 

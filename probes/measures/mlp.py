@@ -379,7 +379,7 @@ def capture_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor, " n"
 def restricted_prefix(p: Float[Tensor, "h r k"], v_h: Float[Tensor, "h k d_h"],
                       trajectory: Int[Tensor, " t"], resid_pre: Float[Tensor, "r d"],
                       w_o: Float[Tensor, "d h*d_h"], b_o: Float[Tensor, " d"] | None,
-                      gamma: Float[Tensor, " d"], eps: float, *,
+                      gamma: Float[Tensor, " d"] | None, eps: float, *,
                       norm: Callable[[Tensor], Tensor] | None = None,
                       attn_out_norm: Callable[[Tensor], Tensor] | None = None,
                       ) -> tuple[Float[Tensor, "r t+1 d"], Float[Tensor, "r t+1 d"]]:
@@ -401,7 +401,7 @@ def restricted_prefix(p: Float[Tensor, "h r k"], v_h: Float[Tensor, "h k d_h"],
         resid_pre: x = resid_pre at the rows [R, d].
         w_o: `o_proj.weight` [d, H·d_h].
         b_o: `o_proj.bias` [d] or None.
-        gamma: γ2 of the post-attention RMSNorm [d].
+        gamma: γ2 of the post-attention RMSNorm [d] (None with `norm`).
         eps: Its ε.
         norm: The norm before the MLP, if not RMSNorm(γ2, ε) (`LayerWeights.norm2`).
         attn_out_norm: A norm on the attention output before the residual add (Gemma, OLMo-2):

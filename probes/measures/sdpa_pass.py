@@ -19,8 +19,9 @@ keeps all L of them until the backward, so memory grows as N². Here instead:
 * `sdpa_query_rows_capture` / `sdpa_row_capture` give the same `QueryRowsCapture` (M1–M4) and
   `RowCapture` (M5) as the bridge captures, from hooks on that view.
 
-Only full causal attention is supported (no sliding window, no logit soft-capping, no 4-D mask):
-anything else is refused with one error naming the model setting.
+Full causal attention and causal sliding windows (Gemma-3's local layers: the pattern rows keep
+keys r − W < t ≤ r, and the kernel gets transformers' [N, N] boolean window mask) are supported;
+logit soft-capping (Gemma-2) and any other mask are refused with one error naming the setting.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from torch import Tensor
 from hooks.edit import module_hooks
 from hooks.hf_fast import plain_view
 from hooks.model import LoadedModel
-from hooks.weights import llama_layers
+from hooks.weights import LayerView
 from probes.errors import ProbesError
 
 __all__ = [
@@ -111,7 +112,7 @@ _ACTIVE: contextvars.ContextVar[tuple[AttentionRecord, ...]] = contextvars.Conte
 
 
 def pattern_rows(q_rows: Float[Tensor, "h r d_h"], k: Float[Tensor, "h_kv k d_h"], rows: Tensor,
-                 scaling: float) -> Float[Tensor, "h r k"]:
+                 scaling: float, window: int | None = None) -> Float[Tensor, "h r k"]:
     """Exact softmax pattern rows from rotated queries and keys, causal (keys ≤ row).
 
     Args:
@@ -119,20 +120,29 @@ def pattern_rows(q_rows: Float[Tensor, "h r d_h"], k: Float[Tensor, "h_kv k d_h"
         k: Rotated keys [H_kv, K, d_h] (KV head g serves query heads g·G .. g·G + G − 1).
         rows: The row positions [R] (global, keys 0..K−1 are positions 0..K−1).
         scaling: The score scale (HF `module.scaling`, 1/√d_h by default).
+        window: A sliding window W (HF `sliding_window`: row r sees keys r − W < t ≤ r), or None.
 
     Returns:
-        softmax(q̃ k̃ᵀ · scaling) over keys ≤ row, [H, R, K], computed in float64 (the rows are
-        few: [H, R, K] float64 is O(R·N) per layer), whatever the input dtype.
+        softmax(q̃ k̃ᵀ · scaling) over keys ≤ row (and inside the window), [H, R, K], computed in
+        float64 (the rows are few: [H, R, K] float64 is O(R·N) per layer), whatever the input
+        dtype.
     """
     work = torch.float64
     H, H_kv = q_rows.shape[0], k.shape[0]
     qg = q_rows.to(work).reshape(H_kv, H // H_kv, *q_rows.shape[1:])        # [H_kv, G, R, d_h]
     scores = torch.einsum("gjrd,gkd->gjrk", qg, k.to(work)).reshape(H, q_rows.shape[1], -1)
     scores = scores * scaling
-    key_pos = torch.arange(k.shape[1], device=k.device)
-    scores = scores.masked_fill(key_pos[None, None, :] > rows.to(k.device)[None, :, None],
+    scores = scores.masked_fill(~_visible(rows, k.shape[1], window, k.device)[None],
                                 float("-inf"))
     return torch.softmax(scores, dim=-1)
+
+
+def _visible(rows: Tensor, n_keys: int, window: int | None, device: torch.device) -> Tensor:
+    """[R, K] bool: key t is visible from row r (t ≤ r, and r − W < t with a sliding window W)."""
+    key_pos = torch.arange(n_keys, device=device)[None, :]
+    rows = rows.to(device)[:, None]
+    seen = key_pos <= rows
+    return seen if window is None else seen & (key_pos > rows - int(window))
 
 
 def _recording_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -143,24 +153,41 @@ def _recording_attention(module: torch.nn.Module, query: Tensor, key: Tensor, va
 
     records = _ACTIVE.get()
     if records:
-        if kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
+        if kwargs.get("softcap") is not None:
             raise LinearPassError(
-                "the linear-memory pass supports full causal attention only; this model uses "
-                f"{'logit soft-capping' if kwargs.get('softcap') is not None else 'a sliding window'}"
-                ": pass attention='eager'.")
-        if attention_mask is not None:
-            raise LinearPassError(
-                "the linear-memory pass runs one unpadded sequence from position 0 (no attention "
-                "mask, no KV cache); got an explicit mask: pass attention='eager'.")
+                "the linear-memory pass cannot apply attention logit soft-capping (the fused "
+                "kernel has none); this model uses it: pass attention='eager'.")
+        window = kwargs.get("sliding_window")
+        _check_mask(attention_mask, window, query.shape[2], key.shape[2],
+                    sorted({0, int(query.shape[2]) - 1, *(r for rec in records for r in rec.rows)}))
         scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
         for rec in records:
-            _record(rec, int(module.layer_idx), query, key, value, scale)
+            _record(rec, int(module.layer_idx), query, key, value, scale, window)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                   scaling=scaling, **kwargs)
 
 
+def _check_mask(mask: Tensor | None, window: int | None, n_queries: int, n_keys: int,
+                rows: list[int]) -> None:
+    """Refuse any mask but none (full causal) or, on a sliding-window layer, transformers' causal
+    sliding-window mask (checked at `rows`: the recorded rows, the first and the last; the kernel
+    then gets that [N, N] boolean mask)."""
+    if mask is None and (window is None or n_keys <= window):
+        return
+    idx = torch.as_tensor([r for r in rows if r < n_queries])
+    ok = (mask is not None and window is not None and mask.dtype == torch.bool
+          and tuple(mask.shape[-2:]) == (n_queries, n_keys) and n_queries == n_keys
+          and bool((mask.reshape(-1, n_queries, n_keys)[:, idx.to(mask.device)]
+                    == _visible(idx, n_keys, window, mask.device)).all()))
+    if not ok:
+        raise LinearPassError(
+            "the linear-memory pass runs one unpadded sequence from position 0 (no attention "
+            "mask but the causal, or causal sliding-window, one; no KV cache); got an explicit "
+            "mask: pass attention='eager'.")
+
+
 def _record(rec: AttentionRecord, layer: int, query: Tensor, key: Tensor, value: Tensor,
-            scale: float) -> None:
+            scale: float, window: int | None = None) -> None:
     if query.shape[0] != 1:
         raise LinearPassError(f"batch 1 only; got a batch of {query.shape[0]}.")
     n = int(key.shape[2])
@@ -171,7 +198,7 @@ def _record(rec: AttentionRecord, layer: int, query: Tensor, key: Tensor, value:
     q = query[0].detach()[:, rows]                                          # [H, R, d_h]
     k = key[0].detach()[:, : rec.keys]                                      # [H_kv, K, d_h]
     v = value[0].detach()[:, : rec.keys]
-    p = rec.pattern[layer] = pattern_rows(q, k, rows, scale)                # [H, R, K] f64
+    p = rec.pattern[layer] = pattern_rows(q, k, rows, scale, window)        # [H, R, K] f64
     H, H_kv = p.shape[0], v.shape[0]
     z = torch.einsum("gjrk,gkd->rgjd", p.reshape(H_kv, H // H_kv, *p.shape[1:]),
                      v.to(p.dtype)).reshape(len(rec.rows), H, -1)          # [R, H, d_h]
@@ -231,32 +258,68 @@ def is_sdpa_view(hf: torch.nn.Module) -> bool:
     return getattr(getattr(hf, "config", None), "_attn_implementation", None) == RECORDING_ATTENTION
 
 
-def _layer_modules(view: torch.nn.Module):
-    return llama_layers(view, what="the linear-memory pass", error=LinearPassError)
+def _layer_modules(view: torch.nn.Module) -> list[LayerView]:
+    from probes.measures.families import views
+
+    return views(view, what="the linear-memory pass", error=LinearPassError)
+
+
+_Site = Callable[[LayerView], "tuple[torch.nn.Module, str, slice] | None"]
+"""Where a captured tensor is, per layer view: (module, "in" | "out", column slice), or None where
+the layer has no such tensor."""
+
+_ALL = slice(None)
+
+
+def _output(view: LayerView, name: str) -> tuple[torch.nn.Module, str, slice]:
+    module, cols = view.outputs[name]
+    return module, "out", cols
+
+
+def _attn_out(view: LayerView) -> tuple[torch.nn.Module, str, slice]:
+    """What attention adds to the residual: the o_proj output, or N_ao of it where a norm follows
+    attention (OLMo-2, Gemma: what the bridge's `hook_attn_out` holds)."""
+    norm = view.attn_out_norm
+    return (view.o_proj if norm is None else norm.module), "out", _ALL
+
+
+_ROW_SITES: dict[str, _Site] = {
+    "resid_pre": lambda v: (v.module, "in", _ALL),
+    "resid_mid": lambda v: ((v.mlp_in_norm.module, "in", _ALL) if v.mlp_in_norm is not None
+                            else (v.mlp, "in", _ALL)),
+    "ln2_out": lambda v: (v.mlp, "in", _ALL),                  # the MLP input u
+    "mlp_pre": lambda v: _output(v, "gate" if v.gated else "in"),   # W_gate u (plain: W_in u)
+    "mlp_pre_linear": lambda v: _output(v, "up") if v.gated else None,
+    "mlp_post": lambda v: (v.down, "in", _ALL),
+}
+"""The M5 row capture's tensors (`RowCapture` fields) on a plain-HF view."""
 
 
 @contextmanager
-def _row_hooks(view: torch.nn.Module, rows: list[int], sites: dict[str, tuple[str, str]],
+def _row_hooks(view: torch.nn.Module, rows: list[int], sites: dict[str, _Site],
                dtype: torch.dtype | None) -> Iterator[dict[tuple[int, str], Tensor]]:
-    """Forward(-pre) hooks keeping the rows of module inputs/outputs: `sites` maps a name to
-    (`LlamaLayer` attribute, "in" | "out")."""
+    """Forward(-pre) hooks keeping the rows of module inputs/outputs: `sites` maps a name to where
+    the tensor is in each layer (`_Site`)."""
     store: dict[tuple[int, str], Tensor] = {}
     idx = torch.as_tensor(rows)
 
-    def keep(l: int, name: str, t: Tensor) -> None:
-        x = t[0].detach()[idx.to(t.device)]
+    def keep(l: int, name: str, t: Tensor, cols: slice) -> None:
+        x = t[0].detach()[idx.to(t.device)][..., cols]
         store[(l, name)] = x if dtype is None else x.to(dtype)
 
     hooks = []
     for l, lay in enumerate(_layer_modules(view)):
-        for name, (attr, where) in sites.items():
-            mod = getattr(lay, attr)
+        for name, site in sites.items():
+            found = site(lay)
+            if found is None:
+                continue
+            mod, where, cols = found
             if where == "in":
                 hooks.append((mod, "forward_pre",
-                              lambda m, args, l=l, name=name: keep(l, name, args[0])))
+                              lambda m, args, l=l, name=name, c=cols: keep(l, name, args[0], c)))
             else:
-                hooks.append((mod, "forward", lambda m, args, out, l=l, name=name: keep(
-                    l, name, out[0] if isinstance(out, tuple) else out)))
+                hooks.append((mod, "forward", lambda m, args, out, l=l, name=name, c=cols: keep(
+                    l, name, out[0] if isinstance(out, tuple) else out, c)))
     with module_hooks(hooks):
         yield store
 
@@ -275,7 +338,7 @@ def sdpa_query_rows_capture(model: LoadedModel | torch.nn.Module, rows: Sequence
     view = sdpa_view(model)
     rows = [int(r) for r in rows]
     n_layers = len(_layer_modules(view))
-    sites = {"attn_out": ("o_proj", "out")}
+    sites: dict[str, _Site] = {"attn_out": _attn_out}
     with record_attention(rows, dtype=torch.float32) as rec, \
             _row_hooks(view, rows, sites, torch.float32) as store:
         def get() -> QueryRowsCapture:
@@ -304,12 +367,10 @@ def sdpa_row_capture(model: LoadedModel | torch.nn.Module, rows: Sequence[int], 
 
     view = sdpa_view(model)
     rows = [int(r) for r in rows]
-    n_layers = len(_layer_modules(view))
-    sites = {"resid_pre": ("attn_norm", "in"), "resid_mid": ("mlp_norm", "in"),
-             "ln2_out": ("mlp_norm", "out"), "mlp_pre": ("gate_proj", "out"),
-             "mlp_pre_linear": ("up_proj", "out"), "mlp_post": ("down_proj", "in")}
+    layers = _layer_modules(view)
+    n_layers, gated = len(layers), layers[0].gated
     with record_attention(rows, dtype=torch.float32) as rec, \
-            _row_hooks(view, rows, sites, torch.float32) as store:
+            _row_hooks(view, rows, _ROW_SITES, torch.float32) as store:
         def get(logits: Tensor | None = None) -> RowCapture:
             def move(ts: list[Tensor]) -> list[Tensor]:
                 return ts if device is None else [t.to(device) for t in ts]
@@ -322,7 +383,8 @@ def sdpa_row_capture(model: LoadedModel | torch.nn.Module, rows: Sequence[int], 
                 pattern=move([p.to(torch.float32) for p in rec.per_layer("pattern", n_layers)]),
                 resid_pre=per_layer("resid_pre"), resid_mid=per_layer("resid_mid"),
                 ln2_out=per_layer("ln2_out"), mlp_pre=per_layer("mlp_pre"),
-                mlp_pre_linear=per_layer("mlp_pre_linear"), mlp_post=per_layer("mlp_post"),
+                mlp_pre_linear=per_layer("mlp_pre_linear") if gated else None,
+                mlp_post=per_layer("mlp_post"),
                 logits=None if logits is None else logits[0, rows].detach().to("cpu", torch.float32))
 
         yield get

@@ -24,7 +24,8 @@ ANSWER_ROWS = ("first", "mean")
 
 
 def check_supported(loaded: LoadedModel) -> None:
-    """Refuse, with one clear error, a model `updates` cannot measure.
+    """Refuse, with one clear error, a model that is not Llama-style (what `effects` needs: it
+    edits the Llama modules by name; `updates` itself checks with `check_updates`).
 
     Raises:
         UpdatesError: Unless the model is Llama-style (`hooks.weights.llama_layers`: RoPE, GQA
@@ -35,6 +36,24 @@ def check_supported(loaded: LoadedModel) -> None:
     llama_layers(loaded, what="updates", error=UpdatesError, require_rope=True)
 
 
+def check_updates(loaded: LoadedModel, attention: str = "auto") -> None:
+    """Refuse, with one clear line, a model (or an attention pass) `updates` cannot measure.
+
+    Args:
+        loaded: The model.
+        attention: The pass asked for ("auto", "sdpa" or "eager").
+
+    Raises:
+        UpdatesError: For a family outside `probes.measures.families.UPDATE_FAMILIES` (naming
+            what is missing), "eager" for a family measured on the linear-memory pass only
+            (Phi-3) or "sdpa" for one measured on the eager pass only (Gemma-2).
+    """
+    from probes.measures.attention import UpdatesError
+    from probes.measures.families import check_family
+
+    check_family(loaded, what="updates", error=UpdatesError, attention=attention)
+
+
 EAGER_PATTERN_BUDGET = 64 * 2**20
 """`attention="auto"`: the eager reference pass is used while the patterns autograd would keep
 (n_layers · n_heads · N² elements of the model dtype) fit in this many bytes; longer traces take the
@@ -43,14 +62,20 @@ linear-memory pass. The two agree to float32 rounding (tests/probes/measures/tes
 
 def choose_attention(loaded: LoadedModel, n_tokens: int, attention: str = "auto") -> str:
     """The pass `trace_update_arrays(attention=...)` runs: "eager" or "sdpa" ("auto": see
-    `EAGER_PATTERN_BUDGET`).
+    `EAGER_PATTERN_BUDGET`; a family with one pass only, `probes.measures.families.EAGER_MISSING`
+    / `SDPA_MISSING`, gets that one).
 
     Raises:
         ProbesError: For an attention that is not "auto", "sdpa" or "eager".
     """
+    from probes.measures.families import EAGER_MISSING, SDPA_MISSING
     from probes.measures.sdpa_pass import ATTENTION_PATHS
 
     if attention == "auto":
+        if loaded.arch.family in EAGER_MISSING:        # the one pass such a family has
+            return "sdpa"
+        if loaded.arch.family in SDPA_MISSING:
+            return "eager"
         arch = loaded.arch
         itemsize = torch_itemsize(loaded)
         need = arch.n_layers * arch.n_heads * n_tokens * n_tokens * itemsize
@@ -85,8 +110,9 @@ class RunConstants:
 
     Attributes:
         o_proj: `probes.measures.attention.o_proj_weights(loaded)`.
-        m5: `probes.measures.mlp.layer_weights(loaded, with_mlp=False)` (W_O, γ2 and the Grams
-            WᵀW of gate/up, float64 on the model's device).
+        m5: `probes.measures.mlp.layer_weights(loaded, with_mlp=False, any_layout=True)` (W_O,
+            the norms and the Grams WᵀW of gate/up, or of W_in for a plain MLP, float64 on the
+            model's device).
         grams: The same Grams, as `answer_alignment(grams=...)` takes them.
         view: The linear-memory view of the model (`probes.measures.sdpa_pass.sdpa_view`), made
             on first use.
@@ -98,9 +124,9 @@ class RunConstants:
         from probes.measures.attention import o_proj_weights
         from probes.measures.mlp import layer_weights
 
-        check_supported(loaded)
+        check_updates(loaded)
         self.o_proj = o_proj_weights(loaded)
-        self.m5 = layer_weights(loaded, with_mlp=False, device=loaded.device)
+        self.m5 = layer_weights(loaded, with_mlp=False, device=loaded.device, any_layout=True)
         self.grams = [w.grams for w in self.m5]
 
 
@@ -112,10 +138,11 @@ def trace_update_arrays(loaded: LoadedModel, tt, consts: RunConstants | None = N
 
     One forward + one backward: `answer_alignment` (M7 at all answer rows 𝒬; M6 at the first row
     or at all of them) with the M1–M4 bridge capture (and, for "first", the M5 one) hooked into
-    its forward.
+    its forward. On the eager pass of a family outside the Llama layout the gradient pass runs on
+    a plain-HF view, so the bridge captures get one extra forward without grad (`_bridge_forward`).
 
     Args:
-        loaded: A booted Llama-style RoPE model with a gated MLP (eager attention).
+        loaded: A booted model of a family in `probes.measures.families.UPDATE_FAMILIES`.
         tt: A `TokenizedTrace` with a non-empty trajectory and answer.
         consts: `RunConstants(loaded)`, reused across traces; None computes them now.
         answer_rows: "first": M1–M6 at q = answer start − 1 (`token_updates`, `mlp_updates`,
@@ -154,6 +181,7 @@ def trace_update_arrays(loaded: LoadedModel, tt, consts: RunConstants | None = N
         raise ProbesError(f"answer_rows must be one of {', '.join(ANSWER_ROWS)}, got "
                           f"{answer_rows!r}")
     attention = choose_attention(loaded, len(tt.ids), attention)
+    check_updates(loaded, attention)
     consts = RunConstants(loaded) if consts is None else consts
     model, query_caps, row_caps = _passes(loaded, consts, attention)
     a, b = (int(x) for x in tt.spans["trajectory"])
@@ -173,6 +201,7 @@ def trace_update_arrays(loaded: LoadedModel, tt, consts: RunConstants | None = N
     # captures stay on the model's device: M1–M5 are computed there (float64), like M6/M7
     with (query_caps(model, [query], device=None) as get_query,
           row_caps(model, [query], device=None) as get_rows):
+        _bridge_forward(loaded, ids, attention)
         al = answer_alignment(model, ids, (a, b), answer, m6_rows=[0], grams=consts.grams,
                               attention=attention)
     clock.lap("alignment")
@@ -180,19 +209,33 @@ def trace_update_arrays(loaded: LoadedModel, tt, consts: RunConstants | None = N
     clock.lap("m1_m4")
     mlp = mlp_updates_from(get_rows(), consts.m5, traj, keep_du=False)
     clock.lap("m5")
+    first, gated = consts.m5[0].names[0], "up" in consts.m5[0].names
     arrays = {
         "upd_contrib": _f32(upd.contrib_sum_norm[:, a:b]),
         "upd_loo": _f32(upd.loo_sum_norm[:, a:b]),
         "upd_mass": _f32(upd.mass[:, :, a:b].mean(axis=1)),
         "upd_dai_fro": _f32(upd.dai_fro[:, :, a:b].sum(axis=1)),
-        "upd_sigma_gate": _f32(mlp.sigma_gate),
-        "upd_sigma_up": _f32(mlp.sigma_up),
-        "upd_cos_gate": _f32(mlp.cos_gate),
+        "upd_sigma_gate": _f32(mlp.get(f"sigma_{first}")),        # plain MLP: W_in
+        "upd_sigma_up": _f32(mlp.sigma_up if gated else np.full_like(mlp.get("sigma_in"), np.nan)),
+        "upd_cos_gate": _f32(mlp.get(f"cos_{first}")),
         "upd_align_cos": _f32(al.cos[2][:, 0, :]),
         "upd_dl_pred": _f32(al.inner[2][:, 0, :]),
         "upd_m7": _f32(al.m7),
     }
     return arrays, query
+
+
+def _bridge_forward(loaded: LoadedModel, ids, attention: str) -> None:
+    """The eager pass of a family outside the Llama layout: its gradient forward runs on a
+    plain-HF view (`probes.measures.families.eager_model`), where the bridge captures do not fire,
+    so they get one bridge forward of their own (no grad). A no-op otherwise."""
+    import torch
+
+    from hooks.weights import LLAMA_FAMILIES
+
+    if attention == "eager" and loaded.arch.family not in LLAMA_FAMILIES:
+        with torch.no_grad():
+            loaded.bridge(ids)
 
 
 def _passes(loaded: LoadedModel, consts: RunConstants, attention: str):
@@ -234,6 +277,7 @@ def _rows_arrays(loaded: LoadedModel, ids, trajectory: tuple[int, int],
     clock = _Clock(loaded.device, timings)
     model, query_caps, _ = _passes(loaded, consts, attention)
     with query_caps(model, rows, device=None) as get_query:
+        _bridge_forward(loaded, ids, attention)
         al = answer_alignment(model, ids, (a, b), answer, m6_rows=m6_rows, grams=consts.grams,
                               attention=attention)
     clock.lap("alignment")

@@ -42,6 +42,10 @@ MORE_FAMILIES = ("mistral", "gemma2", "gemma3", "phi3", "olmo2", "gpt2")
 """The further families `tiny_config` builds (`hooks.weights.layer_views` describes them all;
 tests/probes/models/test_families.py says which measurements run on them)."""
 
+UPDATE_FAMILIES = TINY_FAMILIES + ("mistral", "gpt2", "phi3", "olmo2", "gemma3", "gemma2")
+"""The families of `tiny_config` that `updates` (M1–M7) measures; the update identity tests run
+on each of them."""
+
 
 def tiny_config(family: str):
     """A 2-layer config of `family`: d_model 32, GQA 4/2 (GPT-2: 4 heads), vocab 300.

@@ -1,5 +1,7 @@
 """`updates` end to end: stored shapes and values (M1–M7) against direct calls, resume, the
-random-init control, the tiny random-init families, and the clear refusal of GPT-2."""
+random-init control, the tiny random-init families (Qwen2, Llama, Qwen3, Mistral, GPT-2, Phi-3,
+OLMo-2, Gemma-3, Gemma-2), Phi-3's refused eager pass, Gemma-2's refused linear-memory pass, and the
+clear refusal of a family it does not measure (GPT-NeoX)."""
 
 from __future__ import annotations
 
@@ -9,18 +11,20 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config
+from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
 from cache import open_cache
 from hooks.model import LoadedModel
+from hooks.weights import LLAMA_FAMILIES
 from probes.commands.updates import DONE_KEY, UPDATE_ARRAYS, UpdatesConfig, updates_traces
 from probes.errors import ProbesError
 from probes.measures.alignment import answer_alignment
 from probes.measures.attention import UpdatesError, token_updates
+from probes.measures.families import EAGER_MISSING, SDPA_MISSING
 from probes.measures.mlp import mlp_updates
 from probes.models.controls import random_init_model
 from probes.models.load import boot_model, load_model
-from probes.models.tiny import TINY_FAMILIES, byte_tokenizer, tiny_config
+from probes.models.tiny import UPDATE_FAMILIES, byte_tokenizer, tiny_config
 from probes.reasoner.train import SAMPLES_PATH
 from probes.run import main
 from probes.traces.read import read_traces
@@ -61,6 +65,30 @@ def _read(path) -> dict[str, dict[str, np.ndarray]]:
         return {tr.id: {n: tr[n][:] for n in UPDATE_ARRAYS} for tr in reader}
 
 
+def _capture_path(model: LoadedModel) -> str:
+    """The M1–M4 capture of the direct calls: the bridge's (eager), or the linear-memory one for a
+    family whose bridge does not fire the rotated q/k hooks (Phi-3)."""
+    return "sdpa" if model.arch.family in EAGER_MISSING else "eager"
+
+
+def _same_forward_rtol(model: LoadedModel) -> float:
+    """Tolerance between M5 from the bridge capture and M6's step norms: 1e-12 where the gradient
+    pass runs through the bridged model itself (the Llama layout: the same float32 forward), 1e-5
+    where it runs on a plain-HF view (the other families: another float32 forward of the same
+    weights)."""
+    return 1e-12 if model.arch.family in LLAMA_FAMILIES else 1e-5
+
+
+def _mlp_arrays(mlp) -> dict[str, np.ndarray]:
+    """`upd_sigma_gate` / `upd_sigma_up` / `upd_cos_gate` from an `MlpUpdates`: a plain MLP's one
+    input matrix W_in takes the gate slot, its up slot is NaN."""
+    if mlp.sigma_gate is not None:
+        return {"upd_sigma_gate": mlp.sigma_gate, "upd_sigma_up": mlp.sigma_up,
+                "upd_cos_gate": mlp.cos_gate}
+    return {"upd_sigma_gate": mlp.sigma_in, "upd_sigma_up": np.full_like(mlp.sigma_in, np.nan),
+            "upd_cos_gate": mlp.cos_in}
+
+
 def _direct(model: LoadedModel, tokens, spans) -> dict[str, np.ndarray]:
     """The stored quantities from separate `token_updates`, `mlp_updates`, `answer_alignment`
     calls (three forwards, the alignment one with its backward, M6 at every answer row)."""
@@ -68,22 +96,22 @@ def _direct(model: LoadedModel, tokens, spans) -> dict[str, np.ndarray]:
     answer = (int(spans["answer"][0]), int(spans["answer"][1]))
     query = answer[0] - 1
     ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).reshape(1, -1)
-    upd = token_updates(model, ids, query)
-    mlp = mlp_updates(model, ids, query, list(range(a, b)))
-    al = answer_alignment(model, ids, (a, b), answer)
+    path = _capture_path(model)
+    upd = token_updates(model, ids, query, attention=path)
+    mlp = _mlp_arrays(mlp_updates(model, ids, query, list(range(a, b))))
+    al = answer_alignment(model, ids, (a, b), answer, attention=path)
     # σ is one quantity computed two ways: M5's Gram norm and M6's ‖step_i‖ at the first row
-    np.testing.assert_allclose(al.step_norm[0][:, 0], mlp.sigma_gate, rtol=1e-12)
-    np.testing.assert_allclose(al.step_norm[1][:, 0], mlp.sigma_up, rtol=1e-12)
-    np.testing.assert_allclose(al.step_norm[2][:, 0], np.hypot(mlp.sigma_gate, mlp.sigma_up),
-                               rtol=1e-12)
+    rtol = _same_forward_rtol(model)
+    np.testing.assert_allclose(al.step_norm[0][:, 0], mlp["upd_sigma_gate"], rtol=rtol)
+    np.testing.assert_allclose(al.step_norm[1][:, 0], mlp["upd_sigma_up"], rtol=rtol)
+    np.testing.assert_allclose(al.step_norm[2][:, 0], np.hypot(
+        mlp["upd_sigma_gate"], np.nan_to_num(mlp["upd_sigma_up"])), rtol=rtol)
     return {
         "upd_contrib": upd.contrib_sum_norm[:, a:b],
         "upd_loo": upd.loo_sum_norm[:, a:b],
         "upd_mass": upd.mass[:, :, a:b].mean(axis=1),
         "upd_dai_fro": upd.dai_fro[:, :, a:b].sum(axis=1),
-        "upd_sigma_gate": mlp.sigma_gate,
-        "upd_sigma_up": mlp.sigma_up,
-        "upd_cos_gate": mlp.cos_gate,
+        **mlp,
         "upd_align_cos": al.cos[2][:, 0, :],
         "upd_dl_pred": al.inner[2][:, 0, :],
         "upd_m7": al.m7,
@@ -223,13 +251,24 @@ def byte_traces(tmp_path_factory):
     return _byte_traces(tmp_path_factory.mktemp("byte") / "short.jsonl", ("4", "9"))
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_tiny_random_init_families(family, byte_traces, tmp_path):
-    """Qwen2 / Llama (o_proj bias) / Qwen3 (q/k norms): stored arrays equal the direct calls."""
+def _tiny(family: str) -> LoadedModel:
+    """A seeded random-init model of `family` (non-zero biases where the config has them)."""
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="eager")
-    loaded = boot_model(hf, byte_tokenizer(), spec=f"tiny-{family}", device="cpu",
-                        dtype="float32")
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            if name.endswith(("proj.bias", "c_attn.bias", "c_fc.bias")):
+                param.normal_(0.0, 0.2)
+    return boot_model(hf, byte_tokenizer(), spec=f"tiny-{family}", device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("family", UPDATE_FAMILIES)
+def test_tiny_random_init_families(family, byte_traces, tmp_path):
+    """Qwen2 / Llama (o_proj bias) / Qwen3 (q/k norms) / Mistral / GPT-2 (plain MLP: NaN up slot)
+    / Phi-3 (fused projections, the linear-memory pass) / OLMo-2 / Gemma-3 / Gemma-2 (norms after
+    the sublayers, a sliding window; Gemma-2 on the eager pass): stored arrays equal the direct
+    calls."""
+    loaded = _tiny(family)
     out = tmp_path / "run.h5"
     res = updates_traces(loaded, byte_traces, out, UpdatesConfig(), resume=True, progress=False)
     assert (res.n_written, res.n_too_long) == (2, 0)
@@ -239,29 +278,60 @@ def test_tiny_random_init_families(family, byte_traces, tmp_path):
             _assert_matches_direct(stored, _direct(loaded, np.asarray(tr.tokens), tr.spans))
 
 
-def _tiny_gpt2():
+def _saved(family: str, folder) -> str:
+    """A random-init model of `family` saved with the byte tokenizer (before any bridge wraps it)."""
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(
-        GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=4, n_positions=256),
-        attn_implementation="eager")
+    config = GPTNeoXConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1,
+                           num_attention_heads=4, intermediate_size=64,
+                           max_position_embeddings=256) if family == "gpt_neox" else (
+        tiny_config(family))
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return str(folder)
 
 
-def test_gpt2_is_refused_clearly_before_the_cache_is_touched(byte_traces, tmp_path, capsys):
-    tok = byte_tokenizer()
-    folder = tmp_path / "gpt2-model"
-    _tiny_gpt2().save_pretrained(folder)      # saved before any bridge wraps it
-    tok.save_pretrained(folder)
-    loaded = boot_model(_tiny_gpt2(), tok, spec="tiny-gpt2", device="cpu", dtype="float32")
-    out = tmp_path / "gpt2.h5"
-    with pytest.raises(UpdatesError, match="Llama-style model with RoPE and a gated MLP"):
-        updates_traces(loaded, byte_traces, out, UpdatesConfig(), resume=True, progress=False)
+def test_unmeasured_family_is_refused_clearly_before_the_cache_is_touched(byte_traces, tmp_path,
+                                                                          capsys):
+    """GPT-NeoX (no weight view): one line naming the family and what is missing, no file."""
+    folder = _saved("gpt_neox", tmp_path / "neox-model")
+    out = tmp_path / "neox.h5"
+    capsys.readouterr()
+    with pytest.raises(UpdatesError, match=r"^updates does not measure 'gpt_neox' models yet: it "
+                                           r"needs a weight view.*; supported: llama, .*gemma2.*\.$"):
+        updates_traces(folder, byte_traces, out, UpdatesConfig(), resume=True, device="cpu",
+                       progress=False)
     assert not out.exists()
+    capsys.readouterr()
     # the CLI: exit 2 and one line on stderr
-    assert main(["updates", "--resume", "--model", str(folder), "--device", "cpu", "--no-progress",
+    assert main(["updates", "--resume", "--model", folder, "--device", "cpu", "--no-progress",
                  "--traces", str(byte_traces), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "gpt2" in err[0] and "gated MLP" in err[0], err
+    assert len(err) == 1 and "'gpt_neox'" in err[0] and "weight view" in err[0], err
     assert not out.exists()
+
+
+def test_phi3_eager_pass_is_refused_and_the_cli_writes_its_arrays(byte_traces, tmp_path, capsys):
+    """Phi-3 runs on the linear-memory pass: `--attention eager` is one line and no file; the
+    default (auto) writes the same arrays as `--attention sdpa`."""
+    folder = _saved("phi3", tmp_path / "phi3-model")
+    out = tmp_path / "phi3.h5"
+    capsys.readouterr()
+    assert main(["updates", "--resume", "--model", folder, "--device", "cpu", "--no-progress",
+                 "--traces", str(byte_traces), "--out", str(out), "--attention", "eager"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no eager pass for 'phi3'" in err[0] and "sdpa" in err[0], err
+    assert not out.exists()
+    stored = {}
+    for attention in ("auto", "sdpa"):
+        path = tmp_path / f"{attention}.h5"
+        assert main(["updates", "--resume", "--model", folder, "--device", "cpu", "--no-progress",
+                     "--traces", str(byte_traces), "--out", str(path), "--attention",
+                     attention]) == 0
+        stored[attention] = _read(path)
+    assert stored["auto"].keys() == stored["sdpa"].keys() and len(stored["auto"]) == 2
+    for tid, arrays in stored["sdpa"].items():
+        for name in UPDATE_ARRAYS:
+            np.testing.assert_array_equal(stored["auto"][tid][name], arrays[name])
 
 
 # --answer-rows mean: every per-row quantity at each answer row of 𝒬, averaged over the rows
@@ -282,17 +352,18 @@ def _direct_mean(model: LoadedModel, tokens, spans) -> dict[str, np.ndarray]:
     answer = (int(spans["answer"][0]), int(spans["answer"][1]))
     rows = list(range(answer[0] - 1, answer[1] - 1))
     ids = torch.as_tensor(np.asarray(tokens, dtype=np.int64)).reshape(1, -1)
-    upds = [token_updates(model, ids, q) for q in rows]
+    path, rtol = _capture_path(model), max(_same_forward_rtol(model), 1e-9)
+    upds = [token_updates(model, ids, q, attention=path) for q in rows]
     mlps = [mlp_updates(model, ids, q, list(range(a, b))) for q in rows]
-    al = answer_alignment(model, ids, (a, b), answer)
+    al = answer_alignment(model, ids, (a, b), answer, attention=path)
     assert al.cos.shape[2] == len(rows)
     for k, m in enumerate(mlps):  # M5 σ / cosine at each row = M6's step norm / step cosine
-        np.testing.assert_allclose(al.step_norm[0][:, k], m.sigma_gate, rtol=1e-9)
-        np.testing.assert_allclose(al.step_norm[1][:, k], m.sigma_up, rtol=1e-9)
-        np.testing.assert_allclose(al.step_cos[0][:, k], m.cos_gate, rtol=1e-9, atol=1e-12,
-                                   equal_nan=True)
-        np.testing.assert_allclose(al.step_cos[1][:, k], m.cos_up, rtol=1e-9, atol=1e-12,
-                                   equal_nan=True)
+        for slot, which in enumerate(("gate", "up") if m.sigma_gate is not None else ("in",)):
+            np.testing.assert_allclose(al.step_norm[slot][:, k], m.get(f"sigma_{which}"),
+                                       rtol=rtol)
+            np.testing.assert_allclose(al.step_cos[slot][:, k], m.get(f"cos_{which}"), rtol=rtol,
+                                       atol=rtol * 0.1, equal_nan=True)     # cosines near 0
+    mlps = [_mlp_arrays(m) for m in mlps]
 
     def mean(xs):
         return np.mean(np.stack(xs), axis=0)
@@ -305,9 +376,9 @@ def _direct_mean(model: LoadedModel, tokens, spans) -> dict[str, np.ndarray]:
         "upd_loo": mean([u.loo_sum_norm[:, a:b] for u in upds]),
         "upd_mass": mean([u.mass[:, :, a:b].mean(axis=1) for u in upds]),
         "upd_dai_fro": dai[0],
-        "upd_sigma_gate": mean([m.sigma_gate for m in mlps]),
-        "upd_sigma_up": mean([m.sigma_up for m in mlps]),
-        "upd_cos_gate": _nanmean_rows(np.stack([m.cos_gate for m in mlps])),
+        "upd_sigma_gate": mean([m["upd_sigma_gate"] for m in mlps]),
+        "upd_sigma_up": mean([m["upd_sigma_up"] for m in mlps]),
+        "upd_cos_gate": _nanmean_rows(np.stack([m["upd_cos_gate"] for m in mlps])),
         "upd_align_cos": _nanmean_rows(np.stack([al.cos[2][:, k, :] for k in range(len(rows))])),
         "upd_dl_pred": mean([al.inner[2][:, k, :] for k in range(len(rows))]),
         "upd_m7": al.m7,
@@ -398,14 +469,11 @@ def byte_traces_long_answers(tmp_path_factory):
     return _byte_traces(tmp_path_factory.mktemp("byte-long") / "short.jsonl", ("four", "x=9"))
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", UPDATE_FAMILIES)
 def test_answer_rows_mean_tiny_random_init_families(family, byte_traces_long_answers, tmp_path):
-    """Qwen2 / Llama (o_proj bias) / Qwen3 (q/k norms): the "mean" arrays equal the row average
-    of the single-row library calls."""
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="eager")
-    loaded = boot_model(hf, byte_tokenizer(), spec=f"tiny-{family}", device="cpu",
-                        dtype="float32")
+    """Every family `updates` measures: the "mean" arrays equal the row average of the
+    single-row library calls."""
+    loaded = _tiny(family)
     out = tmp_path / "run.h5"
     res = updates_traces(loaded, byte_traces_long_answers, out, UpdatesConfig(answer_rows="mean"),
                          resume=True, progress=False)
@@ -433,13 +501,22 @@ def test_answer_rows_cli(samples, mean_run, tmp_path, capsys):
     assert len(err) == 1 and "--answer-rows mean" in err[0] and "--out" in err[0]
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", UPDATE_FAMILIES)
 def test_linear_memory_pass_stores_what_the_eager_reference_stores(family, byte_traces, tmp_path):
-    """`--attention sdpa` (the pass long traces take) writes the eager reference's arrays."""
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="eager")
-    loaded = boot_model(hf, byte_tokenizer(), spec=f"tiny-{family}", device="cpu",
-                        dtype="float32")
+    """`--attention sdpa` (the pass long traces take) writes the eager reference's arrays (Phi-3
+    without an eager pass, Gemma-2 without a linear-memory one: the missing pass is refused in one
+    line before the cache exists)."""
+    loaded = _tiny(family)
+    one_pass = {**{f: ("eager", "no eager pass") for f in EAGER_MISSING},
+                **{f: ("sdpa", "no linear-memory pass") for f in SDPA_MISSING}}
+    if loaded.arch.family in one_pass:                # the one pass it lacks: refused, no file
+        attention, message = one_pass[loaded.arch.family]
+        out = tmp_path / f"{attention}.h5"
+        with pytest.raises(UpdatesError, match=rf"^updates: {message} for '{family}' models"):
+            updates_traces(loaded, byte_traces, out, UpdatesConfig(attention=attention),
+                           resume=True, progress=False)
+        assert not out.exists()
+        return
     stored = {}
     for attention in ("eager", "sdpa"):
         out = tmp_path / f"{attention}.h5"

@@ -1,7 +1,11 @@
 """Identity tests for `probes.measures.alignment` (docs/methods.md#m6, #m7; #identities: V6, V7, V9).
 
-Seeded random-init Qwen2 / Llama / Qwen3 models (GQA 4:2, initializer_range 0.2, non-zero q/k/v/o
-biases where the config has them) built in code; the identities run in float64 on the HF model,
+Seeded random-init models of every family `updates` measures (Qwen2 / Llama / Qwen3 / Mistral;
+GPT-2: LayerNorm, Conv1D, one MLP input matrix W_in in the gate slot, NaN in the up slot; Phi-3:
+fused qkv_proj / gate_up_proj; OLMo-2: norms after the sublayers only; Gemma-2/3: (1 + γ) norms
+around both sublayers, GeGLU, a sliding-window layer, Gemma-2's soft-capping (eager path only);
+GQA 4:2 where the config has it, initializer_range 0.2, non-zero biases where the config has them)
+built in code; the identities run in float64 on the HF model,
 one smoke test goes through `boot_model` (the TransformerLens-bridged LoadedModel) in float32.
 """
 
@@ -18,6 +22,7 @@ from transformers import (
     PretrainedConfig,
 )
 
+from hooks.weights import layer_views
 from probes.measures.alignment import (
     MLP_WEIGHTS,
     AlignmentError,
@@ -25,13 +30,18 @@ from probes.measures.alignment import (
     answer_loss,
     trace_alignment,
 )
+from probes.measures.families import SDPA_MISSING
 from probes.measures.sdpa_pass import ATTENTION_PATHS
 from probes.models.load import boot_model
-from probes.models.tiny import TINY_FAMILIES, byte_tokenizer, tiny_config
+from probes.models.tiny import TINY_FAMILIES, UPDATE_FAMILIES, byte_tokenizer, tiny_config
 
-CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
-    family: (lambda family=family: tiny_config(family)) for family in TINY_FAMILIES
+UPDATE_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
+    family: (lambda family=family: tiny_config(family)) for family in UPDATE_FAMILIES
 }
+"""Every family `updates` measures (the identity fixture runs on each)."""
+CONFIGS = {family: UPDATE_CONFIGS[family] for family in TINY_FAMILIES}
+"""The Llama-layout configs of the single-family tests here and of test_effects.py (`effects`
+hooks the Llama modules by name)."""
 N_TOKENS = 24
 TRAJ = (4, 16)      # prompt 0..3, trajectory 4..15, scaffold 16..18
 ANSWER = (19, 23)   # answer 19..22; token 23 comes after the answer and must not matter
@@ -48,19 +58,32 @@ def _rms_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.weight * (x * torch.rsqrt(var + self.variance_epsilon))
 
 
+def _rms_1p_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """Gemma's (1 + γ) RMSNorm without its float32 round trip."""
+    return (1.0 + self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def true_float64():
     """HF upcasts RMSNorm and the eager softmax to float32 even for float64 weights, which caps
     every float64 identity at ~1e-7; run them in float64 end to end (same maths, no downcast)."""
+    from transformers.models.gemma2 import modeling_gemma2
+    from transformers.models.gemma3 import modeling_gemma3
     from transformers.models.llama import modeling_llama
+    from transformers.models.mistral import modeling_mistral
+    from transformers.models.olmo2 import modeling_olmo2
+    from transformers.models.phi3 import modeling_phi3
     from transformers.models.qwen2 import modeling_qwen2
     from transformers.models.qwen3 import modeling_qwen3
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.nn.functional, "softmax", _softmax_keep_f64(torch.nn.functional.softmax))
         for cls in (modeling_llama.LlamaRMSNorm, modeling_qwen2.Qwen2RMSNorm,
-                    modeling_qwen3.Qwen3RMSNorm):
+                    modeling_qwen3.Qwen3RMSNorm, modeling_mistral.MistralRMSNorm,
+                    modeling_phi3.Phi3RMSNorm, modeling_olmo2.Olmo2RMSNorm):
             mp.setattr(cls, "forward", _rms_forward)
+        for cls in (modeling_gemma2.Gemma2RMSNorm, modeling_gemma3.Gemma3RMSNorm):
+            mp.setattr(cls, "forward", _rms_1p_forward)
         yield
 
 
@@ -69,26 +92,42 @@ def _hf(config: PretrainedConfig, dtype: torch.dtype = torch.float64, seed: int 
     hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     with torch.no_grad():
         for name, param in hf.named_parameters():
-            if name.endswith("proj.bias"):
+            if name.endswith(("proj.bias", "c_attn.bias", "c_fc.bias", "ln_1.bias", "ln_2.bias")):
                 param.normal_(0.0, 0.2)
-            if "layernorm" in name or "norm.weight" in name:
-                param.uniform_(0.5, 1.5)   # γ ≠ 1 so the unfolded convention is exercised
+            if "layernorm" in name or "norm.weight" in name or name.endswith((".ln_1.weight",
+                                                                              ".ln_2.weight")):
+                # γ ≠ 1 so the unfolded convention is exercised (Gemma: 1 + γ ≠ 1)
+                param.uniform_(*((-0.5, 0.5) if config.model_type.startswith("gemma")
+                                 else (0.5, 1.5)))
     return hf.to(dtype).eval()
+
+
+def _mats(hf, layer: int) -> dict[str, torch.Tensor]:
+    """The MLP input matrices of a layer by name ("gate", "up" or "in"), views of the weights."""
+    return layer_views(hf, what="test")[layer].mlp_in
+
+
+def _slots(names) -> list[tuple[int, tuple[int, ...]]]:
+    """(`MLP_WEIGHTS` slot, indices into `names`): gate [, up], joint (a plain MLP: W_in in the
+    gate slot, no up slot)."""
+    own = [(k, (k,)) for k in range(len(names))]
+    return [*own, (MLP_WEIGHTS.index("joint"), tuple(range(len(names))))]
 
 
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
 
 
-@pytest.fixture(scope="module", params=[(f, a) for f in sorted(CONFIGS) for a in ATTENTION_PATHS],
-                ids=lambda p: "-".join(p))
+@pytest.fixture(scope="module", params=[
+    (f, a) for f in sorted(UPDATE_CONFIGS) for a in ATTENTION_PATHS
+    if not (a == "sdpa" and tiny_config(f).model_type in SDPA_MISSING)], ids=lambda p: "-".join(p))
 def setup(request):
     """((family, attention path), float64 HF model, ids [1, N], AnswerAlignment with factors).
 
     Every identity runs on both paths: "eager" (the reference) and "sdpa" (the linear-memory
     pass, `probes.measures.sdpa_pass`)."""
     family, attention = request.param
-    hf = _hf(CONFIGS[family]())
+    hf = _hf(UPDATE_CONFIGS[family]())
     ids = torch.randint(0, 257, (1, N_TOKENS), generator=torch.Generator().manual_seed(1))
     al = answer_alignment(hf, ids, TRAJ, ANSWER, keep_factors=True, attention=attention)
     return request.param, hf, ids, al
@@ -114,7 +153,7 @@ def test_v9_telescoping(setup):
     np.testing.assert_allclose(al.inner.sum(-1), al.full_inner, rtol=1e-10, atol=1e-14)
     for layer in range(2):
         f = al.factors[layer]
-        W = hf.model.layers[layer].mlp.gate_proj.weight.detach()
+        W = next(iter(_mats(hf, layer).values())).detach()
         for row in range(ANSWER[1] - ANSWER[0]):
             u0 = f["u_base"][row]
             patch = (W @ f["du"][row].sum(0))[:, None] * (u0 / u0.dot(u0))[None]
@@ -123,13 +162,15 @@ def test_v9_telescoping(setup):
             assert (((W + patch) @ u0 - W @ u_full).norm() / (W @ u_full).norm()) < 1e-12
 
 
-def _grads(hf, ids, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    mlp = hf.model.layers[layer].mlp
+def _grads(hf, ids, layer: int) -> list[torch.Tensor]:
+    """∂L/∂W for each MLP input matrix of the layer (gate, up or W_in), in `_mats` order."""
+    view = layer_views(hf, what="test")[layer]
     with torch.enable_grad():
         logits = hf(ids).logits
         a, b = ANSWER
         loss = -torch.log_softmax(logits[0, a - 1:b - 1], -1).gather(-1, ids[0, a:b, None]).mean()
-        return torch.autograd.grad(loss, [mlp.gate_proj.weight, mlp.up_proj.weight])
+        grads = torch.autograd.grad(loss, list(view.mlp_params))
+    return list(view.mlp_split(*grads).values())
 
 
 @pytest.mark.parametrize("layer,row,token", [(0, 0, 0), (1, 3, 5), (1, 0, 11), (0, 2, 7)])
@@ -137,22 +178,22 @@ def test_v6_inner_is_finite_difference(setup, layer, row, token):
     """⟨G, step⟩ = (L(W + ε step) − L(W − ε step))/2ε for gate, up and both together."""
     _, hf, ids, al = setup
     du, bvec = al.step_factors(layer, row, token)
-    mlp = hf.model.layers[layer].mlp
-    params = (mlp.gate_proj.weight, mlp.up_proj.weight)
+    params = list(_mats(hf, layer).values())        # views: in-place edits reach the model
     steps = [(p.detach() @ du)[:, None] * bvec[None] for p in params]
-    for which, idx in (("gate", (0,)), ("up", (1,)), ("joint", (0, 1))):
-        k = MLP_WEIGHTS.index(which)
+    for k, idx in _slots(params):
+        which = MLP_WEIGHTS[k]
         scale = max(float(np.sqrt(sum(float(steps[i].norm()) ** 2 for i in idx))), 1e-30)
         eps = 1e-4 / scale
         losses = []
+        saved = [p.detach().clone() for p in params]
         for sign in (1.0, -1.0):
             with torch.no_grad():
                 for i in idx:
                     params[i].add_(sign * eps * steps[i])
             losses.append(answer_loss(hf, ids, ANSWER))
-            with torch.no_grad():
+            with torch.no_grad():          # restored bit for bit (w + e − e need not be w)
                 for i in idx:
-                    params[i].sub_(sign * eps * steps[i])
+                    params[i].copy_(saved[i])
         fd = (losses[0] - losses[1]) / (2 * eps)
         pred = float(al.inner[k, layer, row, token])
         assert abs(fd - pred) <= 1e-6 * max(abs(pred), 1e-3 * scale * al.grad_norm[k, layer]), (
@@ -163,23 +204,28 @@ def test_m6_cos_eta_norm_match_materialised(setup):
     """cos, η*, ‖step‖, ‖G‖ equal the materialised Frobenius quantities."""
     _, hf, ids, al = setup
     for layer in range(2):
-        g_gate, g_up = _grads(hf, ids, layer)
-        mlp = hf.model.layers[layer].mlp
-        np.testing.assert_allclose(al.grad_norm[:2, layer],
-                                   [float(g_gate.norm()), float(g_up.norm())], rtol=1e-10)
+        grads = _grads(hf, ids, layer)
+        mats = list(_mats(hf, layer).values())
+        np.testing.assert_allclose(al.grad_norm[:len(grads), layer],
+                                   [float(g.norm()) for g in grads], rtol=1e-10)
+        if len(grads) == 1:     # a plain MLP: no up slot
+            assert np.isnan(al.grad_norm[1, layer]) and np.isnan(al.inner[1, layer]).all()
         for row, token in [(0, 0), (3, 11), (1, 6)]:
             du, bvec = al.step_factors(layer, row, token)
-            s_g = (mlp.gate_proj.weight.detach() @ du)[:, None] * bvec[None]
-            s_u = (mlp.up_proj.weight.detach() @ du)[:, None] * bvec[None]
-            inner = float((g_gate * s_g).sum() + (g_up * s_u).sum())
-            sn = float(torch.sqrt(s_g.pow(2).sum() + s_u.pow(2).sum()))
-            gn = float(torch.sqrt(g_gate.pow(2).sum() + g_up.pow(2).sum()))
+            steps = [(w.detach() @ du)[:, None] * bvec[None] for w in mats]
+            inner = float(sum((g * st).sum() for g, st in zip(grads, steps)))
+            sn = float(torch.sqrt(sum(st.pow(2).sum() for st in steps)))
+            gn = float(torch.sqrt(sum(g.pow(2).sum() for g in grads)))
             k = MLP_WEIGHTS.index("joint")
+            if sn == 0.0:           # a key outside a sliding window (Gemma): no step at all
+                assert al.step_norm[k, layer, row, token] == 0.0 and inner == 0.0
+                assert np.isnan(al.cos[k, layer, row, token])
+                continue
             assert _rel(al.inner[k, layer, row, token], inner) < 1e-9
             assert _rel(al.step_norm[k, layer, row, token], sn) < 1e-9
             assert _rel(al.cos[k, layer, row, token], -inner / (gn * sn)) < 1e-9
             assert _rel(al.eta[k, layer, row, token], -inner / gn**2) < 1e-9
-            assert _rel(al.inner[0, layer, row, token], float((g_gate * s_g).sum())) < 1e-9
+            assert _rel(al.inner[0, layer, row, token], float((grads[0] * steps[0]).sum())) < 1e-9
 
 
 @pytest.mark.parametrize("layer,token", [(0, 0), (0, 9), (1, 4), (1, 11)])
@@ -214,6 +260,10 @@ def test_m7_tracks_real_single_layer_knockout(setup):
                          for l in range(2) for t in range(TRAJ[1] - TRAJ[0])])
 
     full, tenth, hundredth = knockout(1.0), knockout(0.1), knockout(0.01)
+    # a key outside a sliding window (Gemma's local layer) has δz = 0: no effect, M7 = 0
+    dead = pred == 0
+    assert dead.mean() < 0.5 and (full[dead] == 0).all()
+    full, tenth, hundredth, pred = full[~dead], tenth[~dead], hundredth[~dead], pred[~dead]
     assert spearmanr(full, pred)[0] > 0.5
     assert np.corrcoef(tenth, 0.1 * pred)[0, 1] > 0.98
     assert np.median(np.abs(tenth - 0.1 * pred) / np.abs(tenth)) < 0.05
@@ -281,21 +331,20 @@ def test_empty_trajectory():
 def test_m6_rows_and_precomputed_grams(setup):
     """M6 on a subset of 𝒬 with Grams passed in = the matching rows of the full computation."""
     (_, attention), hf, ids, al = setup
-    grams = [tuple(w.T @ w for w in (layer.mlp.gate_proj.weight.detach(),
-                                     layer.mlp.up_proj.weight.detach()))
-             for layer in hf.model.layers]
+    grams = [tuple(w.detach().T @ w.detach() for w in _mats(hf, layer).values())
+             for layer in range(2)]
     rows = [0, 2]
     sub = answer_alignment(hf, ids, TRAJ, ANSWER, m6_rows=rows, grams=grams, keep_factors=True,
                            attention=attention)
     assert list(sub.m6_rows) == rows and list(al.m6_rows) == list(range(ANSWER[1] - ANSWER[0]))
     for name in ("inner", "step_norm", "step_cos", "cos", "eta", "eta_pooled", "full_inner"):
         np.testing.assert_allclose(getattr(sub, name), getattr(al, name)[:, :, rows],
-                                   rtol=1e-10, atol=1e-14, err_msg=name)
+                                   rtol=1e-10, atol=1e-14, equal_nan=True, err_msg=name)
     np.testing.assert_allclose(sub.telescope_err, al.telescope_err[:, rows], atol=1e-12)
     np.testing.assert_array_equal(sub.m7, al.m7)                 # M7 always uses all of 𝒬
     np.testing.assert_array_equal(sub.mass, al.mass)
     np.testing.assert_allclose(sub.step_factors(1, 1, 5)[0], al.step_factors(1, 2, 5)[0],
-                               rtol=1e-12)
+                               rtol=1e-10)
     for bad in ([], [4], [2, 1], [0, 0]):
         with pytest.raises(AlignmentError):
             answer_alignment(hf, ids, TRAJ, ANSWER, m6_rows=bad)
@@ -308,19 +357,27 @@ def test_step_cos_is_consecutive_cosine_of_materialised_steps(setup):
     _, hf, _ids, al = setup
     T = TRAJ[1] - TRAJ[0]
     assert al.step_cos.shape == al.step_norm.shape == (3, 2, ANSWER[1] - ANSWER[0], T)
-    assert np.isnan(al.step_cos[..., 0]).all() and np.isfinite(al.step_cos[..., 1:]).all()
+    names = list(_mats(hf, 0))
+    slots = [k for k, _ in _slots(names)]
+    # NaN at i = 0 and next to a zero step (a key outside a sliding window), finite elsewhere
+    norms = al.step_norm[slots]
+    live = (norms[..., 1:] > 0) & (norms[..., :-1] > 0)
+    assert np.isnan(al.step_cos[..., 0]).all() and live.mean() > 0.5
+    assert (np.isfinite(al.step_cos[slots, ..., 1:]) == live).all()
+    if len(names) == 1:                                   # a plain MLP: the up slot is NaN
+        assert np.isnan(al.step_cos[1]).all() and np.isnan(al.step_norm[1]).all()
     for layer in range(2):
-        mlp = hf.model.layers[layer].mlp
         for row in (0, 3):
             steps = []
-            for w in (mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()):
+            for w in (m.detach() for m in _mats(hf, layer).values()):
                 flat = []
                 for token in range(T):
                     du, bvec = al.step_factors(layer, row, token)
                     flat.append(((w @ du)[:, None] * bvec[None]).reshape(-1))
                 steps.append(torch.stack(flat))                        # [T, d_ff·d]
             steps.append(torch.cat(steps, dim=1))                      # joint
-            for k, s in enumerate(steps):
-                cos = torch.nn.functional.cosine_similarity(s[1:], s[:-1], dim=-1).numpy()
+            for k, s in zip(slots, steps):
+                n = s.norm(dim=-1)
+                cos = ((s[1:] * s[:-1]).sum(-1) / (n[1:] * n[:-1])).numpy()   # NaN at 0 / 0
                 np.testing.assert_allclose(al.step_cos[k, layer, row, 1:], cos, rtol=1e-9,
-                                           atol=1e-12, err_msg=f"{k} {layer} {row}")
+                                           atol=1e-12, equal_nan=True, err_msg=f"{k} {layer} {row}")

@@ -236,16 +236,18 @@ def test_llama_layout_check_refuses_by_name(saved: Saved) -> None:
 
 
 def test_updates_command_refuses_other_layouts_in_one_line(saved: Saved) -> None:
-    """`updates` (M1–M7 in one pass) runs on the Llama layout; other families are refused before
-    any work, in one line naming the family and what it lacks."""
+    """`updates` (M1–M7 in one pass) runs on the families of `UPDATE_FAMILIES`; other families are
+    refused before any work, in one line naming the family and what it lacks."""
     from probes.measures.attention import UpdatesError
-    from probes.measures.shared_pass import check_supported
+    from probes.measures.families import UPDATE_FAMILIES
+    from probes.measures.shared_pass import check_updates
 
-    if saved.loaded.arch.family in LLAMA_FAMILIES:
-        check_supported(saved.loaded)
+    if saved.loaded.arch.family in UPDATE_FAMILIES:
+        check_updates(saved.loaded)
         return
-    with pytest.raises(UpdatesError, match=r"^updates needs a Llama-style model") as err:
-        check_supported(saved.loaded)
+    with pytest.raises(UpdatesError, match=r"^updates does not measure .* models yet: it needs "
+                                           r"") as err:
+        check_updates(saved.loaded)
     assert "\n" not in str(err.value) and repr(saved.loaded.arch.family) in str(err.value)
 
 
