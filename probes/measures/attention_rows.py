@@ -90,22 +90,55 @@ def key_summary_from(loaded: LoadedModel, cap: QueryRowsCapture, keys: Sequence[
         H = cap.rot_q[l].shape[1]
         w = weights[l][0].detach().to(dev, f64).reshape(d, H, -1)     # [d, H, d_h]
         v_h = v_t.repeat_interleave(H // v_t.shape[1], dim=1)         # [T, H, d_h]
-        wv = torch.einsum("dhe,the->thd", w, v_h)                     # W_O^h v_t  [T, H, d]
         p = cap.pattern[l][:, :, idx].to(f64)                         # [H, R, T]
-        wz = torch.einsum("dhe,rhe->rhd", w, cap.z[l].to(f64))        # W_O^h z_h  [R, H, d]
+        z = cap.z[l].to(f64)                                          # [R, H, d_h]
         coef = p / (1.0 - p)                                          # δz = coef (v_t − z)
-        contrib, loo = [], []
-        for r0 in range(0, R, chunk):
-            pr, cr = p[:, r0:r0 + chunk], coef[:, r0:r0 + chunk]      # [H, r, T]
-            contrib.append(torch.bmm(pr.permute(2, 1, 0), wv).norm(dim=-1).T)       # [r, T]
-            loo_vec = torch.bmm(cr.permute(2, 1, 0), wv).transpose(0, 1)            # [r, T, d]
-            loo_vec -= torch.bmm(cr.permute(1, 2, 0), wz[r0:r0 + chunk])  # − Σ_h coef W_O^h z
-            loo.append(loo_vec.norm(dim=-1))
-            del loo_vec
+        if R <= _FEW_ROWS:
+            contrib, loo = _few_rows(w, v_h, p, coef, z)
+        else:
+            contrib, loo = _many_rows(w, v_h, p, coef, z, chunk)
         out["mass"].append(p.mean(0))
-        out["contrib_sum_norm"].append(torch.cat(contrib))
-        out["loo_sum_norm"].append(torch.cat(loo))
+        out["contrib_sum_norm"].append(contrib)
+        out["loo_sum_norm"].append(loo)
         out["dai_fro"].append((v_t.norm(dim=-1) * k_t.norm(dim=-1)).sum(-1))
-        del wv
     arrays = {k: torch.stack(v).cpu().numpy() for k, v in out.items()}
     return KeySummary(rows=np.asarray(cap.rows), keys=np.asarray(key_list), **arrays)
+
+
+_FEW_ROWS = 2
+"""Up to this many rows, M2 / M4 are one matrix product per row (`_few_rows`); above it W_O^h v_t
+is formed once for all rows (`_many_rows`)."""
+
+
+def _few_rows(w: Float64[Tensor, "d h e"], v_h: Float64[Tensor, "t h e"],
+              p: Float64[Tensor, "h r t"], coef: Float64[Tensor, "h r t"],
+              z: Float64[Tensor, "r h e"]) -> tuple[Tensor, Tensor]:
+    """M2 and M4 [R, T] row by row: Σ_h p W_O^h v_t = W_O (p ⊙ v_t) over the concatenated heads,
+    one [T, H·d_h] × [H·d_h, d] product (and the same for δz = coef (v_t − z)); no [T, H, d]."""
+    T, H, e = v_h.shape
+    w_o = w.reshape(w.shape[0], H * e)                                # [d, H·d_h]
+    contrib, loo = [], []
+    for r in range(p.shape[1]):
+        scaled = (p[:, r].T[:, :, None] * v_h).reshape(T, H * e)      # p_{h,t} v_{h,t}
+        contrib.append((scaled @ w_o.T).norm(dim=-1))
+        dz = (coef[:, r].T[:, :, None] * (v_h - z[r][None])).reshape(T, H * e)
+        loo.append((dz @ w_o.T).norm(dim=-1))
+    return torch.stack(contrib), torch.stack(loo)
+
+
+def _many_rows(w: Float64[Tensor, "d h e"], v_h: Float64[Tensor, "t h e"],
+               p: Float64[Tensor, "h r t"], coef: Float64[Tensor, "h r t"],
+               z: Float64[Tensor, "r h e"], chunk: int) -> tuple[Tensor, Tensor]:
+    """M2 and M4 [R, T] for many rows: W_O^h v_t [T, H, d] once, then batched products over
+    chunks of rows."""
+    wv = torch.einsum("dhe,the->thd", w, v_h)                         # W_O^h v_t  [T, H, d]
+    wz = torch.einsum("dhe,rhe->rhd", w, z)                           # W_O^h z_h  [R, H, d]
+    contrib, loo = [], []
+    for r0 in range(0, p.shape[1], chunk):
+        pr, cr = p[:, r0:r0 + chunk], coef[:, r0:r0 + chunk]          # [H, r, T]
+        contrib.append(torch.bmm(pr.permute(2, 1, 0), wv).norm(dim=-1).T)           # [r, T]
+        loo_vec = torch.bmm(cr.permute(2, 1, 0), wv).transpose(0, 1)                # [r, T, d]
+        loo_vec -= torch.bmm(cr.permute(1, 2, 0), wz[r0:r0 + chunk])  # − Σ_h coef W_O^h z
+        loo.append(loo_vec.norm(dim=-1))
+        del loo_vec
+    return torch.cat(contrib), torch.cat(loo)

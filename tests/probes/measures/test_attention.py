@@ -370,6 +370,13 @@ def test_key_summary_equals_token_updates(setup, monkeypatch):
                                weights)
     for name in ("contrib_sum_norm", "loo_sum_norm"):
         np.testing.assert_allclose(getattr(chunked, name), getattr(summ, name), rtol=1e-12)
+    # one matrix product per row (the path for few rows, e.g. --answer-rows first): the same
+    monkeypatch.setattr("probes.measures.attention_rows._FEW_ROWS", len(ROWS))
+    per_row = key_summary_from(loaded, capture_query_rows(loaded, ids, ROWS, attention=att), KEYS,
+                               weights)
+    for name in ("mass", "contrib_sum_norm", "loo_sum_norm", "dai_fro"):
+        np.testing.assert_allclose(getattr(per_row, name), getattr(summ, name), rtol=1e-12,
+                                   atol=1e-300)
 
 
 def test_rows_reject_bad_inputs(setup):
