@@ -62,7 +62,6 @@ SDPA_MISSING = {
 them."""
 
 
-
 def family_of(model: LoadedModel | nn.Module) -> str:
     """The HF `model_type` of a loaded model or an HF model."""
     if isinstance(model, LoadedModel):
