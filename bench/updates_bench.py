@@ -7,8 +7,10 @@ nothing downloaded; only sensible on a GPU) with the byte-level tokenizer, and a
 prompt (32) + trajectory (T) + scaffold (10) + answer (8) of random ids for each `--lengths` T.
 Per T, the best of `--repeats` runs after a warm-up on a short trace, all in one process:
 
-* `plain`: one forward of the bridge under `torch.no_grad()` (the baseline, eager attention, as
-  every `updates` forward);
+* `plain`: one forward of the plain HF model with sdpa under `torch.no_grad()`, no hooks, no
+  logits (`probes.measures.activations.forward_plain` in one chunk: the baseline, as in
+  `bench/long_trace.py`; `updates` runs the eager reference while its patterns fit 64 MiB and the
+  linear-memory sdpa pass above, `probes.measures.shared_pass.choose_attention`);
 * `total`: `probes.measures.shared_pass.trace_update_arrays` (everything `updates` stores for a trace: one
   forward + one backward shared by M1–M7), with its own stage split (`alignment` = the shared
   forward + backward + M6/M7, `m1_m4`, `m5`); the per-model constants (`RunConstants`: Grams of
@@ -144,8 +146,9 @@ def part_fn(part: str, loaded: LoadedModel, consts: RunConstants, tt: TokenizedT
     query = answer[0] - 1
 
     def plain() -> Any:
-        with torch.no_grad():
-            return loaded.bridge(ids)
+        from probes.measures.activations import forward_plain
+
+        return forward_plain(loaded, ids, chunk_size=int(ids.shape[1]))
 
     calls = {
         "plain": plain,
