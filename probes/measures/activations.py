@@ -137,27 +137,30 @@ def choose_backend(
             "bridge".
 
     Returns:
-        "hf" or "bridge". (A model dispatched with accelerate hooks needs "bridge"; the fast
-        path refuses it with a `CaptureError`.)
+        "hf" or "bridge" (a model split over devices by accelerate, `--device-map`, takes the
+        bridge: the fast path cannot copy its dispatched modules).
 
     Raises:
-        ProbesError: `backend="hf"` for components or a family the fast path does not cover.
+        ProbesError: `backend="hf"` for components, a family or a split model the fast path does
+            not cover.
     """
     from hooks.hf_fast import HF_FAST_COMPONENTS, HF_SITE_PATHS
 
     check_choice("backend", backend, BACKENDS)
     slow = [c for c in site_map if c not in HF_FAST_COMPONENTS]
     family_ok = loaded.arch.family in HF_SITE_PATHS
+    split = getattr(loaded, "device_map", None) is not None
     if backend == "bridge":
         return "bridge"
     if backend == "hf":
-        if slow or not family_ok:
+        if slow or not family_ok or split:
             why = (f"components {slow} need the bridge" if slow else
-                   f"model family {loaded.arch.family!r} has no fast-path table")
+                   f"model family {loaded.arch.family!r} has no fast-path table" if not family_ok
+                   else "the model is split over devices (--device-map)")
             raise ProbesError(f"backend 'hf' cannot capture this run: {why}; use backend 'auto' "
                               f"or 'bridge'")
         return "hf"
-    return "hf" if not slow and family_ok else "bridge"
+    return "hf" if not slow and family_ok and not split else "bridge"
 
 
 @runtime_checkable

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -93,6 +94,11 @@ def test_backend_choice(reasoner):
     assert choose_backend(reasoner, internals) == "bridge"
     with pytest.raises(ProbesError, match="attn.q"):
         choose_backend(reasoner, internals, "hf")
+    # A model split over devices (--device-map): accelerate's dispatched modules need the bridge.
+    split = dataclasses.replace(reasoner, device_map={"model.layers.0": 0, "model.layers.1": 1})
+    assert choose_backend(split, residual) == "bridge"
+    with pytest.raises(ProbesError, match="split over devices"):
+        choose_backend(split, residual, "hf")
 
 
 def test_config_validation():
