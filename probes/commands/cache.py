@@ -15,7 +15,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +49,7 @@ from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
 if TYPE_CHECKING:
     from hooks.model import LoadedModel
+    from probes.measures.activations import TraceArrays
     from probes.traces.tokenize import TokenizedTrace
 
 NAME = "cache"
@@ -186,16 +187,22 @@ def cache_traces(
         result.backend = backend
         spool_dir = out.resolve().parent
 
+        def output(tt: TokenizedTrace, arrays: TraceArrays,
+                   close: Callable[[], None] | None = None) -> TraceOutput:
+            def committed() -> None:
+                result.n_rows += int(arrays.positions.shape[0])
+                if arrays.n_nonfinite:
+                    result.nonfinite[tt.trace.id] = arrays.n_nonfinite
+
+            return TraceOutput(sites=arrays.sites, positions=arrays.positions,
+                               attrs={"n_nonfinite": arrays.n_nonfinite}, n_tokens=arrays.n_tokens,
+                               nbytes=arrays.nbytes, close=close, committed=committed)
+
         def compute(tt: TokenizedTrace) -> TraceOutput:
             stack = ExitStack()
             arrays = stack.enter_context(capture_trace(loaded, tt, site_map, cfg, backend=backend,
                                                        spool_dir=spool_dir))
-            result.n_rows += int(arrays.positions.shape[0])
-            if arrays.n_nonfinite:
-                result.nonfinite[tt.trace.id] = arrays.n_nonfinite
-            return TraceOutput(sites=arrays.sites, positions=arrays.positions,
-                               attrs={"n_nonfinite": arrays.n_nonfinite},
-                               n_tokens=arrays.n_tokens, nbytes=arrays.nbytes, close=stack.close)
+            return output(tt, arrays, stack.close)
 
         def plan_batch(tts: Sequence[TokenizedTrace]) -> list[list[int]]:
             return plan_batches(tts, positions=cfg.positions, batch_tokens=cfg.batch_tokens,
@@ -204,15 +211,8 @@ def cache_traces(
                                 max_bytes=cfg.max_ram_mib * 2**20)
 
         def compute_batch(tts: Sequence[TokenizedTrace]) -> list[TraceOutput | str]:
-            outputs: list[TraceOutput | str] = []
-            for tt, arrays in zip(tts, capture_batch(loaded, tts, site_map, cfg), strict=True):
-                result.n_rows += int(arrays.positions.shape[0])
-                if arrays.n_nonfinite:
-                    result.nonfinite[tt.trace.id] = arrays.n_nonfinite
-                outputs.append(TraceOutput(sites=arrays.sites, positions=arrays.positions,
-                                           attrs={"n_nonfinite": arrays.n_nonfinite},
-                                           n_tokens=arrays.n_tokens, nbytes=arrays.nbytes))
-            return outputs
+            return [output(tt, arrays) for tt, arrays in
+                    zip(tts, capture_batch(loaded, tts, site_map, cfg), strict=True)]
 
         config = {"sites": {c: (None if ls is None else list(ls)) for c, ls in site_map.items()},
                   "positions": cfg.positions, "storage_dtype": cfg.dtype}

@@ -361,6 +361,8 @@ def _count(result: WriteResult, tt: TokenizedTrace, output: TraceOutput, bar: An
     result.n_written += 1
     result.n_tokens += output.n_tokens or tt.n_tokens
     result.bytes_sites += output.nbytes
+    if output.committed is not None:
+        output.committed()
     elapsed = time.perf_counter() - t_loop
     bar.set_postfix_str(f"{result.n_tokens / max(elapsed, 1e-9):,.0f} tok/s", refresh=False)
     bar.update(1)

@@ -37,6 +37,8 @@ class TraceOutput:
         n_tokens: Tokens run through the model for it (for tokens/s).
         nbytes: Bytes of site data (for the write rate).
         close: Called after the write (frees memory-mapped outputs).
+        committed: Called once the trace is committed (a command's own counts; a trace of a
+            batch that was computed again but already stored is not committed, so not counted).
     """
 
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
@@ -46,6 +48,7 @@ class TraceOutput:
     n_tokens: int = 0
     nbytes: int = 0
     close: Callable[[], None] | None = None
+    committed: Callable[[], None] | None = None
 
 
 Compute = Callable[["TokenizedTrace"], "TraceOutput | str"]
