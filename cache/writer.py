@@ -25,6 +25,7 @@ import os
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -156,6 +157,17 @@ def open_writer(
             _store.remove_store(path)
         raise
     return writer
+
+
+@dataclass
+class _NewTrace:
+    """One trace of a `write_traces` group, validated: what its segment group holds."""
+
+    trace_id: str
+    name: str
+    prepared: Any        # prepare_trace's (group attrs, core arrays, text items, datasets)
+    members: dict[str, str]
+    size: int
 
 
 def _lock(folder: Path, shard: str, path: Path) -> int:
@@ -340,7 +352,7 @@ class CacheWriter:
             The errors of `write_trace`; on any of them nothing of the group is kept.
         """
         self._open()
-        parts: list[tuple[str, str, Any, dict[str, Any], dict[str, str], int, list[_Prepared]]] = []
+        parts: list[_NewTrace] = []
         names: set[str] = set()
         written = []
         for kw in traces:
@@ -370,16 +382,16 @@ class CacheWriter:
             if text_items:
                 members[schema.TEXT_GROUP] = "group"
             size = sum(a.nbytes for a in core.values()) + sum(d.data.nbytes for d in datasets)
-            parts.append((trace_id, name, prepared, {schema.ATTR_COMPLETE: np.bool_(True),
-                                                     **group_attrs}, members, size, datasets))
+            parts.append(_NewTrace(trace_id, name, prepared, members, size))
             names.add(name)
             written.append(True)
         if not parts:
             return written
 
         def fill(f: h5py.File) -> None:
-            for _, name, (group_attrs, core, text_items, datasets), *_ in parts:
-                group = self._segment_group(f, _store.KIND_TRACE, name)
+            for part in parts:
+                group_attrs, core, text_items, datasets = part.prepared
+                group = self._segment_group(f, _store.KIND_TRACE, part.name)
                 group.attrs[schema.ATTR_COMPLETE] = np.bool_(True)
                 _h5.set_attrs(group, group_attrs)
                 for key, array in core.items():
@@ -392,14 +404,15 @@ class CacheWriter:
                     self._create_dataset(group, item.name, item)
 
         try:
-            self._commit([(name, attrs, members) for _, name, _, attrs, members, _, _ in parts],
-                         [trace_id for trace_id, *_ in parts], fill, _store.KIND_TRACE,
-                         size_hint=sum(size for *_, size, _ in parts))
+            self._commit([(p.name, {schema.ATTR_COMPLETE: np.bool_(True), **p.prepared[0]},
+                           p.members) for p in parts],
+                         [p.trace_id for p in parts], fill, _store.KIND_TRACE,
+                         size_hint=sum(p.size for p in parts))
         except CacheWriteError:
             if not self._state.entries:
                 self._layout = None  # the first group was refused: no layout is stored yet
             raise
-        self._seen.update(trace_id for trace_id, *_ in parts)
+        self._seen.update(p.trace_id for p in parts)
         return written
 
     def add_to_trace(
