@@ -123,7 +123,7 @@ def token_metrics(lhat: np.ndarray | Sequence[float]) -> dict[str, np.ndarray]:
     """Per-token Δ, |Δ|, ρ, λ, |λ| of one curve.
 
     Index i belongs to trajectory token i (the change `lhat[i] → lhat[i+1]`); equal to
-    `probes.measures.lhat.delta_lhat`, `relative_change` and `log_ratio`.
+    `probes.measures.lhat.fast.delta_lhat`, `relative_change` and `log_ratio`.
 
     Args:
         lhat: float [T+1] L̂ curve.

@@ -3,7 +3,7 @@ resampling time per trace, extrapolated to the demo's 200 traces.
 
 Per trace of the first `--traces` sample traces, in one process:
 
-* `suppression`: the batched masked forwards (`probes.measures.anchors.suppression`), with its
+* `suppression`: the batched masked forwards (`probes.measures.anchors.receivers.suppression`), with its
   cost ratio = wall time / (one unmasked forward of the same trace) / C (goal <= 2), and the
   number of forward calls and sequences run;
 * `receiver`: the chunk-wise sentence-averaged patterns of one forward;
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from probes import DATA_DIR
-from probes.measures import anchors as anc
-from probes.measures import resampling as rs
+from probes.measures.anchors import receivers as anc
+from probes.measures.anchors import resampling as rs
 from probes.models.load import load_model
 from probes.traces.chunks import token_chunks
 from probes.traces.read import read_traces

@@ -5,7 +5,7 @@ Builds a seeded random-init Qwen2 (default: d_model 512, 8 layers, 8 query / 2 K
 tokens for each `--lengths` T, and measures in one process, per T (median of `--repeats`):
 
 * `plain`: the same chunked forward through the KV cache that the capture runs, without hooks
-  (`probes.measures.activations.forward_plain`, same tokens, same chunk size, same backend);
+  (`probes.measures.capture.activations.forward_plain`, same tokens, same chunk size, same backend);
 * `cache`: the whole `probes.commands.cache.cache_traces` call on that trace into a fresh HDF5 file
   (reading, tokenizing, labelling, capture, stacking, writing and flushing all included);
 * `ratio` = cache / plain (goal <= 1.3), with the outputs held in RAM and (`spooled`) written
@@ -14,7 +14,7 @@ tokens for each `--lengths` T, and measures in one process, per T (median of `--
 
 With `--samples N` (default 200) it also times the built-in `tiny-reasoner` on its first N sample
 traces (short traces: per-trace fixed costs dominate there): `cache` as it runs by default (short
-traces several per right-padded forward, one commit per group: `probes.measures.batching`) and
+traces several per right-padded forward, one commit per group: `probes.measures.capture.batching`) and
 with `--batch-tokens 0` (one forward and one commit per trace), against one plain forward per
 trace (the goal: cache <= 1.3x that) and against plain forwards of the same padded batches.
 
@@ -54,8 +54,8 @@ sys.path.insert(0, str(ROOT))
 
 from hooks.model import LoadedModel
 from probes.commands.cache import CacheConfig, cache_traces
-from probes.measures.activations import forward_plain
-from probes.measures.batching import BATCH_TOKENS
+from probes.measures.capture.activations import forward_plain
+from probes.measures.capture.batching import BATCH_TOKENS
 from probes.models.load import boot_model
 from probes.models.tiny import byte_tokenizer as _byte_tokenizer
 from probes.traces.read import read_traces
@@ -218,8 +218,8 @@ def time_samples(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """
     from hooks.hf_fast import plain_view
     from probes.commands.demo import SAMPLE_TRACES
-    from probes.measures.activations import resolve_cache_sites, selection
-    from probes.measures.batching import forwards, plan_batches, row_bytes
+    from probes.measures.capture.activations import resolve_cache_sites, selection
+    from probes.measures.capture.batching import forwards, plan_batches, row_bytes
     from probes.models.load import load_model
 
     loaded = load_model("tiny-reasoner", device=args.device)

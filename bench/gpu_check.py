@@ -125,7 +125,7 @@ def _commands(loaded, traces: Path, work: Path, tag: str, lhat_points: int | Non
 
 
 def _lhat_points(loaded, traces: Path, points: int) -> None:
-    from probes.measures.lhat import lhat_fast
+    from probes.measures.lhat.fast import lhat_fast
     from probes.traces.read import read_traces
     from probes.traces.tokenize import tokenize_traces
 
@@ -211,7 +211,7 @@ def scale(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     """Every command on the 1.5B shape in bf16 on CUDA with one long trace."""
     from cache_bench import write_traces
 
-    from probes.measures.activations import forward_plain
+    from probes.measures.capture.activations import forward_plain
     from probes.traces.read import read_traces
     from probes.traces.tokenize import tokenize_traces
 

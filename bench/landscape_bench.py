@@ -33,14 +33,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from probes.measures.answers import answer_scores, without_trajectory
-from probes.measures.landscape import PlaneModel, grid_axis, random_directions
-from probes.measures.landscape_path import (
+from probes.measures.landscape.path import (
     endpoint_row_patches,
     implicit_path,
     path_gram,
     path_plane,
     plane_coords,
 )
+from probes.measures.landscape.plane import PlaneModel, grid_axis, random_directions
 from probes.models.load import load_model
 from probes.reasoner.train import SAMPLES_PATH
 from probes.traces.read import read_traces
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 def _live_params(loaded) -> dict[str, torch.Tensor]:
     """Canonical plane names → the live model parameters (what the baseline moves)."""
     from hooks.weights import llama_layers
-    from probes.measures.landscape import ROLES
+    from probes.measures.landscape.plane import ROLES
 
     out = {}
     for l, view in enumerate(llama_layers(loaded, what="landscape bench")):

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hooks.model import LoadedModel
-from probes.measures.lhat import lhat_fast, lhat_naive
+from probes.measures.lhat.fast import lhat_fast, lhat_naive
 from probes.models.load import boot_model
 from probes.models.tiny import byte_tokenizer as _byte_tokenizer
 from probes.traces.read import Trace

@@ -8,10 +8,11 @@ prompt (32) + trajectory (T) + scaffold (10) + answer (8) of random ids for each
 Per T, the best of `--repeats` runs after a warm-up on a short trace, all in one process:
 
 * `plain`: one forward of the plain HF model with sdpa under `torch.no_grad()`, no hooks, no
-  logits (`probes.measures.activations.forward_plain` in one chunk: the baseline, as in
+  logits (`probes.measures.capture.activations.forward_plain` in one chunk: the baseline, as in
   `bench/long_trace.py`; `updates` runs the eager reference while its patterns fit 64 MiB and the
-  linear-memory sdpa pass above, `probes.measures.shared_pass.choose_attention`);
-* `total`: `probes.measures.shared_pass.trace_update_arrays` (everything `updates` stores for a trace: one
+  linear-memory sdpa pass above, `probes.measures.updates.shared_pass.choose_attention`);
+* `total`: `probes.measures.updates.shared_pass.trace_update_arrays` (everything `updates` stores for a
+trace: one
   forward + one backward shared by M1–M7), with its own stage split (`alignment` = the shared
   forward + backward + M6/M7, `m1_m4`, `m5`); the per-model constants (`RunConstants`: Grams of
   W_gate/W_up, o_proj weights) are built once per run, as `updates` does, and timed separately;
@@ -53,10 +54,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hooks.model import LoadedModel
-from probes.measures.alignment import answer_alignment
-from probes.measures.attention import token_updates
-from probes.measures.mlp import mlp_updates
-from probes.measures.shared_pass import RunConstants, trace_update_arrays
+from probes.measures.updates.alignment import answer_alignment
+from probes.measures.updates.attention import token_updates
+from probes.measures.updates.mlp import mlp_updates
+from probes.measures.updates.shared_pass import RunConstants, trace_update_arrays
 from probes.models.load import boot_model
 from probes.models.tiny import byte_tokenizer
 from probes.traces.tokenize import TokenizedTrace
@@ -146,7 +147,7 @@ def part_fn(part: str, loaded: LoadedModel, consts: RunConstants, tt: TokenizedT
     query = answer[0] - 1
 
     def plain() -> Any:
-        from probes.measures.activations import forward_plain
+        from probes.measures.capture.activations import forward_plain
 
         return forward_plain(loaded, ids, chunk_size=int(ids.shape[1]))
 

@@ -234,7 +234,7 @@ def plain_view(hf: nn.Module, attn_implementation: str = "sdpa") -> nn.Module:
 
     Parameters and buffers are shared (no copy; gradients reach the model's own parameters); the
     model, its modules, hooks and config are never changed. Used by `run_residual_hf` and by the
-    linear-memory passes (`probes.measures.sdpa_pass`).
+    linear-memory passes (`probes.measures.updates.sdpa_pass`).
 
     Raises:
         CaptureError: For a model with instance-level forwards (accelerate dispatch).

@@ -74,7 +74,7 @@ LHAT: tuple[ArrayDecl, ...] = (
     ArrayDecl("lhat_log_ratio", "[T]", "float32", "lhat", "log-ratio log L̂_{i+1} − log L̂_i",
               "log ratio; < 0 = falling", doc="m8"),
 )
-"""Written by `lhat` (`probes.measures.lhat.lhat_arrays`)."""
+"""Written by `lhat` (`probes.measures.lhat.fast.lhat_arrays`)."""
 
 UPDATES: tuple[ArrayDecl, ...] = (
     ArrayDecl("upd_contrib", "[L, T]", "float32", "updates",
@@ -108,7 +108,8 @@ UPDATES: tuple[ArrayDecl, ...] = (
               "all answer rows", "nats; > 0 = the token helps (removing it raises L)", doc="m7",
               by_magnitude=True),
 )
-"""Written by `updates` (`probes.measures.shared_pass`), in this order; the last marks a trace done."""
+"""Written by `updates` (`probes.measures.updates.shared_pass`), in this order; the last marks a trace
+done."""
 
 LANDSCAPE: tuple[ArrayDecl, ...] = (
     ArrayDecl("land_grid", "[n, n]", "float32", "landscape",

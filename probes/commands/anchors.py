@@ -1,15 +1,15 @@
 """`python -m probes.run anchors`: sentence-level anchors of every trace, written into an HDF5 cache.
 
-Per trace (through the write loop, `probes.commands.loop.write_traces`): the chunks and their
+Per trace (through the write loop, `probes.pipeline.loop.write_traces`): the chunks and their
 labels (`probes.traces.chunks`; always), then the analyses asked for with `--analyses`:
 
 - `receiver`: vertical scores of every layer × head and the per-head kurtosis
-  (`probes.measures.anchors.chunk_attention`);
+  (`probes.measures.anchors.receivers.chunk_attention`);
 - `suppression`: the chunk × chunk KL matrix and the answer-NLL change of masking each chunk's
-  keys (`probes.measures.anchors.suppression`);
+  keys (`probes.measures.anchors.receivers.suppression`);
 - `resampling`: K continuations from every chunk prefix with the model itself, graded, and the
-  resampling / counterfactual importances (`probes.measures.resampling`), with forced-answer
-  importance from L̂ at the chunk boundaries (`probes.measures.lhat.lhat_fast`).
+  resampling / counterfactual importances (`probes.measures.anchors.resampling`), with forced-answer
+  importance from L̂ at the chunk boundaries (`probes.measures.lhat.fast.lhat_fast`).
 
 Resumable: a trace that has the last array of the asked analyses is skipped, and a trace that has
 some of them gets only the missing ones (e.g. `--analyses resampling --resume` on a cache that has
@@ -32,11 +32,11 @@ import numpy as np
 
 from hooks.model import LoadedModel
 from probes.commands import flags
-from probes.commands.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
-from probes.commands.progress import Stages, progress_on
 from probes.errors import ProbesError
-from probes.measures import anchors as anc
-from probes.measures import resampling as rs
+from probes.measures.anchors import receivers as anc
+from probes.measures.anchors import resampling as rs
+from probes.pipeline.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
+from probes.pipeline.progress import Stages, progress_on
 from probes.traces.categories import CATEGORY_NAMES, categorize, load_lexicon
 from probes.traces.chunks import chunk_labels, token_chunks
 from probes.traces.tokenize import DEFAULT_SCAFFOLD
@@ -71,7 +71,7 @@ class AnchorsConfig:
         supp_batch: Masked variants per suppression forward (None: from a memory budget).
         supp_temperature: Temperature of the suppression KL.
         resample: Sampling settings.
-        similarity: `probes.measures.resampling.SIMILARITY`.
+        similarity: `probes.measures.anchors.resampling.SIMILARITY`.
         embedding_model: A local folder of a sentence-embedding model (similarity "embedding").
         threshold: Cosine below which a resample is dissimilar.
         prob_true: CI_KL as the binary KL of P(correct).
@@ -288,7 +288,7 @@ def draw_plots(path: str | Path, summary: dict[str, Any], folder: Path) -> list[
 
 def _resampling_arrays(loaded, tt, chunks, cfg: AnchorsConfig, embed, result: AnchorsRunResult,
                        bar: Stages) -> dict[str, np.ndarray]:
-    from probes.measures.lhat import lhat_fast
+    from probes.measures.lhat.fast import lhat_fast
 
     clock = time.perf_counter()
     samples = rs.resample(loaded, tt, chunks.spans, cfg.resample,

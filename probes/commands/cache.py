@@ -1,10 +1,10 @@
 """`python -m probes.run cache`: capture the activations of every trace into an HDF5 cache.
 
 Per trace: tokenize (prompt / trajectory / scaffold / answer spans), label every token, capture the
-configured sites in chunks through the KV cache (`probes.measures.activations.capture_trace`) and
-commit one trace group through the write loop (`probes.commands.loop`), whose rules (resume,
+configured sites in chunks through the KV cache (`probes.measures.capture.activations.capture_trace`) and
+commit one trace group through the write loop (`probes.pipeline.loop`), whose rules (resume,
 identity, duplicate ids, token mismatch) every writing command shares. Short traces run several
-per forward and are committed together (`probes.measures.batching`, `--batch-tokens`). A run
+per forward and are committed together (`probes.measures.capture.batching`, `--batch-tokens`). A run
 killed at any moment leaves only complete traces; `--resume` skips them and redoes the interrupted
 ones, giving the same file as an uninterrupted run.
 """
@@ -22,19 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from probes.commands import flags
-from probes.commands.loop import (
-    Batching,
-    Log,
-    Plan,
-    TraceOutput,
-    WriteJob,
-    WriteResult,
-    loader,
-    write_traces,
-)
-from probes.commands.progress import progress_on
 from probes.errors import ProbesError
-from probes.measures.activations import (
+from probes.measures.capture.activations import (
     BACKENDS,
     DEFAULT_COMPONENTS,
     POSITIONS,
@@ -44,12 +33,23 @@ from probes.measures.activations import (
     choose_backend,
     resolve_cache_sites,
 )
-from probes.measures.batching import BATCH_TOKENS, capture_batch, plan_batches, row_bytes
+from probes.measures.capture.batching import BATCH_TOKENS, capture_batch, plan_batches, row_bytes
+from probes.pipeline.loop import (
+    Batching,
+    Log,
+    Plan,
+    TraceOutput,
+    WriteJob,
+    WriteResult,
+    loader,
+    write_traces,
+)
+from probes.pipeline.progress import progress_on
 from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
 if TYPE_CHECKING:
     from hooks.model import LoadedModel
-    from probes.measures.activations import TraceArrays
+    from probes.measures.capture.activations import TraceArrays
     from probes.traces.tokenize import TokenizedTrace
 
 NAME = "cache"
@@ -158,7 +158,7 @@ def cache_traces(
         cfg: What to cache (default `CacheConfig()`: resid_post and delta of every layer, trajectory
             tokens, float16).
         resume: Extend an existing file (complete traces are skipped, see
-            `probes.commands.loop.RESUME_HELP`). Without it (and without `overwrite`) an existing
+            `probes.pipeline.loop.RESUME_HELP`). Without it (and without `overwrite`) an existing
             file is an error.
         overwrite: Replace an existing file.
         progress: Show a progress bar on stderr (traces, tokens/s).

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from probes.commands import flags
-from probes.commands.progress import Stages, progress_on
+from probes.pipeline.progress import Stages, progress_on
 
 NAME = "categories"
 

@@ -27,10 +27,10 @@ import numpy as np
 
 from analyses.lhat_effects import METRICS
 from probes.commands import flags
-from probes.commands.compare_updates import _fit_part, _update_plots, _updates_part
-from probes.commands.progress import Stages, progress_on
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
+from probes.pipeline.progress import Stages, progress_on
+from probes.readouts.compare_updates import _fit_part, _update_plots, _updates_part
 
 NAME = "compare"
 
@@ -293,7 +293,7 @@ def _versus(rows, cfg: CompareConfig) -> dict[str, Any]:
 
 def _plots(folder: Path, rows, effects, pooled, metric) -> list[str]:
     from analyses.plots import plot_category_distributions, plot_lhat_curve
-    from probes.commands.outputs import plot_file_name
+    from probes.pipeline.outputs import plot_file_name
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = [str(plot_category_distributions(pooled, folder / f"categories_{metric}.png", metric=metric))]
@@ -421,7 +421,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """`compare` from parsed flags."""
     if args.plots is not None:
-        from probes.commands.outputs import check_plot_folder
+        from probes.pipeline.outputs import check_plot_folder
 
         check_plot_folder(args.plots)
     cfg = CompareConfig(metric=args.metric, unit=args.unit, statistic=args.statistic,

@@ -26,10 +26,10 @@ import numpy as np
 
 from probes import arrays
 from probes.commands import flags
-from probes.commands.progress import Stages, progress_on
-from probes.commands.text import num as _num
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
+from probes.pipeline.progress import Stages, progress_on
+from probes.readouts.text import num as _num
 
 NAME = "compare-models"
 

@@ -23,22 +23,22 @@ import numpy as np
 
 from probes import DATA_DIR
 from probes.commands import flags
-from probes.commands.anchors_demo import anchors_demo, format_anchors_demo
 from probes.commands.cache import CacheConfig, cache_traces
 from probes.commands.compare import CompareConfig, compare_cache
 from probes.commands.effects import demo_section as effects_demo
 from probes.commands.effects import format_demo_line as format_effects_demo
 from probes.commands.efficiency import demo_section as efficiency_demo
 from probes.commands.efficiency import format_demo_line as format_efficiency_demo
-from probes.commands.generate_demo import DEMO_QUESTIONS, format_generation_demo, generation_demo
 from probes.commands.landscape import demo_section as landscape_demo
 from probes.commands.landscape import format_demo_line as format_landscape_demo
 from probes.commands.lhat import LhatConfig, lhat_traces
-from probes.commands.text import num as _num
 from probes.commands.updates import UpdatesConfig, updates_traces
+from probes.demo.anchors import anchors_demo, format_anchors_demo
+from probes.demo.generation import DEMO_QUESTIONS, format_generation_demo, generation_demo
 from probes.errors import ProbesError
 from probes.measures.answers import answer_scores, without_trajectory
 from probes.models.load import load_model
+from probes.readouts.text import num as _num
 from probes.traces.categories import CATEGORY_CODES, categorize, count_categories, load_lexicon
 from probes.traces.read import read_traces
 from probes.traces.tokenize import tokenize_traces
@@ -377,8 +377,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`demo` from parsed flags: the pipeline, then (with --out) the HTML report."""
-    from probes.commands.progress import Stages, progress_on
     from probes.commands.report import report_demo
+    from probes.pipeline.progress import Stages, progress_on
 
     flags.silence_hf()
     if args.out is not None and args.out.exists() and not args.out.is_dir():

@@ -1,11 +1,11 @@
 """`python -m probes.run effects`: causal edits of single tokens' implicit updates (V7) and behaviour
 directions, into an HDF5 cache (docs/methods.md#effects, #directions).
 
-Per trace (through the one write loop, `probes.commands.loop.write_traces`; resumable, done =
+Per trace (through the one write loop, `probes.pipeline.loop.write_traces`; resumable, done =
 `eff_dl_mlp` present):
 
 * (layer ℓ, token t) pairs are sampled, `--pairs-per-category` per category (reflection, delimiter,
-  ordinary; seeded per trace id), and for each the two real edits of `probes.measures.effects` are
+  ordinary; seeded per trace id), and for each the two real edits of `probes.measures.effects.edits` are
   run to the answer loss, batched `--batch-size` edited copies per forward: the attention knockout
   of key t at the answer rows in layer ℓ (`eff_dl_attn`, predicted by M7: `eff_pred_m7`) and the
   removal of t's rank-1 MLP step from W_gate/W_up of layer ℓ (`eff_dl_mlp`, predicted by M6:
@@ -14,7 +14,7 @@ Per trace (through the one write loop, `probes.commands.loop.write_traces`; resu
   behaviour direction and the cosine of its M4 residual patch δ with it.
 
 The directions themselves are one result of the whole traces file, not of a trace: a first pass over
-the traces (`probes.measures.directions`) computes them before the loop, and they are written, with
+the traces (`probes.measures.effects.directions`) computes them before the loop, and they are written, with
 the probe accuracies, to `<out>.directions.npz` / the run summary `<out>.effects.json` (a cache
 holds per-trace groups only; `--resume` recomputes the same directions from the same traces).
 
@@ -41,7 +41,9 @@ from analyses.token_sets import CATEGORY_CODES, CATEGORY_NAMES
 from hooks.model import LoadedModel
 from probes import arrays
 from probes.commands import flags
-from probes.commands.loop import (
+from probes.errors import ProbesError
+from probes.models.controls import CONTROLS, random_init_model
+from probes.pipeline.loop import (
     Log,
     Plan,
     TraceOutput,
@@ -51,9 +53,7 @@ from probes.commands.loop import (
     same_settings,
     write_traces,
 )
-from probes.commands.progress import progress_on
-from probes.errors import ProbesError
-from probes.models.controls import CONTROLS, random_init_model
+from probes.pipeline.progress import progress_on
 from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
 NAME = "effects"
@@ -130,7 +130,7 @@ def _trajectory_names(tt, lexicon) -> np.ndarray:
 def _directions_pass(loaded: LoadedModel, tokenized, lexicon, seed: int, log: Log
                      ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Pass 1: the difference-of-means directions and the probe accuracies over all traces."""
-    from probes.measures.directions import (
+    from probes.measures.effects.directions import (
         DIRECTION_CATEGORIES,
         DirectionAccumulator,
         DirectionsError,
@@ -180,16 +180,16 @@ def effects_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: 
         ProbesError, CacheError: Bad input, an unsupported model, a cache made with another model
             or other effects settings.
     """
-    from probes.measures.alignment import answer_alignment
-    from probes.measures.directions import (
+    from probes.measures.effects.directions import (
         DIRECTION_CATEGORIES,
         cosines,
         loo_residual,
         projections,
         trajectory_residuals,
     )
-    from probes.measures.effects import causal_effects, sample_pairs
-    from probes.measures.shared_pass import check_supported
+    from probes.measures.effects.edits import causal_effects, sample_pairs
+    from probes.measures.updates.alignment import answer_alignment
+    from probes.measures.updates.shared_pass import check_supported
     from probes.traces.categories import load_lexicon
     from probes.traces.read import read_traces
     from probes.traces.tokenize import tokenize_traces
@@ -260,7 +260,7 @@ def effects_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: 
 
 def _layer_views(loaded: LoadedModel):
     from hooks.weights import llama_layers
-    from probes.measures.effects import EffectsError
+    from probes.measures.effects.edits import EffectsError
 
     return llama_layers(loaded, what="effects", error=EffectsError)
 
@@ -307,7 +307,7 @@ def direction_summary(path: Path) -> dict[str, Any]:
     """Mean `dir_cos` per category of the token, per direction and layer (reflection tokens vs
     ordinary ones: does a reflection's implicit update point along the reflection direction?)."""
     from cache import open_cache
-    from probes.measures.directions import DIRECTION_CATEGORIES
+    from probes.measures.effects.directions import DIRECTION_CATEGORIES
 
     sums: dict[tuple[str, str], list[np.ndarray]] = {}
     with open_cache(path) as reader:

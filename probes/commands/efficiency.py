@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from probes.commands import flags
-from probes.commands.progress import Stages, progress_on
-from probes.commands.text import num as _num
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
+from probes.pipeline.progress import Stages, progress_on
+from probes.readouts.text import num as _num
 
 NAME = "efficiency"
 

@@ -2,17 +2,17 @@
 
 Needs the model (the fitted vectors are d-dimensional per token and layer, not stored in caches):
 
-* (a) pseudo-gradient map (`probes.measures.pseudo_gradient.fit_pseudo_gradient`): per layer,
+* (a) pseudo-gradient map (`probes.measures.fits.pseudo_gradient.fit_pseudo_gradient`): per layer,
   the exact leave-one-out change of the answer row's attention output caused by each trajectory
   token, regressed on the token's Dai / RaML pseudo-gradient term (scalar implicit learning rate η
   and a d×d map) and on the value-only baseline; held-out R² with GroupKFold by trace;
-* (b) static thought patch (`probes.measures.thought_patch.thought_patch_fit`): per trace and
+* (b) static thought patch (`probes.measures.fits.thought_patch.thought_patch_fit`): per trace and
   layer, one Ridge patch Δ for W_gate / W_up replacing the per-query exact rank-1 patches of the
   scaffold + answer rows;
   held-out R² over queries, summarised as the median over traces with a bootstrap CI;
 * (b') the answer NLL when the trajectory is masked for those rows and the static patches, fitted
   on the scaffold rows before the answer only, act on the answer rows they never saw
-  (`probes.measures.thought_patch.thought_patch_nll`), against clean / masked / exact-patch NLLs.
+  (`probes.measures.fits.thought_patch.thought_patch_nll`), against clean / masked / exact-patch NLLs.
 
 `--random-init-control` repeats (a) and (b) on a seeded random-init model of the same architecture.
 (c), ΔL̂ explained by the stored mechanistic features, needs no model and runs in `compare`.
@@ -32,10 +32,10 @@ import numpy as np
 
 from hooks.model import LoadedModel
 from probes.commands import flags
-from probes.commands.progress import Stages, progress_on
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
 from probes.models.load import load_model
+from probes.pipeline.progress import Stages, progress_on
 
 NAME = "fit"
 
@@ -88,8 +88,8 @@ def _median_ci(x: np.ndarray, n_boot: int, seed: int) -> tuple[float, list[float
 
 def _model_fits(loaded: LoadedModel, tts, cfg: FitConfig) -> dict[str, Any]:
     """(a), (b) and optionally (b') for one model."""
-    from probes.measures.pseudo_gradient import fit_pseudo_gradient, pseudo_gradient_samples
-    from probes.measures.thought_patch import thought_patch_fit, thought_patch_nll
+    from probes.measures.fits.pseudo_gradient import fit_pseudo_gradient, pseudo_gradient_samples
+    from probes.measures.fits.thought_patch import thought_patch_fit, thought_patch_nll
 
     rng = np.random.default_rng(cfg.seed)
     layers = list(cfg.layers) if cfg.layers is not None else None
@@ -268,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
     """`fit` from parsed flags."""
     flags.silence_hf()
     if args.out is not None:
-        from probes.commands.outputs import check_output_file
+        from probes.pipeline.outputs import check_output_file
 
         check_output_file(args.out, "--out")
     cfg = FitConfig(limit=args.limit, strict=args.strict, max_tokens=args.max_tokens,

@@ -4,7 +4,7 @@ constants that the code checks against and defaults stated once (the parser show
 - `model_flags`: `--model` (or `--tokenizer`), `--device`, `--model-dtype`, `--device-map`,
   `--max-memory` (the last two fold into `args.device`, the one string `load_model` reads).
 - `traces_flags`: `--traces`, `--limit`, `--strict`, `--lexicon`.
-- `out_flags`: `--out` and `--resume` (the write loop's rule, `probes.commands.loop.RESUME_HELP`).
+- `out_flags`: `--out` and `--resume` (the write loop's rule, `probes.pipeline.loop.RESUME_HELP`).
 - `report_flags`: `--json` and `-q/--quiet` (alias `--no-progress`).
 """
 
@@ -14,9 +14,9 @@ import argparse
 from pathlib import Path
 
 from hooks.model import DTYPES
-from probes.commands.loop import RESUME_HELP
-from probes.commands.progress import QUIET_HELP
 from probes.models.placement import DEVICE_MAPS
+from probes.pipeline.loop import RESUME_HELP
+from probes.pipeline.progress import QUIET_HELP
 
 MODEL_HELP = "tiny-reasoner, a local model folder, or a hub id in the local HF cache"
 DEVICE_HELP = "cpu, cuda, cuda:N or auto"

@@ -35,10 +35,10 @@ statistics of the whole file (`analyses.sampling`): accuracy, Pass@k, mG-Pass@k,
 truncation, with CIs over questions.
 
 The code: the command and its flags are here (`add_parser`, `run`, `format_generate`); the settings
-and result in `probes.commands.generate_settings` (`GenerateConfig`, `GenerateResult`, the
-defaults); the two modes in `probes.commands.generate_sampling` (`generate_samples`,
+and result in `probes.pipeline.generate.settings` (`GenerateConfig`, `GenerateResult`, the
+defaults); the two modes in `probes.pipeline.generate.sampling` (`generate_samples`,
 `summarize_traces`, `reasoning_of`, `check_summary_prompt`); the backend and the resumable write
-loop in `probes.commands.generate_writer` (`open_generator`). Their public names are importable
+loop in `probes.pipeline.generate.writer` (`open_generator`). Their public names are importable
 from this module as before.
 """
 
@@ -51,10 +51,13 @@ from pathlib import Path
 from typing import Any
 
 from probes.commands import flags
-from probes.commands.generate_sampling import check_summary_prompt as check_summary_prompt
-from probes.commands.generate_sampling import generate_samples, summarize_traces
-from probes.commands.generate_sampling import reasoning_of as reasoning_of
-from probes.commands.generate_settings import (
+from probes.commands.grade import format_statistics
+from probes.errors import ProbesError
+from probes.models.generate import BACKENDS
+from probes.pipeline.generate.sampling import check_summary_prompt as check_summary_prompt
+from probes.pipeline.generate.sampling import generate_samples, summarize_traces
+from probes.pipeline.generate.sampling import reasoning_of as reasoning_of
+from probes.pipeline.generate.settings import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SUMMARY_PROMPT,
     DEFAULT_TEMPERATURE,
@@ -64,14 +67,11 @@ from probes.commands.generate_settings import (
     GenerateConfig,
     GenerateResult,
 )
-from probes.commands.generate_settings import SAMPLE_VARIANT as SAMPLE_VARIANT
-from probes.commands.generate_settings import SUMMARY_VARIANT as SUMMARY_VARIANT
-from probes.commands.generate_writer import Generator as Generator
-from probes.commands.generate_writer import open_generator as open_generator
-from probes.commands.grade import format_statistics
-from probes.commands.progress import progress_on
-from probes.errors import ProbesError
-from probes.models.generate import BACKENDS
+from probes.pipeline.generate.settings import SAMPLE_VARIANT as SAMPLE_VARIANT
+from probes.pipeline.generate.settings import SUMMARY_VARIANT as SUMMARY_VARIANT
+from probes.pipeline.generate.writer import Generator as Generator
+from probes.pipeline.generate.writer import open_generator as open_generator
+from probes.pipeline.progress import progress_on
 from probes.traces.grading import DEFAULT_GRADE_METHOD, GRADE_METHODS
 
 

@@ -23,9 +23,9 @@ from typing import Any
 
 from analyses.sampling import sample_statistics
 from probes.commands import flags
-from probes.commands.progress import Stages, progress_on
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
+from probes.pipeline.progress import Stages, progress_on
 from probes.traces.grading import DEFAULT_GRADE_METHOD, GRADE_METHODS, grade
 from probes.traces.jsonl import check_out_path, encode, write_atomic
 from probes.traces.read import Trace, read_traces

@@ -11,7 +11,7 @@ from typing import Any
 
 from probes import arrays
 from probes.commands import flags
-from probes.commands.loop import human_size
+from probes.pipeline.loop import human_size
 
 NAME = "inspect"
 

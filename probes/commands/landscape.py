@@ -34,19 +34,15 @@ import torch
 
 from hooks.model import LoadedModel
 from probes.commands import flags
-from probes.commands.loop import (
-    Log,
-    Plan,
-    TraceOutput,
-    WriteJob,
-    WriteResult,
-    loader,
-    same_settings,
-    write_traces,
-)
-from probes.commands.progress import progress_on
 from probes.measures.answers import answer_scores, without_trajectory
-from probes.measures.landscape import (
+from probes.measures.landscape.path import (
+    implicit_path,
+    path_gram,
+    path_nll,
+    path_plane,
+    plane_coords,
+)
+from probes.measures.landscape.plane import (
     POSITIONS,
     STYLES,
     LandscapeError,
@@ -56,13 +52,17 @@ from probes.measures.landscape import (
     plane_params,
     random_directions,
 )
-from probes.measures.landscape_path import (
-    implicit_path,
-    path_gram,
-    path_nll,
-    path_plane,
-    plane_coords,
+from probes.pipeline.loop import (
+    Log,
+    Plan,
+    TraceOutput,
+    WriteJob,
+    WriteResult,
+    loader,
+    same_settings,
+    write_traces,
 )
+from probes.pipeline.progress import progress_on
 from probes.traces.categories import categorize, load_lexicon
 
 NAME = "landscape"

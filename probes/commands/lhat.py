@@ -1,6 +1,6 @@
 """`python -m probes.run lhat`: the L̂ curve of every trace, written into an HDF5 cache.
 
-For each trace: tokenize and label it, compute L̂_t for t = 0..T with `probes.measures.lhat.lhat_fast`
+For each trace: tokenize and label it, compute L̂_t for t = 0..T with `probes.measures.lhat.fast.lhat_fast`
 (optionally re-checking K random prefixes the slow, RaML way), derive the per-token quantities and
 store them in the trace's group: `lhat` float32 [T+1], `lhat_delta`, `lhat_rho`, `lhat_log_ratio`
 float32 [T] (index i = trajectory token i). An existing cache (e.g. from `cache`) gains these arrays
@@ -22,9 +22,7 @@ import numpy as np
 
 from hooks.model import LoadedModel
 from probes.commands import flags
-from probes.commands.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
-from probes.commands.progress import progress_on
-from probes.measures.lhat import (
+from probes.measures.lhat.fast import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_PACK_TOKENS,
     LHAT_ARRAYS,
@@ -32,6 +30,8 @@ from probes.measures.lhat import (
     lhat_fast,
     lhat_naive,
 )
+from probes.pipeline.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
+from probes.pipeline.progress import progress_on
 from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
 NAME = "lhat"
@@ -107,7 +107,7 @@ def lhat_traces(
         traces_path: JSONL traces.
         out: The HDF5 cache (created; an existing one is extended only with `resume`).
         cfg: Run settings.
-        resume: Extend an existing `out` (`probes.commands.loop.RESUME_HELP`).
+        resume: Extend an existing `out` (`probes.pipeline.loop.RESUME_HELP`).
         device: Where the model runs.
         dtype: Model dtype.
         progress: Show a progress bar on stderr.

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from probes.commands import flags
-from probes.commands.loop import human_size
 from probes.errors import ProbesError
+from probes.pipeline.loop import human_size
 
 NAME = "pack"
 

@@ -12,8 +12,8 @@ path as `compare --json`); `--compare-json` reads a saved `compare --json` outpu
 cache instead of recomputing. The rendering is `analyses.report` (plain data in, HTML out).
 `report_demo` is the demo's last step.
 
-Reading the cache and the token heat maps are in `probes.commands.report_cache`; the comparison
-and the page's sections in `probes.commands.report_sections`.
+Reading the cache and the token heat maps are in `probes.readouts.report.scan`; the comparison
+and the page's sections in `probes.readouts.report.sections`.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from analyses.report import render_html, render_markdown
 from analyses.report_data import Report
 from cache import store_bytes
 from probes.commands import flags
-from probes.commands.loop import human_size
-from probes.commands.progress import Stages, progress_on, quiet_flag
-from probes.commands.report_cache import _default_key, _pick_views, _scan, _token_views
-from probes.commands.report_sections import _compare, _footer, _identity, _sections, headline_lines
 from probes.errors import ProbesError
+from probes.pipeline.loop import human_size
+from probes.pipeline.progress import Stages, progress_on, quiet_flag
+from probes.readouts.report.scan import _default_key, _pick_views, _scan, _token_views
+from probes.readouts.report.sections import _compare, _footer, _identity, _sections, headline_lines
 
 NAME = "report"
 
@@ -192,7 +192,7 @@ def screenshot(html_file: Path, png: Path, *, max_height: int = 1800, width: int
     Raises:
         BrowserError: No Chromium, or it failed.
     """
-    from probes.commands.browser import Page
+    from probes.readouts.report.browser import Page
 
     with Page(html_file, width=width, height=max_height) as page:
         page.hover_over(HOVER_FOR_SCREENSHOT)

@@ -5,12 +5,14 @@ tokens). `--answer-rows first` (the default) measures M1–M6 at q = `spans["ans
 first row of 𝒬; `--answer-rows mean` measures every per-row quantity at each row of 𝒬 and stores
 its average over the rows (per layer and trajectory token). ONE forward and ONE backward pass of
 the model per trace either way (plus one forward without grad for the bridge captures on the eager
-pass of a family outside the Llama layout) (`probes.measures.shared_pass.trace_update_arrays`:
-`probes.measures.alignment.answer_alignment`, with the bridge captures of
-`probes.measures.attention.query_capture` / `query_rows_capture` and, for "first",
-`probes.measures.mlp.row_capture` riding on its forward) give the attention quantities M1–M4
-(`probes.measures.attention`), the MLP steps M5 (`probes.measures.mlp`, trajectory = the trajectory
-span's positions) and the gradient alignment M6 / M7 (`probes.measures.alignment`); the values equal separate
+pass of a family outside the Llama layout) (`probes.measures.updates.shared_pass.trace_update_arrays`:
+`probes.measures.updates.alignment.answer_alignment`, with the bridge captures of
+`probes.measures.updates.attention.query_capture` / `query_rows_capture` and, for "first",
+`probes.measures.updates.mlp.row_capture` riding on its forward) give the attention quantities M1–M4
+(`probes.measures.updates.attention`), the MLP steps M5 (`probes.measures.updates.mlp`, trajectory = the
+trajectory
+span's positions) and the gradient alignment M6 / M7 (`probes.measures.updates.alignment`); the values
+equal separate
 `token_updates`, `mlp_updates` and `answer_alignment` calls (for "mean": those calls at each row
 of 𝒬, averaged; there M5's σ and cosine come from the step norms / cosines `answer_alignment` forms
 for M6 at every row, the same frozen-upstream prefixes and Grams, instead of a second pass). Only
@@ -50,7 +52,7 @@ last of `UPDATE_ARRAYS`) is skipped, so a cache written before the M6/M7 arrays 
 `--layers` or another `--answer-rows` (`upd_rows`; absent = "first") is refused with one error:
 write to another --out.
 
-The families of `probes.measures.families.UPDATE_FAMILIES`: the Llama layout (Qwen2 / Qwen2.5 /
+The families of `probes.measures.updates.families.UPDATE_FAMILIES`: the Llama layout (Qwen2 / Qwen2.5 /
 DeepSeek-R1-Distill-Qwen, Qwen3, Llama, Mistral), GPT-2 (no up projection: `upd_sigma_gate` /
 `upd_cos_gate` are those of its one MLP input matrix W_in = `c_fc`, `upd_sigma_up` is NaN) and
 Phi-3 (fused projections; the linear-memory pass only: `--attention eager` is refused, `auto`
@@ -75,11 +77,9 @@ import numpy as np
 
 from hooks.model import LoadedModel
 from probes.commands import flags
-from probes.commands.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
-from probes.commands.progress import progress_on
 from probes.errors import ProbesError
-from probes.measures.sdpa_pass import ATTENTION_PATHS
-from probes.measures.shared_pass import (
+from probes.measures.updates.sdpa_pass import ATTENTION_PATHS
+from probes.measures.updates.shared_pass import (
     ANSWER_ROWS,
     UPDATE_ARRAYS,
     RunConstants,
@@ -88,6 +88,8 @@ from probes.measures.shared_pass import (
     trace_update_arrays,
 )
 from probes.models.controls import CONTROLS, random_init_model
+from probes.pipeline.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
+from probes.pipeline.progress import progress_on
 from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
 NAME = "updates"
@@ -170,7 +172,7 @@ def updates_traces(
         traces_path: JSONL traces.
         out: The HDF5 cache (created; an existing one is extended only with `resume`).
         cfg: Run settings.
-        resume: Extend an existing `out` (`probes.commands.loop.RESUME_HELP`).
+        resume: Extend an existing `out` (`probes.pipeline.loop.RESUME_HELP`).
         device: Where the model runs.
         dtype: Model dtype.
         progress: Show a progress bar on stderr.

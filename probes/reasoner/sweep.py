@@ -35,7 +35,7 @@ from analyses.sampling import wilson_ci
 from analyses.stability import STABILITY, stability_measures
 from analyses.stats import bootstrap_ci
 from probes.measures.answers import answer_scores
-from probes.measures.lhat import lhat_fast
+from probes.measures.lhat.fast import lhat_fast
 from probes.models.load import load_model, load_tokenizer
 from probes.reasoner.evaluate import own_answers
 from probes.reasoner.task import Problem, generate_problems, write_trajectory

@@ -4,7 +4,7 @@ pyproject's pytest `addopts` pass `--jaxtyping-packages=probes.measures,hooks,be
 jaxtyping's import hook decorates every function and dataclass of those packages with
 `@jaxtyped(typechecker=beartype)`, so a call with an array of the wrong shape or dtype raises
 `jaxtyping.TypeCheckError` before the body runs. These tests fail if that option is dropped.
-Both kinds of module are covered: `hooks.reduce` (plain annotations) and `probes.measures.mlp`
+Both kinds of module are covered: `hooks.reduce` (plain annotations) and `probes.measures.updates.mlp`
 (`from __future__ import annotations`: string annotations, resolved by jaxtyping at decoration).
 """
 
@@ -13,7 +13,7 @@ import torch
 from jaxtyping import TypeCheckError
 
 from hooks.reduce import delta_rows
-from probes.measures.mlp import LayerWeights, restricted_prefix, rms_norm
+from probes.measures.updates.mlp import LayerWeights, restricted_prefix, rms_norm
 
 
 def test_delta_rows_checks_shapes_and_dtype():

@@ -14,7 +14,7 @@ from probes.commands.landscape import LandscapeConfig, landscape_traces
 from probes.commands.lhat import LhatConfig, lhat_traces
 from probes.commands.updates import UpdatesConfig, updates_traces
 from probes.errors import ProbesError
-from probes.measures.resampling import ResampleSettings
+from probes.measures.anchors.resampling import ResampleSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -82,7 +82,7 @@ def test_bad_settings_are_one_line(samples, tmp_path, capsys):
 
 
 def test_demo_section(tmp_path):
-    from probes.commands.anchors_demo import anchors_demo, format_anchors_demo
+    from probes.demo.anchors import anchors_demo, format_anchors_demo
     from probes.models.load import load_model
 
     loaded = load_model("tiny-reasoner", device="cpu")
@@ -101,7 +101,7 @@ def test_stored_arrays_match_the_registry(samples, tmp_path):
 
     from probes import arrays
     from probes.commands.anchors import ARRAYS, AnchorsConfig, anchors_traces
-    from probes.measures.resampling import ResampleSettings
+    from probes.measures.anchors.resampling import ResampleSettings
 
     out = tmp_path / "r.h5"
     cfg = AnchorsConfig(analyses=("receiver", "suppression", "resampling"), limit=1,

@@ -16,7 +16,7 @@ from probes.commands.cache import CacheConfig, cache_traces
 from probes.commands.demo import SAMPLE_TRACES
 from probes.commands.inspect import format_inspect, inspect_cache
 from probes.errors import ProbesError
-from probes.measures.activations import choose_backend, resolve_cache_sites
+from probes.measures.capture.activations import choose_backend, resolve_cache_sites
 from probes.models.identity import tokenizer_fingerprint
 from probes.models.load import load_model, load_tokenizer
 from probes.traces.categories import categorize, load_lexicon

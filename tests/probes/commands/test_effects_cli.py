@@ -11,7 +11,7 @@ import pytest
 
 from cache import open_cache
 from probes.commands.effects import DONE_KEY, EFFECT_ARRAYS, directions_path
-from probes.measures.shared_pass import trace_update_arrays
+from probes.measures.updates.shared_pass import trace_update_arrays
 from probes.models.load import load_model
 from probes.reasoner.train import SAMPLES_PATH
 from probes.run import main

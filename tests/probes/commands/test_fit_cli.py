@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from probes.measures.pseudo_gradient import fit_pseudo_gradient, pseudo_gradient_samples
-from probes.measures.thought_patch import thought_patch_fit
+from probes.measures.fits.pseudo_gradient import fit_pseudo_gradient, pseudo_gradient_samples
+from probes.measures.fits.thought_patch import thought_patch_fit
 from probes.models.load import load_model
 from probes.reasoner.train import SAMPLES_PATH
 from probes.run import main

@@ -6,10 +6,10 @@ import argparse
 import pytest
 
 from hooks.model import DTYPES
-from probes.commands.loop import RESUME_HELP
-from probes.measures.activations import BACKENDS, POSITIONS, STORAGE_DTYPES
-from probes.measures.shared_pass import ANSWER_ROWS
+from probes.measures.capture.activations import BACKENDS, POSITIONS, STORAGE_DTYPES
+from probes.measures.updates.shared_pass import ANSWER_ROWS
 from probes.models.controls import CONTROLS
+from probes.pipeline.loop import RESUME_HELP
 from probes.run import COMMANDS, build_parser
 
 

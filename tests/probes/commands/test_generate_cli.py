@@ -16,7 +16,7 @@ import pytest
 import probes.run
 from cache import open_cache
 from probes.commands import generate, grade
-from probes.commands.generate_demo import format_generation_demo, generation_demo
+from probes.demo.generation import format_generation_demo, generation_demo
 from probes.models.load import load_model
 from probes.reasoner.task import generate_problems, write_jsonl
 from probes.traces.read import read_traces

@@ -1,6 +1,6 @@
 """The write loop's rules, tested once for every command that writes through it.
 
-`cache`, `lhat` and `updates` share one loop (`probes.commands.loop`): the same refusal of an
+`cache`, `lhat` and `updates` share one loop (`probes.pipeline.loop`): the same refusal of an
 existing --out without --resume, the same identity check, the same duplicate-id rule, the same
 token-mismatch error, the same way of naming skipped lines, and the same summary line.
 """

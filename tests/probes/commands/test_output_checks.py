@@ -14,8 +14,8 @@ import pytest
 
 from cache._h5 import translate_os_error
 from probes.commands.demo import SAMPLE_TRACES
-from probes.commands.outputs import plot_file_name
 from probes.models.load import BUILTIN_MODELS
+from probes.pipeline.outputs import plot_file_name
 from probes.run import main
 
 LONG_ID = "trace/" + "é" * 60 + "x" * 124  # 250 bytes in UTF-8, with a slash and accents

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import time
 
-from probes.commands.progress import Stages, progress_on
+from probes.pipeline.progress import Stages, progress_on
 
 
 class Terminal(io.StringIO):

@@ -13,7 +13,7 @@ import pytest
 
 from analyses.report import Report, Section, render_html
 from cache import open_cache
-from probes.commands.browser import CHROMIUM_ENV, Page, find_chromium
+from probes.readouts.report.browser import CHROMIUM_ENV, Page, find_chromium
 from tests.probes.commands._report_run import small_run
 from tests.probes.commands.test_report_cli import main
 

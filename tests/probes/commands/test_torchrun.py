@@ -19,8 +19,8 @@ import pytest
 
 from cache import segments_dir
 from probes.commands.demo import SAMPLE_TRACES
-from probes.commands.shards import Shard, current_shard
 from probes.errors import ProbesError
+from probes.pipeline.shards import Shard, current_shard
 from probes.run import main
 from tests.probes.commands._store_snapshot import snapshot
 

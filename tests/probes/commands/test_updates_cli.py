@@ -18,10 +18,10 @@ from hooks.model import LoadedModel
 from hooks.weights import LLAMA_FAMILIES
 from probes.commands.updates import DONE_KEY, UPDATE_ARRAYS, UpdatesConfig, updates_traces
 from probes.errors import ProbesError
-from probes.measures.alignment import answer_alignment
-from probes.measures.attention import UpdatesError, token_updates
-from probes.measures.families import EAGER_MISSING, SDPA_MISSING
-from probes.measures.mlp import mlp_updates
+from probes.measures.updates.alignment import answer_alignment
+from probes.measures.updates.attention import UpdatesError, token_updates
+from probes.measures.updates.families import EAGER_MISSING, SDPA_MISSING
+from probes.measures.updates.mlp import mlp_updates
 from probes.models.controls import random_init_model
 from probes.models.load import boot_model, load_model
 from probes.models.tiny import UPDATE_FAMILIES, byte_tokenizer, tiny_config

@@ -1,4 +1,4 @@
-"""Identity tests for `probes.measures.alignment` (docs/methods.md#m6, #m7; #identities: V6, V7, V9).
+"""Identity tests for `probes.measures.updates.alignment` (docs/methods.md#m6, #m7; #identities: V6, V7, V9).
 
 Seeded random-init models of every family `updates` measures (Qwen2 / Llama / Qwen3 / Mistral;
 GPT-2: LayerNorm, Conv1D, one MLP input matrix W_in in the gate slot, NaN in the up slot; Phi-3:
@@ -23,15 +23,15 @@ from transformers import (
 )
 
 from hooks.weights import layer_views
-from probes.measures.alignment import (
+from probes.measures.updates.alignment import (
     MLP_WEIGHTS,
     AlignmentError,
     answer_alignment,
     answer_loss,
     trace_alignment,
 )
-from probes.measures.families import SDPA_MISSING
-from probes.measures.sdpa_pass import ATTENTION_PATHS
+from probes.measures.updates.families import SDPA_MISSING
+from probes.measures.updates.sdpa_pass import ATTENTION_PATHS
 from probes.models.load import boot_model
 from probes.models.tiny import TINY_FAMILIES, UPDATE_FAMILIES, byte_tokenizer, tiny_config
 
@@ -125,7 +125,7 @@ def setup(request):
     """((family, attention path), float64 HF model, ids [1, N], AnswerAlignment with factors).
 
     Every identity runs on both paths: "eager" (the reference) and "sdpa" (the linear-memory
-    pass, `probes.measures.sdpa_pass`)."""
+    pass, `probes.measures.updates.sdpa_pass`)."""
     family, attention = request.param
     hf = _hf(UPDATE_CONFIGS[family]())
     ids = torch.randint(0, 257, (1, N_TOKENS), generator=torch.Generator().manual_seed(1))

@@ -1,4 +1,4 @@
-"""Tests for probes.measures.anchors: chunk-wise receiver patterns against the full attention
+"""Tests for probes.measures.anchors.receivers: chunk-wise receiver patterns against the full attention
 pattern, the receiver-head statistics against scipy, batched suppression against real masked
 forwards, and a planted case on tiny-reasoner where one known chunk carries the answer."""
 
@@ -14,7 +14,7 @@ from hooks.edit import edit, mask_keys, mask_keys_per_row
 from hooks.errors import HooksError
 from probes import DATA_DIR
 from probes.errors import ProbesError
-from probes.measures import anchors as anc
+from probes.measures.anchors import receivers as anc
 from probes.models.load import boot_model, load_model
 from probes.models.tiny import TINY_FAMILIES, byte_tokenizer, tiny_config
 from probes.traces.read import Trace, read_traces

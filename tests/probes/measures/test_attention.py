@@ -1,4 +1,5 @@
-"""Identity tests for `probes.measures.attention` (docs/methods.md#identities: V0, V1, V3, V4) on tiny models.
+"""Identity tests for `probes.measures.updates.attention` (docs/methods.md#identities: V0, V1, V3, V4)
+on tiny models.
 
 Seeded random-init models of every family `updates` measures (Qwen2 / Llama / Qwen3 / Mistral,
 GPT-2 with unrotated q/k and Conv1D weights, Phi-3 with fused qkv_proj, OLMo-2 and Gemma-3 with
@@ -24,7 +25,7 @@ from transformers import (
 
 from hooks.model import LoadedModel
 from hooks.weights import layer_views
-from probes.measures.attention import (
+from probes.measures.updates.attention import (
     UpdatesError,
     capture_query,
     capture_query_rows,
@@ -36,9 +37,9 @@ from probes.measures.attention import (
     token_updates_from,
     token_updates_rows,
 )
-from probes.measures.attention_rows import key_summary_from
-from probes.measures.families import EAGER_MISSING, SDPA_MISSING
-from probes.measures.sdpa_pass import ATTENTION_PATHS, sdpa_query_rows_capture, sdpa_view
+from probes.measures.updates.attention_rows import key_summary_from
+from probes.measures.updates.families import EAGER_MISSING, SDPA_MISSING
+from probes.measures.updates.sdpa_pass import ATTENTION_PATHS, sdpa_query_rows_capture, sdpa_view
 from probes.models.load import boot_model
 from probes.models.tiny import UPDATE_FAMILIES, byte_tokenizer, tiny_config
 
@@ -74,7 +75,7 @@ def setup(request):
     """((family, attention path), loaded model, ids [1, N], capture at QUERY, o_proj weights).
 
     Every identity runs on both capture paths: "eager" (the bridge, the reference) and "sdpa"
-    (the linear-memory pass, `probes.measures.sdpa_pass`)."""
+    (the linear-memory pass, `probes.measures.updates.sdpa_pass`)."""
     family, attention = request.param
     loaded = _build(CONFIGS[family]())
     ids = torch.randint(0, 257, (1, N_TOKENS), generator=torch.Generator().manual_seed(1))
@@ -281,7 +282,7 @@ def test_eager_capture_refuses_phi3_in_one_line():
 def test_sdpa_capture_refuses_gemma2_in_one_line():
     """The fused kernel cannot soft-cap attention logits: the linear-memory capture says so (the
     eager one measures Gemma-2, see the fixture)."""
-    from probes.measures.sdpa_pass import LinearPassError
+    from probes.measures.updates.sdpa_pass import LinearPassError
 
     loaded = _build(tiny_config("gemma2"))
     ids = torch.randint(0, 257, (1, N_TOKENS), generator=torch.Generator().manual_seed(1))
@@ -365,13 +366,13 @@ def test_key_summary_equals_token_updates(setup, monkeypatch):
     assert ((summ.loo_sum_norm > 0) == (summ.mass > 0)).all() and (summ.mass > 0).mean() > 0.5
     assert not np.allclose(summ.mass[:, 0], summ.mass[:, -1])
     # rows in chunks of one (a tiny memory budget): the same values
-    monkeypatch.setattr("probes.measures.attention_rows._SUMMARY_BUDGET", 1)
+    monkeypatch.setattr("probes.measures.updates.attention_rows._SUMMARY_BUDGET", 1)
     chunked = key_summary_from(loaded, capture_query_rows(loaded, ids, ROWS, attention=att), KEYS,
                                weights)
     for name in ("contrib_sum_norm", "loo_sum_norm"):
         np.testing.assert_allclose(getattr(chunked, name), getattr(summ, name), rtol=1e-12)
     # one matrix product per row (the path for few rows, e.g. --answer-rows first): the same
-    monkeypatch.setattr("probes.measures.attention_rows._FEW_ROWS", len(ROWS))
+    monkeypatch.setattr("probes.measures.updates.attention_rows._FEW_ROWS", len(ROWS))
     per_row = key_summary_from(loaded, capture_query_rows(loaded, ids, ROWS, attention=att), KEYS,
                                weights)
     for name in ("mass", "contrib_sum_norm", "loo_sum_norm", "dai_fro"):

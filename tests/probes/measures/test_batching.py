@@ -1,4 +1,4 @@
-"""Several short traces per forward (`probes.measures.batching`): the plan, and the captured
+"""Several short traces per forward (`probes.measures.capture.batching`): the plan, and the captured
 arrays equal to one forward per trace (`capture_trace`, the reference it replaces)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 from hooks.hf_fast import HF_SITE_PATHS
 from probes.commands.cache import CacheConfig
 from probes.commands.demo import SAMPLE_TRACES
-from probes.measures.activations import capture_trace, resolve_cache_sites, selection
-from probes.measures.batching import (
+from probes.measures.capture.activations import capture_trace, resolve_cache_sites, selection
+from probes.measures.capture.batching import (
     GROUP_FORWARDS,
     _nonfinite_rows,
     capture_batch,

@@ -1,4 +1,4 @@
-"""Behaviour directions (`probes.measures.directions`; docs/methods.md#directions, M11)."""
+"""Behaviour directions (`probes.measures.effects.directions`; docs/methods.md#directions, M11)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from hooks.edit import edit, mask_keys
-from probes.measures.alignment import answer_alignment
-from probes.measures.directions import (
+from probes.measures.effects.directions import (
     DirectionAccumulator,
     DirectionsError,
     cosines,
@@ -18,6 +17,7 @@ from probes.measures.directions import (
     projections,
     trajectory_residuals,
 )
+from probes.measures.updates.alignment import answer_alignment
 from tests.hooks._models import build_tiny, token_ids
 
 

@@ -1,4 +1,4 @@
-"""Causal edits of single tokens' updates (`probes.measures.effects`; docs/methods.md#effects, V7).
+"""Causal edits of single tokens' updates (`probes.measures.effects.edits`; docs/methods.md#effects, V7).
 
 Each edit is checked against a direct real forward: the attention knockout against a bridge forward
 with `hooks.edit.mask_keys` at that layer's scores (answer rows only), the MLP-step removal against
@@ -17,8 +17,7 @@ import torch
 
 from analyses.token_sets import CATEGORY_CODES
 from hooks.edit import edit, mask_keys
-from probes.measures.alignment import answer_alignment, answer_loss
-from probes.measures.effects import (
+from probes.measures.effects.edits import (
     CATEGORIES,
     EffectsError,
     causal_effects,
@@ -26,6 +25,7 @@ from probes.measures.effects import (
     pairs_by_category,
     sample_pairs,
 )
+from probes.measures.updates.alignment import answer_alignment, answer_loss
 from probes.models.load import boot_model
 from probes.models.tiny import byte_tokenizer
 from tests.probes.measures.test_alignment import (  # noqa: F401  (true_float64: autouse fixture)
@@ -109,7 +109,7 @@ def test_batching_does_not_change_the_result(setup):
 
 def test_predictions_equal_the_stored_update_arrays():
     """pred_m7 = upd_m7[ℓ, t], pred_m6 = −upd_dl_pred[ℓ, t] of `updates` (float32 LoadedModel)."""
-    from probes.measures.shared_pass import trace_update_arrays
+    from probes.measures.updates.shared_pass import trace_update_arrays
 
     hf = _hf(CONFIGS["qwen2"](), dtype=torch.float32)
     loaded = boot_model(hf, byte_tokenizer(), spec="tiny-eff", device="cpu", dtype="float32")

@@ -1,4 +1,4 @@
-"""Tests for `probes.measures.pseudo_gradient` / `thought_patch` (docs/methods.md#m12).
+"""Tests for `probes.measures.fits.pseudo_gradient` / `thought_patch` (docs/methods.md#m12).
 
 Seeded random-init Qwen2 / Llama / Qwen3 models (fp32, GQA 4:2, random q/k/v/o biases and RMSNorm γ)
 built in code with the byte tokenizer, synthetic planted / null regressions, and the built-in
@@ -20,21 +20,21 @@ from transformers import AutoModelForCausalLM
 
 from hooks.model import LoadedModel
 from probes import DATA_DIR
-from probes.measures.attention import capture_query, o_proj_weights, token_updates
-from probes.measures.fitting import FitError
-from probes.measures.mlp import capture_rows, layer_weights, restricted_inputs
-from probes.measures.pseudo_gradient import (
+from probes.measures.fits.fitting import FitError
+from probes.measures.fits.pseudo_gradient import (
     PseudoGradientSamples,
     fit_pseudo_gradient,
     pseudo_gradient_samples,
 )
-from probes.measures.thought_patch import (
+from probes.measures.fits.thought_patch import (
     endpoint_inputs,
     fit_static_patch,
     thought_patch_fit,
     thought_patch_nll,
     thought_patch_samples,
 )
+from probes.measures.updates.attention import capture_query, o_proj_weights, token_updates
+from probes.measures.updates.mlp import capture_rows, layer_weights, restricted_inputs
 from probes.models.load import boot_model, load_model
 from probes.models.tiny import TINY_FAMILIES, byte_tokenizer, tiny_config
 from probes.traces.read import Trace, read_traces

@@ -1,4 +1,4 @@
-"""Identity tests for `probes.measures.landscape` / `landscape_path` (docs/methods.md#landscape).
+"""Identity tests for `probes.measures.landscape.plane` / `landscape_path` (docs/methods.md#landscape).
 
 Seeded random-init Qwen2 / Llama / Qwen3 models (2 layers, GQA, random biases and RMSNorm γ) with
 the byte tokenizer: the batched plane evaluator against one HF forward per point with the weights
@@ -16,15 +16,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 from hooks.model import LoadedModel
 from hooks.weights import llama_layers
 from probes.measures.answers import answer_scores, without_trajectory
-from probes.measures.landscape import (
-    LandscapeError,
-    PlaneModel,
-    grid_axis,
-    inner,
-    plane_params,
-    random_directions,
-)
-from probes.measures.landscape_path import (
+from probes.measures.landscape.path import (
     endpoint_row_patches,
     implicit_path,
     materialised_path,
@@ -34,7 +26,15 @@ from probes.measures.landscape_path import (
     plane_coords,
     project,
 )
-from probes.measures.mlp_patch import masked_patched_logits
+from probes.measures.landscape.plane import (
+    LandscapeError,
+    PlaneModel,
+    grid_axis,
+    inner,
+    plane_params,
+    random_directions,
+)
+from probes.measures.updates.mlp_patch import masked_patched_logits
 from probes.models.load import boot_model
 from probes.models.tiny import TINY_FAMILIES, byte_tokenizer, tiny_config
 from probes.traces.read import Trace

@@ -28,9 +28,9 @@ from transformers import (
 
 from hooks.model import LoadedModel
 from probes.errors import ProbesError
-from probes.measures import lhat as lhat_mod
 from probes.measures.answers import answer_scores, without_trajectory
-from probes.measures.lhat import (
+from probes.measures.lhat import fast as lhat_mod
+from probes.measures.lhat.fast import (
     delta_lhat,
     lhat_fast,
     lhat_naive,

@@ -1,4 +1,5 @@
-"""Identity tests for `probes.measures.mlp` (docs/methods.md#m5; #identities: V5a, V5b, V9) on tiny models.
+"""Identity tests for `probes.measures.updates.mlp` (docs/methods.md#m5; #identities: V5a, V5b, V9) on
+tiny models.
 
 Seeded random-init Qwen2 / Llama / Qwen3 models (fp32, GQA 4:2, initializer_range 0.2, random q/k/v/o
 biases where the config has them, random RMSNorm γ so the unfolded-γ handling is exercised) built
@@ -26,7 +27,7 @@ from transformers.activations import ACT2FN
 from hooks import capture
 from hooks.model import LoadedModel
 from hooks.weights import layer_views
-from probes.measures.mlp import (
+from probes.measures.updates.mlp import (
     LayerWeights,
     MlpUpdateError,
     capture_rows,
@@ -39,7 +40,7 @@ from probes.measures.mlp import (
     rms_norm,
     row_capture,
 )
-from probes.measures.mlp_patch import endpoint_patches, masked_patched_logits
+from probes.measures.updates.mlp_patch import endpoint_patches, masked_patched_logits
 from probes.models.load import boot_model
 from probes.models.tiny import MORE_FAMILIES, TINY_FAMILIES, byte_tokenizer, tiny_config
 

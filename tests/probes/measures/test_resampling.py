@@ -1,4 +1,4 @@
-"""Tests for probes.measures.resampling: the importance formulas on hand-made samples, and sampling
+"""Tests for probes.measures.anchors.resampling: the importance formulas on hand-made samples, and sampling
 with tiny-reasoner (seeded, graded, forced answers when a continuation is cut)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 
 from probes import DATA_DIR
 from probes.errors import ProbesError
-from probes.measures import resampling as rs
-from probes.measures.resampling import Sample, importance
+from probes.measures.anchors import resampling as rs
+from probes.measures.anchors.resampling import Sample, importance
 
 
 def _s(i, first, answer, gold="5"):

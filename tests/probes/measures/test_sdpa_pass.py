@@ -1,4 +1,4 @@
-"""The linear-memory pass (`probes.measures.sdpa_pass`) equals the eager reference.
+"""The linear-memory pass (`probes.measures.updates.sdpa_pass`) equals the eager reference.
 
 Every stored `upd_*` array (both `--answer-rows` modes), every captured tensor of the M1–M4 and M5
 captures, and the pattern-row recomputation, on seeded random-init models of every family
@@ -23,10 +23,10 @@ from transformers import AutoModelForCausalLM
 
 from hooks import capture
 from probes.errors import ProbesError
-from probes.measures.attention import UpdatesError, capture_query_rows
-from probes.measures.families import EAGER_MISSING, SDPA_MISSING
-from probes.measures.mlp import capture_rows, layer_weights, mlp_updates_from
-from probes.measures.sdpa_pass import (
+from probes.measures.updates.attention import UpdatesError, capture_query_rows
+from probes.measures.updates.families import EAGER_MISSING, SDPA_MISSING
+from probes.measures.updates.mlp import capture_rows, layer_weights, mlp_updates_from
+from probes.measures.updates.sdpa_pass import (
     LinearPassError,
     pattern_rows,
     record_attention,
@@ -34,7 +34,7 @@ from probes.measures.sdpa_pass import (
     sdpa_row_capture,
     sdpa_view,
 )
-from probes.measures.shared_pass import (
+from probes.measures.updates.shared_pass import (
     EAGER_PATTERN_BUDGET,
     UPDATE_ARRAYS,
     RunConstants,
@@ -223,7 +223,7 @@ def test_alignment_equal_in_float64():
     kept in float64; the bridge's eager attention and RoPE tables still round through float32 in
     places): equal to 1e-5, so the fp32 gap above is rounding, not a different sum."""
     from probes import DATA_DIR
-    from probes.measures.alignment import answer_alignment
+    from probes.measures.updates.alignment import answer_alignment
     from probes.models import load_model
     from probes.traces.read import read_traces
     from probes.traces.tokenize import tokenize_trace

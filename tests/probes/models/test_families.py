@@ -24,7 +24,7 @@ from hooks.errors import UnsupportedModelError
 from hooks.model import LoadedModel
 from hooks.weights import FAMILIES, LLAMA_FAMILIES, layer_views, llama_layers
 from probes.errors import ProbesError
-from probes.measures.lhat import lhat_fast, lhat_naive
+from probes.measures.lhat.fast import lhat_fast, lhat_naive
 from probes.models.kv import kv_parity
 from probes.models.load import boot_model, load_model
 from probes.models.tiny import MORE_FAMILIES, byte_tokenizer, tiny_config
@@ -238,9 +238,9 @@ def test_llama_layout_check_refuses_by_name(saved: Saved) -> None:
 def test_updates_command_refuses_other_layouts_in_one_line(saved: Saved) -> None:
     """`updates` (M1–M7 in one pass) runs on the families of `UPDATE_FAMILIES`; other families are
     refused before any work, in one line naming the family and what it lacks."""
-    from probes.measures.attention import UpdatesError
-    from probes.measures.families import UPDATE_FAMILIES
-    from probes.measures.shared_pass import check_updates
+    from probes.measures.updates.attention import UpdatesError
+    from probes.measures.updates.families import UPDATE_FAMILIES
+    from probes.measures.updates.shared_pass import check_updates
 
     if saved.loaded.arch.family in UPDATE_FAMILIES:
         check_updates(saved.loaded)

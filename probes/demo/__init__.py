@@ -1,0 +1,1 @@
+"""The demo: every analysis on the built-in tiny-reasoner, with its summary lines."""

@@ -1,0 +1,1 @@
+"""Sentence anchors: receiver heads, attention suppression, resampling importance."""

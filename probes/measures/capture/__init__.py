@@ -1,0 +1,1 @@
+"""Activation capture into per-trace outputs, and short-trace batching."""

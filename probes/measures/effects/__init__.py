@@ -1,0 +1,1 @@
+"""Causal edits of single tokens' updates (V7) and behaviour directions."""

@@ -1,0 +1,1 @@
+"""Linear maps fitted to per-token effects (pseudo-gradient steps, thought patches)."""

@@ -1,0 +1,1 @@
+"""The loss landscape on a random plane and the implicit-update path across it."""

@@ -1,0 +1,1 @@
+"""Sampling traces from a model (transformers or vLLM) into a resumable JSONL, and grading."""
