@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -27,7 +27,42 @@ from cache import _h5, _store, schema
 from cache.bf16 import bf16_bits_to_float32
 from cache.errors import CacheError, TraceNotFoundError
 
-__all__ = ["CacheReader", "CachedTrace", "LazyArray", "SiteInfo", "open_cache", "summarize"]
+__all__ = ["CacheReader", "CachedTrace", "LazyArray", "Positions", "SiteInfo", "open_cache",
+           "parse_axes", "summarize"]
+
+AxisKind = str
+"""What one axis of a stored array runs over: "sequence" (every token, [n_tokens]), "trajectory"
+(trajectory token i = position `spans["trajectory"][0] + i`, [T]), "prefix" (index t = after t
+trajectory tokens, [T+1]), "rows" (the captured positions of a site), or "" (not tokens: layers,
+heads, chunks, ...)."""
+SEQUENCE, TRAJECTORY, PREFIX, ROWS = "sequence", "trajectory", "prefix", "rows"
+_AXIS_WORDS = {"n_tokens": SEQUENCE, "T": TRAJECTORY, "T+1": PREFIX}
+
+
+def parse_axes(axes: str) -> tuple[AxisKind, ...]:
+    """The axis kinds of a declared shape such as "[L, T]" -> ("", "trajectory")."""
+    words = [w.strip() for w in axes.strip().strip("[]").split(",")]
+    return tuple(_AXIS_WORDS.get(w, "") for w in words if w)
+
+
+class Positions(np.ndarray):
+    """Token positions in the whole sequence (what `CachedTrace.select` returns).
+
+    Indexing a `LazyArray` with them reads the values OF THOSE TOKENS whatever the array's token
+    axis: every token ([n_tokens]), trajectory tokens ([T]: position − trajectory start), prefixes
+    ([T+1]: the value after the token) or a site's captured rows; a position the array does not
+    cover is an error, never a silent read of other tokens. Arithmetic on positions gives plain
+    integers (they no longer name these tokens); slicing keeps them positions.
+    """
+
+    def __new__(cls, values: Any) -> Positions:
+        """View `values` as int64 positions."""
+        return np.asarray(values, dtype=np.int64).view(cls)
+
+    def __array_wrap__(self, array: Any, context: Any = None, return_scalar: bool = False) -> Any:
+        """Results of ufuncs (arithmetic, comparisons) are plain arrays."""
+        plain = np.asarray(array).view(np.ndarray)
+        return plain[()] if return_scalar else plain
 
 
 @dataclass(frozen=True)
@@ -47,11 +82,15 @@ class SiteInfo:
     layers: tuple[int, ...]
 
 
-def open_cache(path: str | os.PathLike[str]) -> CacheReader:
+def open_cache(path: str | os.PathLike[str], *,
+               axes: Mapping[str, str] | None = None) -> CacheReader:
     """Open a cache read-only (no torch needed); use as a context manager.
 
     Args:
         path: A file written by `cache.open_writer`.
+        axes: Declared shape of each stored array by name, e.g. {"upd_m7": "[L, T]"} (the
+            project's array registry: `probes.open_cache` passes it); an array not named here
+            has its token axis inferred from its shape (`CachedTrace.token_axes`).
 
     Returns:
         The `CacheReader`.
@@ -79,7 +118,7 @@ def open_cache(path: str | os.PathLike[str]) -> CacheReader:
             file, pending = _store.open_index(path, folder,
                                               rdcc_nbytes=schema.READER_CHUNK_CACHE_BYTES)
     try:
-        return CacheReader(file, path, pending=pending)
+        return CacheReader(file, path, pending=pending, axes=axes)
     except BaseException:
         file.close()
         raise
@@ -95,9 +134,12 @@ class CacheReader:
             category_codes, versions, config, info.
     """
 
-    def __init__(self, file: h5py.File, path: Path, *, pending: Sequence[str] = ()) -> None:
+    def __init__(self, file: h5py.File, path: Path, *, pending: Sequence[str] = (),
+                 axes: Mapping[str, str] | None = None) -> None:
         """Use `open_cache`; this validates the root of an already open file."""
         self.path = path
+        self.axes: dict[str, tuple[AxisKind, ...]] = {
+            name: parse_axes(shape) for name, shape in (axes or {}).items()}
         self._pending = list(pending)
         self._file: h5py.File | None = file
         self.metadata: dict[str, Any] = _h5.read_root_metadata(file, path)
@@ -311,11 +353,19 @@ class CachedTrace:
         """The site or metric dataset `name`, lazily; bf16 decodes to float32 when sliced."""
         return self.array(name)
 
-    def array(self, name: str, *, raw: bool = False) -> LazyArray:
-        """The dataset `name`; with `raw=True`, bfloat16 data come back as their uint16 bits.
+    def array(self, name: str, *, raw: bool = False, at: Any = None) -> Any:
+        """The dataset `name` (lazily), or with `at`, its values at those tokens (read now).
+
+        Args:
+            name: A site or array of this trace.
+            raw: bfloat16 data come back as their uint16 bits.
+            at: Token positions in the whole sequence (e.g. `select("reflection")`); the values
+                of those tokens along the array's token axis (`token_axes`), other axes whole:
+                `array("upd_m7", at=p)` is [L, len(p)], `array("lhat_delta", at=p)` is [len(p)].
 
         Raises:
-            CacheError: No such dataset (the message lists the available names).
+            CacheError: No such dataset (the message lists the available names); with `at`, an
+                array without a token axis, or a position the array does not cover.
         """
         self._reader._require_open()
         names = self.names()
@@ -324,17 +374,34 @@ class CachedTrace:
                 f"trace {self.id!r} of {self._reader.path} has no dataset {name!r}; "
                 f"it has {names}"
             )
-        return LazyArray(self._group[name], self._reader, raw=raw)
+        lazy = LazyArray(self._group[name], self._reader, raw=raw, trace=self)
+        if at is None:
+            return lazy
+        kinds = lazy.token_axes
+        axis = next((i for i, kind in enumerate(kinds) if kind), None)
+        if axis is None:
+            raise CacheError(f"{name} of trace {self.id!r} has no token axis (shape "
+                             f"{lazy.shape}); index it directly")
+        key: list[Any] = [slice(None)] * lazy.ndim
+        key[axis] = Positions(at)
+        return lazy[tuple(key)]
 
-    def select(self, category: str | Sequence[str], *, span: str | None = None) -> np.ndarray:
-        """Token indices whose category is `category` (or any of several), optionally in a span.
+    def token_axes(self, name: str) -> tuple[AxisKind, ...]:
+        """What each axis of `name` runs over (see `AxisKind`): declared (`open_cache(axes=)`),
+        else "rows" for a site's first axis, else inferred from the shape as cache/SCHEMA.md lays
+        arrays out: [n_tokens], [T], [T+1], [L, T], [C, L, T]."""
+        return self.array(name).token_axes
+
+    def select(self, category: str | Sequence[str], *, span: str | None = None) -> Positions:
+        """Token positions whose category is `category` (or any of several), optionally in a span.
 
         Args:
             category: A name of `CacheReader.category_codes`, e.g. "reflection", or a list.
             span: Restrict to this span, e.g. "trajectory".
 
         Returns:
-            int64 [k] sorted token indices.
+            `Positions` [k], sorted: index any array or site with them (`trace[name][p]`,
+            `trace.array(name, at=p)`) and the values of exactly these tokens come back.
         """
         codes = self._reader.category_codes
         wanted = [category] if isinstance(category, str) else list(category)
@@ -350,11 +417,11 @@ class CachedTrace:
             start, end = self.spans[span]
             mask[:start] = False
             mask[end:] = False
-        return np.flatnonzero(mask)
+        return Positions(np.flatnonzero(mask))
 
     def select_rows(self, category: str | Sequence[str], *, span: str | None = None) -> np.ndarray:
-        """Like `select`, but as indices into the site rows (tokens not captured are dropped)."""
-        return np.flatnonzero(np.isin(self.positions, self.select(category, span=span)))
+        """Like `select`, but as row numbers of the sites (tokens not captured are dropped)."""
+        return np.flatnonzero(np.isin(self.positions, np.asarray(self.select(category, span=span))))
 
     def _read(self, name: str) -> np.ndarray:
         self._reader._require_open()
@@ -380,10 +447,12 @@ class LazyArray:
         raw: Whether bf16 bits are returned undecoded.
     """
 
-    def __init__(self, dataset: h5py.Dataset, reader: CacheReader, *, raw: bool) -> None:
+    def __init__(self, dataset: h5py.Dataset, reader: CacheReader, *, raw: bool,
+                 trace: CachedTrace | None = None) -> None:
         """Use `CachedTrace[name]` / `CachedTrace.array`."""
         self._ds = dataset
         self._reader = reader
+        self._trace = trace
         self.raw = raw
         self.name = dataset.name.rsplit("/", 1)[-1]
         self.kind = _h5.as_str(dataset.attrs.get(schema.ATTR_KIND, schema.KIND_ARRAY))
@@ -408,6 +477,48 @@ class LazyArray:
         return self.shape[0]
 
     @property
+    def token_axes(self) -> tuple[AxisKind, ...]:
+        """What each axis runs over (`CachedTrace.token_axes`); () without a trace."""
+        if self._trace is None:
+            return ()
+        declared = self._reader.axes.get(self.name)
+        if declared is not None and len(declared) == self.ndim:
+            return declared
+        if self.kind == schema.KIND_SITE:
+            return (ROWS,) + ("",) * (self.ndim - 1)
+        return _infer_axes(self.shape, self._trace)
+
+    def _translate(self, axis: int, positions: Positions) -> np.ndarray:
+        """Indices along `axis` of the tokens at `positions` (see `Positions`)."""
+        trace = self._trace
+        kinds = self.token_axes
+        kind = kinds[axis] if axis < len(kinds) else ""
+        where = f"{self.name} of trace {trace.id!r}" if trace is not None else self.name
+        p = np.asarray(positions).view(np.ndarray).astype(np.int64)
+        if trace is None or not kind:
+            raise CacheError(
+                f"axis {axis} of {where} (shape {self.shape}) does not run over tokens, so token "
+                f"positions cannot index it; put them at its token axis "
+                f"(trace.array(name, at=positions) finds it)")
+        if kind == SEQUENCE:
+            return p
+        if kind == ROWS:
+            rows = np.asarray(trace.positions, dtype=np.int64)
+            found = np.searchsorted(rows, p)
+            ok = (found < len(rows)) & (rows[np.minimum(found, len(rows) - 1)] == p)
+            if not ok.all():
+                raise CacheError(f"positions {p[~ok][:5].tolist()} were not captured in {where} "
+                                 f"(the cache stored other positions); select within them")
+            return found
+        start, end = trace.spans.get(TRAJECTORY, (0, 0))
+        outside = (p < start) | (p >= end)
+        if outside.any():
+            raise CacheError(
+                f"positions {p[outside][:5].tolist()} are outside the trajectory [{start}, {end}) "
+                f"that {where} covers; select with span='trajectory'")
+        return p - start + (1 if kind == PREFIX else 0)
+
+    @property
     def chunks(self) -> tuple[int, ...] | None:
         """The HDF5 chunk shape (None when contiguous)."""
         return self._ds.chunks
@@ -418,8 +529,15 @@ class LazyArray:
         return out if dtype is None else out.astype(dtype)
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        """Read the selection (numpy semantics); see the class docstring."""
+        """Read the selection (numpy semantics); see the class docstring. `Positions` (from
+        `CachedTrace.select`) are translated to this array's token axis."""
         self._reader._require_open()
+        items = key if isinstance(key, tuple) else (key,)
+        if any(isinstance(it, Positions) for it in items):
+            if any(it is Ellipsis for it in items):
+                raise IndexError("token positions and '...' cannot be combined; give every axis")
+            key = tuple(self._translate(axis, it) if isinstance(it, Positions) else it
+                        for axis, it in enumerate(items))
         h5_key, post = _split_key(key, self.shape)
         try:
             data = self._ds[h5_key]
@@ -431,6 +549,26 @@ class LazyArray:
         if self.dtype == schema.BFLOAT16 and not self.raw:
             data = bf16_bits_to_float32(data)
         return data
+
+
+def _infer_axes(shape: tuple[int, ...], trace: CachedTrace) -> tuple[AxisKind, ...]:
+    """Token axes from the shape alone: the last axis is [n_tokens], [T] or [T+1] (in that order
+    of preference), the others are not tokens."""
+    if not shape:
+        return ()
+    start, end = trace.spans.get(TRAJECTORY, (0, 0))
+    T, last = end - start, shape[-1]
+    if last == trace.n_tokens:
+        kind = SEQUENCE
+    elif T and last == T:
+        kind = TRAJECTORY
+    elif T and last == T + 1:
+        kind = PREFIX
+    else:
+        kind = ""
+    if len(shape) == 1 or (kind and kind != SEQUENCE):
+        return ("",) * (len(shape) - 1) + (kind,)
+    return ("",) * len(shape)
 
 
 def _split_key(key: Any, shape: tuple[int, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:

@@ -28,7 +28,8 @@ import numpy as np
 
 from cache import schema
 from cache.errors import CacheError
-from cache.reader import CachedTrace, CacheReader, LazyArray, open_cache
+from cache.reader import PREFIX, SEQUENCE, CachedTrace, CacheReader, LazyArray, open_cache
+from cache.reader import TRAJECTORY as TRAJECTORY_AXIS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -80,31 +81,32 @@ def _layers(trace: CachedTrace, name: str, n: int) -> list[int]:
 
 def _lazy(trace: CachedTrace, name: str) -> LazyArray:
     """`trace[name]` without listing the group again (the caller already checked the name)."""
-    return LazyArray(trace._group[name], trace._reader, raw=False)
+    return LazyArray(trace._group[name], trace._reader, raw=False, trace=trace)
 
 
 def _array_columns(trace: CachedTrace, name: str) -> dict[str, tuple[np.ndarray, slice]] | None:
     """One array of a trace as per-token columns: {column: (values, rows they fill)}, or None.
 
+    The token axis is the reader's (`CachedTrace.token_axes`, one coordinate system):
     [n_tokens] fills every row; [T], [T+1] (the value after each token) and [L, T] (one column
     `name_L<layer>` per row) fill the trajectory rows.
     """
     lazy = _lazy(trace, name)
     if lazy.kind != schema.KIND_ARRAY or lazy.ndim not in (1, 2):
         return None
+    kinds = lazy.token_axes
     a, b = trace.spans.get(TRAJECTORY, (0, 0))
-    T, shape = b - a, lazy.shape
-    if lazy.ndim == 1 and shape[0] == trace.n_tokens:
+    if kinds == (SEQUENCE,):
         return {name: (np.asarray(lazy[...]), slice(0, trace.n_tokens))}
-    if T == 0:
+    if b == a:
         return None
-    if lazy.ndim == 1 and shape[0] in (T, T + 1):
+    if kinds in ((TRAJECTORY_AXIS,), (PREFIX,)):
         values = np.asarray(lazy[...])
-        return {name: (values[1:] if shape[0] == T + 1 else values, slice(a, b))}
-    if lazy.ndim == 2 and shape[1] == T:
+        return {name: (values[1:] if kinds == (PREFIX,) else values, slice(a, b))}
+    if kinds == ("", TRAJECTORY_AXIS):
         values = np.asarray(lazy[...])
         return {f"{name}_L{layer}": (row, slice(a, b))
-                for layer, row in zip(_layers(trace, name, shape[0]), values)}
+                for layer, row in zip(_layers(trace, name, lazy.shape[0]), values)}
     return None
 
 
