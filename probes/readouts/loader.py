@@ -162,6 +162,10 @@ class TraceArrays:
                     cols[f"{name}_L{layer}"] = row
         return pd.DataFrame(cols)
 
+    def to_pandas(self) -> pd.DataFrame:
+        """The per-token table (`table`)."""
+        return self.table()
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: metadata and every array as nested lists."""
         return {"id": self.id, "n_tokens": self.n_tokens,

@@ -145,6 +145,16 @@ def read_traces(path: str | Path, *, strict: bool = False) -> TraceSet:
     return TraceSet(traces=traces, problems=problems, path=path)
 
 
+def trace_from_record(record: dict, number: int) -> tuple[Trace | None, str]:
+    """One record (a dict of a JSONL line's shape) as a `Trace`, with the same checks as a line of
+    a file; returns (trace, "") or (None, reason). `number` stands for the line number."""
+    try:
+        text = json.dumps(record, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        return None, f"not JSON-serialisable ({exc})"
+    return _parse_line(text, number)
+
+
 def _parse_line(text: str, line_no: int) -> tuple[Trace | None, str]:
     """Parse one non-blank line; returns (trace, "") or (None, reason)."""
     try:
