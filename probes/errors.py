@@ -3,7 +3,7 @@
 The CLI turns any user error into one line on stderr and exit code 2; anything else is a bug and
 keeps its traceback. Messages name the bad input, the valid values and the fix. The library
 packages keep their own roots (`hooks.errors.HooksError`, `cache.errors.CacheError`) so that they
-need nothing of `probes`; `probes.run.USER_ERRORS` lists all three for the CLI's edge.
+need nothing of `probes`; `probes.run.user_errors()` lists all three for the CLI's edge.
 """
 
 

@@ -1,8 +1,10 @@
-"""The command line: `python -m probes.run SUBCOMMAND ...`.
+"""The command line: `trajectory-probes SUBCOMMAND ...` (or `python -m probes.run SUBCOMMAND ...`).
 
-A thin entry: the subcommand table below lists one module of `probes.commands` per subcommand
-(each has `NAME`, `add_parser(sub)` and `run(args) -> exit code`). At the edge, every user error
-(`USER_ERRORS`) prints one `error:` line on stderr and exits with code 2, Ctrl-C prints one line
+Also the `trajectory-probes` console script. A thin entry: `probes.commands.SUBCOMMANDS` lists one
+module per subcommand (each has `NAME`, `add_parser(sub)` and `run(args) -> exit code`), and only
+the module of the subcommand run is imported. Before anything, a local `hooks.py`, `cache.py` or
+`analyses.py` that would shadow the toolkit is refused in one line. At the edge, every user error
+(`user_errors()`) prints one `error:` line on stderr and exits with code 2, Ctrl-C prints one line
 and exits with 130, and a closed stdout (`... | head`) ends quietly; nothing already written is
 removed.
 """
@@ -10,46 +12,46 @@ removed.
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Sequence
-from types import ModuleType
+from pathlib import Path
 from typing import NoReturn
 
-from cache.errors import CacheError
-from hooks.errors import HooksError
-from probes.commands import (
-    anchors,
-    cache,
-    categories,
-    compare,
-    compare_models,
-    demo,
-    effects,
-    efficiency,
-    fit,
-    generate,
-    grade,
-    inspect,
-    landscape,
-    lhat,
-    pack,
-    report,
-    updates,
-)
-from probes.errors import ProbesError
+from probes.commands import SUBCOMMANDS
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+TOOLKIT_PACKAGES = ("hooks", "cache", "analyses")
+"""Top-level packages of the toolkit besides `probes` (a local file of that name shadows one)."""
 
-COMMANDS: tuple[ModuleType, ...] = (
-    demo, generate, grade, categories, cache, inspect, pack, lhat, updates, landscape, fit, compare, report,
-    efficiency, compare_models, anchors, effects,
-)
-"""The subcommands, in the order `--help` lists them."""
 
-USER_ERRORS: tuple[type[Exception], ...] = (ProbesError, HooksError, CacheError)
-"""Every error the CLI reports as one `error:` line with exit code 2."""
+def shadowing_file() -> str | None:
+    """A local `hooks.py` / `cache.py` / `analyses.py` (or folder) that Python would import instead
+    of the toolkit's package (`python -m` puts the working folder first on `sys.path`), or None.
+    Looked up without importing anything."""
+    home = Path(__file__).resolve().parent.parent
+    for name in TOOLKIT_PACKAGES:
+        module = sys.modules.get(name)
+        if module is not None:
+            origin = getattr(module, "__file__", None)
+        else:
+            spec = importlib.util.find_spec(name)
+            origin = None if spec is None else spec.origin
+        if origin is not None and Path(origin).resolve() != home / name / "__init__.py":
+            return origin
+    return None
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Every error the CLI reports as one `error:` line with exit code 2."""
+    from cache.errors import CacheError
+    from hooks.errors import HooksError
+    from probes.errors import ProbesError
+
+    return (ProbesError, HooksError, CacheError)
 
 
 class Parser(argparse.ArgumentParser):
@@ -60,30 +62,57 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
+ALL = "*"
+"""`build_parser(ALL)`: the full parser of every subcommand (imports them all)."""
+
+
+def build_parser(command: str | None = ALL) -> argparse.ArgumentParser:
+    """The argument parser: every subcommand's one-line help, and the full parser of `command`
+    (of every one with `ALL`; of none with None) — only those subcommands' modules are imported."""
     parser = Parser(
-        prog="python -m probes.run",
+        prog=os.environ.get("PROBES_PROG", "trajectory-probes"),
         description=(
             "trajectory-probes: how each token of a chain of thought moves a model toward its "
-            "answer. Run `python -m probes.run SUBCOMMAND --help` for each subcommand."
+            "answer. Run `trajectory-probes SUBCOMMAND --help` for each subcommand "
+            "(`python -m probes.run` is the same)."
         ),
     )
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
-    for command in COMMANDS:
-        command.add_parser(sub)
+    for name, module, summary in SUBCOMMANDS:
+        if command in (ALL, name):
+            importlib.import_module(module).add_parser(sub)
+        else:
+            sub.add_parser(name, help=summary, add_help=False)
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand named in `argv` (the first word that is not a flag), if any."""
+    known = {name for name, _, _ in SUBCOMMANDS}
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in known else None
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv`, run the subcommand, return the exit code (2 on a user error)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    shadow = shadowing_file()
+    if shadow is not None:
+        print(f"error: {shadow} shadows the toolkit's {Path(shadow).stem} package (Python imports "
+              f"files of the working folder first under `python -m`); rename that file, run from "
+              f"another folder, or use the `trajectory-probes` command", file=sys.stderr)
+        return EXIT_USER_ERROR
+    command = _command_of(argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(command).parse_args(argv)
     except SystemExit as exit_:  # --help, or a flag error already printed as one line
         return int(exit_.code or 0)
+    errors = user_errors()
     try:
         return args.func(args)
-    except USER_ERRORS as err:
+    except errors as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
@@ -99,5 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def console() -> None:
+    """The `trajectory-probes` console script."""
+    raise SystemExit(main())
+
+
 if __name__ == "__main__":
+    os.environ.setdefault("PROBES_PROG", "python -m probes.run")
     raise SystemExit(main())

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from hooks.model import LoadedModel
-from probes.commands import flags
+from probes.commands import SUMMARIES, flags
 from probes.errors import ProbesError
 from probes.measures.anchors import receivers as anc
 from probes.measures.anchors import resampling as rs
@@ -407,7 +407,7 @@ def add_parser(sub: Any) -> None:
     """Register `anchors` and its flags."""
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
-        help="sentence-level anchors: chunks, receiver heads, attention suppression, resampling",
+        help=SUMMARIES[NAME],
         description=(
             "Split every trajectory into sentence chunks (paragraphs, lines, sentence ends, "
             "</think>; never inside $...$) and label them by the lexicon phrase they open with; "

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from probes.commands import flags
+from probes.commands import SUMMARIES, flags
 from probes.errors import ProbesError
 from probes.measures.capture.activations import (
     BACKENDS,
@@ -247,7 +247,7 @@ def add_parser(sub: Any) -> None:
     """Register `cache` and its flags."""
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
-        help="capture activations of every trace into an HDF5 cache (resumable)",
+        help=SUMMARIES[NAME],
         description=(
             "Read JSONL traces, tokenize them into prompt/trajectory/scaffold/answer spans, label "
             "every token, run the model over each trace in chunks through its KV cache and write "

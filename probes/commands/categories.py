@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from probes.commands import flags
+from probes.commands import SUMMARIES, flags
 from probes.pipeline.progress import Stages, progress_on
 
 NAME = "categories"
@@ -18,7 +18,7 @@ def add_parser(sub: Any) -> None:
     """Register `categories` and its flags."""
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
-        help="count reflection / delimiter phrases in your traces with your tokenizer",
+        help=SUMMARIES[NAME],
         description=(
             "Tokenize the traces with the given tokenizer, match the lexicon's reflection and "
             "delimiter phrases on the text (word boundaries, case-insensitive where sensible), map "

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from analyses.lhat_effects import METRICS
-from probes.commands import flags
+from probes.commands import SUMMARIES, flags
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
 from probes.pipeline.progress import Stages, progress_on
@@ -371,8 +371,7 @@ def add_parser(sub: Any) -> None:
     """Register `compare` and its flags."""
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
-        help="compare reflection / delimiter / ordinary tokens on L-hat and on the per-token "
-             "implicit updates, with controls (cache only)",
+        help=SUMMARIES[NAME],
         description=(
             "From the cache alone (no model): per-trace aggregates of the chosen per-token metric "
             "for reflection, delimiter and ordinary tokens, each lexicon phrase, and the controls "

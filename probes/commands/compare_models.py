@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from probes import arrays
-from probes.commands import flags
+from probes.commands import SUMMARIES, flags
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
 from probes.pipeline.progress import Stages, progress_on
@@ -286,8 +286,7 @@ def add_parser(sub: Any) -> None:
     """Register `compare-models` and its flags."""
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
-        help="the same traces through several checkpoints sharing a tokenizer: L-hat curves, "
-             "stability and update magnitudes compared trace by trace (caches only)",
+        help=SUMMARIES[NAME],
         description=(
             "Compare models (e.g. along training: early SFT, SFT, RL) on the same traces, from "
             "their caches alone: one cache per model, each with L-hat curves (from `lhat`) and "

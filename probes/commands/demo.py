@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from probes import DATA_DIR
-from probes.commands import flags
+from probes.commands import SUMMARIES, flags
 from probes.commands.cache import CacheConfig, cache_traces
 from probes.commands.compare import CompareConfig, compare_cache
 from probes.commands.effects import demo_section as effects_demo
@@ -350,7 +350,7 @@ def add_parser(sub: Any) -> None:
     """Register `demo` and its flags."""
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
-        help="run the whole pipeline on the built-in tiny-reasoner and its sample traces",
+        help=SUMMARIES[NAME],
         description=(
             "Load the built-in `tiny-reasoner` (no download), read its 200 sample traces, tokenize "
             "them into prompt/trajectory/scaffold/answer spans, label every token (reflection, "

@@ -40,7 +40,7 @@ import numpy as np
 from analyses.token_sets import CATEGORY_CODES, CATEGORY_NAMES
 from hooks.model import LoadedModel
 from probes import arrays
-from probes.commands import flags
+from probes.commands import SUMMARIES, flags
 from probes.errors import ProbesError
 from probes.models.controls import CONTROLS, random_init_model
 from probes.pipeline.loop import (
@@ -433,8 +433,7 @@ def add_parser(sub: Any) -> None:
     """Register `effects` and its flags."""
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
-        help="causal edits of single tokens' updates (real ΔL vs M7/M6: V7) and behaviour "
-             "directions, into a cache",
+        help=SUMMARIES[NAME],
         description=(
             "For every trace, sample (layer, token) pairs per category (reflection, delimiter, "
             "ordinary) and remove exactly that token's update: (a) mask its key for the answer "

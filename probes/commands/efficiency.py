@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from probes.commands import flags
+from probes.commands import SUMMARIES, flags
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
 from probes.pipeline.progress import Stages, progress_on
@@ -187,8 +187,7 @@ def add_parser(sub: Any) -> None:
     """Register `efficiency` and its flags."""
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
-        help="trajectory efficiency from the L-hat curves, and paired variants of the same "
-             "question (cache only)",
+        help=SUMMARIES[NAME],
         description=(
             "From a cache with L-hat curves (from `lhat`), no model: per trace the final drop of "
             "L-hat, the tokens needed to reach 50% and 90% of it, the area under the normalised "

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from hooks.model import LoadedModel
-from probes.commands import flags
+from probes.commands import SUMMARIES, flags
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
 from probes.models.load import load_model
@@ -235,8 +235,7 @@ def add_parser(sub: Any) -> None:
     """Register `fit` and its flags."""
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
-        help="linear maps of the per-token implicit updates (pseudo-gradient map, static thought "
-             "patch), fitted with scikit-learn",
+        help=SUMMARIES[NAME],
         description=(
             "Needs the model. (a) Per layer: the exact leave-one-out change of the answer row's "
             "attention output caused by each trajectory token, regressed on the token's "

@@ -50,7 +50,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from probes.commands import flags
+from probes.commands import SUMMARIES, flags
 from probes.commands.grade import format_statistics
 from probes.errors import ProbesError
 from probes.models.generate import BACKENDS
@@ -95,7 +95,7 @@ def add_parser(sub: Any) -> None:
     """Register `generate` and its flags."""
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
-        help="sample k graded trajectories per question from your model (or summarise trajectories)",
+        help=SUMMARIES[NAME],
         description=(
             "Sample --n trajectories per question of --questions with --model and write one graded "
             "trace per sample to --out (JSONL: id, group, sample, question, trajectory, response, "

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from analyses.sampling import sample_statistics
-from probes.commands import flags
+from probes.commands import SUMMARIES, flags
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
 from probes.pipeline.progress import Stages, progress_on
@@ -219,7 +219,7 @@ def add_parser(sub: Any) -> None:
     """Register `grade` and its flags."""
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
-        help="grade traces you have: extract each final answer and compare it with the gold answer",
+        help=SUMMARIES[NAME],
         description=(
             "Add model_answer (the last \\boxed{...}, else the text after </think>) and correct (equal "
             "to the record's answer by math-verify's mathematical equivalence, or exact strings) to "

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from probes import arrays
-from probes.commands import flags
+from probes.commands import SUMMARIES, flags
 from probes.pipeline.loop import human_size
 
 NAME = "inspect"
@@ -82,7 +82,7 @@ def add_parser(sub: Any) -> None:
     """Register `inspect` and its flags."""
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
-        help="summarise an HDF5 cache: model, schema, traces, sites, shapes, sizes, completeness",
+        help=SUMMARIES[NAME],
         description=(
             "Open a cache read-only (no model needed) and print its model, schema version, run "
             "config, number of complete and interrupted traces, and every site's dtype, shape "

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from hooks.model import LoadedModel
-from probes.commands import flags
+from probes.commands import SUMMARIES, flags
 from probes.measures.answers import answer_scores, without_trajectory
 from probes.measures.landscape.path import (
     implicit_path,
@@ -311,7 +311,7 @@ def add_parser(sub: Any) -> None:
     """Register `landscape` and its flags."""
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
-        help="answer-loss landscape on weight planes, with the exact implicit-update path",
+        help=SUMMARIES[NAME],
         description=(
             "For every trace: the mean answer NLL with the trajectory removed (prompt + scaffold + "
             "answer) at weights theta + x*d1 + y*d2 on an n x n grid, for two seeded random "

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from hooks.model import LoadedModel
-from probes.commands import flags
+from probes.commands import SUMMARIES, flags
 from probes.measures.lhat.fast import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_PACK_TOKENS,
@@ -183,7 +183,7 @@ def add_parser(sub: Any) -> None:
     """Register `lhat` and its flags."""
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
-        help="answer NLL after every trajectory prefix (RaML's L-hat), exact and fast, into a cache",
+        help=SUMMARIES[NAME],
         description=(
             "For every trace compute L-hat_t, the mean NLL of the gold answer when the scaffold "
             "'\\n\\n**Final Answer**\\n\\\\boxed{' and the answer follow the first t trajectory "

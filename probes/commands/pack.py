@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from probes.commands import flags
+from probes.commands import SUMMARIES, flags
 from probes.errors import ProbesError
 from probes.pipeline.loop import human_size
 
@@ -56,7 +56,7 @@ def add_parser(sub: Any) -> None:
     """Register `pack` and its flags."""
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
-        help="copy a cache (index + segments folder) into one self-contained HDF5 file",
+        help=SUMMARIES[NAME],
         description=(
             "Copy every complete trace of a cache, bit-exact with the same dtypes, chunks and "
             "compression, into one HDF5 file without external links, e.g. to archive or share it. "

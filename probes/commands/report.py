@@ -29,7 +29,7 @@ from typing import Any
 from analyses.report import render_html, render_markdown
 from analyses.report_data import Report
 from cache import store_bytes
-from probes.commands import flags
+from probes.commands import SUMMARIES, flags
 from probes.errors import ProbesError
 from probes.pipeline.loop import human_size
 from probes.pipeline.progress import Stages, progress_on, quiet_flag
@@ -253,7 +253,7 @@ def add_parser(sub: Any) -> None:
     """Register `report` and its flags."""
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
-        help="one self-contained HTML report of a cache: identity, tables, plots, token heat maps",
+        help=SUMMARIES[NAME],
         description=(
             "From the cache alone (no model): one HTML file that opens offline (plots embedded, no "
             "external scripts) with the run's identity (model, architecture, dtype, versions, "

@@ -76,7 +76,7 @@ from typing import Any
 import numpy as np
 
 from hooks.model import LoadedModel
-from probes.commands import flags
+from probes.commands import SUMMARIES, flags
 from probes.errors import ProbesError
 from probes.measures.updates.sdpa_pass import ATTENTION_PATHS
 from probes.measures.updates.shared_pass import (
@@ -270,8 +270,7 @@ def add_parser(sub: Any) -> None:
     """Register `updates` and its flags."""
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
-        help="per-token implicit updates (attention M1-M4, MLP M5, gradient alignment M6/M7) at "
-             "the answer query, into a cache",
+        help=SUMMARIES[NAME],
         description=(
             "For every trace, at the position that predicts the first answer token (or averaged "
             "over every answer-predicting row with --answer-rows mean), compute per "

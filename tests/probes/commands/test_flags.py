@@ -6,11 +6,14 @@ import argparse
 import pytest
 
 from hooks.model import DTYPES
+from probes.commands import SUBCOMMANDS
 from probes.measures.capture.activations import BACKENDS, POSITIONS, STORAGE_DTYPES
 from probes.measures.updates.shared_pass import ANSWER_ROWS
 from probes.models.controls import CONTROLS
 from probes.pipeline.loop import RESUME_HELP
-from probes.run import COMMANDS, build_parser
+from probes.run import build_parser
+
+NAMES = [name for name, _, _ in SUBCOMMANDS]
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -24,10 +27,10 @@ def _option(parser: argparse.ArgumentParser, flag: str) -> argparse.Action:
 
 
 def test_every_command_is_in_the_table():
-    assert set(_subparsers()) == {c.NAME for c in COMMANDS}
+    assert set(_subparsers()) == set(NAMES)
 
 
-@pytest.mark.parametrize("name", [c.NAME for c in COMMANDS])
+@pytest.mark.parametrize("name", NAMES)
 def test_defaults_are_stated_once(name):
     parser = _subparsers()[name]
     for action in parser._actions:
@@ -56,7 +59,7 @@ def test_choices_come_from_the_constants():
     assert tuple(_option(subs["updates"], "--answer-rows").choices) == ANSWER_ROWS
 
 
-@pytest.mark.parametrize("name", [c.NAME for c in COMMANDS if c.NAME not in ("inspect", "pack")])
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in ("inspect", "pack")])
 def test_every_long_running_command_has_quiet(name):
     """Each command that can run longer than a second draws a bar on a terminal; -q turns it off."""
     action = _option(_subparsers()[name], "--quiet")

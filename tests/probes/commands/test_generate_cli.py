@@ -15,24 +15,14 @@ import pytest
 
 import probes.run
 from cache import open_cache
-from probes.commands import generate, grade
 from probes.demo.generation import format_generation_demo, generation_demo
 from probes.models.load import load_model
 from probes.reasoner.task import generate_problems, write_jsonl
 from probes.traces.read import read_traces
 
 ROOT = Path(__file__).resolve().parents[3]
-RUN_CLI = ("import sys, probes.run as r; from probes.commands import generate, grade; "
-           "r.COMMANDS += tuple(c for c in (generate, grade) if c not in r.COMMANDS); "
-           "sys.exit(r.main(sys.argv[1:]))")
-"""`python -m probes.run` with `generate` and `grade` registered (for the subprocess test)."""
-
-
-@pytest.fixture(autouse=True)
-def _registered(monkeypatch):
-    """`generate` and `grade` in the CLI's command table (a no-op once `probes.run` lists them)."""
-    extra = tuple(c for c in (generate, grade) if c not in probes.run.COMMANDS)
-    monkeypatch.setattr(probes.run, "COMMANDS", probes.run.COMMANDS + extra)
+RUN_CLI = "import sys, probes.run as r; sys.exit(r.main(sys.argv[1:]))"
+"""`python -m probes.run` (for the subprocess test)."""
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import probes.run
 from cache import open_cache
 from probes.commands import report
 from probes.errors import ProbesError
-from probes.run import USER_ERRORS, Parser
+from probes.run import Parser, user_errors
 from tests.probes.commands._report_run import small_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
         return int(exit_.code or 0)
     try:
         return args.func(args)
-    except USER_ERRORS as err:
+    except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
