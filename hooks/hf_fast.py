@@ -13,13 +13,14 @@ modules, hooks and config are never changed. Caveat: models dispatched with acce
 import copy
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
 from hooks.capture import prepare_sites
+from hooks.families import FAMILIES, SitePaths
 from hooks.model import ArchInfo, LoadedModel
 from hooks.reduce import CaptureError, PositionSpec, Reduce, resolve_positions, resolve_storage
 from hooks.sites import DELTA, HookSite, UnknownSiteError
@@ -35,33 +36,11 @@ HF_FAST_COMPONENTS: tuple[str, ...] = (
 )
 """Components the fast path can capture (all other sites need the bridge: `hooks.capture`)."""
 
-_LLAMA_LIKE: dict[str, tuple[str, Literal["in", "out"]]] = {
-    "embed": ("model.embed_tokens", "out"),
-    "resid_pre": ("model.layers.{layer}", "in"),
-    "resid_mid": ("model.layers.{layer}.post_attention_layernorm", "in"),
-    "resid_post": ("model.layers.{layer}", "out"),
-    "attn_out": ("model.layers.{layer}.self_attn", "out"),
-    "mlp_out": ("model.layers.{layer}.mlp", "out"),
-    "ln_final": ("model.norm", "out"),
+HF_SITE_PATHS: dict[str, SitePaths] = {
+    f.model_type: f.hf_site_paths for f in FAMILIES if f.hf_site_paths is not None
 }
-
-HF_SITE_PATHS: dict[str, dict[str, tuple[str, Literal["in", "out"]]]] = {
-    "qwen2": _LLAMA_LIKE,
-    "llama": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gpt2": {
-        "embed": ("transformer.wte", "out"),
-        "resid_pre": ("transformer.h.{layer}", "in"),
-        "resid_mid": ("transformer.h.{layer}.ln_2", "in"),
-        "resid_post": ("transformer.h.{layer}", "out"),
-        "attn_out": ("transformer.h.{layer}.attn", "out"),
-        "mlp_out": ("transformer.h.{layer}.mlp", "out"),
-        "ln_final": ("transformer.ln_f", "out"),
-    },
-}
-"""HF model_type -> component -> (module path in the CausalLM, first input "in" or output "out").
-
-`delta` comes from resid_pre and resid_post.
+"""HF model_type -> component -> (module path in the CausalLM, first input "in" or output "out"):
+the `hf_site_paths` of the `hooks.families` records. `delta` comes from resid_pre and resid_post.
 """
 
 _HOOK_DICTS = (
@@ -133,7 +112,7 @@ def run_residual_hf(
         raise UnknownSiteError(
             f"The HF fast path has no module table for model_type {family!r}; supported: "
             f"{sorted(HF_SITE_PATHS)}. Use hooks.capture on the bridge, or add the module paths "
-            "to hooks/hf_fast.py:HF_SITE_PATHS."
+            "to the family's record in hooks/families.py (hf_site_paths)."
         )
     arch = model.arch if isinstance(model, LoadedModel) else _arch_of(hf)
     checked = prepare_sites(sites, arch)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hooks.errors import HooksError
+from hooks.families import FAMILIES, OTHER_PLAIN_MLP_MODEL_TYPES, model_types
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -141,7 +142,7 @@ class ArchInfo:
         d_head = getattr(config, "head_dim", None) or d_model // n_heads
         d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
         if d_mlp is None:
-            if family != "gpt2" and not hasattr(config, "n_inner"):
+            if not hasattr(config, "n_inner"):
                 raise _underivable(family, "d_mlp", ("intermediate_size", "n_inner"))
             d_mlp = 4 * d_model  # GPT-2 convention: n_inner=None means 4 * n_embd
         n_ctx = _first_attr(
@@ -185,15 +186,15 @@ class ArchInfo:
 
 
 # Families whose MLP is act(W_in x) rather than act(W_gate x) * (W_up x). Config fields cannot tell the
-# two apart (GPT-NeoX also has `intermediate_size` + `hidden_act`), so this is a list of model types.
+# two apart (GPT-NeoX also has `intermediate_size` + `hidden_act`), so this is a list of model types
+# (`hooks.families`: the records', and those of model types without a record).
 _PLAIN_MLP_FAMILIES = frozenset(
-    {"gpt2", "gpt_neox", "gptj", "gpt_neo", "opt", "bloom", "phi", "codegen", "falcon", "mpt"}
-)
+    model_types(lambda f: f.mlp == "plain", aliases=True)) | OTHER_PLAIN_MLP_MODEL_TYPES
 
 
 # Families whose norms are not all before the sublayers (the rest: "pre").
-_NORM_LAYOUTS = {"gemma2": "sandwich", "gemma3": "sandwich", "gemma3_text": "sandwich",
-                 "olmo2": "post"}
+_NORM_LAYOUTS = {mt: f.norm_layout for f in FAMILIES if f.norm_layout != "pre"
+                 for mt in f.hf_model_types}
 
 
 def _first_attr(config: Any, family: str, field: str, names: tuple[str, ...]) -> int:
@@ -207,8 +208,8 @@ def _first_attr(config: Any, family: str, field: str, names: tuple[str, ...]) ->
 def _underivable(family: str, field: str, names: tuple[str, ...]) -> HooksError:
     return HooksError(
         f"Cannot derive ArchInfo.{field} for model_type {family!r}: its config has none of "
-        f"{list(names)}. Supported families include qwen2, qwen3, llama and gpt2; extend "
-        f"hooks/model.py:ArchInfo.from_hf_config for this one."
+        f"{list(names)}. Supported families: {', '.join(model_types())} (hooks/families.py); "
+        f"extend hooks/model.py:ArchInfo.from_hf_config for this one."
     )
 
 

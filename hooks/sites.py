@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from hooks.errors import HooksError
+from hooks.families import model_types
 from hooks.model import ArchInfo
 
 __all__ = [
@@ -64,6 +65,7 @@ DELTA = "delta"
 """The derived component: resid_post - resid_pre at the same layer (what the whole block writes)."""
 
 _ROPE = {"positional": ("rope",)}
+_QK_NORMED = {"family": model_types(lambda f: f.bridge_qk_normed)}   # Qwen3 (`hooks.families`)
 
 SITE_TABLE: dict[str, SiteSpec] = {
     # Global sites (no layer).
@@ -94,9 +96,9 @@ SITE_TABLE: dict[str, SiteSpec] = {
     "attn.rot_k": SiteSpec("blocks.{layer}.attn.hook_rot_k", True, "pos head d_head",
                            "key after RoPE", _ROPE),
     "attn.q_normed": SiteSpec("blocks.{layer}.attn.hook_q_normed", True, "head pos d_head",
-                              "query after QK-norm, pre-RoPE", {"family": ("qwen3",)}),
+                              "query after QK-norm, pre-RoPE", _QK_NORMED),
     "attn.k_normed": SiteSpec("blocks.{layer}.attn.hook_k_normed", True, "head pos d_head",
-                              "key after QK-norm, pre-RoPE", {"family": ("qwen3",)}),
+                              "key after QK-norm, pre-RoPE", _QK_NORMED),
     "attn.z": SiteSpec("blocks.{layer}.attn.hook_z", True, "pos head d_head",
                        "per-head attention output before o_proj"),
     "attn.scores": SiteSpec("blocks.{layer}.attn.hook_attn_scores", True, "head pos key",

@@ -1,6 +1,7 @@
 """Per-architecture weight views: the decoder layers of a model, by role.
 
-The one place that knows the Hugging Face module names and each family's block layout. A
+The one place that knows the Hugging Face module names of each block layout (which family has
+which layout, and where its blocks are, is its record in `hooks.families`). A
 measurement asks a view for what it needs (q/k/v/o weights, the MLP input matrices, the norm before
 and after each sublayer, the activation, the attention scale) instead of reaching into
 `model.model.layers[i].mlp.gate_proj` or branching on the family itself.
@@ -24,6 +25,7 @@ view, never a copy): an in-place edit of a view edits the model.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,17 +34,19 @@ import torch
 from torch import Tensor, nn
 
 from hooks.errors import UnsupportedModelError
+from hooks.families import FAMILIES as RECORDS
+from hooks.families import family_of_model_type, model_types
 from hooks.model import LoadedModel
 
-LLAMA_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+LLAMA_FAMILIES = model_types(lambda f: f.llama_layout)
 """`model_type`s with the Llama layout: RMSNorm before attention and MLP, separate q/k/v/o
 projections, a gated SiLU MLP with gate/up/down projections, nothing after the sublayers."""
 
-LLAMA_STYLE = "Qwen2/Qwen2.5, DeepSeek-R1-Distill-Qwen/Llama, Qwen3, Llama, Mistral"
+LLAMA_STYLE = ", ".join(f.label for f in RECORDS if f.llama_layout)
 """The families that have the Llama-style layout (named in every refusal)."""
 
-FAMILIES = LLAMA_FAMILIES + ("phi3", "gemma2", "gemma3_text", "olmo2", "gpt2")
-"""Every `model_type` `layer_views` describes."""
+FAMILIES = model_types()
+"""Every `model_type` `layer_views` describes (every record of `hooks.families`)."""
 
 
 @dataclass(frozen=True)
@@ -190,8 +194,8 @@ def _attn_common(attn: nn.Module, family: str) -> dict[str, Any]:
     o = attn.o_proj
     return {"attn": attn, "o_proj": o, "w_o": o.weight, "b_o": _bias(o),
             "attn_scale": float(attn.scaling),
-            "attn_softcap": getattr(attn, "attn_logit_softcapping", None) if family == "gemma2"
-            else None,
+            "attn_softcap": getattr(attn, "attn_logit_softcapping", None)
+            if family in _SOFTCAP else None,
             "qk_norm": hasattr(attn, "q_norm")}
 
 
@@ -296,18 +300,26 @@ def _gpt2_view(layer: Any, family: str, config: Any) -> LayerView:
     )
 
 
-_BUILDERS = {
-    **dict.fromkeys(LLAMA_FAMILIES, _llama_view),
+_LAYOUT_BUILDERS: dict[str, Callable[[Any, str, Any], LayerView]] = {
+    "llama": _llama_view,
     "phi3": _phi3_view,
-    "gemma2": _gemma_view,
-    "gemma3_text": _gemma_view,
+    "gemma": _gemma_view,
     "olmo2": _olmo2_view,
     "gpt2": _gpt2_view,
 }
+"""`hooks.families.Family.weight_layout` -> the view builder of that block layout."""
+
+_BUILDERS = {f.model_type: _LAYOUT_BUILDERS[f.weight_layout] for f in RECORDS}
+
+_SOFTCAP = frozenset(model_types(lambda f: f.attn_softcap))
+"""Families whose attention applies `attn_logit_softcapping` (Gemma-2)."""
+
+_BLOCKS = {f.model_type: f.blocks for f in RECORDS}
+"""Where each family's decoder layers are in the CausalLM."""
 
 
 def _blocks(hf: nn.Module, family: str) -> Any:
-    return hf.transformer.h if family == "gpt2" else hf.model.layers
+    return functools.reduce(getattr, _BLOCKS[family].split("."), hf)
 
 
 def layer_views(
@@ -336,7 +348,7 @@ def layer_views(
     if builder is None:
         raise error(
             f"{what} has no weight view for model_type {family!r}; supported: "
-            f"{', '.join(FAMILIES)} (add one to hooks/weights.py)."
+            f"{', '.join(FAMILIES)} (add its record to hooks/families.py)."
         )
     try:
         return [builder(layer, family, hf.config) for layer in _blocks(hf, family)]
@@ -381,16 +393,8 @@ class LlamaLayer:
 
 def _llama_missing(family: str) -> str:
     """What a family in `FAMILIES` but outside `LLAMA_FAMILIES` lacks, in a few words."""
-    return {
-        "phi3": "separate q/k/v and gate/up projections (Phi-3 fuses them: qkv_proj, gate_up_proj)",
-        "gemma2": "the Llama norm layout (Gemma-2 adds norms after attention and MLP, 1+γ "
-                  "RMSNorm, GeGLU, soft-capping)",
-        "gemma3_text": "the Llama norm layout (Gemma-3 adds norms after attention and MLP, 1+γ "
-                       "RMSNorm, GeGLU)",
-        "olmo2": "RMSNorm before attention and MLP (OLMo-2 puts its norms after them)",
-        "gpt2": "RoPE, RMSNorm and a gated MLP (GPT-2 has learned positions, LayerNorm, GELU "
-                "without a gate)",
-    }.get(family, "the Llama module layout")
+    record = family_of_model_type(family)
+    return record.llama_missing if record is not None else "the Llama module layout"
 
 
 def llama_layers(

@@ -1,11 +1,11 @@
 """Which model families the per-token update measurements (M1–M7) run on, and how.
 
 The measurements are written once for the block of `hooks.weights.LayerView`; this module holds
-what still differs per family: whether `updates` measures it at all (`UPDATE_FAMILIES`), whether
-its eager reference pass works (`EAGER_MISSING`) and its linear-memory pass (`SDPA_MISSING`), which
-bridge sites hold the queries and keys as the softmax sees them (`qk_sites`), the model the eager
-gradient pass runs on (`eager_model`) and the norms around the sublayers as float64 functions
-(`norm_functions`).
+what still differs per family, the tables derived from the family records (`hooks.families`):
+whether `updates` measures it at all (`UPDATE_FAMILIES`), whether its eager reference pass works
+(`EAGER_MISSING`) and its linear-memory pass (`SDPA_MISSING`); and which bridge sites hold the
+queries and keys as the softmax sees them (`qk_sites`), the model the eager gradient pass runs on
+(`eager_model`) and the norms around the sublayers as float64 functions (`norm_functions`).
 
 * Llama, Qwen2/2.5 (and the R1-Distill models), Qwen3, Mistral: the Llama layout.
 * GPT-2: LayerNorm, learned positions (q and k are not rotated: the bridge's `hook_q` / `hook_k`
@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from hooks.families import FAMILIES, model_types
 from hooks.model import LoadedModel
 from hooks.weights import LLAMA_FAMILIES, LayerView, layer_views
 
@@ -46,20 +47,18 @@ __all__ = [
     "qk_sites",
 ]
 
-UPDATE_FAMILIES = LLAMA_FAMILIES + ("gpt2", "phi3", "olmo2", "gemma2", "gemma3_text")
-"""`model_type`s whose per-token updates (M1–M7) are measured."""
+UPDATE_FAMILIES = model_types(lambda f: f.updates)
+"""`model_type`s whose per-token updates (M1–M7) are measured (`hooks.families.Family.updates`)."""
 
-EAGER_MISSING = {
-    "phi3": "the Phi-3 bridge does not fire hook_rot_q / hook_rot_k, which the eager capture reads",
-}
+EAGER_MISSING = {f.model_type: f.eager_missing for f in FAMILIES
+                 if f.updates and f.eager_missing is not None}
 """Families measured on the linear-memory pass only, with the reason the eager reference cannot
-run on them."""
+run on them (`hooks.families.Family.eager_missing`)."""
 
-SDPA_MISSING = {
-    "gemma2": "attention logit soft-capping, which the fused kernel cannot apply",
-}
+SDPA_MISSING = {f.model_type: f.sdpa_missing for f in FAMILIES
+                if f.updates and f.sdpa_missing is not None}
 """Families measured on the eager pass only, with the reason the linear-memory pass cannot run on
-them."""
+them (`hooks.families.Family.sdpa_missing`)."""
 
 
 def family_of(model: LoadedModel | nn.Module) -> str:

@@ -42,6 +42,7 @@ from hooks.hf_fast import plain_view
 from hooks.model import LoadedModel
 from hooks.weights import LayerView
 from probes.errors import ProbesError
+from probes.measures.updates.captures import QueryRowsCapture
 
 __all__ = [
     "ATTENTION_PATHS",
@@ -334,8 +335,6 @@ def sdpa_query_rows_capture(model: LoadedModel | torch.nn.Module, rows: Sequence
     Run the forward of `sdpa_view(model)` (the same view object) inside the block; then
     `get() -> QueryRowsCapture` (float32, on `device`; None = the model's device).
     """
-    from probes.measures.updates.attention import QueryRowsCapture
-
     view = sdpa_view(model)
     rows = [int(r) for r in rows]
     n_layers = len(_layer_modules(view))
