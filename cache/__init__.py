@@ -24,7 +24,7 @@ from cache.errors import (
 )
 from cache.reader import CachedTrace, CacheReader, LazyArray, SiteInfo, open_cache, summarize
 from cache.schema import SCHEMA_VERSION
-from cache.writer import CacheWriter, SiteArray, check_unlocked, open_writer
+from cache.writer import CacheWriter, SiteArray, check_unlocked, open_writer, try_lock
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -55,4 +55,5 @@ __all__ = [
     "store_bytes",
     "store_exists",
     "summarize",
+    "try_lock",
 ]

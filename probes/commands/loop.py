@@ -4,7 +4,9 @@
 One rule set for all of them:
 
 - **Output.** `--out` must be a file path in an existing folder. An existing `--out` is an error
-  unless `--resume` is given (`RESUME_HELP`).
+  unless `--resume` is given (`RESUME_HELP`); checked before the model loads and again under the
+  writer lock after it (`open_writer` mode "create"), so a second run started on the same new
+  `--out` is refused and leaves the first one's store as it is.
 - **Resume.** With `--resume` the file is extended: traces already done (a complete trace group
   for `cache`; the command's last array present for the others) are kept and skipped, an
   interrupted trace group is deleted and redone (and said so), the rest is computed. A file that
@@ -148,7 +150,7 @@ def write_traces(
         ProbesError, CacheError, HooksError: Bad input, a file that cannot take this run, a trace
             whose stored tokens differ (`CacheMismatchError`), an unsupported model.
     """
-    from cache import remove_cache, store_bytes
+    from cache import remove_cache, store_bytes, store_exists
 
     t_start = time.perf_counter()
     shard = current_shard()
@@ -169,6 +171,10 @@ def write_traces(
                           f"lines); nothing was written")
     lexicon = load_lexicon(extra=lexicon_files)
     stored = read_stored(job)
+    # Segments left without their index file (a deleted cache) are replaced, not resumed, unless
+    # --resume: decided now, so that a store another run creates while the model loads is never
+    # taken for them (it is refused under the writer lock instead, `open_writer` mode "create").
+    leftover = not (job.resume or job.overwrite) and store_exists(out)
     if shard is not None:
         say = _rank_log(say, shard)
         shard.barrier()  # every rank has checked --out before rank 0 creates it
@@ -202,10 +208,8 @@ def write_traces(
         meta["config"] = {**stored.config,
                           **{k: config.get(k) for k in (*TOKENIZATION_KEYS, *job.own_keys)}}
 
-    mode = "overwrite" if job.overwrite else "append"
-    if not (job.resume or out.exists()) and (shard is None or shard.rank == 0):
-        # Deleting a cache's file deletes the cache: segments left without their index file
-        # are not resumed without --resume, but replaced (as a new file would be).
+    mode = "overwrite" if job.overwrite else "append" if job.resume else "create"
+    if leftover and (shard is None or shard.rank == 0):
         remove_cache(out)
     batches = ([[tokenized[i] for i in batch] for batch in prepared.batching.plan(tokenized)]
                if prepared.batching is not None else [[tt] for tt in tokenized])
