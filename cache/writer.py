@@ -85,9 +85,10 @@ def open_writer(
             `tokenizer_fingerprint`, `lexicon_fingerprint` (str), `category_codes` (dict name ->
             uint8 code), `config` (JSON-able dict: sites, positions, storage dtype, prompt/scaffold
             templates, ...); optional `versions` (dict package -> version, e.g. transformers,
-            transformer_lens, torch) and `info` (JSON-able dict, e.g. the lexicon JSON). The
-            identity keys must equal the stored ones to append; `versions`/`info` are recorded
-            at creation only.
+            transformer_lens, torch), `info` (JSON-able dict, e.g. the lexicon JSON) and
+            `weights_fingerprint` (str). The identity keys must equal the stored ones to append
+            (`weights_fingerprint` where the file has one); `versions`/`info` are recorded at
+            creation only.
         mode: "append": create the store, or resume it (skip complete traces, remove interrupted
             ones). "create": the file must not exist, and is checked again once this writer holds
             the lock (a store another writer created meanwhile is refused and left as it is).

@@ -12,7 +12,9 @@ One rule set for all of them:
   interrupted trace group is deleted and redone (and said so), the rest is computed. A file that
   holds activation sites gains arrays only for the traces it already has, so its site layout stays
   uniform.
-- **Identity.** The file must come from the same model, tokenizer and lexicon (checked by
+- **Identity.** The file must come from the same model (path and weights fingerprint,
+  `probes.models.identity.weights_fingerprint`; a file written before fingerprints were recorded
+  is resumed, saying its weights are not checked), tokenizer and lexicon (checked by
   `cache.open_writer`), the same tokenization (`TOKENIZATION_KEYS`) and the same settings of the
   command's own arrays (`WriteJob.own_keys`, plus `WriteJob.check_stored`); otherwise one error
   names the field that differs.
@@ -171,6 +173,9 @@ def write_traces(
                           f"lines); nothing was written")
     lexicon = load_lexicon(extra=lexicon_files)
     stored = read_stored(job)
+    if stored is not None and "weights_fingerprint" not in stored.metadata:
+        say(f"{out} records no weights fingerprint (written before they were recorded): this "
+            f"model's weights are not checked against it, only its path, tokenizer and settings")
     # Segments left without their index file (a deleted cache) are replaced, not resumed, unless
     # --resume: decided now, so that a store another run creates while the model loads is never
     # taken for them (it is refused under the writer lock instead, `open_writer` mode "create").
