@@ -133,9 +133,32 @@ def _json_dict(value: Any, key: str) -> dict[str, Any]:
         raise CacheInputError(f"metadata[{key!r}] is not JSON-serialisable: {exc}") from None
 
 
-def _check_identity(path: Path, stored: dict[str, Any], given: dict[str, Any]) -> None:
+def check_identity(path: str | os.PathLike[str], stored: Mapping[str, Any],
+                   given: Mapping[str, Any], keys: tuple[str, ...] = schema.IDENTITY_KEYS
+                   ) -> None:
+    """Raise what `open_writer` raises when appending run `given` to the cache `stored` came from.
+
+    Lets a caller refuse a cache before its work, once it knows a part of the identity (e.g. the
+    model, before a pass over the traces that the config depends on).
+
+    Args:
+        path: The cache (named in the message).
+        stored: Its metadata (`CacheReader.metadata`).
+        given: This run's `open_writer` metadata.
+        keys: The identity keys to compare (the weights fingerprint is always compared where both
+            have one).
+
+    Raises:
+        CacheMismatchError: Naming every differing field with both values.
+        CacheInputError: `given` is not valid `open_writer` metadata.
+    """
+    _check_identity(Path(path), dict(stored), _normalize_metadata(given), keys)
+
+
+def _check_identity(path: Path, stored: dict[str, Any], given: dict[str, Any],
+                    keys: tuple[str, ...] = schema.IDENTITY_KEYS) -> None:
     diffs: list[tuple[str, Any, Any]] = []
-    for key in schema.IDENTITY_KEYS:
+    for key in keys:
         diffs += _diff(stored[key], given[key], key)
     if diffs:
         fields = sorted({d[0].split(".")[0] for d in diffs})

@@ -79,6 +79,10 @@ from probes.traces.labels import LABEL_KEY, label_arrays
 from probes.traces.read import read_traces
 from probes.traces.tokenize import DEFAULT_SCAFFOLD, tokenize_traces
 
+MODEL_KEYS = ("model", "architecture", "model_dtype", "weight_convention", "tokenizer_fingerprint",
+              "lexicon_fingerprint", "category_codes")
+"""The identity keys known once the model is loaded: compared before `Plan` is made."""
+
 if TYPE_CHECKING:
     from hooks.model import LoadedModel
     from probes.traces.categories import Lexicon
@@ -187,6 +191,11 @@ def write_traces(
     if shard is not None:
         shard.pin_gpu()
     loaded = load()
+    if stored is not None:  # the model, before `plan` (which may pass over every trace)
+        from cache import check_identity
+
+        check_identity(out, stored.metadata, run_metadata(loaded, lexicon, config={}),
+                       keys=MODEL_KEYS)
     prepared = plan(loaded)
 
     traces = list(traceset.traces[:limit] if limit is not None else traceset.traces)
