@@ -7,6 +7,7 @@ The layout is schema v1 (`cache.schema`, `cache/SCHEMA.md`); bfloat16 is stored 
 (`cache.bf16`).
 """
 
+from cache._meta import check_identity
 from cache._pack import pack_cache
 from cache._store import remove_cache, segments_dir, store_bytes, store_exists
 from cache.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
@@ -24,7 +25,7 @@ from cache.errors import (
 )
 from cache.reader import CachedTrace, CacheReader, LazyArray, SiteInfo, open_cache, summarize
 from cache.schema import SCHEMA_VERSION
-from cache.writer import CacheWriter, SiteArray, check_unlocked, open_writer
+from cache.writer import CacheWriter, SiteArray, check_unlocked, open_writer, try_lock
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -45,6 +46,7 @@ __all__ = [
     "SiteInfo",
     "TraceNotFoundError",
     "bf16_bits_to_float32",
+    "check_identity",
     "check_unlocked",
     "float32_to_bf16_bits",
     "open_cache",
@@ -55,4 +57,5 @@ __all__ = [
     "store_bytes",
     "store_exists",
     "summarize",
+    "try_lock",
 ]

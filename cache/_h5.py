@@ -149,7 +149,7 @@ def read_root_metadata(f: h5py.File, path: Path) -> dict[str, Any]:
     Returns:
         {schema_version, toolkit_version, created, model, architecture (dict), model_dtype,
         weight_convention, tokenizer_fingerprint, lexicon_fingerprint, category_codes (dict),
-        versions (dict), config (dict), info (dict)}.
+        versions (dict), config (dict), info (dict)}, and weights_fingerprint where recorded.
 
     Raises:
         NotACacheError: No `schema_version` attribute.
@@ -177,6 +177,9 @@ def read_root_metadata(f: h5py.File, path: Path) -> dict[str, Any]:
         out[schema.ATTR_CREATED] = as_str(attrs[schema.ATTR_CREATED])
         for key in schema.STRING_ROOT_ATTRS:
             out[key] = as_str(attrs[key])
+        for key in schema.OPTIONAL_IDENTITY_KEYS:
+            if key in attrs:
+                out[key] = as_str(attrs[key])
         for key in sorted(schema.JSON_ROOT_ATTRS):
             out[key] = json.loads(as_str(attrs[key]))
         out["config"] = json.loads(read_string_dataset(f, schema.CONFIG_DATASET))

@@ -63,6 +63,9 @@ def _write_root(f: h5py.File, meta: dict[str, Any]) -> None:
     attrs[schema.ATTR_CREATED] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     for key in schema.STRING_ROOT_ATTRS:
         attrs[key] = meta[key]
+    for key in schema.OPTIONAL_IDENTITY_KEYS:
+        if key in meta:
+            attrs[key] = meta[key]
     for key in sorted(schema.JSON_ROOT_ATTRS):
         attrs[key] = json.dumps(meta[key], sort_keys=True, ensure_ascii=False)
     f.create_group(schema.META_GROUP)
@@ -92,10 +95,13 @@ def _normalize_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     if unknown or missing:
         raise CacheInputError(
             f"cache metadata has unknown keys {unknown} / lacks required keys {missing}; "
-            f"required: {list(schema.IDENTITY_KEYS)}, optional: {list(schema.INFORMATIONAL_KEYS)}"
+            f"required: {list(schema.IDENTITY_KEYS)}, optional: "
+            f"{list(schema.OPTIONAL_IDENTITY_KEYS + schema.INFORMATIONAL_KEYS)}"
         )
     meta: dict[str, Any] = {}
-    for key in schema.STRING_ROOT_ATTRS:
+    for key in (*schema.STRING_ROOT_ATTRS, *schema.OPTIONAL_IDENTITY_KEYS):
+        if key not in metadata:
+            continue
         if not isinstance(metadata[key], str):
             raise CacheInputError(f"metadata[{key!r}] must be a string, got {metadata[key]!r}")
         meta[key] = metadata[key]
@@ -127,9 +133,32 @@ def _json_dict(value: Any, key: str) -> dict[str, Any]:
         raise CacheInputError(f"metadata[{key!r}] is not JSON-serialisable: {exc}") from None
 
 
-def _check_identity(path: Path, stored: dict[str, Any], given: dict[str, Any]) -> None:
+def check_identity(path: str | os.PathLike[str], stored: Mapping[str, Any],
+                   given: Mapping[str, Any], keys: tuple[str, ...] = schema.IDENTITY_KEYS
+                   ) -> None:
+    """Raise what `open_writer` raises when appending run `given` to the cache `stored` came from.
+
+    Lets a caller refuse a cache before its work, once it knows a part of the identity (e.g. the
+    model, before a pass over the traces that the config depends on).
+
+    Args:
+        path: The cache (named in the message).
+        stored: Its metadata (`CacheReader.metadata`).
+        given: This run's `open_writer` metadata.
+        keys: The identity keys to compare (the weights fingerprint is always compared where both
+            have one).
+
+    Raises:
+        CacheMismatchError: Naming every differing field with both values.
+        CacheInputError: `given` is not valid `open_writer` metadata.
+    """
+    _check_identity(Path(path), dict(stored), _normalize_metadata(given), keys)
+
+
+def _check_identity(path: Path, stored: dict[str, Any], given: dict[str, Any],
+                    keys: tuple[str, ...] = schema.IDENTITY_KEYS) -> None:
     diffs: list[tuple[str, Any, Any]] = []
-    for key in schema.IDENTITY_KEYS:
+    for key in keys:
         diffs += _diff(stored[key], given[key], key)
     if diffs:
         fields = sorted({d[0].split(".")[0] for d in diffs})
@@ -139,6 +168,14 @@ def _check_identity(path: Path, stored: dict[str, Any], given: dict[str, Any]) -
             f"cannot append to {path}: its {', '.join(fields)} differ(s) from this run's ("
             f"{details}). One cache holds one model, tokenizer and run config: write to another "
             f"file (--out other.h5), or rerun with the same model and settings"
+        )
+    key = schema.ATTR_WEIGHTS_FINGERPRINT
+    if key in stored and key in given and stored[key] != given[key]:
+        raise CacheMismatchError(
+            f"cannot append to {path}: the weights of model {given[schema.ATTR_MODEL]} changed "
+            f"since it was written (weights fingerprint stored {stored[key]}, this run "
+            f"{given[key]}); one cache holds one model's numbers: restore the weights it was made "
+            f"with, or write to another --out (or start again without --resume)"
         )
 
 

@@ -14,6 +14,7 @@ Pure constants and small pure functions (no h5py), so every name is spelled once
         tokenizer_fingerprint str                                                    [identity]
         lexicon_fingerprint   str, Lexicon.fingerprint()                             [identity]
         category_codes        JSON {category name: uint8 code}                       [identity]
+        weights_fingerprint   str, sampled hash of the model's weights (optional)   [identity]
         versions              JSON {package: version}, e.g. transformers, torch      [informational]
     /meta/config              UTF-8 JSON string dataset: the run config              [identity]
                               (sites, positions, storage dtype, prompt/scaffold templates, ...)
@@ -50,6 +51,7 @@ __all__ = [
     "IDENTITY_KEYS",
     "INFORMATIONAL_KEYS",
     "METADATA_KEYS",
+    "OPTIONAL_IDENTITY_KEYS",
     "READER_CHUNK_CACHE_BYTES",
     "RESERVED_NAMES",
     "SCHEMA_VERSION",
@@ -87,6 +89,7 @@ ATTR_WEIGHT_CONVENTION: Final = "weight_convention"
 ATTR_TOKENIZER_FINGERPRINT: Final = "tokenizer_fingerprint"
 ATTR_LEXICON_FINGERPRINT: Final = "lexicon_fingerprint"
 ATTR_CATEGORY_CODES: Final = "category_codes"
+ATTR_WEIGHTS_FINGERPRINT: Final = "weights_fingerprint"
 ATTR_VERSIONS: Final = "versions"
 
 # Trace-group attributes.
@@ -121,11 +124,14 @@ IDENTITY_KEYS: Final = (
 )
 """Keys that define what the cached numbers mean: appending with any of them different is
 refused."""
+OPTIONAL_IDENTITY_KEYS: Final = (ATTR_WEIGHTS_FINGERPRINT,)
+"""Identity keys a file may lack (written before they were recorded): compared only when both the
+file and the run have them; a file without one keeps lacking it."""
 INFORMATIONAL_KEYS: Final = (ATTR_TOOLKIT_VERSION, ATTR_VERSIONS, "info")
 """Optional keys recorded at creation but never compared (the writing toolkit's version, package
 versions, free-form info). The toolkit version is passed in by the caller, so `cache` needs nothing
 of the toolkit that uses it."""
-METADATA_KEYS: Final = IDENTITY_KEYS + INFORMATIONAL_KEYS
+METADATA_KEYS: Final = IDENTITY_KEYS + OPTIONAL_IDENTITY_KEYS + INFORMATIONAL_KEYS
 JSON_ROOT_ATTRS: Final = frozenset({ATTR_ARCHITECTURE, ATTR_CATEGORY_CODES, ATTR_VERSIONS})
 """Root attributes stored as JSON strings (dicts)."""
 STRING_ROOT_ATTRS: Final = (

@@ -55,7 +55,7 @@ from cache.errors import (
     TraceNotFoundError,
 )
 
-__all__ = ["CacheWriter", "SiteArray", "WriteMode", "open_writer"]
+__all__ = ["CacheWriter", "SiteArray", "WriteMode", "check_unlocked", "open_writer", "try_lock"]
 
 WriteMode = Literal["append", "create", "overwrite"]
 _MODES = ("append", "create", "overwrite")
@@ -85,11 +85,14 @@ def open_writer(
             `tokenizer_fingerprint`, `lexicon_fingerprint` (str), `category_codes` (dict name ->
             uint8 code), `config` (JSON-able dict: sites, positions, storage dtype, prompt/scaffold
             templates, ...); optional `versions` (dict package -> version, e.g. transformers,
-            transformer_lens, torch) and `info` (JSON-able dict, e.g. the lexicon JSON). The
-            identity keys must equal the stored ones to append; `versions`/`info` are recorded
-            at creation only.
+            transformer_lens, torch), `info` (JSON-able dict, e.g. the lexicon JSON) and
+            `weights_fingerprint` (str). The identity keys must equal the stored ones to append
+            (`weights_fingerprint` where the file has one); `versions`/`info` are recorded at
+            creation only.
         mode: "append": create the store, or resume it (skip complete traces, remove interrupted
-            ones). "create": the file must not exist. "overwrite": replace any existing store.
+            ones). "create": the file must not exist, and is checked again once this writer holds
+            the lock (a store another writer created meanwhile is refused and left as it is).
+            "overwrite": replace any existing store (also checked again under the lock).
             Appending to a single-file cache (an older toolkit's, or `pack`'s) first moves its
             complete traces into segments.
         compression: None (default; fastest) or "gzip" (shuffle + gzip 4, ~25 MB/s, 6–15% smaller;
@@ -109,7 +112,8 @@ def open_writer(
         CacheMismatchError: Appending with a different model / tokenizer / config than stored.
         NotACacheError, CacheVersionError, CacheCorruptError: The existing file can't be appended.
         CacheInputError: Bad metadata, mode, compression or shard.
-        CacheError: The path is a folder, its folder is missing, or (mode="create") it exists.
+        CacheError: The path is a folder, its folder is missing, or (mode="create") it exists,
+            also when another writer created it after the first check.
     """
     path = Path(path)
     if mode not in _MODES:
@@ -126,8 +130,7 @@ def open_writer(
     folder = _store.segments_dir(path)
     exists = path.exists() or folder.is_dir()
     if exists and mode == "create":
-        raise CacheError(f"{path} already exists; rerun with --resume to add to it (library: "
-                         f"mode='append'), or choose another --out")
+        raise _exists(path)
     if exists and mode == "overwrite":
         check_unlocked(path)
         _store.remove_store(path)
@@ -147,16 +150,47 @@ def open_writer(
     except OSError as exc:
         raise CacheWriteError(f"cannot create {folder}: {_store.describe_os_error(exc)}; "
                               f"{_store.fix_hint(exc)}") from None
-    lock = _lock(folder, shard, path)
+    lock = _lock(folder, shard, path)  # a folder another writer locked is not ours to remove
     try:
+        if mode != "append":
+            _check_still_new(path, folder, shard)
         writer = CacheWriter(path, meta, lock=lock, compression=compression, fsync=fsync,
                              shard=shard, index=index, legacy=legacy)
+    except _StoreTaken:
+        os.close(lock)
+        raise _exists(path) from None
     except BaseException:
         os.close(lock)
         if created and not _store.list_segments(folder):  # creating it failed: leave nothing
             _store.remove_store(path)
         raise
     return writer
+
+
+def _exists(path: Path) -> CacheError:
+    return CacheError(
+        f"{path} already exists; rerun with --resume to add to it (library: mode='append'), or "
+        f"choose another --out; nothing of it was changed (another writer may have created it "
+        f"after this run checked that it was new, e.g. a second run on the same --out)"
+    )
+
+
+class _StoreTaken(Exception):
+    """A store meant to be new holds another writer's work (found under the writer lock)."""
+
+
+def _check_still_new(path: Path, folder: Path, shard: str) -> None:
+    """Under this writer's lock: raise `_StoreTaken` if the store that was new (or just replaced)
+    when `open_writer` looked at it has an index, segments or another live writer by now."""
+    if path.exists() or _store.list_segments(folder):
+        raise _StoreTaken
+    for name in os.listdir(folder):
+        other = name[len(".lock-"):]
+        if name.startswith(".lock-") and other != shard:
+            fd = try_lock(folder / name)
+            if fd is None:
+                raise _StoreTaken
+            os.close(fd)
 
 
 @dataclass
@@ -170,16 +204,33 @@ class _NewTrace:
     size: int
 
 
-def _lock(folder: Path, shard: str, path: Path) -> int:
-    fd = os.open(folder / f".lock-{shard}", os.O_RDWR | os.O_CREAT, 0o644)
+def try_lock(lock_file: Path) -> int | None:
+    """Take the exclusive `flock` of `lock_file` (created if absent) without waiting.
+
+    The one lock of every single-writer file of the toolkit: a cache shard (`<out>.segments/
+    .lock-<shard>`) and a JSONL output (`probes.traces.jsonl`). The kernel releases it when the
+    descriptor is closed or the process dies (kill -9 included), so a stale lock never blocks.
+
+    Returns:
+        The open descriptor holding the lock (close it to release), or None when another process
+        holds it.
+    """
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
+        return None
+    return fd
+
+
+def _lock(folder: Path, shard: str, path: Path) -> int:
+    fd = try_lock(folder / f".lock-{shard}")
+    if fd is None:
         raise CacheLockedError(
             f"{path} is open by another writer (another process holds {folder.name}/.lock-"
             f"{shard}); wait for it or write to another file (--out other.h5)"
-        ) from None
+        )
     return fd
 
 

@@ -16,7 +16,10 @@ Per trace (through the one write loop, `probes.pipeline.loop.write_traces`; resu
 The directions themselves are one result of the whole traces file, not of a trace: a first pass over
 the traces (`probes.measures.effects.directions`) computes them before the loop, and they are written, with
 the probe accuracies, to `<out>.directions.npz` / the run summary `<out>.effects.json` (a cache
-holds per-trace groups only; `--resume` recomputes the same directions from the same traces).
+holds per-trace groups only). They are fixed at the first run: every trace's `eff_directions`
+attribute is the digest of the directions its `dir_*` arrays use, and `--resume` reuses the file's
+directions (checked against that digest; refused in one line when it is missing or differs) rather
+than recomputing them, so a resumed run with a larger `--limit` projects on the same directions.
 
 After the loop the command reads every trace's `eff_*` arrays back from the cache and prints V7 (real
 ΔL vs the first-order predictions: Pearson, Spearman, median relative error, pooled and per
@@ -28,7 +31,9 @@ run) when given; `--plots DIR` draws predicted vs real ΔL.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -59,6 +64,10 @@ from probes.traces.tokenize import DEFAULT_SCAFFOLD
 NAME = "effects"
 EFFECT_ARRAYS = arrays.names(arrays.EFFECTS)
 DONE_KEY = EFFECT_ARRAYS[-1]
+DIRECTIONS_ATTR = "eff_directions"
+"""Trace attribute: `directions_digest` of the behaviour directions its `dir_*` arrays use."""
+_INFO_KEY = "__info__"
+"""Entry of `<out>.directions.npz` holding the directions' run info (JSON), not a direction."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,9 +206,19 @@ def effects_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: 
     out = Path(out)
     say = log if log is not None else (lambda _m: None)
     own = cfg.own()
+    settings = same_settings(out, DONE_KEY, own, "effects arrays", ProbesError)
+    fixed: list[tuple[dict[str, np.ndarray], dict[str, Any]]] = []
+
+    def check_stored(reader: Any) -> None:
+        """The stored settings, and the directions the stored effects arrays were made with."""
+        settings(reader)
+        for tr in reader:
+            if DONE_KEY in tr.names():
+                fixed.append(_stored_directions(out, tr.attrs.get(DIRECTIONS_ATTR), say))
+                return
 
     job = WriteJob(command=NAME, out=out, resume=resume, done_key=DONE_KEY,
-                   check_stored=same_settings(out, DONE_KEY, own, "effects arrays", ProbesError))
+                   check_stored=check_stored)
     result = EffectsRunResult(control=cfg.control)
 
     def load() -> LoadedModel:
@@ -214,13 +233,23 @@ def effects_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: 
         traces = traces[:cfg.limit] if cfg.limit is not None else traces
         tokenized, _ = tokenize_traces(traces, loaded.tokenizer, prompt_format=cfg.prompt_format,
                                        scaffold=cfg.scaffold, max_tokens=loaded.arch.n_ctx)
-        say(f"effects: behaviour directions from {len(tokenized)} traces")
-        dirs, info = _directions_pass(loaded, tokenized, lexicon, cfg.seed, say)
+        if fixed:
+            dirs, info = fixed[0]
+            say(f"effects: the behaviour directions of the first run, from "
+                f"{directions_path(out)} (not recomputed from these {len(tokenized)} traces)")
+        else:
+            say(f"effects: behaviour directions from {len(tokenized)} traces")
+            dirs, info = _directions_pass(loaded, tokenized, lexicon, cfg.seed, say)
+            dirs = {c: np.asarray(v, np.float32) for c, v in dirs.items()}  # as stored
+        digest = directions_digest(dirs)
         result.directions = {"categories": sorted(dirs), **info}
-        _save_directions(out, dirs)
         w_o = [v.o_proj.weight for v in _layer_views(loaded)]
+        unsaved = [not fixed]
 
         def compute(tt) -> TraceOutput | str:
+            if unsaved[0]:  # under the writer lock: a second run on this --out never gets here
+                _save_directions(out, dirs, info)
+                unsaved[0] = False
             a, b = tt.spans["trajectory"]
             answer = tt.spans["answer"]
             if b <= a or answer[1] <= answer[0]:
@@ -247,7 +276,7 @@ def effects_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: 
                       "eff_dl_attn": f32(eff.dl_attn), "eff_dl_mlp": f32(eff.dl_mlp)}
             return TraceOutput(arrays={k: stored[k] for k in EFFECT_ARRAYS},
                                attrs={"eff_loss": float(eff.loss), "eff_n_pairs": len(pairs),
-                                      **own},
+                                      **own, DIRECTIONS_ATTR: digest},
                                n_tokens=int(tt.n_tokens) * (2 * len(pairs) + 3))
 
         return Plan(compute, info={"effects_directions": json.dumps(result.directions)})
@@ -270,8 +299,57 @@ def directions_path(out: Path) -> Path:
     return Path(str(out) + ".directions.npz")
 
 
-def _save_directions(out: Path, dirs: dict[str, np.ndarray]) -> None:
-    np.savez(directions_path(out), **{c: v.astype(np.float32) for c, v in dirs.items()})
+def directions_digest(dirs: dict[str, np.ndarray]) -> str:
+    """sha256 (hex) of the directions as stored (category names, shapes, float32 bytes)."""
+    h = hashlib.sha256()
+    for c in sorted(dirs):
+        a = np.ascontiguousarray(dirs[c], dtype="<f4")
+        h.update(f"{c}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _save_directions(out: Path, dirs: dict[str, np.ndarray], info: dict[str, Any]) -> None:
+    """Write `<out>.directions.npz` (one float32 [L, d] per category, the run info) atomically."""
+    path = directions_path(out)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with tmp.open("wb") as fh:
+            np.savez(fh, **{c: np.asarray(v, np.float32) for c, v in dirs.items()},
+                     **{_INFO_KEY: np.array(json.dumps(info, default=str))})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _stored_directions(out: Path, digest: Any, say: Log
+                       ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The directions the stored effects arrays of `out` use (`<out>.directions.npz`), checked
+    against the `digest` their traces record (None: written before it was recorded).
+
+    Raises:
+        ProbesError: The file is missing, unreadable or holds other directions.
+    """
+    path = directions_path(out)
+    fix = (f"restore {path.name} of the run that wrote {out.name} (the directions are fixed at "
+           f"the first run), or write to another --out")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            dirs = {k: np.asarray(z[k]) for k in z.files if k != _INFO_KEY}
+            info = json.loads(str(z[_INFO_KEY])) if _INFO_KEY in z.files else {}
+    except FileNotFoundError:
+        raise ProbesError(f"{out} holds effects arrays projected on behaviour directions, but "
+                          f"{path} is missing; {fix}") from None
+    except (OSError, ValueError) as exc:
+        raise ProbesError(f"cannot read {path} ({exc}); {fix}") from None
+    if digest is None:
+        say(f"{out}: its effects arrays do not record their behaviour directions (written before "
+            f"they did): {path} is reused as it is, unchecked")
+    elif directions_digest(dirs) != digest:
+        raise ProbesError(f"{path} holds behaviour directions {directions_digest(dirs)[:16]}, but "
+                          f"the effects arrays of {out} were projected on {str(digest)[:16]}; "
+                          f"{fix}")
+    return dirs, info
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,11 +547,27 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _check_versus(path: Path) -> None:
+    """Refuse a `--versus` that is not a cache holding effects arrays (one line).
+
+    Raises:
+        ProbesError, CacheError: Missing, not a cache, or no effects arrays.
+    """
+    from cache import open_cache
+
+    if not path.is_file():
+        raise ProbesError(f"--versus {path} does not exist; give an effects cache")
+    with open_cache(path) as reader:
+        if not any(DONE_KEY in tr.names() for tr in reader):
+            raise ProbesError(f"--versus {path} holds no effects arrays; give a cache written by "
+                              f"`effects` (e.g. with --control random-init)")
+
+
 def run(args: argparse.Namespace) -> int:
     """`effects`: compute, store, then print V7 and the headline table."""
     flags.silence_hf()
-    if args.versus is not None and not Path(args.versus).is_file():
-        raise ProbesError(f"--versus {args.versus} does not exist; give an effects cache")
+    if args.versus is not None:  # before the work, not after it
+        _check_versus(Path(args.versus))
     cfg = EffectsConfig(pairs_per_category=args.pairs_per_category, batch_size=args.batch_size,
                         scale=args.scale, seed=args.seed, control=args.control,
                         control_seed=args.control_seed, limit=args.limit, strict=args.strict,

@@ -1,5 +1,5 @@
-"""What identifies a run in a cache: the model's label, the fingerprint of its tokenizer, and the
-metadata `cache.open_writer` records and compares (`run_metadata`)."""
+"""What identifies a run in a cache: the model's label, the fingerprints of its tokenizer and of its
+weights, and the metadata `cache.open_writer` records and compares (`run_metadata`)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,96 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+"""Files of a model folder whose bytes `weights_fingerprint_of_folder` samples."""
+_WINDOW = 64
+"""Bytes sampled per place (start, middle, end of each tensor; or of each file stretch)."""
+_FILE_PLACES = 64
+"""Evenly spaced places sampled in a weight file that is not safetensors."""
+
+
+def weights_fingerprint(loaded: LoadedModel) -> str:
+    """A cheap fingerprint of the model's weights: "files:<sha256>" of the weight files of the folder
+    it was loaded from (`weights_fingerprint_of_folder`), or "params:<sha256>" of sampled parameter
+    values for a model built in memory (a random-init control, a model built in code).
+
+    Sampled, not a hash of every byte (it reads kilobytes, not gigabytes): it changes when weights
+    are replaced, re-trained, re-saved in another dtype or layout, or edited tensor-wide in place;
+    an edit of a few values away from the sampled places can go unseen.
+    """
+    if loaded.source != "in-memory" and Path(loaded.source).is_dir():
+        found = weights_fingerprint_of_folder(Path(loaded.source))
+        if found is not None:
+            return found
+    return _parameters_fingerprint(loaded.hf_model)
+
+
+def weights_fingerprint_of_folder(folder: Path) -> str | None:
+    """"files:<sha256>" over the weight files of `folder` (None when it has none).
+
+    Per file (by name): its name and size; for safetensors its header (every tensor's name,
+    dtype, shape and offsets) and the first, middle and last `_WINDOW` bytes of every tensor;
+    for other formats `_FILE_PLACES` evenly spaced windows of the file.
+    """
+    files = sorted(p for p in folder.iterdir()
+                   if p.suffix in WEIGHT_FILE_SUFFIXES and p.is_file())
+    if not files:
+        return None
+    h = hashlib.sha256(b"weights-files-v1")
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"\0{path.name}\0{size}\0".encode())
+        with path.open("rb") as fh:
+            if path.suffix == ".safetensors":
+                _hash_safetensors(fh, size, h)
+            else:
+                for k in range(_FILE_PLACES):
+                    fh.seek(size * k // _FILE_PLACES)
+                    h.update(fh.read(_WINDOW))
+                fh.seek(max(size - _WINDOW, 0))
+                h.update(fh.read(_WINDOW))
+    return f"files:{h.hexdigest()}"
+
+
+def _hash_safetensors(fh: Any, size: int, h: Any) -> None:
+    raw = fh.read(8)
+    n = int.from_bytes(raw, "little") if len(raw) == 8 else 0
+    if not 0 < n <= size - 8:  # not a readable safetensors file: its bytes as any file's
+        fh.seek(0)
+        h.update(fh.read(_WINDOW))
+        return
+    header = fh.read(n)
+    h.update(raw + header)
+    try:
+        tensors = json.loads(header)
+    except ValueError:
+        return
+    spans = sorted(tuple(v["data_offsets"]) for k, v in tensors.items()
+                   if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v)
+    for start, end in spans:
+        for at in (start, (start + end) // 2, max(end - _WINDOW, start)):
+            fh.seek(8 + n + at)
+            h.update(fh.read(min(_WINDOW, max(end - at, 0))))
+
+
+def _parameters_fingerprint(model: Any) -> str:
+    """"params:<sha256>" of every parameter and buffer's name, dtype, shape and the values at
+    its start, middle and end (16 each, as float32)."""
+    import torch
+
+    h = hashlib.sha256(b"weights-params-v1")
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+            if t.is_meta or t.numel() == 0:
+                continue
+            flat = t.reshape(-1)
+            n = flat.numel()
+            for at in (0, n // 2, max(n - 16, 0)):
+                h.update(flat[at:at + 16].to(device="cpu", dtype=torch.float32).numpy().tobytes())
+    return f"params:{h.hexdigest()}"
+
+
 def model_label(loaded: LoadedModel) -> str:
     """The model spec as stored: built-in names and hub ids verbatim, folders as absolute paths."""
     from probes.models.load import BUILTIN_MODELS
@@ -92,8 +182,9 @@ def run_metadata(
 ) -> dict[str, Any]:
     """`cache.open_writer` metadata of a run.
 
-    Identity keys (model, architecture, dtype, weight convention, tokenizer and lexicon
-    fingerprints, category codes, `config`) must match to append; the toolkit version, `versions`
+    Identity keys (model, architecture, dtype, weight convention, tokenizer, weights and lexicon
+    fingerprints, category codes, `config`) must match to append (the weights where the file
+    records them); the toolkit version, `versions`
     and `info` are recorded at creation only.
     """
     from probes import __version__
@@ -105,6 +196,7 @@ def run_metadata(
         "model_dtype": arch.dtype,
         "weight_convention": arch.weight_convention,
         "tokenizer_fingerprint": tokenizer_fingerprint(loaded.tokenizer),
+        "weights_fingerprint": weights_fingerprint(loaded),
         "lexicon_fingerprint": lexicon.fingerprint(),
         "category_codes": dict(CATEGORY_CODES),
         "config": dict(config),

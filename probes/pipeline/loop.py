@@ -4,13 +4,17 @@
 One rule set for all of them:
 
 - **Output.** `--out` must be a file path in an existing folder. An existing `--out` is an error
-  unless `--resume` is given (`RESUME_HELP`).
+  unless `--resume` is given (`RESUME_HELP`); checked before the model loads and again under the
+  writer lock after it (`open_writer` mode "create"), so a second run started on the same new
+  `--out` is refused and leaves the first one's store as it is.
 - **Resume.** With `--resume` the file is extended: traces already done (a complete trace group
   for `cache`; the command's last array present for the others) are kept and skipped, an
   interrupted trace group is deleted and redone (and said so), the rest is computed. A file that
   holds activation sites gains arrays only for the traces it already has, so its site layout stays
   uniform.
-- **Identity.** The file must come from the same model, tokenizer and lexicon (checked by
+- **Identity.** The file must come from the same model (path and weights fingerprint,
+  `probes.models.identity.weights_fingerprint`; a file written before fingerprints were recorded
+  is resumed, saying its weights are not checked), tokenizer and lexicon (checked by
   `cache.open_writer`), the same tokenization (`TOKENIZATION_KEYS`) and the same settings of the
   command's own arrays (`WriteJob.own_keys`, plus `WriteJob.check_stored`); otherwise one error
   names the field that differs.
@@ -74,6 +78,10 @@ from probes.traces.categories import categorize, load_lexicon
 from probes.traces.labels import LABEL_KEY, label_arrays
 from probes.traces.read import read_traces
 from probes.traces.tokenize import DEFAULT_SCAFFOLD, tokenize_traces
+
+MODEL_KEYS = ("model", "architecture", "model_dtype", "weight_convention", "tokenizer_fingerprint",
+              "lexicon_fingerprint", "category_codes")
+"""The identity keys known once the model is loaded: compared before `Plan` is made."""
 
 if TYPE_CHECKING:
     from hooks.model import LoadedModel
@@ -148,7 +156,7 @@ def write_traces(
         ProbesError, CacheError, HooksError: Bad input, a file that cannot take this run, a trace
             whose stored tokens differ (`CacheMismatchError`), an unsupported model.
     """
-    from cache import remove_cache, store_bytes
+    from cache import remove_cache, store_bytes, store_exists
 
     t_start = time.perf_counter()
     shard = current_shard()
@@ -169,6 +177,13 @@ def write_traces(
                           f"lines); nothing was written")
     lexicon = load_lexicon(extra=lexicon_files)
     stored = read_stored(job)
+    if stored is not None and "weights_fingerprint" not in stored.metadata:
+        say(f"{out} records no weights fingerprint (written before they were recorded): this "
+            f"model's weights are not checked against it, only its path, tokenizer and settings")
+    # Segments left without their index file (a deleted cache) are replaced, not resumed, unless
+    # --resume: decided now, so that a store another run creates while the model loads is never
+    # taken for them (it is refused under the writer lock instead, `open_writer` mode "create").
+    leftover = not (job.resume or job.overwrite) and store_exists(out)
     if shard is not None:
         say = _rank_log(say, shard)
         shard.barrier()  # every rank has checked --out before rank 0 creates it
@@ -176,6 +191,11 @@ def write_traces(
     if shard is not None:
         shard.pin_gpu()
     loaded = load()
+    if stored is not None:  # the model, before `plan` (which may pass over every trace)
+        from cache import check_identity
+
+        check_identity(out, stored.metadata, run_metadata(loaded, lexicon, config={}),
+                       keys=MODEL_KEYS)
     prepared = plan(loaded)
 
     traces = list(traceset.traces[:limit] if limit is not None else traceset.traces)
@@ -202,10 +222,8 @@ def write_traces(
         meta["config"] = {**stored.config,
                           **{k: config.get(k) for k in (*TOKENIZATION_KEYS, *job.own_keys)}}
 
-    mode = "overwrite" if job.overwrite else "append"
-    if not (job.resume or out.exists()) and (shard is None or shard.rank == 0):
-        # Deleting a cache's file deletes the cache: segments left without their index file
-        # are not resumed without --resume, but replaced (as a new file would be).
+    mode = "overwrite" if job.overwrite else "append" if job.resume else "create"
+    if leftover and (shard is None or shard.rank == 0):
         remove_cache(out)
     batches = ([[tokenized[i] for i in batch] for batch in prepared.batching.plan(tokenized)]
                if prepared.batching is not None else [[tt] for tt in tokenized])

@@ -4,6 +4,11 @@ Entry points: `open_out(path, resume=...)` checks an output path and, on resume,
 records it holds (dropping a partial last line, the only thing an interrupted writer can leave);
 `Appender` appends records, each line with one `write` and an `fsync`; `write_atomic` replaces a
 whole file through a temporary one. Records are JSON objects, one a line, UTF-8 (not escaped).
+
+One writer at a time: an `Appender` holds the file's exclusive lock (`cache.try_lock`, the lock of
+a cache's writer too) while it is open, and reads what the file holds under it; `open_out` reads
+under it as well. A second run on the same file is refused in one line, whether it finds the file
+locked or finds it created after its own check (a fresh `Appender` creates the file exclusively).
 """
 
 from __future__ import annotations
@@ -67,6 +72,26 @@ def open_out(path: str | Path, *, resume: bool) -> Existing:
     check_out_path(path, resume=resume)
     if not path.exists():
         return Existing()
+    lock = _lock(path)
+    try:
+        return _read(path)
+    finally:
+        os.close(lock)
+
+
+def _lock(path: Path) -> int:
+    """Hold `path`'s writer lock (close the descriptor to release it), or refuse in one line."""
+    from cache import try_lock
+
+    fd = try_lock(path)
+    if fd is None:
+        raise ProbesError(f"{path} is locked: another run is writing it; wait for it to finish "
+                          f"(then pass --resume to add to it), or choose another --out")
+    return fd
+
+
+def _read(path: Path) -> Existing:
+    """The complete records of `path` (held locked), cutting off a partial last line."""
     data = path.read_bytes()
     keep = data.rfind(b"\n") + 1
     if keep < len(data):
@@ -101,12 +126,41 @@ class Appender:
     """Appends records to a JSONL file, each durable (flushed and fsynced) before the next.
 
     Each line is written with a single `write` on an `O_APPEND` descriptor, so a kill -9 leaves at
-    most the line being written incomplete (`open_out` drops it on resume).
+    most the line being written incomplete (`open_out` drops it on resume). The file's lock is held
+    from opening to `close`, so what `existing` lists is what the file holds before this writer's
+    records, whatever another run did before it.
+
+    Args:
+        path: The JSONL file (created if absent).
+        fresh: The file must not exist yet (a run without --resume): one that another run created
+            after this run's own check is refused, untouched.
+
+    Attributes:
+        existing: The records the file held when opened, read under the lock.
+
+    Raises:
+        ProbesError: The file exists (`fresh`), or another run holds its lock.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, fresh: bool = False) -> None:
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = -1
+        if fresh:
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            except FileExistsError:
+                raise ProbesError(
+                    f"{self.path} already exists; pass --resume to add to it (what it holds is "
+                    f"kept), or choose another --out; nothing of it was changed (another run may "
+                    f"have created it after this one checked that it was new)"
+                ) from None
+        self._lock = _lock(self.path)
+        try:
+            self.existing = _read(self.path)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except BaseException:
+            os.close(self._lock)
+            raise
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record and fsync it."""
@@ -116,10 +170,13 @@ class Appender:
         os.fsync(self._fd)
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
+        """Close the file and release its lock (idempotent)."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
     def __enter__(self) -> Appender:
         return self

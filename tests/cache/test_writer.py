@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ from cache import (
     float32_to_bf16_bits,
     open_cache,
     open_writer,
+    segments_dir,
 )
 from cache.schema import escape_trace_id, unescape_trace_id
 
@@ -203,6 +205,48 @@ def test_create_and_overwrite_modes(small_cache, metadata, trace_kwargs):
         open_writer(small_cache, metadata=metadata, mode="truncate")
     assert not list(small_cache.parent.glob("*.tmp"))
 
+
+def test_create_checks_again_under_the_lock(tmp_path, metadata, trace_kwargs, monkeypatch):
+    """A store another writer creates between the first check and the lock is refused untouched
+    (two runs on one new --out); so is a new store another shard's live writer holds."""
+    import cache.writer as writer_module
+
+    path = tmp_path / "race.h5"
+    real, raced = writer_module._lock, []
+
+    def lock_after_another_writer(folder, shard, p):
+        if not raced:
+            raced.append(True)
+            monkeypatch.setattr(writer_module, "_lock", real)
+            # the first writer checked the path before this one did, and opens it now
+            with open_writer(path, metadata=metadata, mode="append") as first:
+                first.write_trace("first", **trace_kwargs(0))
+        return real(folder, shard, p)
+
+    monkeypatch.setattr(writer_module, "_lock", lock_after_another_writer)
+    with pytest.raises(CacheError, match="already exists; rerun with --resume.*nothing of it was "
+                                         "changed"):
+        open_writer(path, metadata=metadata, mode="create")
+    assert raced
+    with open_cache(path) as reader:
+        assert reader.trace_ids() == ["first"]
+
+    other, held = tmp_path / "sharded.h5", []
+
+    def lock_after_another_shard(folder, shard, p):
+        if not held:  # another shard's writer (rank 0 of a torchrun) opens the new store first
+            held.append(writer_module.try_lock(folder / ".lock-r0"))
+        return real(folder, shard, p)
+
+    monkeypatch.setattr(writer_module, "_lock", lock_after_another_shard)
+    try:
+        with pytest.raises(CacheError, match="already exists"):
+            open_writer(other, metadata=metadata, mode="create")
+    finally:
+        os.close(held[0])
+    assert segments_dir(other).is_dir()  # the other writer's folder is left to it
+    with open_writer(other, metadata=metadata, mode="overwrite") as writer:  # once it is gone
+        writer.write_trace("t", **trace_kwargs(0))
 
 _HOLDER = textwrap.dedent("""
     import json, sys

@@ -105,7 +105,8 @@ def generate_samples(
                 "trajectory": trajectory, "response": response, "prompt": job.prompt.text,
                 **identity, "sample_seed": job.request.seed, "device": str(generator.device)}
 
-    return _run(generator, jobs, build, identity, existing, result, cfg, t0=t0, progress=progress, say=say)
+    return _run(generator, jobs, build, identity, result, cfg, resume=resume, t0=t0, progress=progress,
+                say=say)
 
 
 def summarize_traces(
@@ -159,7 +160,8 @@ def summarize_traces(
                 "n_tokens": comp.n_tokens, "prompt": job.prompt.text, **identity,
                 "sample_seed": job.request.seed, "device": str(generator.device)}
 
-    return _run(generator, jobs, build, identity, existing, result, cfg, t0=t0, progress=progress, say=say)
+    return _run(generator, jobs, build, identity, result, cfg, resume=resume, t0=t0, progress=progress,
+                say=say)
 
 
 def reasoning_of(trajectory: str) -> str:

@@ -1,15 +1,17 @@
 """The machinery both `generate` modes share: the backend, the jobs, the resumable JSONL write loop.
 
-`open_generator` opens the HF or vLLM backend; a `_Job` is one record to generate; `_run` checks
+`open_generator` opens the HF or vLLM backend; a `_Job` is one record to generate; `_run` takes the
+file's writer lock (`probes.traces.jsonl.Appender`: a second run on one file is refused), checks
 that a resumed file comes from the same settings (`_identity`, `_check_identity`), skips the ids it
-holds, generates the rest in batches and appends each record as its batch returns
-(`probes.traces.jsonl.Appender`), then computes the sample statistics of the whole file.
+holds, generates the rest in batches and appends each record as its batch returns, then computes
+the sample statistics of the whole file.
 `_start` opens the `GenerateResult` and reports bad input lines; `_max_new_tokens` fits the token
 limit to the model's context.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ from probes.models.generate import (
 )
 from probes.pipeline.generate.settings import MAX_DEFAULT_NEW_TOKENS, GenerateConfig, GenerateResult
 from probes.pipeline.loop import Log, loader
-from probes.traces.jsonl import Appender, Existing, open_out
+from probes.traces.jsonl import Appender, Existing, encode
 
 if TYPE_CHECKING:
     from hooks.model import LoadedModel
@@ -123,37 +125,43 @@ def _check_identity(out: str | Path, records: Sequence[dict[str, Any]], identity
 
 
 def _run(generator: Generator, jobs: Sequence[_Job], build: Build, identity: dict[str, Any],
-         existing: Existing, result: GenerateResult, cfg: GenerateConfig, *, t0: float, progress: bool,
+         result: GenerateResult, cfg: GenerateConfig, *, resume: bool, t0: float, progress: bool,
          say: Log) -> GenerateResult:
     from tqdm import tqdm
 
-    _check_identity(result.out, existing.records, identity)
-    done = {r.get("id") for r in existing.records}
-    todo = [j for j in jobs if j.fields["id"] not in done]
     result.model, result.backend = identity["model"], generator.backend
     result.device, result.max_new_tokens = str(generator.device), identity["max_new_tokens"]
-    result.n_requested, result.n_skipped = len(jobs), len(jobs) - len(todo)
     sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p,
                         max_new_tokens=identity["max_new_tokens"], seed=cfg.seed)
-    say(f"writing {result.out}: {len(todo)} to do ({result.n_skipped} already done), max "
-        f"{sampling.max_new_tokens} new tokens, {generator.backend} on {generator.device}")
-    bar = tqdm(total=len(todo), unit="sample", desc=result.command, disable=not progress,
-               dynamic_ncols=True, leave=True)
-    t_loop = time.perf_counter()
-    try:
-        with Appender(result.out) as appender:
+    # The file's lock is held from here to the end; what it holds is read again under it (another
+    # run may have written it while this one loaded the model: refused, or its records counted).
+    with Appender(result.out, fresh=not resume) as appender:
+        records = list(appender.existing.records)
+        result.dropped_bytes += appender.existing.dropped_bytes
+        _check_identity(result.out, records, identity)
+        done = {r.get("id") for r in records}
+        todo = [j for j in jobs if j.fields["id"] not in done]
+        result.n_requested, result.n_skipped = len(jobs), len(jobs) - len(todo)
+        say(f"writing {result.out}: {len(todo)} to do ({result.n_skipped} already done), max "
+            f"{sampling.max_new_tokens} new tokens, {generator.backend} on {generator.device}")
+        bar = tqdm(total=len(todo), unit="sample", desc=result.command, disable=not progress,
+                   dynamic_ncols=True, leave=True)
+        t_loop = time.perf_counter()
+        try:
             for start in range(0, len(todo), cfg.batch_size):
                 batch = todo[start: start + cfg.batch_size]
                 completions = generator.generate([j.request for j in batch], sampling)
                 for job, comp in zip(batch, completions):
-                    appender.write(build(job, comp))
+                    record = build(job, comp)
+                    appender.write(record)
+                    records.append(json.loads(encode(record)))  # as a reader will see it
                     result.n_written += 1
                     result.n_tokens += comp.n_tokens
                 result.seconds_generate = time.perf_counter() - t_loop
                 bar.set_postfix_str(f"{result.tokens_per_s:,.0f} tok/s", refresh=False)
                 bar.update(len(batch))
-    finally:
-        bar.close()
-    result.statistics = record_statistics(open_out(result.out, resume=True).records)
+        finally:
+            bar.close()
+    result.statistics = record_statistics(records)
     result.seconds = time.perf_counter() - t0
     return result

@@ -11,6 +11,7 @@ import pytest
 
 from cache import open_cache
 from probes.commands.effects import DONE_KEY, EFFECT_ARRAYS, directions_path
+from probes.measures.effects.directions import DIRECTION_CATEGORIES, projections, trajectory_residuals
 from probes.measures.updates.shared_pass import trace_update_arrays
 from probes.models.load import load_model
 from probes.reasoner.train import SAMPLES_PATH
@@ -129,3 +130,78 @@ def test_an_updates_cache_gains_the_effects_and_they_match_its_arrays(samples, t
             np.testing.assert_allclose(tr["eff_pred_m6"][...], -dl[pairs[:, 0], pairs[:, 1]],
                                        rtol=1e-4, atol=1e-9)
             assert tr.attrs["eff_pairs_per_category"] == 3
+
+
+def _directions(out):
+    with np.load(directions_path(out)) as z:
+        return {k: z[k] for k in z.files if k in DIRECTION_CATEGORIES}
+
+
+def test_resume_with_a_larger_limit_projects_on_the_first_runs_directions(samples, tmp_path):
+    """The directions are fixed at the first run: a resumed run over more traces projects its new
+    traces on them (as one run with those directions would), and leaves them as they are."""
+    out = tmp_path / "grow.h5"
+    assert main(["effects", *BASE, "--traces", str(samples), "--out", str(out), "--limit", "2"]) == 0
+    first = _directions(out)
+    assert main(["effects", *BASE, "--traces", str(samples), "--out", str(out), "--limit", "4",
+                 "--resume"]) == 0
+    again = _directions(out)
+    assert first.keys() == again.keys() and first
+    for c in first:
+        np.testing.assert_array_equal(again[c], first[c])
+    loaded = load_model("tiny-reasoner", device="cpu")
+    tts, _ = tokenize_traces(read_traces(samples).traces[:4], loaded.tokenizer)
+    with open_cache(out) as reader:
+        assert sorted(reader.trace_ids()) == sorted(tt.trace.id for tt in tts)
+        for tt in tts:
+            stored = np.asarray(reader.trace(tt.trace.id)["dir_proj"][...])
+            resid = trajectory_residuals(loaded, tt.ids, tt.spans["trajectory"])
+            for k, c in enumerate(DIRECTION_CATEGORIES):
+                want = projections(resid, first[c]).astype(np.float32)
+                np.testing.assert_array_equal(stored[k], want, err_msg=f"{tt.trace.id} {c}")
+
+
+def test_resume_refuses_other_directions_and_another_model_before_the_work(samples, tmp_path,
+                                                                           monkeypatch, capsys):
+    import shutil
+
+    import probes.commands.effects as effects
+    from probes.reasoner.train import CHECKPOINT_DIR
+
+    out = tmp_path / "fixed.h5"
+    args = ["effects", *BASE, "--traces", str(samples), "--out", str(out), "--limit", "2",
+            "--resume"]
+    assert main(args) == 0
+    capsys.readouterr()
+    passes = []
+    monkeypatch.setattr(effects, "_directions_pass", lambda *a: passes.append(a))
+    other = tmp_path / "other-model"
+    shutil.copytree(CHECKPOINT_DIR, other)
+    assert main([*args, "--model", str(other)]) == 2  # the last --model wins
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "its model differ" in err and str(out) in err
+    assert passes == []  # refused before the pass over the traces
+    assert main(args) == 0  # the directions are reused: no pass either
+    assert passes == [] and "0 traces written, 2 already done" in capsys.readouterr().out
+
+    path = directions_path(out)
+    dirs = _directions(out)
+    np.savez(path, **{c: v * np.float32(1.5) for c, v in dirs.items()})
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "holds behaviour directions" in err and path.name in err
+    path.unlink()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and f"{path} is missing" in err
+
+
+def test_versus_is_checked_before_the_work(samples, tmp_path, capsys):
+    versus = tmp_path / "not-effects.h5"
+    versus.write_bytes(b"not a cache")
+    out = tmp_path / "v.h5"
+    assert main(["effects", *BASE, "--traces", str(samples), "--out", str(out),
+                 "--versus", str(versus)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and str(versus) in err[0]
+    assert not out.exists() and not directions_path(out).exists()
