@@ -92,7 +92,8 @@ def open_writer(
         mode: "append": create the store, or resume it (skip complete traces, remove interrupted
             ones). "create": the file must not exist. "overwrite": replace any existing store.
             Appending to a single-file cache (an older toolkit's, or `pack`'s) first moves its
-            complete traces into segments.
+            complete traces into segments; the file stays intact until all are moved, and an
+            interrupted move is resumed (cache/SCHEMA.md#segmented-store).
         compression: None (default; fastest) or "gzip" (shuffle + gzip 4, ~25 MB/s, 6–15% smaller;
             docs/tooling.md#compression). Blosc2-zstd via hdf5plugin is a possible later opt-in.
         fsync: Also sync each segment (and the folder) to disk (survives power loss, not just a
@@ -110,7 +111,9 @@ def open_writer(
         CacheMismatchError: Appending with a different model / tokenizer / config than stored.
         NotACacheError, CacheVersionError, CacheCorruptError: The existing file can't be appended.
         CacheInputError: Bad metadata, mode, compression or shard.
-        CacheError: The path is a folder, its folder is missing, or (mode="create") it exists.
+        CacheError: The path is a folder, its folder is missing, or (mode="create") it exists;
+            a single-file cache with another store's segments folder beside it.
+        CacheWriteError: Moving a single-file cache into segments failed (the file is unchanged).
     """
     path = Path(path)
     if mode not in _MODES:
