@@ -9,7 +9,13 @@ The layout is schema v1 (`cache.schema`, `cache/SCHEMA.md`); bfloat16 is stored 
 
 from cache._meta import check_identity
 from cache._pack import pack_cache
-from cache._store import remove_cache, segments_dir, store_bytes, store_exists
+from cache._store import (
+    check_segments_folder,
+    remove_cache,
+    segments_dir,
+    store_bytes,
+    store_exists,
+)
 from cache.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
 from cache.errors import (
     CacheCorruptError,
@@ -47,6 +53,7 @@ __all__ = [
     "TraceNotFoundError",
     "bf16_bits_to_float32",
     "check_identity",
+    "check_segments_folder",
     "check_unlocked",
     "float32_to_bf16_bits",
     "open_cache",

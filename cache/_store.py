@@ -14,6 +14,8 @@ Private to `cache/`. Layout of a store whose `--out` is `run.h5`::
         s-000002.h5.tmp          a segment being written (or abandoned): never read, removed on
                                  resume
         .lock-s                  held (flock) by the one writer of shard "s"
+        .migrating               present while a single-file cache at `run.h5` is being moved
+                                 into segments (names that file: size, mtime, inode)
 
 Every segment and every index is built in memory (HDF5 core driver, no backing store) and then
 written with plain `os.write` under a temporary name and renamed into place. HDF5 therefore never
@@ -64,8 +66,139 @@ def segments_dir(path: Path) -> Path:
 
 
 def is_segmented(path: Path) -> bool:
-    """Whether `path` is (or was) the index of a segmented store."""
-    return segments_dir(path).is_dir()
+    """Whether `path` is (or was) the index of a segmented store.
+
+    A single-file cache at `path` is read as that file even with a segments folder beside it
+    (a move into segments in progress or interrupted, or a folder left by another store); while
+    a move is marked, an unreadable `path` is that single file too (never rebuilt from the
+    partial segments).
+    """
+    if not segments_dir(path).is_dir():
+        return False
+    kind = file_kind(path)
+    return kind in ("index", "missing") or (kind == "unreadable" and not migration_marked(path))
+
+
+def is_single_file(path: Path) -> bool:
+    """Whether `path` is a readable HDF5 cache that is not a segmented store's index (no
+    `/meta/segments`): one self-contained file (`pack`'s, or an older toolkit's)."""
+    return file_kind(path) == "single"
+
+
+def file_kind(path: Path) -> str:
+    """"single" (a single-file cache), "index" (a segmented store's index), "unreadable" (not
+    HDF5, damaged, locked by an HDF5 writer) or "missing"."""
+    if not path.is_file():
+        return "missing"
+    try:
+        with h5py.File(path, "r") as f:
+            if SEGMENTS_DATASET in f:
+                return "index"
+            return "single" if schema.TRACES_GROUP in f else "unreadable"
+    except (OSError, ValueError, RuntimeError):
+        return "unreadable"
+
+
+# -- moving a single-file cache into segments ------------------------------------------------------
+MIGRATION_MARKER = ".migrating"
+"""File in the segments folder while the single-file cache beside it is moved into segments."""
+
+
+def file_identity(path: Path) -> dict[str, int]:
+    """What names one version of the file at `path`: size, mtime_ns, inode."""
+    st = path.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def write_migration_marker(path: Path, *, fsync: bool) -> None:
+    """Mark `path`'s segments folder as the move of the single file `path` into segments.
+
+    Raises:
+        OSError: The marker could not be written.
+    """
+    folder = segments_dir(path)
+    write_file(json.dumps(file_identity(path)).encode(), folder / MIGRATION_MARKER,
+               folder / f"{MIGRATION_MARKER}.tmp", fsync=fsync)
+
+
+def migration_marked(path: Path) -> bool:
+    """Whether `path`'s segments folder holds a migration marker (of any file)."""
+    return (segments_dir(path) / MIGRATION_MARKER).exists()
+
+
+def is_migration_of(path: Path) -> bool:
+    """Whether `path`'s segments folder holds a move of exactly the file now at `path`."""
+    try:
+        marker = json.loads((segments_dir(path) / MIGRATION_MARKER).read_text())
+        return bool(marker == file_identity(path))
+    except (OSError, ValueError):
+        return False
+
+
+def remove_migration_marker(path: Path) -> None:
+    """Forget a finished move into segments (the index has replaced the single file)."""
+    folder = segments_dir(path)
+    for name in (MIGRATION_MARKER, f"{MIGRATION_MARKER}.tmp"):
+        with contextlib.suppress(OSError):
+            os.unlink(folder / name)
+
+
+def check_segments_folder(path: Path) -> None:
+    """Refuse to append to the single-file cache `path` when the segments folder beside it holds
+    segments that are not a move of this file (left by another store): adopting them would mix
+    two caches.
+
+    Raises:
+        CacheError: Names the folder and the fix.
+    """
+    folder = segments_dir(path)
+    if (folder.is_dir() and list_segments(folder) and is_single_file(path)
+            and not is_migration_of(path)):
+        raise CacheError(
+            f"{path} is a single-file cache, but the folder {folder} beside it holds segments "
+            f"of another store (e.g. left when the file was replaced by `pack --overwrite` of an "
+            f"older toolkit); nothing was written: remove that folder or move it away (readers "
+            f"already ignore it), then rerun"
+        )
+
+
+# -- temporary files of whole files (an index, a packed file) --------------------------------------
+def temp_path(path: Path) -> Path:
+    """This process's temporary name for a new version of `path`: `<path>.<pid>.tmp`."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete `<path>.<pid>.tmp` files (`temp_path`) whose process is gone (killed while writing).
+
+    Returns:
+        The files removed.
+    """
+    pattern = re.compile(re.escape(path.name) + r"\.(\d+)\.tmp$")
+    removed = []
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return removed
+    for name in names:
+        found = pattern.match(name)
+        if found and not _process_alive(int(found.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(path.parent / name)
+                removed.append(path.parent / name)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def segment_key(name: str) -> tuple[int, str]:
@@ -409,6 +542,8 @@ def store_bytes(path: str | os.PathLike[str]) -> int:
     """Bytes on disk of a cache: the file, plus its segments folder if it has one."""
     path = Path(path)
     total = path.stat().st_size if path.exists() else 0
+    if not is_segmented(path):
+        return total
     folder = segments_dir(path)
     for seg in list_segments(folder):
         with contextlib.suppress(OSError):

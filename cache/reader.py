@@ -110,7 +110,12 @@ def open_cache(path: str | os.PathLike[str], *,
         _h5.check_file_path(path, creating=False)
         file = _h5.open_file(path, "r", writing=False,
                              rdcc_nbytes=schema.READER_CHUNK_CACHE_BYTES)
-        if _store.SEGMENTS_DATASET in file:  # an index copied away from its segments
+        try:
+            is_index = _store.SEGMENTS_DATASET in file
+        except (OSError, RuntimeError, KeyError) as exc:  # a truncated single file
+            file.close()
+            raise _h5.corrupt_error(path, exc) from None
+        if is_index:  # an index copied away from its segments (or just written beside them)
             try:
                 folder = _store.moved_folder(file, path)
             finally:
@@ -641,7 +646,10 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
         model_dtype, tokenizer_fingerprint, lexicon_fingerprint, versions, n_traces_complete,
         n_traces_incomplete, incomplete_ids (first 20), complete (bool: nothing interrupted),
         n_tokens (total over complete traces), sites {name: {dtype, row_shape, layers,
-        n_rows, bytes_on_disk, bytes_logical}}, arrays {name: {dtype, n_traces, bytes_on_disk}}}.
+        n_rows, bytes_on_disk, bytes_logical}}, arrays {name: {dtype, n_traces, bytes_on_disk}},
+        segmented, n_segments, segments_beside (a single file with a segments folder beside it:
+        "move" = its move into segments is under way or was interrupted, "other" = another
+        store's, ignored; else None)}.
     """
     with open_cache(path) as reader:
         meta = reader.metadata
@@ -670,11 +678,17 @@ def summarize(path: str | os.PathLike[str]) -> dict[str, Any]:
                     entry["n_traces"] += 1
                 entry["bytes_on_disk"] += on_disk
                 entry["bytes_logical"] += int(stored.size * stored.dtype.itemsize)
+        folder = _store.segments_dir(reader.path)
+        segmented = _store.is_segmented(reader.path)
+        beside = None  # a segments folder beside a single file: a move into segments, or stale
+        if not segmented and _store.list_segments(folder):
+            beside = "move" if _store.is_migration_of(reader.path) else "other"
         return {
             "path": str(reader.path),
             "file_bytes": _store.store_bytes(reader.path),
-            "segmented": _store.is_segmented(reader.path),
-            "n_segments": len(_store.list_segments(_store.segments_dir(reader.path))),
+            "segmented": segmented,
+            "n_segments": len(_store.list_segments(folder)),
+            "segments_beside": beside,
             **{key: meta[key] for key in (
                 schema.ATTR_SCHEMA_VERSION, schema.ATTR_TOOLKIT_VERSION, schema.ATTR_CREATED,
                 schema.ATTR_MODEL, schema.ATTR_ARCHITECTURE, schema.ATTR_MODEL_DTYPE,

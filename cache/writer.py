@@ -24,7 +24,8 @@ import fcntl
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -94,7 +95,8 @@ def open_writer(
             the lock (a store another writer created meanwhile is refused and left as it is).
             "overwrite": replace any existing store (also checked again under the lock).
             Appending to a single-file cache (an older toolkit's, or `pack`'s) first moves its
-            complete traces into segments.
+            complete traces into segments; the file stays intact until all are moved, and an
+            interrupted move is resumed (cache/SCHEMA.md#segmented-store).
         compression: None (default; fastest) or "gzip" (shuffle + gzip 4, ~25 MB/s, 6–15% smaller;
             docs/tooling.md#compression). Blosc2-zstd via hdf5plugin is a possible later opt-in.
         fsync: Also sync each segment (and the folder) to disk (survives power loss, not just a
@@ -113,7 +115,9 @@ def open_writer(
         NotACacheError, CacheVersionError, CacheCorruptError: The existing file can't be appended.
         CacheInputError: Bad metadata, mode, compression or shard.
         CacheError: The path is a folder, its folder is missing, or (mode="create") it exists,
-            also when another writer created it after the first check.
+            also when another writer created it after the first check; a single-file cache with
+            another store's segments folder beside it.
+        CacheWriteError: Moving a single-file cache into segments failed (the file is unchanged).
     """
     path = Path(path)
     if mode not in _MODES:
@@ -135,8 +139,7 @@ def open_writer(
         check_unlocked(path)
         _store.remove_store(path)
         path.unlink(missing_ok=True)
-    legacy = path.exists() and not folder.is_dir()
-    if legacy:
+    if path.exists() and not folder.is_dir():
         with _h5.open_file(path, "r", writing=True) as f:  # locked / foreign / corrupt: one line
             if _store.SEGMENTS_DATASET in f:
                 raise CacheError(
@@ -144,6 +147,8 @@ def open_writer(
                     f"to it ({folder.name}/); move or copy that folder next to it to add to the "
                     f"cache, or write to another --out"
                 )
+    if index:
+        _store.remove_stale_temps(path)
     created = not folder.is_dir()
     try:
         folder.mkdir(exist_ok=True)
@@ -154,8 +159,20 @@ def open_writer(
     try:
         if mode != "append":
             _check_still_new(path, folder, shard)
+        kind = _store.file_kind(path)  # decided under the lock: no other move runs
+        if kind == "unreadable" and _store.migration_marked(path):
+            _refuse_unreadable(path)  # a single file mid-move: never replaced by a partial index
+        single = kind == "single"
+        if single:
+            _store.check_segments_folder(path)
+            if not index:
+                raise CacheError(
+                    f"{path} is a single-file cache: the writer that keeps the index (index=True; "
+                    f"rank 0 of a distributed run) moves it into segments first; open that one "
+                    f"before the others"
+                )
         writer = CacheWriter(path, meta, lock=lock, compression=compression, fsync=fsync,
-                             shard=shard, index=index, legacy=legacy)
+                             shard=shard, index=index, legacy=single)
     except _StoreTaken:
         os.close(lock)
         raise _exists(path) from None
@@ -191,6 +208,18 @@ def _check_still_new(path: Path, folder: Path, shard: str) -> None:
             if fd is None:
                 raise _StoreTaken
             os.close(fd)
+
+
+def _refuse_unreadable(path: Path) -> None:
+    """Raise the one-line error (locked, not HDF5, not a cache, corrupt) of an unreadable file
+    (read only: a truncated file is not extended as `open_file(writing=True)` would)."""
+    with _h5.open_file(path, "r", writing=False) as f:
+        try:
+            _h5.read_root_metadata(f, path)
+            f[schema.TRACES_GROUP].keys()
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise _h5.corrupt_error(path, exc) from None
+    raise _h5.corrupt_error(path, RuntimeError("no readable /traces group"))
 
 
 @dataclass
@@ -236,10 +265,27 @@ def _lock(folder: Path, shard: str, path: Path) -> int:
 
 def check_unlocked(path: Path, shard: str | None = None) -> None:
     """Raise `CacheLockedError` if a writer (of `shard`, or of any shard) holds the store."""
+    with holding_locks(path, shard):
+        pass
+
+
+@contextmanager
+def holding_locks(path: Path, shard: str | None = None) -> Iterator[None]:
+    """Hold the lock of every writer (of `shard`, or of any shard) of the store meanwhile.
+
+    Raises:
+        CacheLockedError: A writer holds one.
+    """
     folder = _store.segments_dir(path)
-    for name in (os.listdir(folder) if folder.is_dir() else []):
-        if name.startswith(".lock-") and shard in (None, name[len(".lock-"):]):
-            os.close(_lock(folder, name[len(".lock-"):], path))
+    held: list[int] = []
+    try:
+        for name in (sorted(os.listdir(folder)) if folder.is_dir() else []):
+            if name.startswith(".lock-") and shard in (None, name[len(".lock-"):]):
+                held.append(_lock(folder, name[len(".lock-"):], path))
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 class CacheWriter:
@@ -266,7 +312,10 @@ class CacheWriter:
         self._last_dump = 0.0
         self._dump_seconds = 0.0
         self._dirty = False
+        self._moving = legacy  # moving a single file into segments: no index until all moved
         removed = self._remove_pending()
+        if legacy:
+            removed = []  # those traces are still in the single file (moved again below)
         self._state = _store.scan(self._folder)
         removed += self._remove_damaged()
         root = self._stored_root()
@@ -284,6 +333,9 @@ class CacheWriter:
         self._layout = self._stored_layout()
         if self._dirty or not self._index_current():
             self._dump_index(force=True)
+        if self._index:
+            self._moving = False
+            _store.remove_migration_marker(path)  # the index has replaced the single file
 
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> CacheWriter:
@@ -550,6 +602,8 @@ class CacheWriter:
         except OSError as exc:
             what = (f"trace {ids[0]!r}" if len(ids) == 1 else
                     f"{len(ids)} traces ({ids[0]!r} to {ids[-1]!r})")
+            if self._moving:
+                raise self._moving_error(f"writing {what} to {self._folder / seg}", exc) from None
             raise CacheWriteError(
                 f"writing {what} to {self._folder / seg} failed: "
                 f"{_store.describe_os_error(exc)}; the {len(self._state.entries)} traces "
@@ -568,14 +622,15 @@ class CacheWriter:
         due = max(INDEX_INTERVAL_S, 10 * self._dump_seconds)  # rewrites cost at most ~10%
         if not self._index or not (force or time.monotonic() - self._last_dump >= due):
             return
-        if not (force or self._dirty):
-            return
+        if not (force or self._dirty) or (self._moving and not force):
+            return  # (while moving a single file, the index would replace it half moved)
         t0 = time.monotonic()
         image = _store.index_image(self._root, self._state, self._folder, absolute=False)
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         try:
-            _store.write_file(image, self.path, tmp, fsync=self._fsync)
+            _store.write_file(image, self.path, _store.temp_path(self.path), fsync=self._fsync)
         except OSError as exc:
+            if self._moving:
+                raise self._moving_error(f"replacing {self.path} by its index", exc) from None
             if not force:
                 return  # the index lags; readers rebuild it and the next rewrite catches up
             raise CacheWriteError(
@@ -627,9 +682,31 @@ class CacheWriter:
                 self._dirty = True  # a damaged index: rebuilt from the segments
         return self._state.root
 
+    def _moving_error(self, what: str, exc: OSError) -> CacheWriteError:
+        """The error of a failed write while moving the single file into segments."""
+        return CacheWriteError(
+            f"moving the single-file cache {self.path} into segments failed ({what}): "
+            f"{_store.describe_os_error(exc)}; {self.path} is unchanged and keeps every trace "
+            f"(the {len(self._state.entries)} traces moved so far stay in {self._folder} and "
+            f"are reused): {_store.fix_hint(exc)}"
+        )
+
     def _adopt_single_file(self) -> list[str]:
-        """Move the complete traces of a single-file cache at `path` into segments."""
+        """Move the complete traces of a single-file cache at `path` into segments.
+
+        The single file stays as it is until every trace is in a segment; then the caller's one
+        index rewrite replaces it (atomically). The marker `.migrating` names the file, so that an
+        interrupted move is resumed (the traces already moved are skipped) and a folder of another
+        store is never adopted (`check_segments_folder`). No index is written meanwhile: a
+        reader reads the single file (`is_segmented`).
+        """
         removed = []
+        if not _store.is_migration_of(self.path):
+            try:
+                _store.write_migration_marker(self.path, fsync=self._fsync)
+            except OSError as exc:
+                raise self._moving_error(f"writing {self._folder / _store.MIGRATION_MARKER}",
+                                         exc) from None
         with _h5.open_file(self.path, "r", writing=False) as src:
             for name in list(src[schema.TRACES_GROUP]):
                 try:

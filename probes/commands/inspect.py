@@ -49,6 +49,12 @@ def format_inspect(s: Mapping[str, Any]) -> str:
     if s.get("segmented"):
         lines.append(f"store:    index + {s['n_segments']} segment files in {s['path']}.segments/ "
                      f"(one file: `pack {s['path']} --out FILE`)")
+    elif s.get("segments_beside") == "move":
+        lines.append(f"store:    one file, being moved into segments ({s['n_segments']} traces "
+                     f"so far in {s['path']}.segments/; a writer with --resume finishes it)")
+    elif s.get("segments_beside") == "other":
+        lines.append(f"store:    one file; the folder {s['path']}.segments/ beside it is another "
+                     f"store's and is ignored (remove it or move it away to add to this file)")
     if s["complete"]:
         lines.append("complete: yes (no interrupted trace)")
     else:

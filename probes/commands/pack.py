@@ -66,7 +66,8 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("path", type=Path, help="the cache (its .h5 index file)")
     p.add_argument("--out", type=Path, required=True, help="the single .h5 file to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (a segmented store: its segments folder too)")
     flags.report_flags(p, progress=False)
     p.set_defaults(func=run)
 

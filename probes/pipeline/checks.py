@@ -111,13 +111,20 @@ def read_stored(job: WriteJob) -> Stored | None:
     Opening it also reports a locked, truncated, foreign or other-version file before the model
     is loaded.
     """
-    from cache import CacheLockedError, check_unlocked, open_cache, store_exists
+    from cache import (
+        CacheLockedError,
+        check_segments_folder,
+        check_unlocked,
+        open_cache,
+        store_exists,
+    )
 
     if job.overwrite or not (job.out.exists() or (job.resume and store_exists(job.out))):
         return None  # (segments without their index file are replaced unless --resume)
     try:
         if current_shard() is None:
             check_unlocked(job.out, "s")
+        check_segments_folder(job.out)  # another store's segments beside a single file
         with open_cache(job.out) as reader:
             if job.check_stored is not None:
                 job.check_stored(reader)

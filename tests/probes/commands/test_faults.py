@@ -27,7 +27,7 @@ import h5py
 import pytest
 
 import cache._store as store
-from cache import open_cache, segments_dir, store_exists
+from cache import open_cache, pack_cache, segments_dir, store_exists
 from probes.commands.demo import SAMPLE_TRACES
 from probes.run import main
 from tests.probes.commands._store_snapshot import snapshot
@@ -180,6 +180,36 @@ def test_grouped_commit_refused(tmp_path, capsys, monkeypatch):
     assert f"{9 - len(groups[0])} traces written, {len(groups[0])} already done" in \
         capsys.readouterr().out
     assert snapshot(out) == expected
+
+
+@pytest.mark.parametrize("fail_at", [1, 3, N_TRACES + 2])
+def test_full_disk_while_moving_a_packed_cache_into_segments(fail_at, traces, references, tmp_path,
+                                                             capsys, monkeypatch):
+    """`lhat --resume` onto a packed activation cache first moves it into segments; ENOSPC at the
+    marker, at a moved trace or at the index that replaces the file: one line, exit 2, the packed
+    file unchanged; --resume then finishes to the store of an uninterrupted run."""
+    out = tmp_path / "packed.h5"
+    pack_cache(references["cache"][0], out)
+    packed = out.read_bytes()
+    calls = []
+    real = store._write
+
+    def failing(fd, data):
+        calls.append(1)
+        if len(calls) == fail_at:  # 1: the marker, 2..N+1: the traces, N+2: the index
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+
+    monkeypatch.setattr(store, "_write", failing)
+    assert main(_args("lhat", traces, out)) == 2
+    monkeypatch.setattr(store, "_write", real)
+    _one_error_line(capsys.readouterr().err, f"moving the single-file cache {out} into segments",
+                    "No space left on device", f"{out} is unchanged", "free space", "--resume")
+    assert out.read_bytes() == packed
+    assert snapshot(out) == references["cache"][1]
+    assert main(_args("lhat", traces, out)) == 0
+    capsys.readouterr()
+    assert snapshot(out) == references["lhat+cache"][1]
 
 
 def _segment_traces(path: Path) -> list[str]:
