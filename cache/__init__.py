@@ -8,7 +8,14 @@ The layout is schema v1 (`cache.schema`, `cache/SCHEMA.md`); bfloat16 is stored 
 """
 
 from cache._pack import pack_cache
-from cache._store import remove_cache, segments_dir, store_bytes, store_exists
+from cache._store import (
+    describe_os_error,
+    fix_hint,
+    remove_cache,
+    segments_dir,
+    store_bytes,
+    store_exists,
+)
 from cache.bf16 import bf16_bits_to_float32, float32_to_bf16_bits
 from cache.errors import (
     CacheCorruptError,
@@ -46,6 +53,8 @@ __all__ = [
     "TraceNotFoundError",
     "bf16_bits_to_float32",
     "check_unlocked",
+    "describe_os_error",
+    "fix_hint",
     "float32_to_bf16_bits",
     "open_cache",
     "open_writer",

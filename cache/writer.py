@@ -171,7 +171,13 @@ class _NewTrace:
 
 
 def _lock(folder: Path, shard: str, path: Path) -> int:
-    fd = os.open(folder / f".lock-{shard}", os.O_RDWR | os.O_CREAT, 0o644)
+    lock = folder / f".lock-{shard}"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:  # an unwritable lock file or folder: one line, before any work
+        raise CacheWriteError(f"cannot open the lock file {lock} of {path}: "
+                              f"{_store.describe_os_error(exc)}; "
+                              f"{_store.fix_hint(exc)}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -28,6 +28,7 @@ run) when given; `--plots DIR` draws predicted vs real ΔL.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import zlib
@@ -51,9 +52,11 @@ from probes.commands.loop import (
     same_settings,
     write_traces,
 )
+from probes.commands.outputs import check_output_file, check_plot_folder
 from probes.commands.progress import progress_on
 from probes.errors import ProbesError
 from probes.models.controls import CONTROLS, random_init_model
+from probes.safe_output import write_file, write_text
 from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
 NAME = "effects"
@@ -270,8 +273,15 @@ def directions_path(out: Path) -> Path:
     return Path(str(out) + ".directions.npz")
 
 
+def summary_path(out: Path) -> Path:
+    """Where the run summary goes: `<out>.effects.json`."""
+    return Path(str(out) + ".effects.json")
+
+
 def _save_directions(out: Path, dirs: dict[str, np.ndarray]) -> None:
-    np.savez(directions_path(out), **{c: v.astype(np.float32) for c, v in dirs.items()})
+    buf = io.BytesIO()
+    np.savez(buf, **{c: v.astype(np.float32) for c, v in dirs.items()})
+    write_file(directions_path(out), buf.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,7 +338,8 @@ def direction_summary(path: Path) -> dict[str, Any]:
 
 def summarize(path: Path, versus: Path | None = None, plots: Path | None = None) -> dict[str, Any]:
     """V7 and the headline table of a cache (and of `versus`), the direction cosines, a plot."""
-    from analyses.effects import headline, scatter_plot, v7_table
+    from analyses.effects import headline, scatter_figure, v7_table
+    from probes.safe_output import save_figure
 
     traces = read_effects(path)
     summary: dict[str, Any] = {"cache": str(path), "n_traces": len(traces),
@@ -340,11 +351,11 @@ def summarize(path: Path, versus: Path | None = None, plots: Path | None = None)
         summary["v7_versus"] = v7_table(other)
         summary["headline"]["versus"] = headline(other)
     if plots is not None:
-        p = scatter_plot(traces, Path(plots) / "effects_scatter.png", title=str(path))
+        p = save_figure(scatter_figure(traces, title=str(path)), Path(plots) / "effects_scatter.png")
         summary["plots"] = [str(p)]
         if versus is not None:
-            summary["plots"].append(str(scatter_plot(other, Path(plots) / "effects_scatter_versus.png",
-                                                     title=str(versus))))
+            summary["plots"].append(str(save_figure(scatter_figure(other, title=str(versus)),
+                                                    Path(plots) / "effects_scatter_versus.png")))
     return summary
 
 
@@ -475,6 +486,10 @@ def run(args: argparse.Namespace) -> int:
     flags.silence_hf()
     if args.versus is not None and not Path(args.versus).is_file():
         raise ProbesError(f"--versus {args.versus} does not exist; give an effects cache")
+    for path in (directions_path(args.out), summary_path(args.out)):
+        check_output_file(path, "--out")
+    if args.plots is not None:
+        check_plot_folder(args.plots)
     cfg = EffectsConfig(pairs_per_category=args.pairs_per_category, batch_size=args.batch_size,
                         scale=args.scale, seed=args.seed, control=args.control,
                         control_seed=args.control_seed, limit=args.limit, strict=args.strict,
@@ -486,7 +501,7 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(args.out, args.versus, args.plots)
     summary["directions"] = result.directions
     summary["run"] = result.to_dict()
-    Path(str(args.out) + ".effects.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_text(summary_path(args.out), json.dumps(summary, indent=1, default=str))
     out = sys.stderr if args.json else sys.stdout
     print(result.summary(), file=out)
     print(format_summary(summary, result.directions), file=out)

@@ -32,10 +32,12 @@ import numpy as np
 
 from hooks.model import LoadedModel
 from probes.commands import flags
+from probes.commands.outputs import check_output_file
 from probes.commands.progress import Stages, progress_on
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
 from probes.models.load import load_model
+from probes.safe_output import write_text
 
 NAME = "fit"
 
@@ -268,8 +270,6 @@ def run(args: argparse.Namespace) -> int:
     """`fit` from parsed flags."""
     flags.silence_hf()
     if args.out is not None:
-        from probes.commands.outputs import check_output_file
-
         check_output_file(args.out, "--out")
     cfg = FitConfig(limit=args.limit, strict=args.strict, max_tokens=args.max_tokens,
                     layers=tuple(args.layers) if args.layers else None,
@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
         report = jsonable(fit_traces(args.model, args.traces, cfg, device=args.device,
                                      dtype=args.model_dtype))
     if args.out is not None:
-        args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        write_text(args.out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         print(f"fit: report written to {args.out}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, sort_keys=True))
