@@ -61,8 +61,9 @@ def write_error(path: Path, exc: OSError, *, flag: str = "--out", then: str = "r
                        f"{fix_hint(exc, flag=flag, then=then)}")
 
 
-def _nearest_existing(path: Path) -> Path:
-    for parent in path.parents:
+def nearest_existing(path: Path) -> Path:
+    """`path` or its nearest parent that exists (where missing folders would be created)."""
+    for parent in (path, *path.parents):
         if parent.exists():
             return parent
     return Path(".")
@@ -90,7 +91,7 @@ def check_writable(path: Path, flag: str, *, make_parents: bool = False, append:
                           f"{path / example}")
     folder = path.parent
     if not folder.is_dir():
-        base = _nearest_existing(path)
+        base = nearest_existing(folder)
         if not make_parents:
             raise ProbesError(f"{flag} {path}: folder {folder} does not exist; create it first "
                               f"(mkdir -p {folder}) or choose another {flag}")

@@ -486,8 +486,9 @@ def run(args: argparse.Namespace) -> int:
     flags.silence_hf()
     if args.versus is not None and not Path(args.versus).is_file():
         raise ProbesError(f"--versus {args.versus} does not exist; give an effects cache")
-    for path in (directions_path(args.out), summary_path(args.out)):
-        check_output_file(path, "--out")
+    if Path(args.out).parent.is_dir():  # (a missing folder: the store's own check names it)
+        for path in (directions_path(args.out), summary_path(args.out)):
+            check_output_file(path, "--out")
     if args.plots is not None:
         check_plot_folder(args.plots)
     cfg = EffectsConfig(pairs_per_category=args.pairs_per_category, batch_size=args.batch_size,

@@ -13,17 +13,10 @@ import os
 from pathlib import Path
 
 from probes.errors import ProbesError
-from probes.safe_output import check_writable
+from probes.safe_output import check_writable, nearest_existing
 
 MAX_STEM_CHARS = 60
 """Characters of an id kept in a plot file name (the rest is replaced by a hash)."""
-
-
-def _nearest_existing(path: Path) -> Path:
-    for parent in (path, *path.parents):
-        if parent.exists():
-            return parent
-    return Path(".")
 
 
 def check_output_file(path: Path, flag: str, *, make_parents: bool = False) -> None:
@@ -45,7 +38,7 @@ def check_plot_folder(path: Path, flag: str = "--plots") -> None:
     if path.exists() and not path.is_dir():
         raise ProbesError(f"{flag} {path} is an existing file; give a folder (created if missing) "
                           f"for the PNG plots")
-    base = _nearest_existing(path)
+    base = nearest_existing(path)
     if not base.is_dir():
         raise ProbesError(f"{flag} {path}: {base} is a file, so the folder cannot be created; "
                           f"choose another {flag}")
