@@ -6,7 +6,9 @@ a write error injected at a seeded write (ENOSPC, EIO, EACCES from the one call 
 bytes), a file-size limit (RLIMIT_FSIZE) below the output's size, and a full tmpfs (where this
 machine lets the test mount one). Each time: exit 2 and one `error:` line naming the file, the
 cause and the fix, never a traceback; an output that existed keeps its content or is replaced by a
-complete one; no temporary file is left. `generate`'s JSONL append, filled up at 8/16/24 KiB
+complete one; no temporary file is left. `report` under `ulimit -f` 50/200/500 KiB (child
+process) and on a tmpfs of 100/300/600 KiB: one line where the page does not fit, a complete page
+where it does. `generate`'s JSONL append, filled up at 8/16/24 KiB
 (`ulimit -f` in a child process, and a tmpfs): every complete record stays, the partial one is cut
 off, and `--resume` finishes to the uninterrupted run's records. Outputs this user may not write
 (dropped CAP_DAC_OVERRIDE, as root runs these tests) are refused before any work.
@@ -290,6 +292,39 @@ def test_full_tmpfs(name, data, reference, tmp_path, capsys):
         _no_tmp_left(disk)
     finally:
         _umount(disk)
+
+
+@pytest.mark.parametrize(("kind", "kib"), [("ulimit", 50), ("ulimit", 200), ("ulimit", 500),
+                                         ("tmpfs", 100), ("tmpfs", 300), ("tmpfs", 600)])
+def test_report_room(kind, kib, data, reference, tmp_path):
+    """`report` (about 400 KiB here) under `ulimit -f` in a child process and on a tmpfs of `kib`
+    KiB: exit 2 with one line where the page does not fit (not SIGXFSZ), a complete page where it
+    does; never a partial page or a temporary file."""
+    size = reference["report"][1][0]
+    folder = tmp_path / "disk"
+    if kind == "tmpfs":
+        problem = _mount_tmpfs(folder, kib * 1024)
+        if problem:
+            pytest.skip(f"this machine does not let the test mount a tmpfs: {problem}")
+        prefix = [sys.executable, "-m", "probes.run"]
+    else:
+        folder.mkdir()
+        prefix = [sys.executable, "-c", _LIMITED, str(kib * 1024)]
+    try:
+        argv, (page,) = _report(data, folder)
+        res = subprocess.run([*prefix, *argv], capture_output=True, text=True, env=CHILD_ENV,
+                             cwd=ROOT, timeout=300)
+        if size <= kib * 1024:
+            assert res.returncode == 0 and _complete(page), res.stderr[-2000:]
+        else:
+            assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+            cause = "File too large" if kind == "ulimit" else "No space left on device"
+            _one_error_line(res.stderr, f"cannot write {page}:", cause)
+            assert not page.exists()
+        _no_tmp_left(folder)
+    finally:
+        if kind == "tmpfs":
+            _umount(folder)
 
 
 # -- generate: the JSONL append --------------------------------------------------------------------
