@@ -6,7 +6,7 @@
   pooled and per category.
 * `headline`: per category, the mean real effect on the answer loss of removing one token's update,
   with a bootstrap CI over traces (per-trace means first, §7.5).
-* `scatter_plot`: predicted vs real ΔL by category.
+* `scatter_plot` (`scatter_figure`: unsaved): predicted vs real ΔL by category.
 
 No model, no torch: everything reads numpy arrays (e.g. from `cache.open_cache`).
 """
@@ -16,11 +16,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import stats as sps
 
 from analyses.stats import bootstrap_ci
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CATEGORIES = ("reflection", "delimiter", "ordinary")
 EDITS: dict[str, tuple[str, str, str]] = {
@@ -143,16 +147,27 @@ def format_headline(tables: Mapping[str, Mapping[str, Mapping[str, Mapping[str, 
 
 
 def scatter_plot(traces: Iterable[TraceEffects], path: str | Path, *, title: str = "") -> Path:
-    """Predicted vs real ΔL, one panel per edit, coloured by category (PNG; symlog axes, linear
-    below the 10th percentile of the nonzero |values|)."""
-    import matplotlib
+    """Write `scatter_figure(traces, title=title)` to the PNG `path` (folders created)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig = scatter_figure(traces, title=title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def scatter_figure(traces: Iterable[TraceEffects], *, title: str = "") -> Figure:
+    """Predicted vs real ΔL, one panel per edit, coloured by category (symlog axes, linear below
+    the 10th percentile of the nonzero |values|); the unsaved Figure (Matplotlib's object API, no
+    pyplot state)."""
+    from matplotlib.figure import Figure
 
     traces = list(traces)
     colors = {"reflection": "tab:red", "delimiter": "tab:blue", "ordinary": "0.6"}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    fig = Figure(figsize=(10, 4.5))
+    axes = fig.subplots(1, 2)
     for ax, (real_name, pred_name, label) in zip(axes, EDITS.values()):
         real, cat = _pool(traces, real_name)
         pred, _ = _pool(traces, pred_name)
@@ -179,8 +194,4 @@ def scatter_plot(traces: Iterable[TraceEffects], path: str | Path, *, title: str
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

@@ -6,7 +6,9 @@
   (curves resampled on a common grid) with the interquartile band, and beside it the per-model
   medians (95% CI) of the stability measures.
 
-Matplotlib's object API and the Agg canvas only (no pyplot state), as in `analyses.plots`.
+`variant_curves_figure` and `model_curves_figure` return the unsaved Figures (the CLI saves them
+through `probes.safe_output.save_figure`). Matplotlib's object API and the Agg canvas only (no
+pyplot state), as in `analyses.plots`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_model_curves", "plot_variant_curves", "resample_curve"]
+__all__ = ["model_curves_figure", "plot_model_curves", "plot_variant_curves", "resample_curve",
+           "variant_curves_figure"]
 
 _COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
             "tab:gray")
@@ -56,6 +59,13 @@ def plot_variant_curves(curves_by_variant: Mapping[str, Sequence[np.ndarray]], p
     """One PNG: every curve faint, the per-token median over the curves that reach that token bold,
     a colour per variant (log y); `marks[variant]` (e.g. the median tokens until L̂ stays within
     90% of its drop) as a dashed vertical line."""
+    return _save(variant_curves_figure(curves_by_variant, marks=marks, title=title), path)
+
+
+def variant_curves_figure(curves_by_variant: Mapping[str, Sequence[np.ndarray]], *,
+                          marks: Mapping[str, float] | None = None,
+                          title: str = "L̂ along the trajectory, by variant") -> Figure:
+    """The Figure of `plot_variant_curves` (same arguments), not saved."""
     fig = Figure(figsize=(7, 4.2))
     ax = fig.add_subplot()
     for k, (name, curves) in enumerate(curves_by_variant.items()):
@@ -76,7 +86,7 @@ def plot_variant_curves(curves_by_variant: Mapping[str, Sequence[np.ndarray]], p
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_model_curves(curves_by_model: Mapping[str, Sequence[np.ndarray]],
@@ -85,6 +95,12 @@ def plot_model_curves(curves_by_model: Mapping[str, Sequence[np.ndarray]],
     """One PNG: left, median L̂ per model on the normalised position with the IQR band; right,
     per stability measure the per-model median and 95% CI (`stability[model][measure] =
     (median, low, high)`), each measure scaled by its largest |median| so they share an axis."""
+    return _save(model_curves_figure(curves_by_model, stability), path)
+
+
+def model_curves_figure(curves_by_model: Mapping[str, Sequence[np.ndarray]],
+                        stability: Mapping[str, Mapping[str, tuple[float, float, float]]]) -> Figure:
+    """The Figure of `plot_model_curves` (same arguments), not saved."""
     fig = Figure(figsize=(11, 4.2))
     ax, bx = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     x = np.linspace(0, 1, 101)
@@ -115,4 +131,4 @@ def plot_model_curves(curves_by_model: Mapping[str, Sequence[np.ndarray]],
     bx.set_title("stability measures")
     bx.legend()
     fig.tight_layout()
-    return _save(fig, path)
+    return fig

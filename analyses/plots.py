@@ -16,11 +16,13 @@ Pure helpers, used by the plots and testable without drawing:
 
 * `heatmap_matrix`: the (row names, matrix) a heatmap draws (row order, ratios, NaN = missing).
 * `marker_occurrences`: markers (Occurrences or a per-token category array) as Occurrences.
-* `update_heatmap_figure`, `step_curve_figure`: the unsaved Figures of the two update plots.
+* `lhat_curve_figure`, `category_distributions_figure`, `update_heatmap_figure`,
+  `step_curve_figure`: the unsaved Figures of the four plots (the CLI saves them through
+  `probes.safe_output.save_figure`).
 
 Figures are built with `matplotlib.figure.Figure` and the Agg canvas directly, so no global
 pyplot state or backend switch is touched. The only I/O of the `analyses` package is the PNG
-writing of the `plot_*` functions.
+writing of the `plot_*` functions (for library use).
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from analyses.token_sets import DELIMITER, REFLECTION, Occurrence, phrase_occurr
 __all__ = [
     "HEATMAP_ROW_ORDER",
     "MARKER_COLOURS",
+    "category_distributions_figure",
     "heatmap_matrix",
+    "lhat_curve_figure",
     "marker_occurrences",
     "plot_category_distributions",
     "plot_lhat_curve",
@@ -162,6 +166,21 @@ def plot_lhat_curve(
     Returns:
         The PNG path.
     """
+    fig = lhat_curve_figure(lhat, markers, ema_alpha=ema_alpha, title=title, logy=logy,
+                            drop_zeros=drop_zeros)
+    return _save(fig, path, dpi)
+
+
+def lhat_curve_figure(
+    lhat: np.ndarray | Sequence[float],
+    markers: Sequence[Occurrence] | Sequence[tuple[int, int, int, int]] | np.ndarray | None,
+    *,
+    ema_alpha: float | None = 0.01,
+    title: str | None = None,
+    logy: bool = False,
+    drop_zeros: bool = False,
+) -> Figure:
+    """The Figure of `plot_lhat_curve` (same arguments), not saved."""
     y = np.asarray(lhat, dtype=np.float64)
     n_tok = max(y.size - 1, 1)
     x = np.arange(y.size) / n_tok
@@ -191,7 +210,7 @@ def plot_lhat_curve(
     ax.legend(handles, labels, loc="upper right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path, dpi)
+    return fig
 
 
 def plot_category_distributions(
@@ -219,6 +238,24 @@ def plot_category_distributions(
 
     Returns:
         The PNG path.
+    """
+    fig = category_distributions_figure(values_by_category, metric, log=log, kind=kind,
+                                        title=title)
+    return _save(fig, path, dpi)
+
+
+def category_distributions_figure(
+    values_by_category: Mapping[str, np.ndarray | Sequence[float]],
+    metric: str = "abs_delta",
+    *,
+    log: bool = True,
+    kind: str = "box",
+    title: str | None = None,
+) -> Figure:
+    """The Figure of `plot_category_distributions` (same arguments), not saved.
+
+    Raises:
+        ValueError: An unknown `kind`.
     """
     if kind not in ("box", "violin"):
         raise ValueError(f"kind must be 'box' or 'violin', got {kind!r}.")
@@ -260,7 +297,7 @@ def plot_category_distributions(
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    return _save(fig, path, dpi)
+    return fig
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from cache._meta import check_identity
 from cache._pack import pack_cache
 from cache._store import (
     check_segments_folder,
+    describe_os_error,
+    fix_hint,
     remove_cache,
     segments_dir,
     store_bytes,
@@ -55,6 +57,8 @@ __all__ = [
     "check_identity",
     "check_segments_folder",
     "check_unlocked",
+    "describe_os_error",
+    "fix_hint",
     "float32_to_bf16_bits",
     "open_cache",
     "open_writer",

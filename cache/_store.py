@@ -290,15 +290,15 @@ def describe_os_error(exc: OSError) -> str:
     return f"{text} ({code})" if code else text
 
 
-def fix_hint(exc: OSError) -> str:
-    """The fix for a failed write, by cause."""
+def fix_hint(exc: OSError, *, flag: str = "--out", then: str = "rerun with --resume") -> str:
+    """The fix for a failed write, by cause: what to change, then `then` (e.g. "rerun")."""
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "free space (or choose another --out folder), then rerun with --resume"
+        return f"free space (or choose another {flag} folder), then {then}"
     if exc.errno == errno.EFBIG:
-        return "raise the file-size limit (ulimit -f), then rerun with --resume"
+        return f"raise the file-size limit (ulimit -f), then {then}"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "make the folder writable, then rerun with --resume"
-    return "check the disk, then rerun with --resume"
+        return f"make the folder writable, then {then}"
+    return f"check the disk, then {then}"
 
 
 # -- root metadata ---------------------------------------------------------------------------------

@@ -254,7 +254,13 @@ def try_lock(lock_file: Path) -> int | None:
 
 
 def _lock(folder: Path, shard: str, path: Path) -> int:
-    fd = try_lock(folder / f".lock-{shard}")
+    lock = folder / f".lock-{shard}"
+    try:
+        fd = try_lock(lock)
+    except OSError as exc:  # an unwritable lock file or folder: one line, before any work
+        raise CacheWriteError(f"cannot open the lock file {lock} of {path}: "
+                              f"{_store.describe_os_error(exc)}; "
+                              f"{_store.fix_hint(exc)}") from None
     if fd is None:
         raise CacheLockedError(
             f"{path} is open by another writer (another process holds {folder.name}/.lock-"

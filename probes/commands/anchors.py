@@ -36,6 +36,7 @@ from probes.errors import ProbesError
 from probes.measures.anchors import receivers as anc
 from probes.measures.anchors import resampling as rs
 from probes.pipeline.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
+from probes.pipeline.outputs import check_plot_folder
 from probes.pipeline.progress import Stages, progress_on
 from probes.traces.categories import CATEGORY_NAMES, categorize, load_lexicon
 from probes.traces.chunks import chunk_labels, token_chunks
@@ -259,12 +260,13 @@ def draw_plots(path: str | Path, summary: dict[str, Any], folder: Path) -> list[
     first trace that has them, as PNGs in `folder`."""
     from analyses import anchor_plots
     from cache import open_cache
+    from probes.safe_output import save_figure
 
     out = []
     if summary.get("mean_kurtosis"):
         heads = np.asarray([h[:2] for h in summary.get("receiver_heads", [])], dtype=int)
-        out.append(anchor_plots.plot_kurtosis_heatmap(np.asarray(summary["mean_kurtosis"]),
-                                                      folder / "receiver_kurtosis.png", heads=heads))
+        out.append(save_figure(anchor_plots.kurtosis_figure(np.asarray(summary["mean_kurtosis"]),
+                                                            heads), folder / "receiver_kurtosis.png"))
     with open_cache(path) as reader:
         for tr in reader:
             names = set(tr.names())
@@ -272,16 +274,16 @@ def draw_plots(path: str | Path, summary: dict[str, Any], folder: Path) -> list[
                 continue
             cats = np.asarray(tr["chunk_category"][...])
             if "anc_supp_kl" in names:
-                out.append(anchor_plots.plot_suppression_matrix(
-                    np.asarray(tr["anc_supp_kl"][...]), cats, folder / "suppression_matrix.png",
-                    title=f"attention suppression, trace {tr.id}"))
+                out.append(save_figure(anchor_plots.suppression_figure(
+                    np.asarray(tr["anc_supp_kl"][...]), cats,
+                    title=f"attention suppression, trace {tr.id}"), folder / "suppression_matrix.png"))
             measures = {k: np.asarray(tr[k][...]) for k in ("anc_supp_dl", "anc_forced",
                                                             "anc_rs_importance", "anc_rs_ci_acc")
                         if k in names}
             if measures:
-                out.append(anchor_plots.plot_chunk_importance(
-                    measures, cats, folder / "chunk_importance.png",
-                    title=f"chunk importance, trace {tr.id}"))
+                out.append(save_figure(anchor_plots.chunk_importance_figure(
+                    measures, cats, title=f"chunk importance, trace {tr.id}"),
+                    folder / "chunk_importance.png"))
             break
     return [str(p) for p in out]
 
@@ -456,6 +458,8 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """`anchors`: compute, then print the summary (and JSON)."""
     flags.silence_hf()
+    if args.plots is not None:
+        check_plot_folder(args.plots)
     cfg = AnchorsConfig(
         analyses=args.analyses, proximity_ignore=args.proximity_ignore, top_heads=args.top_heads,
         supp_batch=args.supp_batch, supp_temperature=args.supp_temperature,

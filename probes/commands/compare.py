@@ -30,7 +30,7 @@ from probes.commands import SUMMARIES, flags
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
 from probes.pipeline.progress import Stages, progress_on
-from probes.readouts.compare_updates import _fit_part, _update_plots, _updates_part
+from probes.readouts.compare_updates import PlotSave, _fit_part, _update_plots, _updates_part, folder_saver
 
 NAME = "compare"
 
@@ -68,6 +68,7 @@ class CompareConfig:
         n_boot: Bootstrap resamples.
         seed: Seed of the controls (position matching, label shuffling) and the bootstrap.
         plots: Folder for PNG plots, or None.
+        plot_save: Where the plots go instead of `plots` (`report` keeps them in memory), or None.
         versus: A second cache of the same traces (e.g. `lhat --no-thinking`): its curves are
             compared with this one's, paired by trace id (final L̂, area under the normalised
             curve, half-change time).
@@ -88,6 +89,7 @@ class CompareConfig:
     n_boot: int = 2000
     seed: int = 0
     plots: Path | None = None
+    plot_save: PlotSave | None = None
     versus: Path | None = None
     control: Path | None = None
     update_metrics: tuple[str, ...] | None = None
@@ -193,8 +195,8 @@ def compare_cache(path: Path, cfg: CompareConfig) -> dict[str, Any]:
         report["updates"] = upd
         if cfg.fit and parts["lhat"]:
             report["fit"] = _fit_part(rows, sets, upd, cfg)
-        if cfg.plots is not None:
-            report["plots"] += _update_plots(cfg.plots, rows, sets, upd)
+        if _saver(cfg) is not None:
+            report["plots"] += _update_plots(_saver(cfg), rows, sets, upd)
     elif cfg.control is not None:
         raise ProbesError(f"--control compares update arrays, but {path} has none; run `updates` first")
     return report
@@ -268,9 +270,9 @@ def _lhat_part(path: Path, cfg: CompareConfig) -> dict[str, Any]:
     }
     if cfg.versus is not None:
         report["versus"] = _versus(rows, cfg)
-    if cfg.plots is not None:
-        report["plots"] = _plots(cfg.plots, rows, effects, pooled_values(effects, cfg.metric, unit=cfg.unit),
-                                 cfg.metric)
+    if _saver(cfg) is not None:
+        report["plots"] = _plots(_saver(cfg), rows, effects,
+                                 pooled_values(effects, cfg.metric, unit=cfg.unit), cfg.metric)
     return report
 
 
@@ -291,20 +293,24 @@ def _versus(rows, cfg: CompareConfig) -> dict[str, Any]:
             "metrics": {k: v.to_dict() for k, v in result.items()}}
 
 
-def _plots(folder: Path, rows, effects, pooled, metric) -> list[str]:
-    from analyses.plots import plot_category_distributions, plot_lhat_curve
+def _saver(cfg: CompareConfig) -> PlotSave | None:
+    """Where `cfg`'s plots go (None: no plots)."""
+    if cfg.plot_save is not None:
+        return cfg.plot_save
+    return folder_saver(cfg.plots) if cfg.plots is not None else None
+
+
+def _plots(save: PlotSave, rows, effects, pooled, metric) -> list[str]:
+    from analyses.plots import category_distributions_figure, lhat_curve_figure
     from probes.pipeline.outputs import plot_file_name
 
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [str(plot_category_distributions(pooled, folder / f"categories_{metric}.png", metric=metric))]
+    paths = [save(category_distributions_figure(pooled, metric), f"categories_{metric}.png")]
     # the curves of the first traces that contain a reflection, else the first traces
     order = sorted(range(len(rows)), key=lambda i: not any(o.category == 1 for o in effects[i].occurrences))
     for i in order[:3]:
         r = rows[i]
-        paths.append(str(plot_lhat_curve(
-            r["lhat"], effects[i].occurrences, folder / plot_file_name("lhat", r["id"]),
-            title=f"L̂ along trace {r['id']}"
-        )))
+        fig = lhat_curve_figure(r["lhat"], effects[i].occurrences, title=f"L̂ along trace {r['id']}")
+        paths.append(save(fig, plot_file_name("lhat", r["id"])))
     return paths
 
 

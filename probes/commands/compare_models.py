@@ -28,6 +28,7 @@ from probes import arrays
 from probes.commands import SUMMARIES, flags
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
+from probes.pipeline.outputs import check_plot_folder
 from probes.pipeline.progress import Stages, progress_on
 from probes.readouts.text import num as _num
 
@@ -235,13 +236,15 @@ def compare_models_report(paths: list[Path], *, names: list[str] | None = None, 
         "rows": summary + paired, "plots": [],
     }
     if plots is not None:
-        from analyses.efficiency_plots import plot_model_curves
+        from analyses.efficiency_plots import model_curves_figure
+        from probes.safe_output import save_figure
 
         stab = {r["model"]: {} for r in summary}
         for r in summary:
             if r["category"] == "all" and r["measure"] in ("var_delta", "frac_nonmonotone", "osc_energy"):
                 stab[r["model"]][r["measure"]] = (r["median"], r["ci_low"], r["ci_high"])
-        report["plots"].append(str(plot_model_curves(curves, stab, plots / "compare_models.png")))
+        report["plots"].append(str(save_figure(model_curves_figure(curves, stab),
+                                               plots / "compare_models.png")))
     return report
 
 
@@ -321,6 +324,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`compare-models` from parsed flags."""
+    if args.plots is not None:
+        check_plot_folder(args.plots)
     with Stages(total=1, desc=NAME, enabled=progress_on(args.quiet)) as stages, \
             stages.working("statistics from the caches"):
         report = compare_models_report(args.paths, names=args.names, pairs=args.pairs, window=args.window,

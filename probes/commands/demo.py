@@ -39,6 +39,7 @@ from probes.errors import ProbesError
 from probes.measures.answers import answer_scores, without_trajectory
 from probes.models.load import load_model
 from probes.readouts.text import num as _num
+from probes.safe_output import write_text
 from probes.traces.categories import CATEGORY_CODES, categorize, count_categories, load_lexicon
 from probes.traces.read import read_traces
 from probes.traces.tokenize import tokenize_traces
@@ -108,7 +109,7 @@ def run_demo(*, out: Path | None = None, limit: int | None = None, device: str =
             summary["own_samples"].pop("files")  # they were in the scratch folder
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     if out is not None:
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        write_text(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     return summary
 
 
@@ -144,7 +145,7 @@ def _cache_and_lhat(loaded, folder: Path, *, limit: int | None, keep: bool) -> d
         path, CompareConfig(n_boot=1000, plots=folder / "plots" if keep else None, control=control)
     ))
     if keep:  # the HTML report (probes.commands.report.report_demo) reuses these numbers and plots
-        (folder / "compare.json").write_text(json.dumps(report, ensure_ascii=False) + "\n")
+        write_text(folder / "compare.json", json.dumps(report, ensure_ascii=False) + "\n")
     trend = report["trend"]
     rows = {(r["a"], r["b"]): r for r in report["table"]["rows"]}
     refl = rows[("reflection", "ordinary")]

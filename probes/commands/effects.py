@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
-import os
 import sys
 import zlib
 from dataclasses import dataclass, field
@@ -58,7 +58,9 @@ from probes.pipeline.loop import (
     same_settings,
     write_traces,
 )
+from probes.pipeline.outputs import check_output_file, check_plot_folder
 from probes.pipeline.progress import progress_on
+from probes.safe_output import write_file, write_text
 from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
 NAME = "effects"
@@ -299,6 +301,11 @@ def directions_path(out: Path) -> Path:
     return Path(str(out) + ".directions.npz")
 
 
+def summary_path(out: Path) -> Path:
+    """Where the run summary goes: `<out>.effects.json`."""
+    return Path(str(out) + ".effects.json")
+
+
 def directions_digest(dirs: dict[str, np.ndarray]) -> str:
     """sha256 (hex) of the directions as stored (category names, shapes, float32 bytes)."""
     h = hashlib.sha256()
@@ -311,15 +318,10 @@ def directions_digest(dirs: dict[str, np.ndarray]) -> str:
 
 def _save_directions(out: Path, dirs: dict[str, np.ndarray], info: dict[str, Any]) -> None:
     """Write `<out>.directions.npz` (one float32 [L, d] per category, the run info) atomically."""
-    path = directions_path(out)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            np.savez(fh, **{c: np.asarray(v, np.float32) for c, v in dirs.items()},
-                     **{_INFO_KEY: np.array(json.dumps(info, default=str))})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, **{c: np.asarray(v, np.float32) for c, v in dirs.items()},
+             **{_INFO_KEY: np.array(json.dumps(info, default=str))})
+    write_file(directions_path(out), buf.getvalue())
 
 
 def _stored_directions(out: Path, digest: Any, say: Log
@@ -406,7 +408,8 @@ def direction_summary(path: Path) -> dict[str, Any]:
 
 def summarize(path: Path, versus: Path | None = None, plots: Path | None = None) -> dict[str, Any]:
     """V7 and the headline table of a cache (and of `versus`), the direction cosines, a plot."""
-    from analyses.effects import headline, scatter_plot, v7_table
+    from analyses.effects import headline, scatter_figure, v7_table
+    from probes.safe_output import save_figure
 
     traces = read_effects(path)
     summary: dict[str, Any] = {"cache": str(path), "n_traces": len(traces),
@@ -418,11 +421,11 @@ def summarize(path: Path, versus: Path | None = None, plots: Path | None = None)
         summary["v7_versus"] = v7_table(other)
         summary["headline"]["versus"] = headline(other)
     if plots is not None:
-        p = scatter_plot(traces, Path(plots) / "effects_scatter.png", title=str(path))
+        p = save_figure(scatter_figure(traces, title=str(path)), Path(plots) / "effects_scatter.png")
         summary["plots"] = [str(p)]
         if versus is not None:
-            summary["plots"].append(str(scatter_plot(other, Path(plots) / "effects_scatter_versus.png",
-                                                     title=str(versus))))
+            summary["plots"].append(str(save_figure(scatter_figure(other, title=str(versus)),
+                                                    Path(plots) / "effects_scatter_versus.png")))
     return summary
 
 
@@ -568,6 +571,11 @@ def run(args: argparse.Namespace) -> int:
     flags.silence_hf()
     if args.versus is not None:  # before the work, not after it
         _check_versus(Path(args.versus))
+    if Path(args.out).parent.is_dir():  # (a missing folder: the store's own check names it)
+        for path in (directions_path(args.out), summary_path(args.out)):
+            check_output_file(path, "--out")
+    if args.plots is not None:
+        check_plot_folder(args.plots)
     cfg = EffectsConfig(pairs_per_category=args.pairs_per_category, batch_size=args.batch_size,
                         scale=args.scale, seed=args.seed, control=args.control,
                         control_seed=args.control_seed, limit=args.limit, strict=args.strict,
@@ -579,7 +587,7 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(args.out, args.versus, args.plots)
     summary["directions"] = result.directions
     summary["run"] = result.to_dict()
-    Path(str(args.out) + ".effects.json").write_text(json.dumps(summary, indent=1, default=str))
+    write_text(summary_path(args.out), json.dumps(summary, indent=1, default=str))
     out = sys.stderr if args.json else sys.stdout
     print(result.summary(), file=out)
     print(format_summary(summary, result.directions), file=out)

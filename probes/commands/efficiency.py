@@ -22,6 +22,7 @@ import numpy as np
 from probes.commands import SUMMARIES, flags
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
+from probes.pipeline.outputs import check_plot_folder
 from probes.pipeline.progress import Stages, progress_on
 from probes.readouts.text import num as _num
 
@@ -137,12 +138,13 @@ def efficiency_report(path: Path, traces: Path | None = None, *,
                               "rows": compare_variants(table, groups, variants, pairs, n_boot=n_boot,
                                                        seed=seed)}
         if plots is not None:
-            from analyses.efficiency_plots import plot_variant_curves
+            from analyses.efficiency_plots import variant_curves_figure
+            from probes.safe_output import save_figure
 
             by = {v: [curves[i] for i, x in zip(ids, variants, strict=True) if x == v] for v in names}
             marks = {v: x["stay_to_90"] for v, x in per_variant.items()}
-            report["plots"].append(str(plot_variant_curves(by, plots / "efficiency_variants.png",
-                                                           marks=marks)))
+            report["plots"].append(str(save_figure(variant_curves_figure(by, marks=marks),
+                                                   plots / "efficiency_variants.png")))
     return report
 
 
@@ -215,6 +217,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`efficiency` from parsed flags."""
+    if args.plots is not None:
+        check_plot_folder(args.plots)
     pairs = parse_pairs(args.pairs)
     if pairs is not None and args.traces is None:
         raise ProbesError("--pairs compares variants, which come from the traces' `group` / "

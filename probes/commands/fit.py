@@ -36,6 +36,7 @@ from probes.errors import ProbesError
 from probes.jsonable import jsonable
 from probes.models.load import load_model
 from probes.pipeline.progress import Stages, progress_on
+from probes.safe_output import write_text
 
 NAME = "fit"
 
@@ -279,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
         report = jsonable(fit_traces(args.model, args.traces, cfg, device=args.device,
                                      dtype=args.model_dtype))
     if args.out is not None:
-        args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        write_text(args.out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         print(f"fit: report written to {args.out}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, ensure_ascii=False, sort_keys=True))

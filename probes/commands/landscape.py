@@ -62,6 +62,7 @@ from probes.pipeline.loop import (
     same_settings,
     write_traces,
 )
+from probes.pipeline.outputs import check_plot_folder
 from probes.pipeline.progress import progress_on
 from probes.traces.categories import categorize, load_lexicon
 
@@ -229,16 +230,21 @@ def landscape_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg
 
 def _plots(cfg: LandscapeConfig, trace_id: str, grid, xs, coords, pgrid, axes, pcoords, cats,
            cap_pca: float, cap_rand: float, along) -> list[str]:
-    from analyses.landscape_plots import path_loss_figure, plot_landscape
+    from analyses.landscape_plots import landscape_figure, path_loss_figure
+    from probes.safe_output import save_figure
 
     base = Path(cfg.plot_dir) / f"landscape_{_safe(trace_id)}"
-    a = plot_landscape(f"{base}_random.png", grid, xs, xs, coords, cats,
-                       title=f"{trace_id}: {cfg.style} random plane (path captured {cap_rand:.1e})")
-    b = plot_landscape(f"{base}_path_plane.png", pgrid, axes, axes, pcoords, cats,
-                       title=f"{trace_id}: path plane (captured {cap_pca:.3f})",
-                       axis_labels=("PC1 of the path", "PC2 of the path"))
-    c = plot_landscape(f"{base}_path_loss.png", along, cats, figure=path_loss_figure,
-                       title=f"{trace_id}: answer NLL along the exact implicit-update path")
+    a = save_figure(landscape_figure(
+        grid, xs, xs, coords, cats,
+        title=f"{trace_id}: {cfg.style} random plane (path captured {cap_rand:.1e})"),
+        f"{base}_random.png", flag="--plot-dir")
+    b = save_figure(landscape_figure(pgrid, axes, axes, pcoords, cats,
+                                     title=f"{trace_id}: path plane (captured {cap_pca:.3f})",
+                                     axis_labels=("PC1 of the path", "PC2 of the path")),
+                    f"{base}_path_plane.png", flag="--plot-dir")
+    c = save_figure(path_loss_figure(
+        along, cats, title=f"{trace_id}: answer NLL along the exact implicit-update path"),
+        f"{base}_path_loss.png", flag="--plot-dir")
     return [str(a), str(b), str(c)]
 
 
@@ -355,6 +361,8 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """`landscape`: compute, then print the summary (and JSON)."""
     flags.silence_hf()
+    if args.plot_dir is not None:
+        check_plot_folder(args.plot_dir, "--plot-dir")
     cfg = LandscapeConfig(grid=args.grid, span=args.span, style=args.style, seed=args.seed,
                           positions=args.positions, margin=args.margin, batch=args.batch,
                           limit=args.limit, strict=args.strict,

@@ -32,9 +32,11 @@ from cache import store_bytes
 from probes.commands import SUMMARIES, flags
 from probes.errors import ProbesError
 from probes.pipeline.loop import human_size
+from probes.pipeline.outputs import check_output_file
 from probes.pipeline.progress import Stages, progress_on, quiet_flag
 from probes.readouts.report.scan import _default_key, _pick_views, _scan, _token_views
 from probes.readouts.report.sections import _compare, _footer, _identity, _sections, headline_lines
+from probes.safe_output import write_text
 
 NAME = "report"
 
@@ -165,14 +167,12 @@ def write_report(path: Path, out: Path | None, cfg: ReportConfig, *, progress: b
     t0 = time.perf_counter()
     path = Path(path)
     out = Path(out) if out is not None else path.parent / f"report.{cfg.format}"
+    check_output_file(out, "--out", make_parents=True)
     with Stages(total=3 + (len(cfg.trace_ids) or cfg.n_views), desc=NAME, enabled=progress) as stages:
         report, facts = build_report(path, cfg, stages=stages)
         stages.step(f"writing {out.name}")
         text = render_html(report) if cfg.format == "html" else render_markdown(report)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out)
+        write_text(out, text, make_parents=True)
         stages.advance()
     return ReportResult(out=out, format=cfg.format, bytes=out.stat().st_size,
                         n_traces=facts["n_traces"], n_views=facts["n_views"],
@@ -293,6 +293,8 @@ def run(args: argparse.Namespace) -> int:
     """`report` from parsed flags."""
     if args.screenshot is not None and args.format != "html":
         raise ProbesError("--screenshot renders the HTML report; drop --format md")
+    if args.screenshot is not None:
+        check_output_file(args.screenshot, "--screenshot", make_parents=True)
     cfg = ReportConfig(control=args.control, n_views=args.traces, trace_ids=tuple(args.trace_id),
                        colour_by=args.colour_by, n_boot=args.n_boot, seed=args.seed,
                        format=args.format, compare_json=args.compare_json)

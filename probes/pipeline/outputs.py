@@ -2,8 +2,8 @@
 
 `check_output_file(path, flag)` (e.g. `fit --out`) and `check_plot_folder(path)` (`--plots`) raise
 one `ProbesError` naming the flag, the path and the fix, so nothing is computed for a result that
-could not be saved. `plot_file_name(prefix, trace_id)` turns any trace id into a safe, short,
-unique PNG name.
+could not be saved (the files themselves are written by `probes.safe_output`).
+`plot_file_name(prefix, trace_id)` turns any trace id into a safe, short, unique PNG name.
 """
 
 from __future__ import annotations
@@ -13,39 +13,20 @@ import os
 from pathlib import Path
 
 from probes.errors import ProbesError
+from probes.safe_output import check_writable, nearest_existing
 
 MAX_STEM_CHARS = 60
 """Characters of an id kept in a plot file name (the rest is replaced by a hash)."""
 
 
-def _nearest_existing(path: Path) -> Path:
-    for parent in (path, *path.parents):
-        if parent.exists():
-            return parent
-    return Path(".")
-
-
-def check_output_file(path: Path, flag: str) -> None:
+def check_output_file(path: Path, flag: str, *, make_parents: bool = False) -> None:
     """Refuse an output file that cannot be written (a folder, missing folder, unwritable, name
-    too long).
+    too long): `probes.safe_output.check_writable` for a file replaced through a temporary one.
 
     Raises:
         ProbesError: One line naming `flag`, the path and the fix.
     """
-    if path.is_dir():
-        raise ProbesError(f"{flag} {path} is a directory; give a file path such as "
-                          f"{path / 'report.json'}")
-    if not path.parent.is_dir():
-        raise ProbesError(f"{flag} {path}: folder {path.parent} does not exist; create it first "
-                          f"(mkdir -p {path.parent}) or choose another {flag}")
-    target = path if path.exists() else path.parent
-    if not os.access(target, os.W_OK):
-        raise ProbesError(f"cannot write {flag} {path}: {'the file' if path.exists() else 'its folder'}"
-                          f" is not writable for this user; choose another {flag} or fix the "
-                          f"permissions")
-    if len(path.name.encode("utf-8")) > os.pathconf(path.parent, "PC_NAME_MAX"):
-        raise ProbesError(f"{flag} name {path.name[:40]!r}... is too long for its folder; choose a "
-                          f"shorter {flag}")
+    check_writable(Path(path), flag, make_parents=make_parents, example="report.json")
 
 
 def check_plot_folder(path: Path, flag: str = "--plots") -> None:
@@ -57,7 +38,7 @@ def check_plot_folder(path: Path, flag: str = "--plots") -> None:
     if path.exists() and not path.is_dir():
         raise ProbesError(f"{flag} {path} is an existing file; give a folder (created if missing) "
                           f"for the PNG plots")
-    base = _nearest_existing(path)
+    base = nearest_existing(path)
     if not base.is_dir():
         raise ProbesError(f"{flag} {path}: {base} is a file, so the folder cannot be created; "
                           f"choose another {flag}")

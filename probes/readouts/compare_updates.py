@@ -6,6 +6,7 @@ the heat maps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,23 @@ UPDATE_ORDER: tuple[str, ...] = arrays.names(arrays.UPDATES)
 """Known `upd_*` arrays in report order, as the registry declares them (others found in a cache
 follow alphabetically)."""
 
+
+PLOT_DPI = 120
+"""Resolution of `compare`'s PNG plots."""
+
+PlotSave = Callable[[Any, str], str]
+"""Keeps one plot: (Matplotlib Figure, file name) -> what the report lists for it (`folder_saver`:
+the PNG's path; `report` keeps the PNGs in memory instead)."""
+
+
+def folder_saver(folder: Path) -> PlotSave:
+    """Plots saved as PNG files in `folder` (`probes.safe_output.save_figure`, `--plots`)."""
+    from probes.safe_output import save_figure
+
+    def save(fig: Any, name: str) -> str:
+        return str(save_figure(fig, folder / name, dpi=PLOT_DPI))
+
+    return save
 
 SIGNED_UPDATES: tuple[str, ...] = tuple(a.name for a in arrays.UPDATES if a.by_magnitude)
 """Signed first-order loss changes: compared by magnitude (large = either sign)."""
@@ -205,14 +223,17 @@ def _fit_part(rows, sets, upd: dict[str, Any], cfg: CompareConfig) -> dict[str, 
     return out
 
 
-def _update_plots(folder: Path, rows, sets, upd: dict[str, Any]) -> list[str]:
+def _update_plots(save: PlotSave, rows, sets, upd: dict[str, Any]) -> list[str]:
     """Heatmaps (median magnitude by category x layer; trained, random-init, ratio to ordinary)
     and the step-size curve of the first traces with a reflection."""
-    from analyses.plots import plot_step_curve, plot_update_heatmap
+    from analyses.plots import step_curve_figure, update_heatmap_figure
     from analyses.update_effects import heatmap_values
     from probes.pipeline.outputs import plot_file_name
 
-    folder.mkdir(parents=True, exist_ok=True)
+    def heatmap(values, name: str, **kwargs: Any) -> str:
+        return save(update_heatmap_figure(values, metric=metric, layer_ids=upd["layers"], **kwargs),
+                    name)
+
     cmp = upd["_cmp"]
     paths = []
     names = ("reflection", "delimiter", "ordinary", "paragraph_initial", "position_matched")
@@ -220,25 +241,21 @@ def _update_plots(folder: Path, rows, sets, upd: dict[str, Any]) -> list[str]:
                    if m in upd["metrics"]]:
         present = [n for n in names if np.any(np.isfinite(cmp.medians[metric][n][:-1]))]
         vals = heatmap_values(cmp, metric, names=present)
-        paths.append(str(plot_update_heatmap(
-            vals, folder / f"heatmap_{metric}.png", metric=metric, layer_ids=upd["layers"],
-            title=f"median per-trace {cmp.meta['statistic']} of {metric}")))
-        paths.append(str(plot_update_heatmap(
-            vals, folder / f"heatmap_{metric}_ratio.png", metric=metric, layer_ids=upd["layers"],
-            ratio_to="ordinary", title=f"{metric} relative to ordinary tokens")))
+        paths.append(heatmap(vals, f"heatmap_{metric}.png",
+                             title=f"median per-trace {cmp.meta['statistic']} of {metric}"))
+        paths.append(heatmap(vals, f"heatmap_{metric}_ratio.png", ratio_to="ordinary",
+                             title=f"{metric} relative to ordinary tokens"))
         if cmp.control_medians is not None:
-            paths.append(str(plot_update_heatmap(
-                heatmap_values(cmp, metric, control=True, names=present),
-                folder / f"heatmap_{metric}_random_init.png", metric=metric,
-                layer_ids=upd["layers"],
-                title=f"{metric}, random-init control")))
+            paths.append(heatmap(heatmap_values(cmp, metric, control=True, names=present),
+                                 f"heatmap_{metric}_random_init.png",
+                                 title=f"{metric}, random-init control"))
     metric = "upd_sigma_gate" if "upd_sigma_gate" in upd["metrics"] else upd["metrics"][0]
     order = sorted(range(len(rows)), key=lambda i: not np.any(sets[i].labels == 1))
     for i in order[:2]:
         r = rows[i]
         vals = r["upd"][metric]
-        paths.append(str(plot_step_curve(
-            vals, list(sets[i].occurrences), folder / plot_file_name(f"steps_{metric}", r["id"]),
-            layer_labels=[f"layer {k}" for k in upd["layers"]], metric=metric,
-            title=f"{metric} along trace {r['id']}")))
+        fig = step_curve_figure(vals, list(sets[i].occurrences),
+                                layer_labels=[f"layer {k}" for k in upd["layers"]], metric=metric,
+                                title=f"{metric} along trace {r['id']}")
+        paths.append(save(fig, plot_file_name(f"steps_{metric}", r["id"])))
     return paths

@@ -31,6 +31,7 @@ import torch
 from probes.errors import ProbesError
 from probes.models.load import BUILTIN_MODELS
 from probes.reasoner.task import generate_problems
+from probes.safe_output import write_text
 from probes.traces.tokenize import DEFAULT_SCAFFOLD, render_prompt
 
 GRPO_SEED = 4
@@ -234,8 +235,8 @@ def train_grpo(cfg: GrpoConfig, out: Path, *, log=print) -> Path:
             "steps_done": int(trainer.state.global_step),
             "reward": "probes.reasoner.grpo.boxed_reward: 1 iff well formatted and the boxed answer is right",
         }
-        (out / "training_config.json").write_text(json.dumps(record, indent=2) + "\n")
-        (out / "grpo_log.json").write_text(json.dumps(history, indent=1) + "\n")
+        write_text(out / "training_config.json", json.dumps(record, indent=2) + "\n")
+        write_text(out / "grpo_log.json", json.dumps(history, indent=1) + "\n")
         log(f"saved to {out} after {seconds:.0f}s")
         return out
     finally:

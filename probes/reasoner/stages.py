@@ -29,6 +29,7 @@ from probes.models.load import load_model
 from probes.reasoner.evaluate import own_answers
 from probes.reasoner.task import generate_problems
 from probes.reasoner.train import EVAL_SEED, problem_trace
+from probes.safe_output import write_text
 from probes.traces.tokenize import tokenize_trace
 
 STAGES = ("tiny-reasoner-sft-early", "tiny-reasoner", "tiny-reasoner-grpo")
@@ -129,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     result = compare_stages(args.models, n=args.n, temperature=args.temperature, seed=args.seed,
                             baseline=args.baseline, reuse=reuse)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+        write_text(args.json, json.dumps(result, indent=1), flag="--json")
     return 0
 
 

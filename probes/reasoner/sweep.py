@@ -41,6 +41,7 @@ from probes.reasoner.evaluate import own_answers
 from probes.reasoner.task import Problem, generate_problems, write_trajectory
 from probes.reasoner.train import EVAL_SEED, TrainConfig, problem_trace, train
 from probes.reasoner.variants import parse_steps
+from probes.safe_output import save_figure, write_text
 from probes.traces.tokenize import tokenize_trace
 
 SWEEP_SEED = 5
@@ -130,7 +131,7 @@ def run_sweep(args: argparse.Namespace, *, log=print) -> dict:
     record = {"settings": settings, "ks": list(args.ks), "seeds": list(args.seeds),
               "question_seed": SWEEP_SEED, "eval_seed": EVAL_SEED, "config": asdict(cfg), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sweep.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_text(args.out / "sweep.json", json.dumps(record, indent=1) + "\n")
     plot_sweep(rows, args.out / "sweep.png")
     return record
 
@@ -168,9 +169,7 @@ def plot_sweep(rows: list[dict], path: Path) -> Path:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("trajectories per question k")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

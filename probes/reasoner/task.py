@@ -15,6 +15,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from probes.safe_output import write_file
+
 MIN_START, MAX_START = 10, 89
 MIN_VALUE, MAX_VALUE = 0, 99
 DIGITS = tuple(range(2, 10))
@@ -203,6 +205,5 @@ def generate_problems(n: int, *, seed: int, **kwargs) -> list[Problem]:
 
 def write_jsonl(problems: list[Problem], path: Path) -> None:
     """Write problems as JSONL trace records."""
-    with open(path, "w", encoding="utf-8") as f:
-        for p in problems:
-            f.write(json.dumps(p.to_record(), ensure_ascii=False) + "\n")
+    write_file(path, [(json.dumps(p.to_record(), ensure_ascii=False) + "\n").encode("utf-8")
+                      for p in problems])

@@ -23,6 +23,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from probes import DATA_DIR
 from probes.reasoner.task import Problem, generate_problems, write_jsonl
 from probes.reasoner.tokenizer import build_tokenizer
+from probes.safe_output import write_text
 from probes.traces.read import Trace
 from probes.traces.tokenize import DEFAULT_SCAFFOLD, tokenize_trace
 
@@ -211,7 +212,7 @@ def _train(cfg: TrainConfig, out: Path, log, problems, tokenizer, stop_after) ->
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     record = asdict(cfg) | ({} if n_steps == cfg.steps else {"trained_steps": n_steps})
-    (out / "training_config.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_text(out / "training_config.json", json.dumps(record, indent=2) + "\n")
     log(f"saved to {out} after {time.time() - t0:.0f}s")
     return out
 

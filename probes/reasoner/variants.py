@@ -26,6 +26,7 @@ from pathlib import Path
 
 from probes import DATA_DIR
 from probes.reasoner.task import Problem, generate_problems
+from probes.safe_output import write_file
 
 VARIANTS_PATH = DATA_DIR / "tiny_reasoner_variants.jsonl"
 N_VARIANT_GROUPS = 12
@@ -112,9 +113,7 @@ def variant_problems(n_groups: int = N_VARIANT_GROUPS, *, seed: int = 2, pool: i
 def write_variants(path: Path, n_groups: int = N_VARIANT_GROUPS) -> int:
     """Write the variants file; returns the number of records."""
     records = [r for p in variant_problems(n_groups) for r in variant_records(p)]
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_file(path, [(json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8") for r in records])
     return len(records)
 
 

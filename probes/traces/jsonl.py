@@ -3,7 +3,9 @@
 Entry points: `open_out(path, resume=...)` checks an output path and, on resume, reads the complete
 records it holds (dropping a partial last line, the only thing an interrupted writer can leave);
 `Appender` appends records, each line with one `write` and an `fsync`; `write_atomic` replaces a
-whole file through a temporary one. Records are JSON objects, one a line, UTF-8 (not escaped).
+whole file through a temporary one. Both write through `probes.safe_output` (a failed write is one
+`ProbesError` and loses no complete record). Records are JSON objects, one a line, UTF-8 (not
+escaped).
 
 One writer at a time: an `Appender` holds the file's exclusive lock (`cache.try_lock`, the lock of
 a cache's writer too) while it is open, and reads what the file holds under it; `open_out` reads
@@ -22,6 +24,7 @@ from types import TracebackType
 from typing import Any
 
 from probes.errors import ProbesError
+from probes.safe_output import LineAppender, check_writable, write_file
 
 
 @dataclass
@@ -47,7 +50,8 @@ def check_out_path(path: Path, *, resume: bool | None, example: str = "out.jsonl
         example: A file name for the message about a folder.
 
     Raises:
-        ProbesError: A folder, a missing parent folder, or an existing file without `resume`.
+        ProbesError: A folder, a missing parent folder, an existing file without `resume`, or
+            an output this user cannot write (`probes.safe_output.check_writable`).
     """
     if path.is_dir():
         raise ProbesError(f"--out {path} is a directory; give a file path such as {path / example}")
@@ -57,6 +61,7 @@ def check_out_path(path: Path, *, resume: bool | None, example: str = "out.jsonl
     if path.exists() and not resume:
         fix = "" if resume is None else "pass --resume to add to it (what it holds is kept), or "
         raise ProbesError(f"{path} already exists; {fix}choose another --out")
+    check_writable(path, "--out", append=resume is not None, example=example)
 
 
 def open_out(path: str | Path, *, resume: bool) -> Existing:
@@ -126,7 +131,9 @@ class Appender:
     """Appends records to a JSONL file, each durable (flushed and fsynced) before the next.
 
     Each line is written with a single `write` on an `O_APPEND` descriptor, so a kill -9 leaves at
-    most the line being written incomplete (`open_out` drops it on resume). The file's lock is held
+    most the line being written incomplete (`open_out` drops it on resume); a failed write (full
+    disk, `ulimit -f`) is cut off at once and raises one `ProbesError`
+    (`probes.safe_output.LineAppender`). The file's lock is held
     from opening to `close`, so what `existing` lists is what the file holds before this writer's
     records, whatever another run did before it.
 
@@ -144,7 +151,7 @@ class Appender:
 
     def __init__(self, path: str | Path, *, fresh: bool = False) -> None:
         self.path = Path(path)
-        self._fd = -1
+        self._file: LineAppender | None = None
         if fresh:
             try:
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
@@ -157,23 +164,25 @@ class Appender:
         self._lock = _lock(self.path)
         try:
             self.existing = _read(self.path)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            self._file = LineAppender(self.path)
         except BaseException:
             os.close(self._lock)
             raise
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record and fsync it."""
-        view = memoryview(encode(record))
-        while view:
-            view = view[os.write(self._fd, view):]
-        os.fsync(self._fd)
+        """Append one record and fsync it.
+
+        Raises:
+            ProbesError: The write failed; the file keeps every complete record.
+        """
+        assert self._file is not None, "the appender is closed"
+        self._file.write(encode(record))
 
     def close(self) -> None:
         """Close the file and release its lock (idempotent)."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self._lock >= 0:
             os.close(self._lock)
             self._lock = -1
@@ -187,21 +196,13 @@ class Appender:
 
 
 def write_atomic(path: str | Path, lines: Iterable[bytes]) -> int:
-    """Write `lines` to a temporary file beside `path`, fsync it and rename it onto `path`.
+    """Write `lines` to a temporary file beside `path`, fsync it and rename it onto `path`
+    (`probes.safe_output.write_file`).
 
     Returns:
         Bytes written.
+
+    Raises:
+        ProbesError: The write failed; `path` is unchanged.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    n = 0
-    try:
-        with tmp.open("wb") as fh:
-            for line in lines:
-                n += fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return n
+    return write_file(path, lines)

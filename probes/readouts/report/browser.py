@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from probes.errors import ProbesError
+from probes.safe_output import write_file
 
 __all__ = ["CHROMIUM_ENV", "CHROMIUM_NAMES", "BrowserError", "Page", "find_chromium"]
 
@@ -271,6 +272,5 @@ class Page:
                       {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
         res = self.call("Page.captureScreenshot", {"format": "png"})
         out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(base64.b64decode(res["data"]))
+        write_file(out, base64.b64decode(res["data"]), flag="--screenshot", make_parents=True)
         return out

@@ -5,7 +5,6 @@ from `--compare-json`), its plots, the identity tables, the headline, the sectio
 from __future__ import annotations
 
 import json
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,9 @@ from probes.commands.compare import CompareConfig, compare_cache, report_json
 from probes.errors import ProbesError
 from probes.pipeline.loop import human_size
 from probes.pipeline.progress import Stages
+from probes.readouts.compare_updates import PLOT_DPI
 from probes.readouts.report.scan import _Scan
+from probes.safe_output import figure_png
 
 if TYPE_CHECKING:
     from probes.commands.report import ReportConfig
@@ -42,12 +43,18 @@ def _compare(scan: _Scan, cfg: ReportConfig, stages: Stages) -> tuple[dict[str, 
         stages.step(f"reading {cfg.compare_json}")
         report = _read_compare_json(cfg.compare_json, scan.path, cfg.control)
         return report, _plots(report.get("plots", []))
-    with tempfile.TemporaryDirectory(prefix="probes-report-") as folder, \
-            stages.working(f"comparing {len(scan.ids)} traces (compare)"):
+    images: dict[str, bytes] = {}
+
+    def keep(fig: Any, name: str) -> str:  # the page embeds the PNGs: none is written to disk
+        images[name] = figure_png(fig, dpi=PLOT_DPI)
+        return name
+
+    with stages.working(f"comparing {len(scan.ids)} traces (compare)"):
         raw = compare_cache(scan.path, CompareConfig(n_boot=cfg.n_boot, seed=cfg.seed,
-                                                     plots=Path(folder), control=cfg.control))
-        report = report_json(raw)
-        return report, _plots(report.get("plots", []))
+                                                     plot_save=keep, control=cfg.control))
+    report = report_json(raw)
+    return report, [Plot(_plot_title(Path(name).stem), images[name], name)
+                    for name in report.get("plots", [])]
 
 
 def _read_compare_json(file: Path, path: Path, control: Path | None) -> dict[str, Any]:
