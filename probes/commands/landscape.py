@@ -331,16 +331,16 @@ def add_parser(sub: Any) -> None:
     flags.out_flags(p, what="the .h5 cache")
     p.add_argument("--grid", type=flags.positive_int, default=21, metavar="N",
                    help="grid points per axis (odd: the origin is on the grid; RaML used 10)")
-    p.add_argument("--range", dest="span", type=float, default=1.0, metavar="R",
+    p.add_argument("--range", dest="span", type=flags.positive_float, default=1.0, metavar="R",
                    help="random-plane axes run over [-R, R] in units of the normalised directions")
     p.add_argument("--style", choices=STYLES, default="raml",
                    help="direction normalisation: raml (tensor-wise) or filter (Li et al.)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the two random directions")
+    p.add_argument("--seed", type=flags.seed, default=0, help="seed of the two random directions")
     p.add_argument("--positions", choices=POSITIONS, default="kept",
                    help="position ids of the trajectory-free input: kept (a gap where the "
                         "trajectory was, the convention in which the path endpoint is exact) or "
                         "shifted (renumbered, a truncated run)")
-    p.add_argument("--margin", type=float, default=1.5,
+    p.add_argument("--margin", type=flags.positive_float, default=1.5,
                    help="the path-plane grid spans MARGIN x the path's largest coordinate")
     p.add_argument("--batch", type=flags.positive_int, default=128,
                    help="weight perturbations per batched forward")
