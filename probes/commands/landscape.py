@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from collections.abc import Mapping
@@ -118,10 +117,6 @@ class LandscapeRunResult(WriteResult):
     nll_no_trajectory_median: float | None = None
     seconds_per_grid_median: float | None = None
     plots: list[str] | None = None
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80]
 
 
 def landscape_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: LandscapeConfig,
@@ -230,14 +225,17 @@ def landscape_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg
 def _plots(cfg: LandscapeConfig, trace_id: str, grid, xs, coords, pgrid, axes, pcoords, cats,
            cap_pca: float, cap_rand: float, along) -> list[str]:
     from analyses.landscape_plots import path_loss_figure, plot_landscape
+    from probes.commands.outputs import plot_file_name
 
-    base = Path(cfg.plot_dir) / f"landscape_{_safe(trace_id)}"
-    a = plot_landscape(f"{base}_random.png", grid, xs, xs, coords, cats,
+    def name(kind: str) -> Path:
+        return Path(cfg.plot_dir) / plot_file_name("landscape", trace_id, f"_{kind}.png")
+
+    a = plot_landscape(name("random"), grid, xs, xs, coords, cats,
                        title=f"{trace_id}: {cfg.style} random plane (path captured {cap_rand:.1e})")
-    b = plot_landscape(f"{base}_path_plane.png", pgrid, axes, axes, pcoords, cats,
+    b = plot_landscape(name("path_plane"), pgrid, axes, axes, pcoords, cats,
                        title=f"{trace_id}: path plane (captured {cap_pca:.3f})",
                        axis_labels=("PC1 of the path", "PC2 of the path"))
-    c = plot_landscape(f"{base}_path_loss.png", along, cats, figure=path_loss_figure,
+    c = plot_landscape(name("path_loss"), along, cats, figure=path_loss_figure,
                        title=f"{trace_id}: answer NLL along the exact implicit-update path")
     return [str(a), str(b), str(c)]
 
