@@ -2,23 +2,42 @@
 
 A thin entry: the subcommand table below lists one module of `probes.commands` per subcommand
 (each has `NAME`, `add_parser(sub)` and `run(args) -> exit code`). At the edge, every user error
-(`USER_ERRORS`) prints one `error:` line on stderr and exits with code 2, Ctrl-C prints one line
-and exits with 130, and a closed stdout (`... | head`) ends quietly; nothing already written is
-removed.
+(`USER_ERRORS`) prints one `error:` line on stderr and exits with code 2, and a closed stdout
+(`... | head`) ends quietly; nothing already written is removed.
+
+Ctrl-C, whenever it comes, ends with one `interrupted ...` line and exit code 130: while the
+imports load (seconds: torch) the process leaves at once (nothing is written yet); during the run
+the `KeyboardInterrupt` unwinds (committed traces stay, `--resume` finishes), also when Python
+swallowed it inside a finalizer (`probes.commands.progress.raise_if_interrupted`); a second Ctrl-C
+while the line is printed, or one after the run has ended, is ignored.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
+import signal
 import sys
-from collections.abc import Sequence
-from types import ModuleType
-from typing import NoReturn
 
-from cache.errors import CacheError
-from hooks.errors import HooksError
-from probes.commands import (
+EXIT_INTERRUPTED = 130
+
+
+def _leave_interrupted(signum: int, frame: object) -> None:
+    """SIGINT before `main` runs or after it returned: nothing is being written, leave now."""
+    os.write(2, b"interrupted\n")
+    os._exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":  # before the slow imports below (a Ctrl-C there was a traceback)
+    signal.signal(signal.SIGINT, _leave_interrupted)
+
+import argparse  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from types import ModuleType  # noqa: E402
+from typing import Any, NoReturn  # noqa: E402
+
+from cache.errors import CacheError  # noqa: E402
+from hooks.errors import HooksError  # noqa: E402
+from probes.commands import (  # noqa: E402
     anchors,
     cache,
     categories,
@@ -34,13 +53,13 @@ from probes.commands import (
     landscape,
     lhat,
     pack,
+    progress,
     report,
     updates,
 )
-from probes.errors import ProbesError
+from probes.errors import ProbesError  # noqa: E402
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
 
 COMMANDS: tuple[ModuleType, ...] = (
     demo, generate, grade, categories, cache, inspect, pack, lhat, updates, landscape, fit, compare, report,
@@ -76,28 +95,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse `argv`, run the subcommand, return the exit code (2 on a user error)."""
+    """Parse `argv`, run the subcommand, return the exit code (2 on a user error, 130 on Ctrl-C)."""
+    args: Any = None
+    restore = progress.catch_interrupts()
     try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit_:  # --help, or a flag error already printed as one line
-        return int(exit_.code or 0)
-    try:
-        return args.func(args)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exit_:  # --help, or a flag error already printed as one line
+            return int(exit_.code or 0)
+        try:
+            code = args.func(args)
+        except USER_ERRORS as err:
+            print(f"error: {err}", file=sys.stderr)
+            code = EXIT_USER_ERROR
+        except BrokenPipeError:
+            # The reader of stdout went away (`... | head`): stop quietly, as command-line tools do.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            code = 0
+        progress.raise_if_interrupted()  # a Ctrl-C that a finalizer swallowed is still one
+        return code
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C cannot cut this line
         out = getattr(args, "out", None)
         kept = f"; the complete traces in {out} are kept, rerun with --resume to finish" if (
             out is not None and hasattr(args, "resume")) else ""
         print(f"interrupted{kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # The reader of stdout went away (`... | head`): stop quietly, as command-line tools do.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
+    finally:
+        restore()
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run has ended: shut down quietly
+    raise SystemExit(exit_code)

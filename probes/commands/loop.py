@@ -67,6 +67,7 @@ from probes.commands.loop_types import (
     WriteResult,
     human_size,
 )
+from probes.commands.progress import raise_if_interrupted
 from probes.commands.shards import Shard, current_shard
 from probes.errors import ProbesError
 from probes.models.identity import run_metadata
@@ -307,6 +308,7 @@ def _loop(writer: Any, todo: Sequence[tuple[list[TokenizedTrace], set[str]]], pr
                disable=not progress, dynamic_ncols=True, leave=True)
     try:
         for batch, wanted in todo:
+            raise_if_interrupted()  # a Ctrl-C swallowed by a finalizer stops the run here
             if len(batch) == 1 or prepared.batching is None:
                 outputs: list[TraceOutput | str] = [prepared.compute(tt) for tt in batch]
             else:

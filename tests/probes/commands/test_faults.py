@@ -333,6 +333,69 @@ def test_sigint_to_the_cli_process(traces, references, tmp_path):
         pass
 
 
+def test_sigint_swallowed_by_a_finalizer(traces, references, tmp_path, capsys, monkeypatch):
+    """A Ctrl-C that lands in a `__del__` is swallowed by Python ("Exception ignored in ..."); it
+    once let the run finish with exit code 0. It stops the run at the next trace: one line, 130."""
+    expected = references["cache"][1]
+    out = tmp_path / "run.h5"
+    calls = []
+    real = store._write
+
+    class Finalizer:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            calls.append("del")  # the KeyboardInterrupt is raised here, inside __del__
+
+    def interrupted(fd, data):
+        calls.append(1)
+        if len(calls) == 1:
+            Finalizer()  # collected at once: its __del__ runs within this write
+        return real(fd, data)
+
+    monkeypatch.setattr(store, "_write", interrupted)
+    assert main(_args("cache", traces, out)) == 130
+    monkeypatch.setattr(store, "_write", real)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert err.strip().splitlines()[-1].startswith("interrupted; the complete traces"), err
+    assert _check_kept(out, expected) < N_TRACES
+    assert main(_args("cache", traces, out)) == 0
+    capsys.readouterr()
+    assert snapshot(out) == expected
+
+
+def test_sigint_while_parsing_is_one_line(monkeypatch, capsys):
+    import probes.run
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(probes.run, "build_parser", interrupted)
+    assert main(["cache", "--help"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_sigint_while_the_imports_load(tmp_path):
+    """Ctrl-C in the seconds `python -m probes.run` spends importing (torch): one line, 130,
+    not a traceback and a death by signal."""
+    starter = tmp_path / "start.py"
+    starter.write_text(
+        "import os, runpy, signal, sys\n"
+        "class Finder:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'probes.commands':\n"
+        "            sys.meta_path.remove(self)\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Finder())\n"
+        "sys.argv = ['probes.run', 'inspect', 'x.h5']\n"
+        "runpy.run_module('probes.run', run_name='__main__', alter_sys=True)\n"
+    )
+    proc = subprocess.run([sys.executable, str(starter)], capture_output=True, text=True,
+                          env=CHILD_ENV, cwd=ROOT, timeout=120)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, "interrupted\n", "")
+
+
 class _nothing:
     def __enter__(self):
         return None
