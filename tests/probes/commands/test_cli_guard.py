@@ -133,3 +133,56 @@ def test_a_bad_number_is_one_error_line(command, flag, kind, capsys):
 ])
 def test_the_validators_take_the_edges_of_their_range(kind, good, value):
     assert kind(good) == value
+
+
+def _broken_model(folder, name):
+    """A copy of tiny-reasoner's checkpoint with one file broken as `name` says."""
+    import json
+    import shutil
+
+    from probes.models.load import BUILTIN_MODELS
+
+    target = folder / name
+    shutil.copytree(BUILTIN_MODELS["tiny-reasoner"], target)
+    config = json.loads((target / "config.json").read_text())
+    weights = target / "model.safetensors"
+    if name in ("layers-minus-one", "layers-not-layer-types"):
+        config["num_hidden_layers"] = -1 if name == "layers-minus-one" else 3
+    elif name == "heads-zero":
+        config["num_attention_heads"] = 0
+    elif name == "truncated-weights":
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    elif name == "empty-tokenizer":
+        tok = json.loads((target / "tokenizer.json").read_text())
+        tok["model"]["vocab"], tok["model"]["merges"], tok["added_tokens"] = {}, [], []
+        (target / "tokenizer.json").write_text(json.dumps(tok))
+    elif name == "no-tokenizer-json":
+        (target / "tokenizer.json").unlink()
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.mark.parametrize(("name", "file", "needles"), [
+    ("layers-minus-one", "config.json", ["num_hidden_layers` (-1)", "layer_types", "fix the file"]),
+    ("layers-not-layer-types", "config.json", ["num_hidden_layers` (3)", "layer_types"]),
+    ("heads-zero", "config.json", ["num_attention_heads = 0", "positive integer", "fix the file"]),
+    ("truncated-weights", "model.safetensors", ["incomplete metadata", "truncated", "copy it again"]),
+    ("empty-tokenizer", "tokenizer.json", ["turns text into no tokens", "holds no tokens",
+                                           "tokenizer files"]),
+    ("no-tokenizer-json", "", ["turns text into no tokens", "none of the tokenizer files",
+                               "tokenizer.json"]),
+])
+def test_a_broken_model_folder_is_one_line_before_any_output(name, file, needles, tmp_path,
+                                                             capsys):
+    """Each once ended in a traceback (ValueError, SafetensorError, IndexError mid-run, which also
+    left an empty store that blocked the rerun)."""
+    folder = _broken_model(tmp_path, name)
+    out = tmp_path / "run.h5"
+    code = main(["cache", "--model", str(folder), "--device", "cpu", "--no-progress", "--traces",
+                 str(SAMPLES_PATH), "--limit", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert str(folder / file) in err[0], err
+    for needle in needles:
+        assert needle in err[0], (needle, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no store, no segments
