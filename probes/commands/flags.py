@@ -67,9 +67,11 @@ def _int_in(text: str, low: int, high: int) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not low <= value <= high:
-        high_text = "2**63-1" if high == INT_MAX else str(high)
-        raise argparse.ArgumentTypeError(f"must be an integer in {low}..{high_text}, got {text}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+    if value > high:
+        high_text = "2**63-1 (a 64-bit integer)" if high == INT_MAX else str(high)
+        raise argparse.ArgumentTypeError(f"must be at most {high_text}, got {text}")
     return value
 
 
