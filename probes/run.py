@@ -4,26 +4,45 @@ Also the `trajectory-probes` console script. A thin entry: `probes.commands.SUBC
 module per subcommand (each has `NAME`, `add_parser(sub)` and `run(args) -> exit code`), and only
 the module of the subcommand run is imported. Before anything, a local `hooks.py`, `cache.py` or
 `analyses.py` that would shadow the toolkit is refused in one line. At the edge, every user error
-(`user_errors()`) prints one `error:` line on stderr and exits with code 2, Ctrl-C prints one line
-and exits with 130, and a closed stdout (`... | head`) ends quietly; nothing already written is
-removed.
+(`user_errors()`) prints one `error:` line on stderr and exits with code 2, and a closed stdout
+(`... | head`) ends quietly; nothing already written is removed.
+
+Ctrl-C, whenever it comes, ends with one `interrupted ...` line and exit code 130: while the
+imports load (seconds: torch) the process leaves at once (nothing is written yet); during the run
+the `KeyboardInterrupt` unwinds (committed traces stay, `--resume` finishes), also when Python
+swallowed it inside a finalizer (`probes.pipeline.progress.raise_if_interrupted`); a second Ctrl-C
+while the line is printed, or one after the run has ended, is ignored.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import importlib.util
 import os
+import signal
 import sys
-from collections.abc import Sequence
-from pathlib import Path
-from typing import NoReturn
 
-from probes.commands import SUBCOMMANDS
+EXIT_INTERRUPTED = 130
+
+
+def _leave_interrupted(signum: int, frame: object) -> None:
+    """SIGINT before `main` runs or after it returned: nothing is being written, leave now."""
+    os.write(2, b"interrupted\n")
+    os._exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":  # before the imports below (a Ctrl-C there was a traceback)
+    signal.signal(signal.SIGINT, _leave_interrupted)
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import NoReturn  # noqa: E402
+
+from probes.commands import SUBCOMMANDS  # noqa: E402
+from probes.pipeline import progress  # noqa: E402
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
 TOOLKIT_PACKAGES = ("hooks", "cache", "analyses")
 """Top-level packages of the toolkit besides `probes` (a local file of that name shadows one)."""
 
@@ -105,34 +124,47 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"another folder, or use the `trajectory-probes` command", file=sys.stderr)
         return EXIT_USER_ERROR
     command = _command_of(argv)
+    args = None
+    restore = progress.catch_interrupts()
     try:
-        args = build_parser(command).parse_args(argv)
-    except SystemExit as exit_:  # --help, or a flag error already printed as one line
-        return int(exit_.code or 0)
-    errors = user_errors()
-    try:
-        return args.func(args)
-    except errors as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        try:
+            args = build_parser(command).parse_args(argv)
+        except SystemExit as exit_:  # --help, or a flag error already printed as one line
+            return int(exit_.code or 0)
+        errors = user_errors()
+        try:
+            code = args.func(args)
+        except errors as err:
+            print(f"error: {err}", file=sys.stderr)
+            code = EXIT_USER_ERROR
+        except BrokenPipeError:
+            # The reader of stdout went away (`... | head`): stop quietly, as command-line tools do.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            code = 0
+        progress.raise_if_interrupted()  # a Ctrl-C that a finalizer swallowed is still one
+        return code
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C cannot cut this line
         out = getattr(args, "out", None)
         kept = f"; the complete traces in {out} are kept, rerun with --resume to finish" if (
             out is not None and hasattr(args, "resume")) else ""
         print(f"interrupted{kept}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        # The reader of stdout went away (`... | head`): stop quietly, as command-line tools do.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
+    finally:
+        restore()
+
+
+def _exit(code: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the run has ended: shut down quietly
+    raise SystemExit(code)
 
 
 def console() -> None:
     """The `trajectory-probes` console script."""
-    raise SystemExit(main())
+    _exit(main())
 
 
 if __name__ == "__main__":
     os.environ.setdefault("PROBES_PROG", "python -m probes.run")
-    raise SystemExit(main())
+    _exit(main())

@@ -398,13 +398,6 @@ def _analyses(text: str) -> tuple[str, ...]:
     return items
 
 
-def _unit_float(text: str) -> float:
-    value = flags.nonnegative_float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
 def add_parser(sub: Any) -> None:
     """Register `anchors` and its flags."""
     p = sub.add_parser(
@@ -431,20 +424,20 @@ def add_parser(sub: Any) -> None:
                    help="vertical scores ignore query chunks closer than this")
     p.add_argument("--supp-batch", type=flags.positive_int, default=None,
                    help="masked variants per suppression forward (default: from a 1 GiB budget)")
-    p.add_argument("--supp-temperature", type=flags.nonnegative_float, default=1.0,
+    p.add_argument("--supp-temperature", type=flags.positive_float, default=1.0,
                    help="temperature of the suppression KL")
     p.add_argument("--k", type=flags.positive_int, default=16, help="resamples per chunk prefix")
     p.add_argument("--temperature", type=flags.nonnegative_float, default=0.6,
                    help="resampling temperature")
-    p.add_argument("--top-p", type=_unit_float, default=0.95, help="resampling nucleus mass")
-    p.add_argument("--seed", type=int, default=0, help="resampling seed")
+    p.add_argument("--top-p", type=flags.unit_interval, default=0.95, help="resampling nucleus mass")
+    p.add_argument("--seed", type=flags.seed, default=0, help="resampling seed")
     p.add_argument("--max-new-tokens", type=flags.positive_int, default=None,
                    help="tokens per continuation (default 2 x trajectory length + 64)")
     p.add_argument("--similarity", choices=rs.SIMILARITY, default="exact",
                    help="how a resampled first chunk is judged the same as the original")
     p.add_argument("--embedding-model", default=None,
                    help="local folder of a sentence-embedding model (--similarity embedding)")
-    p.add_argument("--threshold", type=flags.nonnegative_float, default=rs.DEFAULT_THRESHOLD,
+    p.add_argument("--threshold", type=flags.probability, default=rs.DEFAULT_THRESHOLD,
                    help="embedding cosine below which a resample is dissimilar")
     p.add_argument("--prob-true", action="store_true",
                    help="counterfactual KL as the binary KL of P(correct)")

@@ -402,7 +402,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--raml-notebook", action="store_true",
                    help="RaML notebook's window for phrase changes (one token past the word)")
     p.add_argument("--n-boot", type=flags.positive_int, default=2000, help="bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0, help="seed of controls and bootstrap")
+    p.add_argument("--seed", type=flags.seed, default=0, help="seed of controls and bootstrap")
     p.add_argument("--plots", type=Path, default=None, help="folder for PNG plots")
     p.add_argument("--versus", type=Path, default=None,
                    help="a second cache of the same traces (e.g. from `lhat --no-thinking`): "

@@ -316,7 +316,7 @@ def add_parser(sub: Any) -> None:
                    help="upd_* arrays compared (default: upd_sigma_gate, upd_loo, upd_contrib where "
                         "every cache has them)")
     p.add_argument("--n-boot", type=flags.positive_int, default=2000, help="bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--seed", type=flags.seed, default=0, help="bootstrap seed")
     p.add_argument("--plots", type=Path, default=None, help="folder for the PNG")
     flags.report_flags(p)
     p.set_defaults(func=run)

@@ -537,12 +537,12 @@ def add_parser(sub: Any) -> None:
                    help="(layer, token) pairs per category and trace")
     p.add_argument("--batch-size", type=flags.positive_int, default=16,
                    help="edited copies of the trace per forward")
-    p.add_argument("--scale", type=float, default=1.0,
+    p.add_argument("--scale", type=flags.unit_interval, default=1.0,
                    help="ε in (0, 1]: remove ε times the update (small ε: first-order regime)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the pair sampling and probe split")
+    p.add_argument("--seed", type=flags.seed, default=0, help="seed of the pair sampling and probe split")
     p.add_argument("--control", choices=CONTROLS, default=CONTROLS[0],
                    help="random-init: a seeded random initialisation (needs its own --out)")
-    p.add_argument("--control-seed", type=int, default=0, help="seed of --control random-init")
+    p.add_argument("--control-seed", type=flags.seed, default=0, help="seed of --control random-init")
     p.add_argument("--versus", type=Path, default=None,
                    help="another effects cache (e.g. the random-init control) shown side by side")
     p.add_argument("--plots", type=Path, default=None, help="folder for the predicted-vs-real plot")

@@ -209,7 +209,7 @@ def add_parser(sub: Any) -> None:
                    help="variant pairs compared as A - B (default: every variant against "
                         "`original`, else against the first variant seen)")
     p.add_argument("--n-boot", type=flags.positive_int, default=2000, help="bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--seed", type=flags.seed, default=0, help="bootstrap seed")
     p.add_argument("--plots", type=Path, default=None, help="folder for a PNG of the variants' curves")
     flags.report_flags(p)
     p.set_defaults(func=run)

@@ -258,7 +258,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--random-init-control", action="store_true",
                    help="repeat the fits on a seeded random-init model of the same architecture")
     p.add_argument("--no-nll", action="store_true", help="skip the static-patch answer NLL")
-    p.add_argument("--seed", type=int, default=0, help="seed of subsampling, random init, bootstrap")
+    p.add_argument("--seed", type=flags.seed, default=0, help="seed of subsampling, random init, bootstrap")
     p.add_argument("--n-boot", type=flags.positive_int, default=1000, help="bootstrap resamples")
     flags.report_flags(p, json_help="print one JSON object instead of tables")
     p.set_defaults(func=run)

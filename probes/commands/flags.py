@@ -6,11 +6,18 @@ constants that the code checks against and defaults stated once (the parser show
 - `traces_flags`: `--traces`, `--limit`, `--strict`, `--lexicon`.
 - `out_flags`: `--out` and `--resume` (the write loop's rule, `probes.pipeline.loop.RESUME_HELP`).
 - `report_flags`: `--json` and `-q/--quiet` (alias `--no-progress`).
+
+Every numeric option takes one of the typed validators below (`positive_int`, `nonnegative_int`,
+`seed`, `nonnegative_float`, `positive_float`, `unit_interval`, `probability`): a negative, NaN,
+infinite or out-of-range value is one `error:` line (exit code 2) before any work, never a
+traceback from deep inside numpy or torch (`tests/probes/commands/test_cli_guard.py` checks that
+no option takes a bare `int`/`float`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from hooks.model import DTYPES
@@ -36,34 +43,66 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+INT_MAX = 2**63 - 1
+"""The largest integer an option takes: a C int64 (numpy, torch and HDF5 attributes hold it)."""
+
+
 def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    return _int_at_least(text, 1)
+    """argparse type: an integer in 1..2**63-1."""
+    return _int_in(text, 1, INT_MAX)
 
 
 def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    return _int_at_least(text, 0)
+    """argparse type: an integer in 0..2**63-1."""
+    return _int_in(text, 0, INT_MAX)
 
 
-def _int_at_least(text: str, low: int) -> int:
+def seed(text: str) -> int:
+    """argparse type: a seed, an integer in 0..2**63-1 (what numpy and torch generators take)."""
+    return _int_in(text, 0, INT_MAX)
+
+
+def _int_in(text: str, low: int, high: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < low:
-        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+    if value > high:
+        high_text = "2**63-1 (a 64-bit integer)" if high == INT_MAX else str(high)
+        raise argparse.ArgumentTypeError(f"must be at most {high_text}, got {text}")
     return value
 
 
 def nonnegative_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
+    return _float_in(text, 0.0, math.inf, "a finite number >= 0", low_open=False)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _float_in(text, 0.0, math.inf, "a finite number > 0", low_open=True)
+
+
+def unit_interval(text: str) -> float:
+    """argparse type: a number in (0, 1] (a nucleus mass, a fraction to remove)."""
+    return _float_in(text, 0.0, 1.0, "a number in (0, 1]", low_open=True)
+
+
+def probability(text: str) -> float:
+    """argparse type: a number in [0, 1] (a probability, a cosine threshold)."""
+    return _float_in(text, 0.0, 1.0, "a number in [0, 1]", low_open=False)
+
+
+def _float_in(text: str, low: float, high: float, what: str, *, low_open: bool) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    above = value > low if low_open else value >= low
+    if not (math.isfinite(value) and above and value <= high):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
     return value
 
 

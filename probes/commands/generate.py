@@ -119,11 +119,11 @@ def add_parser(sub: Any) -> None:
                    help="hf: Hugging Face generate (CPU or GPU); vllm: vLLM (GPU, optional extra)")
     p.add_argument("--temperature", type=flags.nonnegative_float, default=DEFAULT_TEMPERATURE,
                    help="softmax temperature; 0 = greedy")
-    p.add_argument("--top-p", type=_unit_interval, default=DEFAULT_TOP_P, help="nucleus sampling mass")
+    p.add_argument("--top-p", type=flags.unit_interval, default=DEFAULT_TOP_P, help="nucleus sampling mass")
     p.add_argument("--max-new-tokens", type=flags.positive_int, default=None,
                    help=f"most tokens per sample (default: {MAX_DEFAULT_NEW_TOKENS}, or what the model's "
                         "context leaves after the longest prompt)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=flags.seed, default=0,
                    help="the run's seed; each sample derives its own from it and its id")
     p.add_argument("--batch-size", type=flags.positive_int, default=DEFAULT_BATCH_SIZE,
                    help="requests per generate call (HF: one left-padded batch; vLLM batches inside a "
@@ -143,12 +143,6 @@ def add_parser(sub: Any) -> None:
     flags.report_flags(p, json_help="end with one JSON object")
     p.set_defaults(func=run)
 
-
-def _unit_interval(text: str) -> float:
-    value = flags.nonnegative_float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from collections.abc import Mapping
@@ -119,10 +118,6 @@ class LandscapeRunResult(WriteResult):
     nll_no_trajectory_median: float | None = None
     seconds_per_grid_median: float | None = None
     plots: list[str] | None = None
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:80]
 
 
 def landscape_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: LandscapeConfig,
@@ -231,20 +226,23 @@ def landscape_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg
 def _plots(cfg: LandscapeConfig, trace_id: str, grid, xs, coords, pgrid, axes, pcoords, cats,
            cap_pca: float, cap_rand: float, along) -> list[str]:
     from analyses.landscape_plots import landscape_figure, path_loss_figure
+    from probes.pipeline.outputs import plot_file_name
     from probes.safe_output import save_figure
 
-    base = Path(cfg.plot_dir) / f"landscape_{_safe(trace_id)}"
+    def name(kind: str) -> str:
+        return str(Path(cfg.plot_dir) / plot_file_name("landscape", trace_id, f"_{kind}.png"))
+
     a = save_figure(landscape_figure(
         grid, xs, xs, coords, cats,
         title=f"{trace_id}: {cfg.style} random plane (path captured {cap_rand:.1e})"),
-        f"{base}_random.png", flag="--plot-dir")
+        name("random"), flag="--plot-dir")
     b = save_figure(landscape_figure(pgrid, axes, axes, pcoords, cats,
                                      title=f"{trace_id}: path plane (captured {cap_pca:.3f})",
                                      axis_labels=("PC1 of the path", "PC2 of the path")),
-                    f"{base}_path_plane.png", flag="--plot-dir")
+                    name("path_plane"), flag="--plot-dir")
     c = save_figure(path_loss_figure(
         along, cats, title=f"{trace_id}: answer NLL along the exact implicit-update path"),
-        f"{base}_path_loss.png", flag="--plot-dir")
+        name("path_loss"), flag="--plot-dir")
     return [str(a), str(b), str(c)]
 
 
@@ -337,16 +335,16 @@ def add_parser(sub: Any) -> None:
     flags.out_flags(p, what="the .h5 cache")
     p.add_argument("--grid", type=flags.positive_int, default=21, metavar="N",
                    help="grid points per axis (odd: the origin is on the grid; RaML used 10)")
-    p.add_argument("--range", dest="span", type=float, default=1.0, metavar="R",
+    p.add_argument("--range", dest="span", type=flags.positive_float, default=1.0, metavar="R",
                    help="random-plane axes run over [-R, R] in units of the normalised directions")
     p.add_argument("--style", choices=STYLES, default="raml",
                    help="direction normalisation: raml (tensor-wise) or filter (Li et al.)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the two random directions")
+    p.add_argument("--seed", type=flags.seed, default=0, help="seed of the two random directions")
     p.add_argument("--positions", choices=POSITIONS, default="kept",
                    help="position ids of the trajectory-free input: kept (a gap where the "
                         "trajectory was, the convention in which the path endpoint is exact) or "
                         "shifted (renumbered, a truncated run)")
-    p.add_argument("--margin", type=float, default=1.5,
+    p.add_argument("--margin", type=flags.positive_float, default=1.5,
                    help="the path-plane grid spans MARGIN x the path's largest coordinate")
     p.add_argument("--batch", type=flags.positive_int, default=128,
                    help="weight perturbations per batched forward")

@@ -205,7 +205,7 @@ def add_parser(sub: Any) -> None:
                    help="prefill chunk")
     p.add_argument("--max-pack-tokens", type=flags.positive_int, default=DEFAULT_MAX_PACK_TOKENS,
                    help="tokens per packed forward of scaffold+answer copies")
-    p.add_argument("--seed", type=int, default=0, help="seed of the --check-naive prefixes")
+    p.add_argument("--seed", type=flags.seed, default=0, help="seed of the --check-naive prefixes")
     flags.report_flags(p, json_help="end with one JSON object")
     p.set_defaults(func=run)
 

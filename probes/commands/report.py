@@ -279,7 +279,7 @@ def add_parser(sub: Any) -> None:
                    help="per-token array coloured when the page opens, e.g. lhat_delta, lhat_rho, "
                         "upd_m7 (mean over layers), upd_m7@2 (layer 2); default: lhat_delta")
     p.add_argument("--n-boot", type=flags.positive_int, default=2000, help="bootstrap resamples")
-    p.add_argument("--seed", type=int, default=0, help="seed of controls and bootstrap")
+    p.add_argument("--seed", type=flags.seed, default=0, help="seed of controls and bootstrap")
     p.add_argument("--compare-json", type=Path, default=None, metavar="FILE",
                    help="a saved `compare --json` output of this cache (and --control): use its "
                         "numbers and plots instead of running the comparison again")

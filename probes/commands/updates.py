@@ -290,7 +290,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--control", choices=CONTROLS, default=CONTROLS[0],
                    help="none: the trained weights; random-init: a seeded random initialisation "
                         "of the same architecture (needs its own --out)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --control random-init")
+    p.add_argument("--seed", type=flags.seed, default=0, help="seed of --control random-init")
     p.add_argument("--layers", type=flags.nonnegative_int, nargs="+", default=None,
                    help="store only these layers (increasing; default: all)")
     p.add_argument("--answer-rows", choices=ANSWER_ROWS, default=ANSWER_ROWS[0],

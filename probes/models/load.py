@@ -4,6 +4,12 @@ Entry points: `load_model(spec)` for a built-in name, a local HF folder or a hub
 local HF cache; `boot_model(hf_model, tokenizer, spec=...)` for a model built in code (both share one
 code path). Caveat: the bridge runs in raw mode (no weight processing, numbers match HF); never call
 `enable_compatibility_mode` on it.
+
+A model folder is checked file by file before anything is computed or written: `config.json` (valid
+JSON, a configuration transformers accepts, positive sizes), every `*.safetensors` header (a
+truncated file), and the tokenizer (one that turns text into no tokens: an empty vocabulary or no
+tokenizer file at all). Each problem is one `ProbesError` naming the folder, the file, the cause
+and the fix.
 """
 
 from __future__ import annotations
@@ -272,18 +278,105 @@ def boot_model(
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model")
+"""Files a tokenizer is read from (any of them: tokenizer.json, vocab.json + merges.txt, or a
+SentencePiece tokenizer.model)."""
+
+
+_TOKENIZER_PROBE = "Question: what is 12 + 30? Answer: 42"
+"""A text every usable tokenizer turns into at least one token."""
+
+
+def _config_errors() -> tuple[type[Exception], ...]:
+    """What transformers raises for a configuration it refuses (its validators raise
+    huggingface_hub's StrictDataclassError, which is not a ValueError)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub: no strict dataclasses
+        return (ValueError, KeyError, TypeError)
+    return (ValueError, KeyError, TypeError, StrictDataclassError)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def _read_tokenizer(folder: Path, spec: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     _check_config_json(folder, spec)
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, TypeError) as err:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, *_config_errors()) as err:
         raise ProbesError(
-            f"Cannot read a tokenizer from {str(folder)!r} (model {spec!r}): {err}. The folder needs "
-            "tokenizer files (tokenizer.json, or vocab.json + merges.txt, or tokenizer.model) next to "
-            "config.json; save them with tokenizer.save_pretrained(folder)."
-        ) from err
+            f"Cannot read a tokenizer from {str(folder)!r} (model {spec!r}): {_one_line(err)}. The "
+            "folder needs tokenizer files (tokenizer.json, or vocab.json + merges.txt, or "
+            "tokenizer.model) next to a valid config.json; save them with "
+            "tokenizer.save_pretrained(folder)."
+        ) from None
+    _check_tokenizer(tokenizer, folder, spec)
+    return tokenizer
+
+
+def _check_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: Path, spec: str) -> None:
+    """Refuse a tokenizer that turns text into no tokens (an empty vocabulary, or none of the
+    tokenizer files: transformers then builds an empty tokenizer and the first forward fails)."""
+    ids = tokenizer(_TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    if ids:
+        return
+    present = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    cause = (f"{' and '.join(str(folder / n) for n in present)} "
+             f"{'holds' if len(present) == 1 else 'hold'} no tokens (an empty vocabulary)" if present else
+             f"it has none of the tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    raise ProbesError(
+        f"The tokenizer of model folder {str(folder)!r} (model {spec!r}) turns text into no "
+        f"tokens: {cause}. Copy the model's tokenizer files into the folder (or save them with "
+        "tokenizer.save_pretrained(folder))."
+    )
+
+
+_POSITIVE_SIZES = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size",
+                   "intermediate_size", "num_key_value_heads")
+"""Configuration sizes that must be positive integers where a config.json has them."""
+
+
+def _check_model_config(folder: Path, spec: str) -> None:
+    """Refuse a config.json that transformers would not accept (its own validators, e.g.
+    `num_hidden_layers` not matching `layer_types`) or with a size that is not a positive
+    integer, before the tokenizer and the weights are read."""
+    from transformers import AutoConfig
+
+    path = folder / "config.json"
+    fix = "fix the file or save it again with model.save_pretrained(folder)"
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, *_config_errors()) as err:
+        raise ProbesError(f"{str(path)!r} (model {spec!r}) is not a configuration transformers "
+                          f"accepts: {_one_line(err)}; {fix}.") from None
+    text_config = getattr(config, "get_text_config", lambda: config)()
+    for key in _POSITIVE_SIZES:
+        value = getattr(text_config, key, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise ProbesError(f"{str(path)!r} (model {spec!r}) has {key} = {value!r}; it must "
+                              f"be a positive integer: {fix}.")
+
+
+def _check_weights(folder: Path, spec: str) -> None:
+    """Open the header of every *.safetensors file in `folder`: a truncated or damaged file is
+    refused by name (safetensors itself says only "incomplete metadata")."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise ProbesError(
+                f"Weights file {str(path)!r} (model {spec!r}) cannot be read: {_one_line(err)} "
+                "(a truncated or damaged file, e.g. an interrupted copy or download); copy it "
+                "again, or save the model again with model.save_pretrained(folder)."
+            ) from None
 
 
 def _check_config_json(folder: Path, spec: str) -> None:
@@ -368,8 +461,12 @@ def load_model(
     target_dtype = resolve_dtype(dtype)
     folder = resolve_spec(spec, cache_dir=cache_dir)
 
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    _check_config_json(folder, spec)
+    _check_model_config(folder, spec)
+    _check_weights(folder, spec)
     tokenizer = _read_tokenizer(folder, spec)
     placement = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory}
     try:
@@ -377,11 +474,11 @@ def load_model(
             folder, dtype=target_dtype, local_files_only=True, attn_implementation="eager",
             **placement,
         )
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, SafetensorError, *_config_errors()) as err:
         raise ProbesError(
-            f"Cannot load a causal LM from {str(folder)!r} (model {spec!r}): {err}. The folder needs "
-            "config.json and weights (model.safetensors or pytorch_model.bin); save them with "
-            "model.save_pretrained(folder)."
+            f"Cannot load a causal LM from {str(folder)!r} (model {spec!r}): {_one_line(err)}. "
+            "The folder needs config.json and weights (model.safetensors or pytorch_model.bin); "
+            "save them with model.save_pretrained(folder)."
         ) from err
     return boot_model(
         hf_model,

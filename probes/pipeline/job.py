@@ -138,7 +138,8 @@ class WriteResult:
         bytes_sites: Bytes of activation sites written.
         file_bytes: Size of the file at the end.
         bad_lines: (line, reason) of each skipped line.
-        too_long: (id, line, n_tokens, limit) of each too-long trace.
+        too_long: (id, line, n_tokens, limit) of each too-long trace (n_tokens None: left out
+            untokenized, its characters alone over what the limit can hold).
         left_out: (id, reason) of each trace left out.
     """
 
@@ -158,7 +159,7 @@ class WriteResult:
     bytes_sites: int = 0
     file_bytes: int = 0
     bad_lines: list[tuple[int, str]] = field(default_factory=list)
-    too_long: list[tuple[str, int, int, int]] = field(default_factory=list)
+    too_long: list[tuple[str, int, int | None, int]] = field(default_factory=list)
     left_out: list[tuple[str, str]] = field(default_factory=list)
 
     @property

@@ -73,6 +73,7 @@ from probes.pipeline.job import (
     WriteResult,
     human_size,
 )
+from probes.pipeline.progress import raise_if_interrupted
 from probes.pipeline.shards import Shard, current_shard
 from probes.traces.categories import categorize, load_lexicon
 from probes.traces.labels import LABEL_KEY, label_arrays
@@ -325,6 +326,7 @@ def _loop(writer: Any, todo: Sequence[tuple[list[TokenizedTrace], set[str]]], pr
                disable=not progress, dynamic_ncols=True, leave=True)
     try:
         for batch, wanted in todo:
+            raise_if_interrupted()  # a Ctrl-C swallowed by a finalizer stops the run here
             if len(batch) == 1 or prepared.batching is None:
                 outputs: list[TraceOutput | str] = [prepared.compute(tt) for tt in batch]
             else:

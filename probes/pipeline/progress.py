@@ -11,10 +11,11 @@ and that keeps its clock moving through a long single step (`Stages.working`).
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
@@ -37,6 +38,55 @@ def progress_on(quiet: bool, stream: TextIO | None = None) -> bool:
         return not quiet and stream.isatty()
     except (AttributeError, ValueError):  # closed or not a real stream
         return False
+
+
+_interrupted = threading.Event()
+"""Set by a Ctrl-C during `catch_interrupts` (whether or not its KeyboardInterrupt got through)."""
+
+
+def catch_interrupts() -> Callable[[], None]:
+    """Make every Ctrl-C count until the returned function is called (which restores the previous
+    SIGINT handler and unraisable hook).
+
+    SIGINT still raises `KeyboardInterrupt`, and it is also remembered: Python swallows an
+    exception raised inside a finalizer (`__del__`, a weakref callback: "Exception ignored in
+    ..."), and a Ctrl-C that landed there once let a run finish with exit code 0.
+    `raise_if_interrupted` raises it again at the next safe point (the write loop's next trace,
+    the CLI's edge); the swallowed traceback is not printed.
+    """
+    _interrupted.clear()
+    previous_handler = signal.getsignal(signal.SIGINT)
+    previous_hook = sys.unraisablehook
+
+    def on_sigint(signum: int, frame: object) -> None:
+        _interrupted.set()
+        raise KeyboardInterrupt
+
+    def on_unraisable(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            _interrupted.set()
+            return
+        previous_hook(unraisable)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        signal.signal(signal.SIGINT, on_sigint)
+    sys.unraisablehook = on_unraisable
+
+    def restore() -> None:
+        if in_main:
+            signal.signal(signal.SIGINT, previous_handler)
+        sys.unraisablehook = previous_hook
+        _interrupted.clear()
+
+    return restore
+
+
+def raise_if_interrupted() -> None:
+    """Raise `KeyboardInterrupt` when a Ctrl-C came during `catch_interrupts` (one that a
+    finalizer swallowed stops the run here instead of never)."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
 
 
 class Stages:

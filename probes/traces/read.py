@@ -94,8 +94,8 @@ def read_traces(path: str | Path, *, strict: bool = False) -> TraceSet:
       `reasoning_content` or `reasoning` field), the question is the last user turn before it, and
       a missing `answer` is taken from the last balanced `\\boxed{...}` of the assistant content.
 
-    Numeric answers are converted with `str()`. A missing id becomes `f"line{line_no}"`. Fields not
-    used above go to `Trace.meta`.
+    The file is UTF-8, with or without a BOM. Numeric answers are converted with `str()`. A missing
+    id becomes `f"line{line_no}"`. Fields not used above go to `Trace.meta`.
 
     Args:
         path: The JSONL file.
@@ -121,8 +121,8 @@ def read_traces(path: str | Path, *, strict: bool = False) -> TraceSet:
     first_line_of_id: dict[str, int] = {}
     with path.open("rb") as fh:
         for line_no, raw in enumerate(fh, start=1):
-            try:
-                text = raw.decode("utf-8")
+            try:  # utf-8-sig on line 1: a file saved with a BOM keeps its first record
+                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 trace, reason = None, f"not valid UTF-8 ({exc.reason} at byte {exc.start})"
             else:

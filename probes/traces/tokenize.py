@@ -44,9 +44,13 @@ SPAN_NAMES = ("prompt", "trajectory", "scaffold", "answer")
 class TraceTooLongError(ProbesError):
     """A tokenized trace longer than the `max_tokens` limit."""
 
-    def __init__(self, trace_id: str, n_tokens: int, limit: int) -> None:
+    def __init__(self, trace_id: str, n_tokens: int | None, limit: int,
+                 n_chars: int | None = None, max_chars: int | None = None) -> None:
+        size = (f"{n_tokens} tokens" if n_tokens is not None else
+                f"{n_chars:,} characters (more than {max_chars:,}, the most {limit} tokens of this "
+                f"tokenizer can stand for; not tokenized)")
         super().__init__(
-            f"Trace {trace_id!r} has {n_tokens} tokens (prompt + trajectory + scaffold + answer), "
+            f"Trace {trace_id!r} has {size} (prompt + trajectory + scaffold + answer), "
             f"over max_tokens={limit}. Raise max_tokens, or skip long traces with tokenize_traces, "
             "which reports them instead of raising."
         )
@@ -57,16 +61,27 @@ class TraceTooLongError(ProbesError):
 
 @dataclass(frozen=True)
 class TooLongTrace:
-    """A trace that `tokenize_traces` left out because it exceeds `max_tokens`."""
+    """A trace that `tokenize_traces` left out because it exceeds `max_tokens`.
+
+    Attributes:
+        n_tokens: Its tokens; None when it was left out untokenized because its characters alone
+            exceed what `limit` tokens can stand for (`n_chars` > `max_chars`).
+    """
 
     trace_id: str
     line_no: int
-    n_tokens: int
+    n_tokens: int | None
     limit: int
+    n_chars: int | None = None
+    max_chars: int | None = None
 
     @property
     def reason(self) -> str:
         """One-line explanation, like `BadLine.reason`."""
+        if self.n_tokens is None:
+            return (f"trace {self.trace_id!r} has {self.n_chars:,} characters, more than "
+                    f"{self.max_chars:,} (the most {self.limit} tokens of this tokenizer can "
+                    f"stand for): over max_tokens={self.limit}, not tokenized")
         return f"trace {self.trace_id!r} has {self.n_tokens} tokens, over max_tokens={self.limit}"
 
 
@@ -199,9 +214,12 @@ def tokenize_trace(
         TraceTooLongError: The total length exceeds `max_tokens`.
         ProbesError: The tokenizer is not a fast tokenizer, or `prompt_format` is invalid.
     """
-    (tokenized,), too_long = _tokenize_all([trace], tokenizer, prompt_format, scaffold, max_tokens)
-    if too_long:
-        raise TraceTooLongError(trace.id, tokenized.n_tokens, max_tokens)
+    (tokenized,), (too_long,) = _tokenize_all([trace], tokenizer, prompt_format, scaffold,
+                                              max_tokens)
+    if too_long is not None:
+        raise TraceTooLongError(trace.id, too_long.n_tokens, too_long.limit, too_long.n_chars,
+                                too_long.max_chars)
+    assert tokenized is not None
     return tokenized
 
 
@@ -215,7 +233,9 @@ def tokenize_traces(
 ) -> tuple[list[TokenizedTrace], list[TooLongTrace]]:
     """Tokenize many traces (batched); report the ones over `max_tokens` instead of raising.
 
-    Same result per trace as `tokenize_trace`.
+    Same result per trace as `tokenize_trace`. A trace whose characters alone exceed what
+    `max_tokens` tokens can stand for (`max_chars_per_token`) is left out before it is tokenized,
+    so a runaway line (megabytes of text) costs no tokenizer time.
 
     Args:
         traces: A `TraceSet` or an iterable of `Trace`s.
@@ -231,15 +251,10 @@ def tokenize_traces(
     Raises:
         ProbesError: The tokenizer is not a fast tokenizer, or `prompt_format` is invalid.
     """
-    traces = list(traces)
-    tokenized, too_long_idx = _tokenize_all(traces, tokenizer, prompt_format, scaffold, max_tokens)
-    skip = set(too_long_idx)
-    report = [
-        TooLongTrace(t.trace.id, t.trace.line_no, t.n_tokens, max_tokens)
-        for i, t in enumerate(tokenized)
-        if i in skip
-    ]
-    return [t for i, t in enumerate(tokenized) if i not in skip], report
+    tokenized, too_long = _tokenize_all(list(traces), tokenizer, prompt_format, scaffold,
+                                        max_tokens)
+    return ([t for t, bad in zip(tokenized, too_long) if bad is None and t is not None],
+            [bad for bad in too_long if bad is not None])
 
 
 def _tokenize_all(
@@ -248,8 +263,9 @@ def _tokenize_all(
     prompt_format: str | None,
     scaffold: str,
     max_tokens: int | None,
-) -> tuple[list[TokenizedTrace], list[int]]:
-    """Tokenize every trace; return them all plus the indices of those over `max_tokens`."""
+) -> tuple[list[TokenizedTrace | None], list[TooLongTrace | None]]:
+    """Tokenize every trace; per trace its `TokenizedTrace` (None: not tokenized, too many
+    characters) and its `TooLongTrace` when it is over `max_tokens` (else None)."""
     if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
         raise ProbesError(f"max_tokens must be a positive integer or None, got {max_tokens!r}.")
     first, rest = _encoders(tokenizer)
@@ -257,40 +273,76 @@ def _tokenize_all(
     prompts = [render_prompt(t.question, tokenizer, prompt_format=prompt_format) for t in traces]
     trajectories = [_strip_duplicated_think(p, t.trajectory) for p, t in zip(prompts, traces)]
 
-    prompt_enc = first.encode_batch(prompts, add_special_tokens=False)
-    traj_enc = rest.encode_batch(trajectories, add_special_tokens=False)
+    out: list[TokenizedTrace | None] = [None] * len(traces)
+    too_long: list[TooLongTrace | None] = [None] * len(traces)
+    if max_tokens is not None:  # never tokenize a text that cannot fit (a 50 MB line took minutes)
+        max_chars = max_tokens * max_chars_per_token(tokenizer)
+        for i, trace in enumerate(traces):
+            n_chars = (len(prompts[i]) + len(trajectories[i]) + len(scaffold) + len(trace.answer)
+                       + len(ANSWER_SUFFIX))
+            if n_chars > max_chars:
+                too_long[i] = TooLongTrace(trace.id, trace.line_no, None, max_tokens, n_chars,
+                                           max_chars)
+    todo = [i for i, bad in enumerate(too_long) if bad is None]
+
+    prompt_enc = first.encode_batch([prompts[i] for i in todo], add_special_tokens=False)
+    traj_enc = rest.encode_batch([trajectories[i] for i in todo], add_special_tokens=False)
     scaffold_ids = rest.encode(scaffold, add_special_tokens=False).ids
     answer_enc = rest.encode_batch(
-        [t.answer + ANSWER_SUFFIX for t in traces], add_special_tokens=False
+        [traces[i].answer + ANSWER_SUFFIX for i in todo], add_special_tokens=False
     )
 
-    out: list[TokenizedTrace] = []
-    too_long: list[int] = []
-    for i, trace in enumerate(traces):
-        prompt_ids = list(prompt_enc[i].ids)
+    for j, i in enumerate(todo):
+        trace = traces[i]
+        prompt_ids = list(prompt_enc[j].ids)
         if bos is not None and (not prompt_ids or prompt_ids[0] != bos):
             prompt_ids.insert(0, bos)
-        pieces = (prompt_ids, traj_enc[i].ids, scaffold_ids, answer_enc[i].ids)
+        pieces = (prompt_ids, traj_enc[j].ids, scaffold_ids, answer_enc[j].ids)
         spans: dict[str, tuple[int, int]] = {}
         start = 0
         for name, piece in zip(SPAN_NAMES, pieces):
             spans[name] = (start, start + len(piece))
             start += len(piece)
         ids = np.fromiter((x for piece in pieces for x in piece), dtype=np.int64, count=start)
-        offsets = np.asarray(traj_enc[i].offsets, dtype=np.int64).reshape(-1, 2)
-        out.append(
-            TokenizedTrace(
-                trace=trace,
-                ids=ids,
-                spans=spans,
-                trajectory_offsets=offsets,
-                trajectory_text=trajectories[i],
-                prompt_text=prompts[i],
-            )
+        offsets = np.asarray(traj_enc[j].offsets, dtype=np.int64).reshape(-1, 2)
+        out[i] = TokenizedTrace(
+            trace=trace,
+            ids=ids,
+            spans=spans,
+            trajectory_offsets=offsets,
+            trajectory_text=trajectories[i],
+            prompt_text=prompts[i],
         )
         if max_tokens is not None and start > max_tokens:
-            too_long.append(i)
+            too_long[i] = TooLongTrace(trace.id, trace.line_no, start, max_tokens)
     return out, too_long
+
+
+# The longest vocabulary entry per tokenizer object and vocabulary size (get_vocab takes ~0.2 s
+# for a 150k vocabulary).
+_MAX_CHARS_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def max_chars_per_token(tokenizer: Tokenizer) -> int:
+    """The most characters of text one token can stand for: the longest vocabulary entry, added
+    tokens included (at least 1).
+
+    A byte-level entry spells one character per byte, a SentencePiece entry one per character
+    (`▁` for a space) and a byte-fallback entry (`<0x41>`) six for one byte, so for these
+    vocabularies a text of more than `n * max_chars_per_token` characters has more than `n`
+    tokens. (A tokenizer that drops characters, e.g. whitespace in a BERT-style pre-tokenizer,
+    could fit more; the bound is meant for a text of ordinary words, not for runs of whitespace.)
+    """
+    backend = tokenizer.backend_tokenizer
+    size = backend.get_vocab_size(with_added_tokens=True)
+    with contextlib.suppress(KeyError, TypeError):
+        cached_size, longest = _MAX_CHARS_CACHE[tokenizer]
+        if cached_size == size:
+            return longest
+    longest = max(1, max((len(t) for t in backend.get_vocab(with_added_tokens=True)), default=1))
+    with contextlib.suppress(TypeError):
+        _MAX_CHARS_CACHE[tokenizer] = (size, longest)
+    return longest
 
 
 def _bos_to_prepend(tokenizer: Tokenizer) -> int | None:

@@ -3,7 +3,9 @@
 Per component the rows of every requested layer are stacked to `[n_sel, n_layers, d]` (`n_sel` =
 trajectory tokens, or all tokens). Only one chunk's activations live at a time: each chunk's rows are
 cast to the storage dtype on the device and copied into one preallocated output per component;
-outputs larger than `max_ram_mib` are spooled to an unlinked temporary file (memory-mapped).
+outputs larger than `max_ram_mib` are spooled to an unlinked temporary file (memory-mapped), whose
+whole size is reserved on disk first (`posix_fallocate`): a full disk is one `SpoolError` before
+the trace is run, never a SIGBUS from a write into the map.
 
 Backends. Residual-stream components (`resid_pre/mid/post`, `delta`, `attn_out`, `mlp_out`, `embed`,
 `ln_final`) go through `hooks.run_residual_hf` (plain HF forward with sdpa and PyTorch hooks, proven
@@ -13,7 +15,9 @@ equal to the bridge in `tests/hooks`); every other component needs the bridge (`
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -203,6 +207,36 @@ def selection(tt: TokenizedTrace, positions: str) -> tuple[int, int]:
     return tt.spans["trajectory"]
 
 
+class SpoolError(ProbesError):
+    """A spooled output whose temporary file cannot be created or given its size on disk."""
+
+
+_NO_FALLOCATE = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+"""`posix_fallocate` errors of a filesystem that cannot reserve space (then zeros are written)."""
+
+
+def reserve(fd: int, nbytes: int) -> None:
+    """Give the open file `fd` `nbytes` of disk blocks, so that writes through a memory map of it
+    cannot fail (a full disk would end the process with SIGBUS, no message).
+
+    `os.posix_fallocate` where the filesystem supports it (tmpfs, ext4, xfs, btrfs); elsewhere the
+    blocks are written with zeros, 1 MiB at a time.
+
+    Raises:
+        OSError: The disk has no room (ENOSPC, EDQUOT) or refuses the write.
+    """
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+        return
+    except OSError as exc:
+        if exc.errno not in _NO_FALLOCATE:
+            raise
+    block = bytes(min(nbytes, 2**20))
+    done = 0
+    while done < nbytes:
+        done += os.pwrite(fd, memoryview(block)[:nbytes - done], done)
+
+
 class _Outputs:
     """One preallocated output array per component, in RAM or spooled to an unlinked temp file."""
 
@@ -233,13 +267,30 @@ class _Outputs:
         for comp, shape in row_shapes.items():
             full = (self.n_rows, *shape)
             if self.spooled and math.prod(full) > 0:
-                handle = tempfile.TemporaryFile(  # noqa: SIM115 (closed by `close()`)
-                    dir=self.spool_dir, prefix=".probes-spool-", suffix=".bin"
-                )
-                self._files.append(handle)
+                nbytes = math.prod(full) * self.np_dtype.itemsize
+                try:
+                    handle = tempfile.TemporaryFile(  # noqa: SIM115 (closed by `close()`)
+                        dir=self.spool_dir, prefix=".probes-spool-", suffix=".bin"
+                    )
+                    self._files.append(handle)
+                    reserve(handle.fileno(), nbytes)
+                except OSError as exc:
+                    raise self._spool_error(exc, total) from None
                 self.arrays[comp] = np.memmap(handle, dtype=self.np_dtype, mode="w+", shape=full)
             else:
                 self.arrays[comp] = np.empty(full, dtype=self.np_dtype)
+
+    def _spool_error(self, exc: OSError, total: int) -> SpoolError:
+        folder = self.spool_dir if self.spool_dir is not None else Path(tempfile.gettempdir())
+        code = errno.errorcode.get(exc.errno or 0, "")
+        cause = f"[Errno {exc.errno}] {exc.strerror}" + (f" ({code})" if code else "")
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        mib = math.ceil(total / 2**20 * 10) / 10
+        fix = ("free space there" if full else "make that folder writable") + (
+            f", or give --max-ram-mib {mib} or more to keep such outputs in RAM; then rerun with "
+            "--resume (the traces written so far are kept)")
+        return SpoolError(f"cannot spool a trace's output ({mib} MiB, over --max-ram-mib) to a "
+                          f"temporary file in {folder}: {cause}; {fix}")
 
     def close(self) -> None:
         self.arrays.clear()

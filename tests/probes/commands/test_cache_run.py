@@ -202,6 +202,30 @@ def test_backends_chunks_and_spooling_agree(reasoner, samples, tmp_path):
     assert not list(tmp_path.glob(".probes-spool-*"))
 
 
+def test_spool_space_is_reserved_also_without_fallocate(reasoner, samples, tmp_path, monkeypatch):
+    """The spool's blocks are reserved before the map is written (a full disk is then an error,
+    not a SIGBUS); where the filesystem has no fallocate they are written with zeros."""
+    import errno
+    import os
+
+    from probes.measures.activations import reserve
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    with (tmp_path / "f.bin").open("w+b") as fh:
+        reserve(fh.fileno(), 3 * 2**20 + 5)
+        stat = os.fstat(fh.fileno())
+        assert stat.st_size == 3 * 2**20 + 5 and stat.st_blocks * 512 >= stat.st_size
+        assert fh.read() == bytes(3 * 2**20 + 5)
+    base = dict(sites=("resid_post",), dtype="float32", limit=2, batch_tokens=0)
+    cache_traces(reasoner, samples, tmp_path / "spool.h5", CacheConfig(**base, max_ram_mib=0))
+    monkeypatch.undo()
+    cache_traces(reasoner, samples, tmp_path / "ram.h5", CacheConfig(**base))
+    _assert_bit_exact(_datasets(tmp_path / "spool.h5"), _datasets(tmp_path / "ram.h5"))
+
+
 def test_storage_dtypes_and_all_positions(reasoner, samples, tmp_path):
     cfg32 = CacheConfig(sites=("resid_post",), dtype="float32", positions="all", limit=2)
     cache_traces(reasoner, samples, tmp_path / "f32.h5", cfg32)

@@ -97,7 +97,7 @@ def test_bad_flags_are_one_error_line(samples, tmp_path, capsys):
     assert main(["effects", *BASE, "--traces", str(samples), "--out", str(tmp_path / "x.h5"),
                  "--scale", "2"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "--scale must be in (0, 1]" in err
+    assert err.startswith("error:") and "argument --scale: must be a number in (0, 1], got 2" in err
     assert main(["effects", *BASE, "--traces", str(samples), "--out", str(tmp_path / "y.h5"),
                  "--versus", str(tmp_path / "missing.h5")]) == 2
     assert "--versus" in capsys.readouterr().err

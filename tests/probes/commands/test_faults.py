@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -29,6 +30,7 @@ import pytest
 import cache._store as store
 from cache import open_cache, pack_cache, segments_dir, store_exists
 from probes.commands.demo import SAMPLE_TRACES
+from probes.measures.activations import DEFAULT_COMPONENTS
 from probes.run import main
 from tests.probes.commands._store_snapshot import snapshot
 
@@ -309,6 +311,72 @@ def test_full_tmpfs_then_free_space_and_resume(traces, references, tmp_path, cap
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
+SPOOL = ("--max-ram-mib", "0.01")
+"""Every trace's output spooled to a memory-mapped temporary file beside --out."""
+
+
+def test_spool_without_room_is_one_error(traces, references, tmp_path, capsys, monkeypatch):
+    """The spool file cannot get its size (posix_fallocate: ENOSPC) at a seeded trace: one line
+    naming the spool folder, the cause and the fix, exit 2; --resume equals one run."""
+    expected = references["cache"][1]
+    out = tmp_path / "run.h5"
+    at = random.Random("spool-enospc").randint(1, N_TRACES)
+    calls = []
+    real = os.posix_fallocate
+
+    def full(fd, offset, length):  # called once per component of each trace
+        calls.append(length)
+        if len(calls) == (at - 1) * len(DEFAULT_COMPONENTS) + 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    assert main(_args("cache", traces, out, *SPOOL)) == 2
+    monkeypatch.undo()
+    line = _one_error_line(capsys.readouterr().err, f"temporary file in {tmp_path}:",
+                           "No space left on device (ENOSPC)", "free space there",
+                           "or more to keep such outputs in RAM", "--resume")
+    assert re.match(r"error: cannot spool a trace's output \((\d+\.\d) MiB, over --max-ram-mib\)",
+                    line) and "--max-ram-mib {} or more".format(line.split("(")[1].split()[0]) in line
+    assert _check_kept(out, expected) == at - 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".probes-spool-")]
+    assert main(_args("cache", traces, out, *SPOOL)) == 0
+    capsys.readouterr()
+    assert snapshot(out) == expected
+
+
+def test_spool_on_a_full_tmpfs_is_no_sigbus(traces, references, tmp_path):
+    """Writes into a memory-mapped spool on a full disk ended the process with SIGBUS (exit -7,
+    no message); the space is reserved first, so the run ends with one error line, exit 2."""
+    if not shutil.which("mount") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root and mount(8); skipped")
+    path, expected = references["cache"]
+    folder = segments_dir(path)
+    first = (folder / store.list_segments(folder)[0]).stat().st_size
+    disk = tmp_path / "disk"
+    # Room for the index but not for the first trace's spool (about its segment's size): the map
+    # was written into pages the tmpfs did not have.
+    problem = _mount_tmpfs(disk, path.stat().st_size * 2 + first // 3)
+    if problem:
+        pytest.skip(f"this machine does not let the test mount a tmpfs: {problem}")
+    try:
+        out = disk / "run.h5"
+        res = subprocess.run([sys.executable, "-m", "probes.run", *_args("cache", traces, out, *SPOOL)],
+                             capture_output=True, text=True, env=CHILD_ENV, cwd=ROOT, timeout=300)
+        assert res.returncode == 2, (res.returncode, res.stderr[-2000:])  # not a signal
+        _one_error_line(res.stderr, f"temporary file in {disk}:", "No space left on device",
+                        "free space there", "--max-ram-mib", "--resume")
+        assert _check_kept(out, expected) == 0
+        assert not [p for p in disk.iterdir() if p.name.startswith(".probes-spool-")]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        res = subprocess.run([sys.executable, "-m", "probes.run", *_args("cache", traces, out, *SPOOL)],
+                             capture_output=True, text=True, env=CHILD_ENV, cwd=ROOT, timeout=300)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert snapshot(out) == expected
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_sigint_once(command, traces, references, tmp_path, capsys, monkeypatch):
     """Ctrl-C (a real SIGINT to this process) at a seeded write: one line, exit 130, the store
@@ -361,6 +429,69 @@ def test_sigint_to_the_cli_process(traces, references, tmp_path):
     _check_kept(out, expected)
     with open_cache(out) if store_exists(out) else _nothing():
         pass
+
+
+def test_sigint_swallowed_by_a_finalizer(traces, references, tmp_path, capsys, monkeypatch):
+    """A Ctrl-C that lands in a `__del__` is swallowed by Python ("Exception ignored in ..."); it
+    once let the run finish with exit code 0. It stops the run at the next trace: one line, 130."""
+    expected = references["cache"][1]
+    out = tmp_path / "run.h5"
+    calls = []
+    real = store._write
+
+    class Finalizer:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            calls.append("del")  # the KeyboardInterrupt is raised here, inside __del__
+
+    def interrupted(fd, data):
+        calls.append(1)
+        if len(calls) == 1:
+            Finalizer()  # collected at once: its __del__ runs within this write
+        return real(fd, data)
+
+    monkeypatch.setattr(store, "_write", interrupted)
+    assert main(_args("cache", traces, out)) == 130
+    monkeypatch.setattr(store, "_write", real)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert err.strip().splitlines()[-1].startswith("interrupted; the complete traces"), err
+    assert _check_kept(out, expected) < N_TRACES
+    assert main(_args("cache", traces, out)) == 0
+    capsys.readouterr()
+    assert snapshot(out) == expected
+
+
+def test_sigint_while_parsing_is_one_line(monkeypatch, capsys):
+    import probes.run
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(probes.run, "build_parser", interrupted)
+    assert main(["cache", "--help"]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_sigint_while_the_imports_load(tmp_path):
+    """Ctrl-C in the seconds `python -m probes.run` spends importing (torch): one line, 130,
+    not a traceback and a death by signal."""
+    starter = tmp_path / "start.py"
+    starter.write_text(
+        "import os, runpy, signal, sys\n"
+        "class Finder:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'probes.commands':\n"
+        "            sys.meta_path.remove(self)\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Finder())\n"
+        "sys.argv = ['probes.run', 'inspect', 'x.h5']\n"
+        "runpy.run_module('probes.run', run_name='__main__', alter_sys=True)\n"
+    )
+    proc = subprocess.run([sys.executable, str(starter)], capture_output=True, text=True,
+                          env=CHILD_ENV, cwd=ROOT, timeout=120)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, "interrupted\n", "")
 
 
 class _nothing:

@@ -4,6 +4,7 @@ errors, help, and the demo section."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -89,11 +90,29 @@ def test_step_markers_index_the_path():
     assert marks["reflection"].tolist() == [2, 5] and marks["delimiter"].tolist() == [4]
 
 
+def test_plot_names_of_ids_that_escape_alike_stay_apart(tmp_path, capsys):
+    """Ids `a/b`, `a_b` and `a\\b` once escaped to one name: 9 plots reported, 3 written."""
+    lines = SAMPLES_PATH.read_text().splitlines()[:3]
+    traces = tmp_path / "ids.jsonl"
+    traces.write_text("".join(json.dumps({**json.loads(line), "id": new}) + "\n"
+                              for line, new in zip(lines, ["a/b", "a_b", "a\\b"], strict=True)))
+    plots = tmp_path / "plots"
+    assert main(["landscape", "--model", "tiny-reasoner", "--traces", str(traces), "--out",
+                 str(tmp_path / "run.h5"), "--grid", "3", "--device", "cpu", "--json",
+                 "--no-progress", "--plot-dir", str(plots)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(result["plots"]) == len(set(result["plots"])) == 9
+    assert sorted(p.name for p in plots.iterdir()) == sorted(Path(p).name for p in result["plots"])
+
+
 def test_bad_settings_and_help(samples, tmp_path, capsys):
-    code = main(["landscape", "--model", "tiny-reasoner", "--traces", str(samples), "--out",
-                 str(tmp_path / "x.h5"), "--range", "0", "--no-progress"])
-    assert code == 2
+    base = ["landscape", "--model", "tiny-reasoner", "--traces", str(samples), "--out",
+            str(tmp_path / "x.h5"), "--no-progress"]
+    assert main([*base, "--grid", "1"]) == 2
     assert "error: --grid must be ≥ 2 and --range, --margin > 0" in capsys.readouterr().err
+    assert main([*base, "--range", "nan"]) == 2  # once accepted: an all-NaN grid was stored
+    assert "argument --range: must be a finite number > 0, got nan" in capsys.readouterr().err
+    assert not (tmp_path / "x.h5").exists()
     assert main(["landscape", "--help"]) == 0
     text = capsys.readouterr().out
     assert "filter" in text and "implicit-update path" in text and "--positions" in text

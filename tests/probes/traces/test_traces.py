@@ -53,6 +53,17 @@ def test_question_trajectory_shape(tmp_path):
     assert b.answer == "2" and b.trajectory == "T2 without think tags"
 
 
+def test_a_utf8_bom_keeps_the_first_record(tmp_path):
+    """Editors on Windows start a UTF-8 file with a BOM; it once turned line 1 into bad JSON."""
+    records = [{"id": "a", "question": "Q1", "trajectory": "T1", "answer": "1"},
+               {"id": "b", "question": "Q2", "trajectory": "T2 \ufeff inside", "answer": "2"}]
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in records).encode())
+    ts = read_traces(path, strict=True)
+    assert ts.problems == [] and [t.id for t in ts] == ["a", "b"]
+    assert ts.traces[1].trajectory == "T2 \ufeff inside"  # only the file's first BOM is dropped
+
+
 def test_problem_solution_shape(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [
         {"problem": "P", "solution": "S steps", "answer": 1.5, "source": "x"},
@@ -217,6 +228,43 @@ def test_too_long_raises_and_is_reported(qwen_tokenizer):
     assert [t.trace.id for t in kept] == ["t0"]
     assert [(r.trace_id, r.line_no, r.n_tokens, r.limit) for r in too_long] == [("long", 2, n, 100)]
     assert tokenize_trace(long, qwen_tokenizer, max_tokens=n).n_tokens == n  # limit is inclusive
+
+
+def test_a_runaway_trace_is_too_long_before_it_is_tokenized(qwen_tokenizer, monkeypatch):
+    """A 50 MB line once took minutes in the tokenizer before it was called too long: a text of
+    more characters than max_tokens x the longest vocabulary entry is left out untokenized."""
+    import probes.traces.tokenize as tok
+
+    per_token = tok.max_chars_per_token(qwen_tokenizer)
+    assert per_token == max(len(t) for t in qwen_tokenizer.get_vocab())
+    short = make_trace()
+    runaway = Trace("big", "Q", "7" * (100 * per_token), "1", {}, 2)
+    encoded: list[int] = []
+    real = tok._encoders
+
+    class Spy:
+        def __init__(self, enc):
+            self.enc = enc
+
+        def encode_batch(self, texts, **kw):
+            encoded.extend(len(t) for t in texts)
+            return self.enc.encode_batch(texts, **kw)
+
+        def encode(self, text, **kw):
+            encoded.append(len(text))
+            return self.enc.encode(text, **kw)
+
+    monkeypatch.setattr(tok, "_encoders", lambda t: tuple(Spy(e) for e in real(t)))
+    kept, too_long = tokenize_traces([short, runaway], qwen_tokenizer, max_tokens=100)
+    assert [t.trace.id for t in kept] == ["t0"] and max(encoded) < 100 * per_token
+    (bad,) = too_long
+    assert (bad.trace_id, bad.line_no, bad.n_tokens, bad.limit) == ("big", 2, None, 100)
+    assert bad.n_chars > bad.max_chars == 100 * per_token
+    assert "over max_tokens=100, not tokenized" in bad.reason
+    with pytest.raises(TraceTooLongError, match=r"'big' has [\d,]+ characters .* max_tokens=100"):
+        tokenize_trace(runaway, qwen_tokenizer, max_tokens=100)
+    # Without a limit, and under the bound, it is tokenized as before.
+    assert tokenize_trace(runaway, qwen_tokenizer).n_tokens > 100
 
 
 def test_real_traces_tokenize(qwen_tokenizer, real_tokenized_traces):
