@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 BUILTIN_MODELS: dict[str, Path] = {
     # Trained by `python -m probes.reasoner.train`; shipped as package data.
     "tiny-reasoner": Path(__file__).resolve().parents[1] / "reasoner" / "checkpoint",
-    # The same SFT run stopped early, and a GRPO fine-tune of tiny-reasoner (README, "Models along
+    # The same SFT run stopped early, and a GRPO fine-tune of tiny-reasoner (docs/models.md, "Models along
     # training"); they share tiny-reasoner's tokenizer.
     "tiny-reasoner-sft-early": Path(__file__).resolve().parents[1] / "reasoner" / "checkpoint_sft_early",
     "tiny-reasoner-grpo": Path(__file__).resolve().parents[1] / "reasoner" / "checkpoint_grpo",

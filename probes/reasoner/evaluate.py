@@ -6,7 +6,7 @@ On `n` fresh problems (a seed the training never saw) it reports
 - greedy answer accuracy with the trajectory removed (prompt + scaffold → answer), beside the
   chance level (the most frequent answer's share, i.e. the best constant guess),
 - mean answer NLL with the full trajectory and with none, and their ratio.
-These are the figures quoted in the README.
+These are the figures quoted in docs/models.md ("The built-in reasoner").
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def own_answers(
 def evaluate(
     model: str = "tiny-reasoner", *, n: int = 500, device: str = "auto", batch_size: int = 1
 ) -> dict:
-    """Compute the README figures on `n` fresh problems (seed `EVAL_SEED`).
+    """Compute the docs/models.md figures on `n` fresh problems (seed `EVAL_SEED`).
 
     `batch_size` > 1 runs the own-trajectory figure through `own_answers` (left-padded batches).
     """

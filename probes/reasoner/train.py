@@ -30,7 +30,7 @@ from probes.traces.tokenize import DEFAULT_SCAFFOLD, tokenize_trace
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
 SAMPLES_PATH = DATA_DIR / "tiny_reasoner_traces.jsonl"
 N_SAMPLES = 200
-# Disjoint seeds: training problems, the shipped sample traces, the README's evaluation.
+# Disjoint seeds: training problems, the shipped sample traces, the evaluation (docs/models.md).
 TRAIN_SEED, SAMPLE_SEED, EVAL_SEED = 1, 2, 3
 
 

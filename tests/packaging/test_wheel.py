@@ -62,11 +62,21 @@ def test_build_prints_no_setuptools_warnings(wheel):
     assert warnings == []
 
 
-def test_demo_runs_from_the_wheel_outside_the_repository(wheel, tmp_path):
+@pytest.fixture(scope="module")
+def site(wheel, tmp_path_factory) -> Path:
+    """The wheel installed (unpacked) into a folder of its own, outside the repository."""
     path, _ = wheel
-    site = tmp_path / "site"
+    site = tmp_path_factory.mktemp("site")
     zipfile.ZipFile(path).extractall(site)
-    env = {**os.environ, "PYTHONPATH": str(site), "TOKENIZERS_PARALLELISM": "false"}
+    return site
+
+
+def _env(site: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(site), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_demo_runs_from_the_wheel_outside_the_repository(site, tmp_path):
+    env = _env(site)
     where = subprocess.run([sys.executable, "-c", "import probes, hooks; print(probes.__file__)"],
                            capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
     assert Path(where.stdout.strip()).is_relative_to(site)  # the wheel's copy, not the repo's
@@ -80,3 +90,16 @@ def test_demo_runs_from_the_wheel_outside_the_repository(wheel, tmp_path):
     assert (tmp_path / "demo" / "run.h5").is_file()
     assert (tmp_path / "demo" / "report.html").is_file()
     assert (tmp_path / "demo" / "summary.json").is_file()
+
+
+def test_the_readme_quickstart_runs_from_the_wheel(site, tmp_path):
+    """docs/quickstart.py (the README's notebook quick start) against the installed package only:
+    run from a temporary folder, so neither the repository's code nor its paths can be reached."""
+    res = subprocess.run([sys.executable, str(ROOT / "docs" / "quickstart.py")],
+                         capture_output=True, text=True, env=_env(site), cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert lines[0] == "3 traces; a dict reads as the same trace: True"
+    assert "wrote 3 traces to run.h5" in lines
+    assert re.fullmatch(r"trace \S+: \d+ tokens, L̂ [\d.]+ -> [\d.]+ nats over \d+ trajectory tokens",
+                        lines[1]), lines[1]

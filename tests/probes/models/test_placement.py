@@ -87,7 +87,7 @@ def test_two_80gb_cards_place_every_layer(size: str, dtype: str) -> None:
 def test_what_fits_one_80gb_card(size: str, dtype: str) -> None:
     """Weights alone: both shapes fit one 80 GB card in bf16 (29.5 / 65.5 GB) and the 14B in fp32
     (59 GB); the 32B in fp32 (131 GB) does not: accelerate sends ~30 layers to the CPU. The
-    activations of a long trace come on top (see the README's memory projection)."""
+    activations of a long trace come on top (see the memory projection in docs/benchmarks.md)."""
     cfg = SHAPES[size]
     weights = _params(cfg) * BYTES[dtype]
     placed = _placement(plan_device_map(cfg, max_memory={0: "80GB", "cpu": "1000GB"},
