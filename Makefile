@@ -1,7 +1,7 @@
 # Two commands for a fresh machine (Python >= 3.10, pip, make):
 #   make demo   build .venv, install the toolkit, run the demo on the built-in tiny-reasoner
 #   make test   build .venv, install the toolkit with its test extras, run the test suite
-#   make lint   the house checks: ruff and the import-linter contracts (pyproject.toml)
+#   make lint   the house checks: ruff, the import-linter contracts and mypy (pyproject.toml)
 # torch is pinned here (2.13.0, the CPU build on our machines) and installed only when .venv has
 # no torch yet: on a GPU box install the torch build you want into .venv first and it is kept.
 PYTHON ?= python3
@@ -28,6 +28,7 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 # Retrain the shipped checkpoint (deterministic, about 10-15 min on 2 CPU cores) and re-measure it.
 reasoner: $(VENV)/.installed
