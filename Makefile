@@ -1,7 +1,9 @@
 # Two commands for a fresh machine (Python >= 3.10, pip, make):
 #   make demo   build .venv, install the toolkit, run the demo on the built-in tiny-reasoner
 #   make test   build .venv, install the toolkit with its test extras, run the test suite
-#   make lint   the house checks: ruff and the import-linter contracts (pyproject.toml)
+#   make test-fast  the same without the process-level tests (marked `slow`: kill -9 loops,
+#               torchrun, the headless browser, the wheel, CLI end-to-end runs in subprocesses)
+#   make lint   the house checks: ruff, the import-linter contracts and mypy (pyproject.toml)
 # torch is pinned here (2.13.0, the CPU build on our machines) and installed only when .venv has
 # no torch yet: on a GPU box install the torch build you want into .venv first and it is kept.
 PYTHON ?= python3
@@ -16,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: demo test lint install reasoner eval-reasoner reasoner-stages screenshot
+.PHONY: demo test test-fast lint install reasoner eval-reasoner reasoner-stages screenshot
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -25,9 +27,13 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 # Retrain the shipped checkpoint (deterministic, about 10-15 min on 2 CPU cores) and re-measure it.
 reasoner: $(VENV)/.installed

@@ -115,8 +115,8 @@ def pack_cache(source: str | os.PathLike[str], target: str | os.PathLike[str], *
         raise CacheError(message.split("\t", 1)[-1])
     elif code == 3:
         number = int(message.split("\t", 1)[0] or 0)
-        exc = OSError(number, os.strerror(number)) if number else OSError(message)
-        cause, fix = describe_os_error(exc), fix_hint(exc)
+        error = OSError(number, os.strerror(number)) if number else OSError(message)
+        cause, fix = describe_os_error(error), fix_hint(error)
     else:
         cause = (f"the HDF5 writer process died with signal {-code}" if code < 0
                  else f"the HDF5 writer process failed (exit {code}): {message}")

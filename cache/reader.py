@@ -271,6 +271,8 @@ class CacheReader:
                     done = False
                 self._complete[name] = done
                 try:
+                    if group is None:
+                        raise KeyError(name)
                     self._ids[name] = _h5.as_str(group.attrs[schema.ATTR_TRACE_ID])
                 except Exception:
                     self._ids[name] = schema.unescape_trace_id(name)

@@ -71,7 +71,7 @@ def _traces(reader: CacheReader, ids: Iterable[str] | None) -> list[CachedTrace]
 
 def _layers(trace: CachedTrace, name: str, n: int) -> list[int]:
     """Layer ids of the rows of an [L, T] array: `<prefix>_layers` attribute, else 0..n-1."""
-    raw = trace.attrs.get(f"{name.split('_', 1)[0]}_layers")
+    raw = trace.attrs.get(f"{name.split('_', 1)[0]}_layers", ())
     try:
         layers = [int(x) for x in (json.loads(raw) if isinstance(raw, str) else raw)]
     except (TypeError, ValueError):

@@ -13,7 +13,7 @@ modules, hooks and config are never changed. Caveat: models dispatched with acce
 import copy
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from jaxtyping import Int
@@ -142,7 +142,7 @@ def run_residual_hf(
         device=store_device,
         position_offset=position_offset,
     )
-    view = _plain_view(hf, attn_implementation)
+    view = cast("PreTrainedModel", _plain_view(hf, attn_implementation))  # a copy: hf's class
     param = next(hf.parameters())
     store.begin_chunk(int(ids.numel()))
     handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -230,7 +230,7 @@ def _plain_view(hf: nn.Module, attn_implementation: str) -> nn.Module:
     """
     from transformer_lens.model_bridge.generalized_components.base import GeneralizedComponent
 
-    old_config = hf.config
+    old_config = cast("PreTrainedModel", hf).config  # an HF causal LM (torch types it Tensor | Module)
     new_config = copy.deepcopy(old_config)
     new_config._attn_implementation = attn_implementation
     memo: dict[int, nn.Module] = {}
@@ -240,11 +240,11 @@ def _plain_view(hf: nn.Module, attn_implementation: str) -> nn.Module:
         if key in memo:  # shared submodules (e.g. tied) stay shared in the view
             return memo[key]
         inner = module
-        while (
-            isinstance(inner, GeneralizedComponent)
-            and inner._modules.get("_original_component") is not None
-        ):
-            inner = inner._modules["_original_component"]
+        while isinstance(inner, GeneralizedComponent):
+            original = inner._modules.get("_original_component")
+            if original is None:
+                break
+            inner = original
         if "forward" in inner.__dict__:
             raise CaptureError(
                 f"{type(inner).__name__} has an instance-level forward (accelerate dispatch or a "

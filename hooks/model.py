@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -163,9 +163,11 @@ class ArchInfo:
         positional = "rope" if rope else "learned"
         mlp = "plain" if family in _PLAIN_MLP_FAMILIES else "gated"
         dtype_name = dtype if isinstance(dtype, str) else _dtype_name(dtype)
-        caps = {k: (None if getattr(config, name, None) is None else float(getattr(config, name)))
-                for k, name in (("attn_softcap", "attn_logit_softcapping"),
-                                ("final_softcap", "final_logit_softcapping"))}
+
+        def softcap(name: str) -> float | None:
+            value = getattr(config, name, None)
+            return None if value is None else float(value)
+
         return cls(
             family=family,
             n_layers=int(n_layers),
@@ -181,7 +183,8 @@ class ArchInfo:
             mlp=mlp,
             dtype=dtype_name,
             norm_layout=_NORM_LAYOUTS.get(family, "pre"),
-            **caps,
+            attn_softcap=softcap("attn_logit_softcapping"),
+            final_softcap=softcap("final_logit_softcapping"),
         )
 
 
@@ -246,7 +249,8 @@ class LoadedModel:
     @property
     def hf_model(self) -> PreTrainedModel:
         """The wrapped Hugging Face model (the same object the bridge runs)."""
-        return self.bridge.original_model
+        # TransformerBridge types it `nn.Module`; the bridge is always built around an HF model
+        return cast("PreTrainedModel", self.bridge.original_model)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

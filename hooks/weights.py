@@ -159,7 +159,8 @@ class LayerView:
                 and self.mlp_in_norm is not None and self.mlp_in_norm.kind == "rms")
 
 
-def _hf(model: LoadedModel | nn.Module) -> nn.Module:
+def _hf(model: LoadedModel | nn.Module) -> Any:
+    """The HF causal LM, walked by attribute name (torch types `Module.x` as `Tensor | Module`)."""
     return model.hf_model if isinstance(model, LoadedModel) else model
 
 
@@ -168,7 +169,7 @@ def _family(hf: nn.Module) -> str:
     return str(getattr(config, "model_type", type(hf).__name__))
 
 
-def _norm(module: nn.Module, kind: str = "rms") -> Norm:
+def _norm(module: Any, kind: str = "rms") -> Norm:
     eps = getattr(module, "variance_epsilon", None)
     if eps is None:
         eps = getattr(module, "eps", None)
@@ -190,7 +191,7 @@ def _act_name(config: Any) -> str:
     return "silu"
 
 
-def _attn_common(attn: nn.Module, family: str) -> dict[str, Any]:
+def _attn_common(attn: Any, family: str) -> dict[str, Any]:
     o = attn.o_proj
     return {"attn": attn, "o_proj": o, "w_o": o.weight, "b_o": _bias(o),
             "attn_scale": float(attn.scaling),
@@ -199,12 +200,12 @@ def _attn_common(attn: nn.Module, family: str) -> dict[str, Any]:
             "qk_norm": hasattr(attn, "q_norm")}
 
 
-def _separate_qkv(attn: nn.Module) -> dict[str, Any]:
+def _separate_qkv(attn: Any) -> dict[str, Any]:
     return {"w_q": attn.q_proj.weight, "w_k": attn.k_proj.weight, "w_v": attn.v_proj.weight,
             "b_q": _bias(attn.q_proj), "b_k": _bias(attn.k_proj), "b_v": _bias(attn.v_proj)}
 
 
-def _gated(mlp: nn.Module) -> dict[str, Any]:
+def _gated(mlp: Any) -> dict[str, Any]:
     return {"mlp_in": {"gate": mlp.gate_proj.weight, "up": mlp.up_proj.weight},
             "mlp_in_bias": {"gate": _bias(mlp.gate_proj), "up": _bias(mlp.up_proj)},
             "w_down": mlp.down_proj.weight, "b_down": _bias(mlp.down_proj),
@@ -216,7 +217,7 @@ def _gated(mlp: nn.Module) -> dict[str, Any]:
 _ALL = slice(None)
 
 
-def _separate_outputs(attn: nn.Module, mlp: nn.Module) -> dict[str, tuple[nn.Module, slice]]:
+def _separate_outputs(attn: Any, mlp: Any) -> dict[str, tuple[nn.Module, slice]]:
     return {"v": (attn.v_proj, _ALL), "gate": (mlp.gate_proj, _ALL), "up": (mlp.up_proj, _ALL)}
 
 
@@ -318,7 +319,7 @@ _BLOCKS = {f.model_type: f.blocks for f in RECORDS}
 """Where each family's decoder layers are in the CausalLM."""
 
 
-def _blocks(hf: nn.Module, family: str) -> Any:
+def _blocks(hf: Any, family: str) -> Any:
     return functools.reduce(getattr, _BLOCKS[family].split("."), hf)
 
 

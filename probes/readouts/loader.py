@@ -176,7 +176,7 @@ class TraceArrays:
 
 
 def _layers(attrs: dict[str, Any], name: str, n: int) -> list[int]:
-    raw = attrs.get(f"{name.split('_', 1)[0]}_layers")
+    raw = attrs.get(f"{name.split('_', 1)[0]}_layers", ())
     try:
         layers = [int(x) for x in (json.loads(raw) if isinstance(raw, str) else raw)]
     except (TypeError, ValueError):

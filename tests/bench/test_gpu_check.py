@@ -12,6 +12,7 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.py"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the script runs")
 def test_skips_cleanly_without_cuda():
     res = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=300)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 from cache import SiteArray, float32_to_bf16_bits, open_cache, open_writer
 
@@ -156,6 +157,7 @@ def _value(v):
     return v.item() if isinstance(v, np.generic) else v
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(tmp_path):
     rng = random.Random(20240611)
     path = tmp_path / "crash.h5"

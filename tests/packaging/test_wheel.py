@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # builds the wheel and runs the demo from it in a subprocess
+
 ROOT = Path(__file__).resolve().parents[2]
 
 SHIPPED = (

@@ -69,7 +69,8 @@ def _read_compare_json(file: Path, path: Path, control: Path | None) -> dict[str
                           f"probes.run compare {path} --json` again")
     stored = (report.get("updates") or {}).get("control")
     if (stored is None) != (control is None) or (
-            stored is not None and Path(stored).resolve() != Path(control).resolve()):
+            stored is not None and control is not None
+            and Path(stored).resolve() != Path(control).resolve()):
         raise ProbesError(f"--compare-json {file} was made with control {stored!r}, the report is "
                           f"asked for {None if control is None else str(control)!r}; pass the same "
                           "--control")
@@ -111,7 +112,7 @@ def _identity(scan: _Scan, control: Path | None) -> list[Table]:
     m, arch = scan.meta, scan.meta.get("architecture", {})
     cfg, info = m.get("config", {}), m.get("info", {})
     lexicon_files = info.get("lexicon_files") or ["built-in"]
-    run = [
+    run: list[list[Any]] = [
         ["cache", f"{scan.path} ({human_size(scan.file_bytes)})"],
         ["model", m.get("model")],
         ["architecture", f"{arch.get('family')}, {arch.get('n_layers')} layers, d_model "

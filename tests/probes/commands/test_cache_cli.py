@@ -95,6 +95,7 @@ def test_progress_bar_on_stderr(few, tmp_path, capsys, monkeypatch):
     assert "2/2" in err and "tok/s" in err and "trace" in err
 
 
+@pytest.mark.slow
 def test_demo_writes_a_cache(tmp_path, capsys):
     assert main(["demo", "--limit", "3", "--device", "cpu", "--json", "--out", str(tmp_path)]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -110,6 +111,7 @@ def test_demo_writes_a_cache(tmp_path, capsys):
         assert len(reader) == 2
 
 
+@pytest.mark.slow
 def test_help_of_the_new_subcommands():
     for sub in (["cache"], ["inspect"]):
         res = subprocess.run([sys.executable, "-m", "probes.run", *sub, "--help"],
@@ -355,6 +357,7 @@ def _wait_for_growth(proc: subprocess.Popen, path: Path, timeout: float = 60) ->
     raise AssertionError("cache run wrote nothing")
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_equals_one_run(tmp_path):
     """SIGKILL the real CLI at seeded random moments of its writing period, resume, compare.
 

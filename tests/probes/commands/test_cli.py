@@ -11,6 +11,7 @@ import pytest
 from probes.run import main
 
 
+@pytest.mark.slow
 def test_demo_json_summary(capsys, tmp_path):
     assert main(["demo", "--limit", "30", "--device", "cpu", "--json", "--out", str(tmp_path)]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -34,6 +35,7 @@ def test_demo_json_summary(capsys, tmp_path):
     assert all(p.endswith(".png") and (tmp_path / "plots").is_dir() for p in summary["plots"])
 
 
+@pytest.mark.slow
 def test_demo_table(capsys):
     assert main(["demo", "--limit", "5", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
@@ -86,6 +88,7 @@ def test_user_errors_are_one_line_and_exit_2(argv, needle, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
 
 
+@pytest.mark.slow
 def test_module_entry_point_help():
     for sub in ([], ["demo"], ["categories"]):
         out = subprocess.run(

@@ -265,6 +265,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_file_size_limit_in_a_child_process_is_no_signal(traces, references, tmp_path):
     """The same with a hard limit in a child process (as `ulimit -f` in a shell): exit 2."""
     path, expected = references["cache"]
@@ -406,6 +407,7 @@ def test_sigint_once(command, traces, references, tmp_path, capsys, monkeypatch)
     assert snapshot(out) == expected
 
 
+@pytest.mark.slow
 def test_sigint_to_the_cli_process(traces, references, tmp_path):
     """Ctrl-C to a real `cache` process once it writes: one line, exit 130, store consistent."""
     expected = references["cache"][1]

@@ -117,6 +117,7 @@ def test_resume_equals_an_uninterrupted_run(questions, tmp_path, capsys):
     assert resumed.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_kill_9_loses_at_most_the_line_being_written(questions, tmp_path, capsys):
     out, reference = tmp_path / "killed.jsonl", tmp_path / "reference.jsonl"
     args = ["generate", "--model", "tiny-reasoner", "--device", "cpu", "--questions", str(questions),

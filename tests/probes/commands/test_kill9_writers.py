@@ -64,6 +64,7 @@ def _wait_for_commit(proc: subprocess.Popen, out: Path, timeout: float = 120) ->
     raise AssertionError("run committed nothing")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["lhat", "updates"])
 def test_kill_9_at_20_seeded_moments_then_resume_equals_one_run(command, tmp_path):
     traces = tmp_path / "traces.jsonl"

@@ -17,12 +17,12 @@ from probes.readouts.report.browser import CHROMIUM_ENV, Page, find_chromium
 from tests.probes.commands._report_run import small_run
 from tests.probes.commands.test_report_cli import main
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     find_chromium() is None,
     reason=(f"headless Chromium not found (install the distribution's `chromium` package, e.g. "
             f"`apt-get install chromium`, or set ${CHROMIUM_ENV}); the report's HTML structure is "
             "still checked without a browser in test_report_cli.py"),
-)
+)]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -58,6 +58,7 @@ def test_current_shard_reads_the_torchrun_environment():
         current_shard({"WORLD_SIZE": "two"})
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not TORCHRUN.exists(), reason=f"no torchrun next to {sys.executable}")
 @pytest.mark.parametrize(("n_traces", "batch_tokens"), [(3, "0"), (9, "250")])
 def test_two_ranks_write_one_store_equal_to_one_process(tmp_path, capsys, monkeypatch, n_traces,

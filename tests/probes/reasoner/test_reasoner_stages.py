@@ -154,6 +154,7 @@ def test_support_sets_are_nested_and_keep_question_and_answer():
     assert len({p.trajectory for p in four}) > 15  # mostly different trajectories
 
 
+@pytest.mark.slow
 def test_one_grpo_step_moves_the_policy_towards_rewarded_completions(tmp_path):
     trl = pytest.importorskip("trl", reason="TRL is the optional `train` extra (not in the test venv)")
     from datasets import Dataset
