@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from analyses.inference import NOT_TESTABLE
 from analyses.lhat_effects import DEFAULT_PAIRS
 from analyses.stats import PairedComparison, compare_paired
-from analyses.token_sets import TokenSets
+from analyses.token_sets import MATCHED_SETS, TokenSets
 
 __all__ = [
     "POOLED",
@@ -56,7 +57,7 @@ POOLED = "pooled"
 """Layer label of the pooled rows (per-token mean over layers)."""
 
 SET_NAMES = ("reflection", "delimiter", "ordinary", "paragraph_initial", "position_matched",
-             "shuffled_reflection", "shuffled_ordinary")
+             "shuffled_reflection", "shuffled_ordinary", *MATCHED_SETS)
 """The token sets aggregated per trace (see `analyses.lhat_effects.TokenSets.indices`)."""
 
 ALPHA = 0.05
@@ -126,8 +127,11 @@ def per_trace_layer_aggregates(
 
 def effect_direction(row: PairedComparison | Mapping[str, Any], alpha: float = ALPHA) -> str:
     """"more", "less" (A vs B, Holm-significant with the CI of the difference on one side of 0),
-    "n.s." or "n/a" (too few traces)."""
+    "n.s.", "not testable" (below the floor, `analyses.inference.MIN_TRACES`) or "n/a" (no test,
+    e.g. all differences 0)."""
     r = row.to_dict() if isinstance(row, PairedComparison) else dict(row)
+    if r.get("testable", True) is False:
+        return NOT_TESTABLE
     p = r["p_holm"]
     lo, hi = r["ci_median_diff"]
     if p is None or lo is None or hi is None or any(
@@ -341,14 +345,15 @@ def format_update_table(cmp: UpdateComparison, *, layers: str = "pooled",
 
     Returns:
         One line per row: metric, layer, comparison, n, median A, median B, median diff [95% CI],
-        Cliff's δ, Holm p, effect, and with a control its effect and whether it reproduces the
-        trained one.
+        Cliff's δ, Holm p, effect, and with a control its median difference (the random-init
+        baseline of the row), its effect and whether it reproduces the trained one. Below the floor
+        the diff column holds `n = k: too few traces for inference` and no CI or p.
     """
     has_ctrl = any(r.control is not None for r in cmp.rows)
     header = ["metric", "layer", "comparison", "n", "median A", "median B", "diff [95% CI]",
               "cliff δ", "p_holm", "effect"]
     if has_ctrl:
-        header += ["random-init", "reproduced"]
+        header += ["random-init diff", "random-init", "reproduced"]
     body = []
     for r in cmp.rows:
         c = r.comparison
@@ -360,8 +365,11 @@ def format_update_table(cmp: UpdateComparison, *, layers: str = "pooled",
         line = [r.metric, str(r.layer), f"{c.a} vs {c.b}", str(c.n_traces), _f(c.median_a),
                 _f(c.median_b), f"{_f(c.median_diff)} [{_f(lo)}, {_f(hi)}]",
                 _f(c.cliffs_delta, ".2f"), _f(c.p_holm, ".2g"), r.effect]
+        if not c.testable:
+            line[6:9] = [f"{_f(c.median_diff)} ({c.note})", "-", "-"]
         if has_ctrl:
-            line += [r.control_effect or "", {True: "yes", False: "no", None: ""}[
+            line += [_f(r.control.median_diff) if r.control is not None else "",
+                     r.control_effect or "", {True: "yes", False: "no", None: ""}[
                 r.reproduced_by_random_init] if r.effect in ("more", "less") else ""]
         body.append(line)
     widths = [max(len(x[i]) for x in [header, *body]) for i in range(len(header))]
@@ -384,7 +392,7 @@ def summary_rows(cmp: UpdateComparison) -> list[dict[str, Any]]:
         c = r.comparison
         out.append({"metric": r.metric, "layer": r.layer, "a": c.a, "b": c.b, "effect": r.effect,
                     "median_diff": c.median_diff, "ci": list(c.ci_median_diff),
-                    "cliffs_delta": c.cliffs_delta, "p_holm": c.p_holm,
+                    "cliffs_delta": c.cliffs_delta, "p_holm": c.p_holm, "n_traces": c.n_traces,
                     "reproduced_by_random_init": r.reproduced_by_random_init})
     return out
 
