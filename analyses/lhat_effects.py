@@ -56,9 +56,9 @@ from analyses.inference import MIN_TRACES, raw_values_text
 from analyses.stats import PairedComparison, compare_paired
 from analyses.token_sets import (
     _SET_NAMES,
-    MATCHED_SETS,
     _UNITS,
     DELIMITER,
+    MATCHED_SETS,
     ORDINARY,
     REFLECTION,
     Occurrence,
@@ -506,6 +506,7 @@ def category_comparison(
     n_boot: int = 2000,
     seed: int = 0,
     meta: Mapping[str, Any] | None = None,
+    ci_method: str = "BCa",
 ) -> ComparisonTable:
     """Compare categories, controls and phrases across traces (docs/methods.md#controls).
 
@@ -525,6 +526,7 @@ def category_comparison(
         n_boot: Bootstrap resamples per CI.
         seed: Base seed.
         meta: Labels stored in the table (e.g. `{"metric": "abs_delta", "unit": "phrase"}`).
+        ci_method: Interval method of `analyses.stats.compare_paired`.
 
     Returns:
         The `ComparisonTable`.
@@ -548,7 +550,7 @@ def category_comparison(
             if int(np.sum(~np.isnan(vals) & ~np.isnan(base))) >= min_phrase_traces:
                 all_pairs.append((name, phrase_baseline))
     rows = compare_paired({k: np.asarray(v, float) for k, v in per_trace.items()}, all_pairs,
-                          n_boot=n_boot, seed=seed) if all_pairs else []
+                          n_boot=n_boot, seed=seed, ci_method=ci_method) if all_pairs else []
     return ComparisonTable(rows=tuple(rows), meta=dict(meta or {}))
 
 

@@ -168,6 +168,8 @@ def _paired(a_name: str, b_name: str, a: np.ndarray, b: np.ndarray, *, n_boot: i
         p = float("nan")
 
     def ci(v, s):
+        if ci_method == "none":
+            return nan2
         if ci_method == "BCa":
             return bca_ci(v, n_boot=n_boot, seed=s)
         return bootstrap_ci(v, n_boot=n_boot, seed=s)
@@ -200,13 +202,14 @@ def compare_paired(
         seed: Base seed (each comparison derives its own).
         min_traces: The floor: a pair with fewer traces (both sets present) gets no CI, p-value
             or Holm entry, only its raw values (`analyses.inference`).
-        ci_method: "BCa" (`scipy.stats.bootstrap`, the default) or "percentile" (`bootstrap_ci`).
+        ci_method: "BCa" (`scipy.stats.bootstrap`, the default), "percentile" (`bootstrap_ci`)
+            or "none" (no intervals: the tests alone, e.g. for calibration runs).
 
     Returns:
         One `PairedComparison` per pair, with `p_holm` filled in (Holm over the testable rows).
     """
-    if ci_method not in ("BCa", "percentile"):
-        raise ValueError(f"ci_method must be 'BCa' or 'percentile', got {ci_method!r}.")
+    if ci_method not in ("BCa", "percentile", "none"):
+        raise ValueError(f"ci_method must be 'BCa', 'percentile' or 'none', got {ci_method!r}.")
     results = [
         _paired(a, b, np.asarray(per_trace[a], float), np.asarray(per_trace[b], float),
                 n_boot=n_boot, seed=seed + 10 * i, min_traces=min_traces, ci_method=ci_method)

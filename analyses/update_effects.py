@@ -212,7 +212,7 @@ class UpdateComparison:
 
 
 def _table(per_metric: Mapping[str, Mapping[str, np.ndarray]], pairs, n_boot: int, seed: int,
-           layer_ids: Sequence[int] | None = None):
+           layer_ids: Sequence[int] | None = None, ci_method: str = "BCa"):
     """compare_paired over metrics × layers × pairs with ONE Holm family."""
     flat: dict[str, np.ndarray] = {}
     flat_pairs: list[tuple[str, str]] = []
@@ -227,7 +227,8 @@ def _table(per_metric: Mapping[str, Mapping[str, np.ndarray]], pairs, n_boot: in
             for a, b in pairs:
                 flat_pairs.append((f"{metric}|{col}|{a}", f"{metric}|{col}|{b}"))
                 index.append((metric, layer, a, b))
-    results = compare_paired(flat, flat_pairs, n_boot=n_boot, seed=seed) if flat_pairs else []
+    results = (compare_paired(flat, flat_pairs, n_boot=n_boot, seed=seed, ci_method=ci_method)
+               if flat_pairs else [])
     out = {}
     for (metric, layer, a, b), r in zip(index, results, strict=True):
         out[(metric, layer, a, b)] = PairedComparison(**{**r.to_dict(), "a": a, "b": b})
@@ -254,6 +255,7 @@ def update_comparison(
     n_boot: int = 2000,
     seed: int = 0,
     meta: Mapping[str, Any] | None = None,
+    ci_method: str = "BCa",
 ) -> UpdateComparison:
     """Compare token sets on every metric, per layer and pooled, with the random-init control.
 
@@ -275,6 +277,7 @@ def update_comparison(
         n_boot: Bootstrap resamples per CI.
         seed: Base seed.
         meta: Extra labels for the table.
+        ci_method: Interval method of `analyses.stats.compare_paired` ("none": tests only).
 
     Returns:
         The `UpdateComparison`.
@@ -288,7 +291,7 @@ def update_comparison(
                 for m in values}
 
     trained = aggregate(values)
-    rows_t = _table(trained, pairs, n_boot, seed, layer_ids)
+    rows_t = _table(trained, pairs, n_boot, seed, layer_ids, ci_method)
     rows_c = None
     control = None
     if control_values is not None:
@@ -296,7 +299,7 @@ def update_comparison(
         if missing:
             raise ValueError(f"the random-init control has no {missing}.")
         control = aggregate(control_values)
-        rows_c = _table(control, pairs, n_boot, seed, layer_ids)
+        rows_c = _table(control, pairs, n_boot, seed, layer_ids, ci_method)
     rows = []
     for key, comp in rows_t.items():
         metric, layer, _, _ = key
