@@ -231,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
                        sizes=args.sizes, reps=args.reps, seed=args.seed,
                        metrics=args.metrics or [args.planted_metric])
             result["power"] = pw
-            print(f"power of '{pw['test']}' (Holm over the whole update table, α = {pw['alpha']}), "
+            fam = args.metrics or [args.planted_metric]
+            print(f"power of '{pw['test']}' (Holm over the update table of {', '.join(fam)}, "
+                  f"α = {pw['alpha']}), "
                   f"planted effect = {pw['effect_unit']}, {args.reps} runs per cell, "
                   f"{len(traces)} traces to draw from:")
             print("  n traces  effect  power   95% CI")
