@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from analyses.inference import MIN_TRACES, falls_beyond_noise, too_few
 from analyses.lhat_effects import _as_curve
 from analyses.stats import bootstrap_ci, cliffs_delta, compare_paired, holm
 
@@ -33,49 +34,69 @@ def _wilcoxon_one_sample(x: np.ndarray) -> float:
 
 
 def lhat_trend(
-    lhat_curves: Iterable[np.ndarray | Sequence[float]], *, n_boot: int = 2000, seed: int = 0
+    lhat_curves: Iterable[np.ndarray | Sequence[float]], *, n_boot: int = 2000, seed: int = 0,
+    tolerance: float = 0.01, relative: float = 0.02, min_traces: int = MIN_TRACES,
 ) -> dict[str, Any]:
     """Does L̂ fall along the trajectory? Per trace and across traces (RaML Fig. 3-style claim).
 
     Per trace: `lhat_0` (no trajectory), `lhat_T` (full), `change = lhat_T − lhat_0`, `falls`
-    (`lhat_T < lhat_0`) and `spearman`, the Spearman correlation of L̂_t with t (negative = falling;
+    (the drop exceeds the trace's noise floor, `analyses.inference.falls_beyond_noise`: at least
+    `tolerance` nats and `relative` of L̂_0), `falls_raw` (`lhat_T < lhat_0`),
+    `noise_floor`, and `spearman`, the Spearman correlation of L̂_t with t (negative = falling;
     NaN for constant or too short curves).
 
     Args:
         lhat_curves: One [T+1] curve per trace (lengths may differ).
         n_boot: Bootstrap resamples.
         seed: Seed.
+        tolerance: The stated minimum drop (nats) for a trace to count as falling.
+        relative: ... and the minimum as a share of the trace's L̂_0.
+        min_traces: The floor on inference: fewer traces give no CI and no p-value (`note`).
 
     Returns:
-        JSON-able dict: `per_trace` ({name: list}), `n_traces`, `share_falling` and its bootstrap
-        CI `share_falling_ci`, `median_change` with `median_change_ci`, `mean_change`,
-        `wilcoxon_p` (two-sided signed-rank test of the changes against 0), `median_spearman` with
-        `median_spearman_ci`, `share_negative_spearman`.
+        JSON-able dict: `per_trace` ({name: list}), `n_traces`, `share_falling` (beyond noise) and
+        its bootstrap CI `share_falling_ci`, `share_falling_raw`, `tolerance`, `median_change`
+        with `median_change_ci`, `mean_change`, `wilcoxon_p` (two-sided signed-rank test of the
+        changes against 0), `median_spearman` with `median_spearman_ci`,
+        `share_negative_spearman`, and `note` (too few traces, or "").
     """
     curves = [_as_curve(c) for c in lhat_curves]
     l0 = np.array([c[0] for c in curves], dtype=np.float64)
     lt = np.array([c[-1] for c in curves], dtype=np.float64)
     change = lt - l0
-    falls = (lt < l0).astype(np.float64)
+    beyond = [falls_beyond_noise(c, tolerance=tolerance, relative=relative) for c in curves]
+    falls = np.array([b for b, _ in beyond], dtype=np.float64)
+    falls_raw = (lt < l0).astype(np.float64)
     rho = np.array([_spearman(c) for c in curves], dtype=np.float64)
     ok_rho = rho[~np.isnan(rho)]
     nan2 = [float("nan"), float("nan")]
+    note = too_few(len(curves), min_traces)
+    if note is not None:
+        def ci(_v, _stat=None, _seed=0):
+            return nan2
+    else:
+        def ci(v, stat=np.median, s=0):
+            return list(bootstrap_ci(v, stat, n_boot=n_boot, seed=s)) if v.size else nan2
     return {
         "per_trace": {
             "lhat_0": l0.tolist(), "lhat_T": lt.tolist(), "change": change.tolist(),
-            "falls": falls.astype(bool).tolist(), "spearman": rho.tolist(),
+            "falls": falls.astype(bool).tolist(), "falls_raw": falls_raw.astype(bool).tolist(),
+            "noise_floor": [f for _, f in beyond], "spearman": rho.tolist(),
         },
         "n_traces": len(curves),
         "share_falling": float(falls.mean()) if falls.size else float("nan"),
-        "share_falling_ci": list(bootstrap_ci(falls, np.mean, n_boot=n_boot, seed=seed)),
+        "share_falling_ci": ci(falls, np.mean, seed),
+        "share_falling_raw": float(falls_raw.mean()) if falls_raw.size else float("nan"),
+        "tolerance": tolerance,
+        "relative_tolerance": relative,
         "median_change": float(np.median(change)) if change.size else float("nan"),
-        "median_change_ci": list(bootstrap_ci(change, n_boot=n_boot, seed=seed + 1)),
+        "median_change_ci": ci(change, np.median, seed + 1),
         "mean_change": float(change.mean()) if change.size else float("nan"),
-        "wilcoxon_p": _wilcoxon_one_sample(change),
+        "wilcoxon_p": float("nan") if note else _wilcoxon_one_sample(change),
         "median_spearman": float(np.median(ok_rho)) if ok_rho.size else float("nan"),
-        "median_spearman_ci": (list(bootstrap_ci(ok_rho, n_boot=n_boot, seed=seed + 2))
-                               if ok_rho.size else nan2),
+        "median_spearman_ci": ci(ok_rho, np.median, seed + 2),
         "share_negative_spearman": float(np.mean(ok_rho < 0)) if ok_rho.size else float("nan"),
+        "note": note or "",
     }
 
 

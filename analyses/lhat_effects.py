@@ -52,14 +52,17 @@ from typing import Any
 import numpy as np
 from scipy import signal
 
+from analyses.inference import MIN_TRACES, raw_values_text
 from analyses.stats import PairedComparison, compare_paired
 from analyses.token_sets import (
     _SET_NAMES,
     _UNITS,
     DELIMITER,
+    MATCHED_SETS,
     ORDINARY,
     REFLECTION,
     Occurrence,
+    TokenSets,
     _trajectory_length,
     token_sets,
 )
@@ -85,6 +88,16 @@ tokens (the shuffled set contains real reflection tokens, so a real effect leaks
 shuffled reflection against *all* shuffled-ordinary tokens (the mean of a few tokens against the
 mean of hundreds: with heavy-tailed |ΔL̂| the small set's mean is usually below the large set's,
 so the signed-rank test can reject without any effect)."""
+
+
+MATCHED_PAIRS: tuple[tuple[str, str], ...] = (
+    ("reflection", "matched_to_reflection"),
+    ("delimiter", "matched_to_delimiter"),
+    *DEFAULT_PAIRS[2:],
+)
+"""`compare`'s default: the category rows against their confound-matched ordinary controls
+(`analyses.matching`: same trace, position, corpus frequency, paragraph status) instead of all
+ordinary tokens; the controls and the null as in `DEFAULT_PAIRS` (the unmatched comparison)."""
 
 
 def _as_curve(lhat: np.ndarray | Sequence[float]) -> np.ndarray:
@@ -223,6 +236,7 @@ class TraceEffects:
     shuffled: np.ndarray
     shuffled_ordinary: np.ndarray
     raml_notebook: bool = False
+    sets: TokenSets | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -265,6 +279,16 @@ class TraceEffects:
             return tok[self.shuffled == REFLECTION]
         if name == "shuffled_ordinary":
             return tok[self.shuffled_ordinary]
+        if name in MATCHED_SETS:
+            # the control window of each matched occurrence, counted as the phrase would be
+            wins = self.sets.matched_windows(name) if self.sets is not None else []
+            if unit == "token":
+                return tok[self.sets.indices(name, "token")] if wins else tok[:0]
+            m = np.asarray([w[1] for w in wins], np.int64)
+            if unit == "first_token":
+                return tok[m]
+            ln = np.asarray([w[2] for w in wins], np.int64)
+            return _window_metrics(self.lhat, m, m + ln + (1 if self.raml_notebook else 0))[metric]
         if name in ("reflection", "delimiter"):
             code = REFLECTION if name == "reflection" else DELIMITER
             sel = [i for i, o in enumerate(self.occurrences) if o.category == code]
@@ -299,6 +323,8 @@ def token_effects(
     n_matched: int = 1,
     match_window: int | None = None,
     rng: np.random.Generator | int | None = None,
+    log_freq: np.ndarray | None = None,
+    matched: bool = False,
 ) -> TraceEffects:
     """Build one trace's effect table: per-token and per-phrase metrics plus the control sets.
 
@@ -323,6 +349,8 @@ def token_effects(
         n_matched: Position-matched controls per reflection occurrence.
         match_window: If set, sample the matched controls within ±window instead of nearest.
         rng: Generator (pass one shared generator over all traces) or seed; None: seed 0.
+        log_freq: float [T] log2 corpus frequency of the trajectory tokens (matching covariate).
+        matched: Add the confound-matched controls (`analyses.matching`).
 
     Returns:
         The `TraceEffects`.
@@ -338,6 +366,7 @@ def token_effects(
     sets = token_sets(
         category, phrase_id, is_first, traj_span=traj_span, occurrences=occurrences,
         paragraph_start=paragraph_start, n_matched=n_matched, match_window=match_window, rng=rng,
+        log_freq=log_freq, matched=matched,
     )
     return TraceEffects(
         lhat=curve,
@@ -350,6 +379,7 @@ def token_effects(
         shuffled=sets.shuffled,
         shuffled_ordinary=sets.shuffled_ordinary,
         raml_notebook=raml_notebook,
+        sets=sets,
     )
 
 
@@ -472,10 +502,11 @@ def category_comparison(
     pairs: Sequence[tuple[str, str]] = DEFAULT_PAIRS,
     phrases: bool = True,
     phrase_baseline: str = "ordinary",
-    min_phrase_traces: int = 5,
+    min_phrase_traces: int = MIN_TRACES,
     n_boot: int = 2000,
     seed: int = 0,
     meta: Mapping[str, Any] | None = None,
+    ci_method: str = "BCa",
 ) -> ComparisonTable:
     """Compare categories, controls and phrases across traces (docs/methods.md#controls).
 
@@ -495,6 +526,7 @@ def category_comparison(
         n_boot: Bootstrap resamples per CI.
         seed: Base seed.
         meta: Labels stored in the table (e.g. `{"metric": "abs_delta", "unit": "phrase"}`).
+        ci_method: Interval method of `analyses.stats.compare_paired`.
 
     Returns:
         The `ComparisonTable`.
@@ -518,7 +550,7 @@ def category_comparison(
             if int(np.sum(~np.isnan(vals) & ~np.isnan(base))) >= min_phrase_traces:
                 all_pairs.append((name, phrase_baseline))
     rows = compare_paired({k: np.asarray(v, float) for k, v in per_trace.items()}, all_pairs,
-                          n_boot=n_boot, seed=seed) if all_pairs else []
+                          n_boot=n_boot, seed=seed, ci_method=ci_method) if all_pairs else []
     return ComparisonTable(rows=tuple(rows), meta=dict(meta or {}))
 
 
@@ -540,7 +572,8 @@ def format_comparison_table(table: ComparisonTable | Sequence[PairedComparison])
     """Aligned text table of a `ComparisonTable`.
 
     Columns: comparison, n traces, median A [95% CI], median B [CI], median within-trace difference
-    [CI], Cliff's δ, Wilcoxon p, Holm-adjusted p.
+    [CI], Cliff's δ, Wilcoxon p, Holm-adjusted p. A row below the floor shows its medians without
+    CI or p, and a line under it with `n = k: too few traces for inference` and the raw values.
 
     Args:
         table: The table (or a list of `PairedComparison`).
@@ -551,12 +584,7 @@ def format_comparison_table(table: ComparisonTable | Sequence[PairedComparison])
     rows = table.rows if isinstance(table, ComparisonTable) else tuple(table)
     header = ["comparison", "n", "median A [CI]", "median B [CI]", "median diff [CI]",
               "cliff δ", "p", "p_holm"]
-    body = [
-        [f"{r.a} vs {r.b}", str(r.n_traces), _fmt_ci(r.median_a, r.ci_median_a),
-         _fmt_ci(r.median_b, r.ci_median_b), _fmt_ci(r.median_diff, r.ci_median_diff),
-         _fmt(r.cliffs_delta), _fmt_p(r.wilcoxon_p), _fmt_p(r.p_holm)]
-        for r in rows
-    ]
+    body = [_table_cells(r) for r in rows]
     widths = [max(len(line[c]) for line in [header, *body]) for c in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -567,6 +595,19 @@ def format_comparison_table(table: ComparisonTable | Sequence[PairedComparison])
     if isinstance(table, ComparisonTable) and table.meta:
         lines.append(", ".join(f"{k}={v}" for k, v in table.meta.items()))
     lines += [line(header), "  ".join("-" * w for w in widths)]
-    lines += [line(b) for b in body]
+    for r, b in zip(rows, body):
+        lines.append(line(b))
+        if not r.testable:
+            lines.append(f"    {r.note}: {raw_values_text(r.values_a, r.values_b)}")
     return "\n".join(lines)
+
+
+def _table_cells(r: PairedComparison) -> list[str]:
+    """One row of `format_comparison_table`; below the floor the medians only (no CI, no p)."""
+    if not r.testable:
+        return [f"{r.a} vs {r.b}", str(r.n_traces), _fmt(r.median_a), _fmt(r.median_b),
+                _fmt(r.median_diff), "-", "-", "-"]
+    return [f"{r.a} vs {r.b}", str(r.n_traces), _fmt_ci(r.median_a, r.ci_median_a),
+            _fmt_ci(r.median_b, r.ci_median_b), _fmt_ci(r.median_diff, r.ci_median_diff),
+            _fmt(r.cliffs_delta), _fmt_p(r.wilcoxon_p), _fmt_p(r.p_holm)]
 

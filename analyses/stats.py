@@ -2,7 +2,9 @@
 
 Tokens within a trace are not independent, so every comparison first aggregates per trace (e.g. the
 mean |ΔL̂| over a trace's reflection tokens) and then treats traces as the units: CIs resample
-traces, tests pair the two categories within each trace. Pure functions on numpy arrays; no I/O.
+traces, tests pair the two categories within each trace. Below `analyses.inference.MIN_TRACES`
+traces a comparison carries no CI or p-value, only n and its raw values. CIs are BCa
+(`scipy.stats.bootstrap`) by default. Pure functions on numpy arrays; no I/O.
 Entry point: `compare_paired`.
 """
 
@@ -13,6 +15,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import stats
+
+from analyses.inference import MIN_TRACES, bca_ci, too_few
 
 __all__ = [
     "PairedComparison",
@@ -103,6 +107,11 @@ class PairedComparison:
         cliffs_delta: Cliff's δ between the per-trace aggregates of A and B.
         wilcoxon_p: Two-sided Wilcoxon signed-rank p-value of the within-trace differences.
         p_holm: Holm-adjusted p-value (set by `compare_paired` over its comparisons).
+        testable: False below the floor (`analyses.inference.MIN_TRACES`): then every CI and
+            p-value is NaN (the row is outside the Holm family) and `note` says why.
+        note: `"n = 2: too few traces for inference"` for an untestable row, else "".
+        values_a, values_b: The per-trace values of an untestable row (the raw data shown in
+            place of the statistics); empty otherwise.
     """
 
     a: str
@@ -119,22 +128,24 @@ class PairedComparison:
     cliffs_delta: float
     wilcoxon_p: float
     p_holm: float = float("nan")
+    testable: bool = True
+    note: str = ""
+    values_a: tuple[float, ...] = ()
+    values_b: tuple[float, ...] = ()
 
     def to_dict(self) -> dict:
         """JSON-able form."""
         return asdict(self)
 
 
-def _paired(a_name: str, b_name: str, a: np.ndarray, b: np.ndarray, *, n_boot: int, seed: int):
+def _paired(a_name: str, b_name: str, a: np.ndarray, b: np.ndarray, *, n_boot: int, seed: int,
+            min_traces: int = MIN_TRACES, ci_method: str = "BCa"):
     both = ~(np.isnan(a) | np.isnan(b))
     a, b = a[both], b[both]
     diff = a - b
-    if diff.size >= 2 and np.any(diff != 0):
-        p = float(stats.wilcoxon(a, b, zero_method="wilcox", alternative="two-sided").pvalue)
-    else:
-        p = float("nan")
+    note = too_few(int(diff.size), min_traces)
     nan2 = (float("nan"), float("nan"))
-    return PairedComparison(
+    medians = dict(
         a=a_name,
         b=b_name,
         n_traces=int(diff.size),
@@ -142,11 +153,32 @@ def _paired(a_name: str, b_name: str, a: np.ndarray, b: np.ndarray, *, n_boot: i
         median_b=float(np.median(b)) if b.size else float("nan"),
         mean_a=float(np.mean(a)) if a.size else float("nan"),
         mean_b=float(np.mean(b)) if b.size else float("nan"),
-        ci_median_a=bootstrap_ci(a, n_boot=n_boot, seed=seed) if a.size else nan2,
-        ci_median_b=bootstrap_ci(b, n_boot=n_boot, seed=seed + 1) if b.size else nan2,
         median_diff=float(np.median(diff)) if diff.size else float("nan"),
-        ci_median_diff=bootstrap_ci(diff, n_boot=n_boot, seed=seed + 2) if diff.size else nan2,
         cliffs_delta=cliffs_delta(a, b),
+    )
+    if note is not None:
+        # below the floor: no interval, no test; the raw per-trace values instead
+        return PairedComparison(**medians, ci_median_a=nan2, ci_median_b=nan2, ci_median_diff=nan2,
+                                wilcoxon_p=float("nan"), testable=False, note=note,
+                                values_a=tuple(float(x) for x in a),
+                                values_b=tuple(float(x) for x in b))
+    if np.any(diff != 0):
+        p = float(stats.wilcoxon(a, b, zero_method="wilcox", alternative="two-sided").pvalue)
+    else:
+        p = float("nan")
+
+    def ci(v, s):
+        if ci_method == "none":
+            return nan2
+        if ci_method == "BCa":
+            return bca_ci(v, n_boot=n_boot, seed=s)
+        return bootstrap_ci(v, n_boot=n_boot, seed=s)
+
+    return PairedComparison(
+        **medians,
+        ci_median_a=ci(a, seed),
+        ci_median_b=ci(b, seed + 1),
+        ci_median_diff=ci(diff, seed + 2),
         wilcoxon_p=p,
     )
 
@@ -157,6 +189,8 @@ def compare_paired(
     *,
     n_boot: int = 2000,
     seed: int = 0,
+    min_traces: int = MIN_TRACES,
+    ci_method: str = "BCa",
 ) -> list[PairedComparison]:
     """Compare categories pairwise with traces as units, Holm-correcting over `pairs`.
 
@@ -166,13 +200,19 @@ def compare_paired(
         pairs: (A, B) comparisons to make.
         n_boot: Bootstrap resamples per CI.
         seed: Base seed (each comparison derives its own).
+        min_traces: The floor: a pair with fewer traces (both sets present) gets no CI, p-value
+            or Holm entry, only its raw values (`analyses.inference`).
+        ci_method: "BCa" (`scipy.stats.bootstrap`, the default), "percentile" (`bootstrap_ci`)
+            or "none" (no intervals: the tests alone, e.g. for calibration runs).
 
     Returns:
-        One `PairedComparison` per pair, with `p_holm` filled in.
+        One `PairedComparison` per pair, with `p_holm` filled in (Holm over the testable rows).
     """
+    if ci_method not in ("BCa", "percentile", "none"):
+        raise ValueError(f"ci_method must be 'BCa', 'percentile' or 'none', got {ci_method!r}.")
     results = [
         _paired(a, b, np.asarray(per_trace[a], float), np.asarray(per_trace[b], float),
-                n_boot=n_boot, seed=seed + 10 * i)
+                n_boot=n_boot, seed=seed + 10 * i, min_traces=min_traces, ci_method=ci_method)
         for i, (a, b) in enumerate(pairs)
     ]
     adjusted = holm([r.wilcoxon_p for r in results])

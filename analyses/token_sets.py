@@ -6,10 +6,12 @@ shuffled labels) that every per-token comparison uses.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+
+from analyses.matching import matched_windows
 
 CATEGORY_CODES: dict[str, int] = {
     "ordinary": 0,
@@ -38,9 +40,13 @@ RAML_NOTEBOOK_WORDS = (
 _UNITS = ("phrase", "first_token", "token")
 
 
+MATCHED_SETS = {"matched_to_reflection": REFLECTION, "matched_to_delimiter": DELIMITER}
+"""The confound-matched ordinary controls (`analyses.matching`) and the category each matches."""
+
+
 _SET_NAMES = (
     "reflection", "delimiter", "ordinary", "paragraph_initial", "position_matched",
-    "shuffled_reflection", "shuffled_ordinary",
+    "shuffled_reflection", "shuffled_ordinary", *MATCHED_SETS,
 )
 
 
@@ -278,6 +284,9 @@ class TokenSets:
         shuffled: [T] `labels` permuted within the trace.
         shuffled_ordinary: int64 [n] a random sample, as large as the shuffled reflection set, of
             the tokens whose shuffled label is ordinary.
+        matched: {"matched_to_reflection" | "matched_to_delimiter": int64 [n_occ of that
+            category]} start of each occurrence's matched ordinary window (`analyses.matching`;
+            the window has the occurrence's length; -1 none). Empty when not matched.
     """
 
     labels: np.ndarray
@@ -286,11 +295,20 @@ class TokenSets:
     position_matched: np.ndarray
     shuffled: np.ndarray
     shuffled_ordinary: np.ndarray
+    matched: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:
         """T, the number of trajectory tokens."""
         return int(self.labels.size)
+
+    def matched_windows(self, name: str) -> list[tuple[int, int, int]]:
+        """(occurrence start, control start, length) of each matched occurrence of a
+        `MATCHED_SETS` name (occurrences without a control are left out)."""
+        code = MATCHED_SETS[name]
+        occs = [o for o in self.occurrences if o.category == code]
+        starts = self.matched.get(name, np.full(len(occs), -1, np.int64))
+        return [(o.start, int(m), o.end - o.start) for o, m in zip(occs, starts) if m >= 0]
 
     def indices(self, name: str, unit: str = "token") -> np.ndarray:
         """Trajectory token indices of one set.
@@ -319,6 +337,11 @@ class TokenSets:
             return np.flatnonzero(self.shuffled == REFLECTION)
         if name == "shuffled_ordinary":
             return np.asarray(self.shuffled_ordinary, np.int64)
+        if name in MATCHED_SETS:
+            wins = self.matched_windows(name)
+            if unit == "first_token":
+                return np.unique(np.asarray([m for _, m, _ in wins], np.int64))
+            return np.unique(np.asarray([t for _, m, ln in wins for t in range(m, m + ln)], np.int64))
         if name in ("reflection", "delimiter"):
             code = REFLECTION if name == "reflection" else DELIMITER
             occs = [o for o in self.occurrences if o.category == code]
@@ -343,11 +366,18 @@ def token_sets(
     n_matched: int = 1,
     match_window: int | None = None,
     rng: np.random.Generator | int | None = None,
+    log_freq: np.ndarray | None = None,
+    matched: bool = False,
 ) -> TokenSets:
     """One trace's labels, occurrences and control sets (see `token_effects` for the arguments).
 
-    Draws from `rng` in a fixed order (position matching, label shuffle, null sample), so the same
-    generator state gives the same sets whichever metric they are used with.
+    Draws from `rng` in a fixed order (position matching, label shuffle, null sample, then the
+    confound-matched windows), so the same generator state gives the same sets whichever metric
+    they are used with.
+
+    `matched=True` adds the confound-matched controls (`TokenSets.matched`, `analyses.matching`):
+    matched on position and, when given, `log_freq` (float [T] log2 corpus frequency of each
+    trajectory token, `analyses.matching.corpus_log_frequency`) and `paragraph_start`.
 
     Returns:
         The `TokenSets`.
@@ -381,17 +411,28 @@ def token_sets(
         para = ps & (labels == ORDINARY)
 
     refl_starts = [o.start for o in occs if o.category == REFLECTION]
-    matched = position_matched_ordinary(refl_starts, labels == ORDINARY, rng, n_matched,
+    pos_matched = position_matched_ordinary(refl_starts, labels == ORDINARY, rng, n_matched,
                                         window=match_window)
     shuffled = shuffled_labels(labels, rng)
     pool = np.flatnonzero(shuffled == ORDINARY)
     size = min(int(np.sum(shuffled == REFLECTION)), pool.size)
     shuffled_ord = np.sort(rng.choice(pool, size=size, replace=False)) if size else pool[:0]
+    match: dict[str, np.ndarray] = {}
+    if matched:
+        if log_freq is not None and np.asarray(log_freq).size != n:
+            raise ValueError(f"log_freq has {np.asarray(log_freq).size} entries, the trajectory {n}.")
+        ps = None if paragraph_start is None else np.asarray(paragraph_start, dtype=bool)
+        for name, code in MATCHED_SETS.items():
+            occ = [o for o in occs if o.category == code]
+            match[name] = matched_windows([o.start for o in occ], [o.end - o.start for o in occ],
+                                          labels == ORDINARY, log_freq=log_freq,
+                                          paragraph_start=ps, rng=rng)
     return TokenSets(
         labels=labels,
         occurrences=tuple(occs),
         paragraph_initial=para,
-        position_matched=matched,
+        position_matched=pos_matched,
         shuffled=shuffled,
         shuffled_ordinary=shuffled_ord.astype(np.int64),
+        matched=match,
     )

@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from analyses.inference import NOT_TESTABLE
 from analyses.lhat_effects import DEFAULT_PAIRS
 from analyses.stats import PairedComparison, compare_paired
-from analyses.token_sets import TokenSets
+from analyses.token_sets import MATCHED_SETS, TokenSets
 
 __all__ = [
     "POOLED",
@@ -56,7 +57,7 @@ POOLED = "pooled"
 """Layer label of the pooled rows (per-token mean over layers)."""
 
 SET_NAMES = ("reflection", "delimiter", "ordinary", "paragraph_initial", "position_matched",
-             "shuffled_reflection", "shuffled_ordinary")
+             "shuffled_reflection", "shuffled_ordinary", *MATCHED_SETS)
 """The token sets aggregated per trace (see `analyses.lhat_effects.TokenSets.indices`)."""
 
 ALPHA = 0.05
@@ -126,8 +127,11 @@ def per_trace_layer_aggregates(
 
 def effect_direction(row: PairedComparison | Mapping[str, Any], alpha: float = ALPHA) -> str:
     """"more", "less" (A vs B, Holm-significant with the CI of the difference on one side of 0),
-    "n.s." or "n/a" (too few traces)."""
+    "n.s.", "not testable" (below the floor, `analyses.inference.MIN_TRACES`) or "n/a" (no test,
+    e.g. all differences 0)."""
     r = row.to_dict() if isinstance(row, PairedComparison) else dict(row)
+    if r.get("testable", True) is False:
+        return NOT_TESTABLE
     p = r["p_holm"]
     lo, hi = r["ci_median_diff"]
     if p is None or lo is None or hi is None or any(
@@ -208,7 +212,7 @@ class UpdateComparison:
 
 
 def _table(per_metric: Mapping[str, Mapping[str, np.ndarray]], pairs, n_boot: int, seed: int,
-           layer_ids: Sequence[int] | None = None):
+           layer_ids: Sequence[int] | None = None, ci_method: str = "BCa"):
     """compare_paired over metrics × layers × pairs with ONE Holm family."""
     flat: dict[str, np.ndarray] = {}
     flat_pairs: list[tuple[str, str]] = []
@@ -223,7 +227,8 @@ def _table(per_metric: Mapping[str, Mapping[str, np.ndarray]], pairs, n_boot: in
             for a, b in pairs:
                 flat_pairs.append((f"{metric}|{col}|{a}", f"{metric}|{col}|{b}"))
                 index.append((metric, layer, a, b))
-    results = compare_paired(flat, flat_pairs, n_boot=n_boot, seed=seed) if flat_pairs else []
+    results = (compare_paired(flat, flat_pairs, n_boot=n_boot, seed=seed, ci_method=ci_method)
+               if flat_pairs else [])
     out = {}
     for (metric, layer, a, b), r in zip(index, results, strict=True):
         out[(metric, layer, a, b)] = PairedComparison(**{**r.to_dict(), "a": a, "b": b})
@@ -250,6 +255,7 @@ def update_comparison(
     n_boot: int = 2000,
     seed: int = 0,
     meta: Mapping[str, Any] | None = None,
+    ci_method: str = "BCa",
 ) -> UpdateComparison:
     """Compare token sets on every metric, per layer and pooled, with the random-init control.
 
@@ -271,6 +277,7 @@ def update_comparison(
         n_boot: Bootstrap resamples per CI.
         seed: Base seed.
         meta: Extra labels for the table.
+        ci_method: Interval method of `analyses.stats.compare_paired` ("none": tests only).
 
     Returns:
         The `UpdateComparison`.
@@ -284,7 +291,7 @@ def update_comparison(
                 for m in values}
 
     trained = aggregate(values)
-    rows_t = _table(trained, pairs, n_boot, seed, layer_ids)
+    rows_t = _table(trained, pairs, n_boot, seed, layer_ids, ci_method)
     rows_c = None
     control = None
     if control_values is not None:
@@ -292,7 +299,7 @@ def update_comparison(
         if missing:
             raise ValueError(f"the random-init control has no {missing}.")
         control = aggregate(control_values)
-        rows_c = _table(control, pairs, n_boot, seed, layer_ids)
+        rows_c = _table(control, pairs, n_boot, seed, layer_ids, ci_method)
     rows = []
     for key, comp in rows_t.items():
         metric, layer, _, _ = key
@@ -341,14 +348,15 @@ def format_update_table(cmp: UpdateComparison, *, layers: str = "pooled",
 
     Returns:
         One line per row: metric, layer, comparison, n, median A, median B, median diff [95% CI],
-        Cliff's δ, Holm p, effect, and with a control its effect and whether it reproduces the
-        trained one.
+        Cliff's δ, Holm p, effect, and with a control its median difference (the random-init
+        baseline of the row), its effect and whether it reproduces the trained one. Below the floor
+        the diff column holds `n = k: too few traces for inference` and no CI or p.
     """
     has_ctrl = any(r.control is not None for r in cmp.rows)
     header = ["metric", "layer", "comparison", "n", "median A", "median B", "diff [95% CI]",
               "cliff δ", "p_holm", "effect"]
     if has_ctrl:
-        header += ["random-init", "reproduced"]
+        header += ["random-init diff", "random-init", "reproduced"]
     body = []
     for r in cmp.rows:
         c = r.comparison
@@ -360,8 +368,11 @@ def format_update_table(cmp: UpdateComparison, *, layers: str = "pooled",
         line = [r.metric, str(r.layer), f"{c.a} vs {c.b}", str(c.n_traces), _f(c.median_a),
                 _f(c.median_b), f"{_f(c.median_diff)} [{_f(lo)}, {_f(hi)}]",
                 _f(c.cliffs_delta, ".2f"), _f(c.p_holm, ".2g"), r.effect]
+        if not c.testable:
+            line[6:9] = [f"{_f(c.median_diff)} ({c.note})", "-", "-"]
         if has_ctrl:
-            line += [r.control_effect or "", {True: "yes", False: "no", None: ""}[
+            line += [_f(r.control.median_diff) if r.control is not None else "",
+                     r.control_effect or "", {True: "yes", False: "no", None: ""}[
                 r.reproduced_by_random_init] if r.effect in ("more", "less") else ""]
         body.append(line)
     widths = [max(len(x[i]) for x in [header, *body]) for i in range(len(header))]
@@ -384,7 +395,7 @@ def summary_rows(cmp: UpdateComparison) -> list[dict[str, Any]]:
         c = r.comparison
         out.append({"metric": r.metric, "layer": r.layer, "a": c.a, "b": c.b, "effect": r.effect,
                     "median_diff": c.median_diff, "ci": list(c.ci_median_diff),
-                    "cliffs_delta": c.cliffs_delta, "p_holm": c.p_holm,
+                    "cliffs_delta": c.cliffs_delta, "p_holm": c.p_holm, "n_traces": c.n_traces,
                     "reproduced_by_random_init": r.reproduced_by_random_init})
     return out
 

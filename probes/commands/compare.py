@@ -80,6 +80,9 @@ class CompareConfig:
         layers: Rows printed for the update comparison: "pooled" or "all" (the JSON always has
             every layer).
         fit: Fit ΔL̂_t on the per-token mechanistic features (traces with both L̂ and updates).
+        matched: Compare reflection / delimiter tokens with confound-matched ordinary windows
+            (`analyses.matching`: same trace, position, corpus frequency, paragraph status); False
+            (`--unmatched`): with all ordinary tokens.
     """
 
     metric: str = "abs_delta"
@@ -96,6 +99,7 @@ class CompareConfig:
     update_unit: str = "token"
     layers: str = "pooled"
     fit: bool = True
+    matched: bool = True
 
     def __post_init__(self) -> None:
         if self.update_unit not in ("token", "first_token"):
@@ -206,6 +210,8 @@ def _lhat_part(path: Path, cfg: CompareConfig) -> dict[str, Any]:
     """The L̂ comparison (`table`, `table_text`, `trend`, `repro`, `plots`, `versus`)."""
     from analyses.curves import lhat_trend
     from analyses.lhat_effects import (
+        DEFAULT_PAIRS,
+        MATCHED_PAIRS,
         category_comparison,
         format_comparison_table,
         per_trace_aggregates,
@@ -214,8 +220,10 @@ def _lhat_part(path: Path, cfg: CompareConfig) -> dict[str, Any]:
     )
     from analyses.repro import repro_scores
     from analyses.token_sets import RAML_NOTEBOOK_WORDS, Occurrence
+    from probes.readouts.matched import matching_summary, trajectory_log_frequency
 
     rows, names = load_curves(path)
+    log_freq = trajectory_log_frequency(path) if cfg.matched else {}
     rng = np.random.default_rng(cfg.seed)
     if cfg.raml_notebook:
         # the notebook's own matching (no-space word ids, up to </think>) and its window
@@ -233,16 +241,21 @@ def _lhat_part(path: Path, cfg: CompareConfig) -> dict[str, Any]:
                 if cfg.raml_notebook else None
             ),
             raml_notebook=cfg.raml_notebook, paragraph_start=r["paragraph_start"], rng=rng,
+            log_freq=log_freq.get(r["id"]), matched=cfg.matched,
         )
         for r in rows
     ]
+    matching = matching_summary([fx.sets for fx in effects], [log_freq.get(r["id"]) for r in rows],
+                                [r["paragraph_start"] for r in rows], matched=cfg.matched)
     per_trace = per_trace_aggregates(
         effects, cfg.metric, cfg.statistic, unit=cfg.unit, phrase_names=names
     )
     table = category_comparison(
-        per_trace, n_boot=cfg.n_boot, seed=cfg.seed,
+        per_trace, pairs=MATCHED_PAIRS if cfg.matched else DEFAULT_PAIRS, n_boot=cfg.n_boot,
+        seed=cfg.seed,
         meta={"metric": cfg.metric, "unit": cfg.unit, "statistic": cfg.statistic,
-              "raml_notebook": cfg.raml_notebook, "n_traces": len(rows)},
+              "raml_notebook": cfg.raml_notebook, "n_traces": len(rows),
+              "matched": cfg.matched},
     )
     trend = lhat_trend([r["lhat"] for r in rows])
     repro = []
@@ -259,6 +272,7 @@ def _lhat_part(path: Path, cfg: CompareConfig) -> dict[str, Any]:
         "n_traces": len(rows),
         "table": table.to_dict(),
         "table_text": format_comparison_table(table),
+        "matching": matching,
         "trend": trend,
         "repro": {
             "n_traces": len(repro),
@@ -329,18 +343,21 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"{report['n_traces']} traces from {report['cache']}"]
     if "table_text" in report:
         lines += _format_lhat(report)
+        lines.append(report["matching"]["text"])
     if "updates" in report:
         u = report["updates"]
         ctrl = f", random-init control {u['control']}" if u["control"] else ""
         lines.append(f"\nper-token implicit updates ({u['n_traces']} traces, {u['n_layers']} layers{ctrl}):")
         lines.append(u["table_text"])
         sig = [r for r in u["significant"] if r["layer"] != "pooled"]
+        lines.append(u["matching"]["text"])
         if sig:
             lines.append(f"significant per-layer effects ({len(sig)}; all rows in --json):")
             for r in sig[:40]:
                 rep = {True: ", reproduced by random-init", False: ", not in random-init",
                        None: ""}[r["reproduced_by_random_init"]]
-                lines.append(f"  {r['metric']} L{r['layer']}: {r['a']} {r['effect']} than {r['b']}, "
+                lines.append(f"  {r['metric']} L{r['layer']}: {r['a']} {r['effect']} than {r['b']} "
+                             f"(n = {r['n_traces']}), "
                              f"diff {r['median_diff']:.3g} [{r['ci'][0]:.3g}, {r['ci'][1]:.3g}], "
                              f"Cliff's delta {r['cliffs_delta']:.2f}{rep}")
     if "fit" in report:
@@ -354,11 +371,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def _format_lhat(report: dict[str, Any]) -> list[str]:
     t = report["trend"]
-    lines = [report["table_text"]]
-    lines.append("L̂ along the trajectory: " + ", ".join(
-        f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in t.items()
-        if not isinstance(v, (list, tuple, dict, np.ndarray))
-    ))
+    lines = [report["table_text"], _trend_line(t)]
     rp = report["repro"]
     if rp["median_final_score"] is not None:
         lines.append(f"RePro final score (median over {rp['n_traces']} traces): "
@@ -367,10 +380,28 @@ def _format_lhat(report: dict[str, Any]) -> list[str]:
         vs = report["versus"]
         lines.append(f"versus {vs['versus']} ({vs['n_pairs']} paired traces):")
         for name, m in vs["metrics"].items():
+            if not m.get("testable", True):
+                lines.append(f"  {name:<10} median {m['median_a']:.3g} vs {m['median_b']:.3g}, "
+                             f"diff {m['median_diff']:.3g} ({m['note']})")
+                continue
             lines.append(f"  {name:<10} median {m['median_a']:.3g} vs {m['median_b']:.3g}, "
                          f"diff {m['median_diff']:.3g}, Cliff's delta {m['cliffs_delta']:.2f}, "
                          f"p_holm {m['p_holm']:.2g}")
     return lines
+
+
+def _trend_line(t: dict[str, Any]) -> str:
+    """"L̂ falls ..." with its n and noise floor; no CI or p below the floor on inference."""
+    head = (f"L̂ along the trajectory (n = {t['n_traces']} traces): falls beyond its noise floor "
+            f"(≥ {t['tolerance']:.3g} nats and {t['relative_tolerance']:.0%} of L̂_0) in "
+            f"{t['share_falling']:.0%} of traces ({t['share_falling_raw']:.0%} with any drop), "
+            f"median change {t['median_change']:.3g} nats")
+    if t.get("note"):
+        return f"{head}; {t['note']}: changes {[round(x, 4) for x in t['per_trace']['change']]}"
+    lo, hi = t["share_falling_ci"]
+    clo, chi = t["median_change_ci"]
+    return (f"{head} [95% CI {clo:.3g}, {chi:.3g}], share falling CI [{lo:.0%}, {hi:.0%}], "
+            f"Wilcoxon p {t['wilcoxon_p']:.2g}, median Spearman {t['median_spearman']:.3g}")
 
 
 def add_parser(sub: Any) -> None:
@@ -417,6 +448,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--layers", default=LAYER_VIEWS[0], choices=LAYER_VIEWS,
                    help="update rows printed: pooled over layers or every layer "
                         "(--json always has all)")
+    p.add_argument("--unmatched", action="store_true",
+                   help="compare reflection / delimiter tokens with ALL ordinary tokens instead of "
+                        "ordinary windows matched on position, frequency and paragraph status")
     p.add_argument("--no-fit", action="store_true",
                    help="skip the regression of dL-hat on the mechanistic features")
     flags.report_flags(p)
@@ -434,7 +468,8 @@ def run(args: argparse.Namespace) -> int:
                         plots=args.plots, versus=args.versus, control=args.control,
                         update_metrics=(tuple(args.update_metrics) if args.update_metrics
                                         else None),
-                        update_unit=args.update_unit, layers=args.layers, fit=not args.no_fit)
+                        update_unit=args.update_unit, layers=args.layers, fit=not args.no_fit,
+                        matched=not args.unmatched)
     with Stages(total=1, desc=NAME, enabled=progress_on(args.quiet)) as stages, \
             stages.working("statistics from the cache"):
         report = compare_cache(args.path, cfg)

@@ -113,8 +113,40 @@ def run_demo(*, out: Path | None = None, limit: int | None = None, device: str =
     return summary
 
 
+def _headline_lines(lh: dict, rv: dict) -> list[str]:
+    """The L̂ and reflection headline lines: n always; CI and p only above the floor on inference
+    (`analyses.inference.MIN_TRACES`), else the finding is "not testable at this n"."""
+    if lh["wilcoxon_p"] is None:
+        stats = (f"median change {_num(lh['median_change'], '.3g')} nats; n = {lh['n_traces']}: too "
+                 "few traces for inference")
+    else:
+        lo, hi = lh["median_change_ci"]
+        stats = (f"median change {_num(lh['median_change'], '.3g')} [95% CI {_num(lo, '.3g')}, "
+                 f"{_num(hi, '.3g')}] nats (Wilcoxon p {_num(lh['wilcoxon_p'], '.2g')})")
+    lines = [
+        f"L̂ (answer NLL after each trajectory prefix, n = {lh['n_traces']} traces): falls beyond "
+        f"its noise floor in {_num(lh['share_falling'], '.0%')} of traces, {stats}; fast = "
+        f"per-prefix re-run within {_num(lh['naive_max_abs_diff'], '.1e')} nats"
+    ]
+    head = (f"reflections vs matched ordinary tokens ({rv['metric']}, n = {rv['n_traces']} traces): "
+            f"{_num(rv['median_reflection'], '.3g')} vs {_num(rv['median_ordinary'], '.3g')}, "
+            f"difference {_num(rv['median_diff'], '.3g')}")
+    verdict = rv["reflections_move_lhat"]
+    if verdict.startswith(("not testable", "not measurable")):
+        lines.append(f"{head}: {verdict}")
+    else:
+        lo, hi = rv["median_diff_ci"]
+        lines.append(f"{head} [95% CI {_num(lo, '.3g')}, {_num(hi, '.3g')}], Cliff's delta "
+                     f"{_num(rv['cliffs_delta'], '.2f')}, Holm p {_num(rv['p_holm'], '.2g')}: "
+                     f"reflections move L̂ {verdict} than ordinary tokens (calibration and power: "
+                     "docs/statistics.md)")
+    return lines
+
+
 def _verdict(row: dict) -> str:
     lo, hi = row["ci_median_diff"]
+    if row.get("testable") is False:
+        return f"not testable at this n ({row['note']})"
     if row["p_holm"] is None or lo is None or hi is None:
         return "not measurable (too few traces with reflections)"
     significant = row["p_holm"] < 0.05
@@ -148,7 +180,7 @@ def _cache_and_lhat(loaded, folder: Path, *, limit: int | None, keep: bool) -> d
         write_text(folder / "compare.json", json.dumps(report, ensure_ascii=False) + "\n")
     trend = report["trend"]
     rows = {(r["a"], r["b"]): r for r in report["table"]["rows"]}
-    refl = rows[("reflection", "ordinary")]
+    refl = rows[("reflection", "matched_to_reflection")]  # compare's default: confound-matched
     part: dict = {
         "lhat": {
             "n_traces": lhat.n_written,
@@ -162,7 +194,8 @@ def _cache_and_lhat(loaded, folder: Path, *, limit: int | None, keep: bool) -> d
             "wilcoxon_p": trend["wilcoxon_p"],
         },
         "reflection_vs_ordinary": {
-            "metric": "mean |dL| per trace (a phrase counts as a whole)",
+            "metric": "mean |dL| per trace (a phrase counts as a whole), against ordinary windows "
+                      "matched on position, frequency and paragraph status",
             "n_traces": refl["n_traces"],
             "median_reflection": refl["median_a"],
             "median_ordinary": refl["median_b"],
@@ -194,9 +227,10 @@ HEADLINE_METRICS = ("upd_sigma_gate", "upd_loo", "upd_contrib", "upd_mass", "upd
                     "upd_align_cos")
 """Update metrics whose pooled rows the demo reports."""
 
-HEADLINE_PAIRS = (("reflection", "ordinary"), ("reflection", "position_matched"),
-                  ("delimiter", "ordinary"))
-"""The comparisons the demo reports (position-matched ordinary tokens: the control for position)."""
+HEADLINE_PAIRS = (("reflection", "matched_to_reflection"), ("reflection", "position_matched"),
+                  ("delimiter", "matched_to_delimiter"))
+"""The comparisons the demo reports (against the confound-matched ordinary windows, the default of
+`compare`; position-matched ordinary tokens: the older control for position alone)."""
 
 
 def _updates_summary(report: dict, seconds: float, seconds_control: float,
@@ -306,23 +340,7 @@ def format_summary(s: dict) -> str:
             f"inspect it with `python -m probes.run inspect {c['path']}`)"
         )
     lh, rv = s["lhat"], s["reflection_vs_ordinary"]
-    lo, hi = lh["median_change_ci"]
-    lines.append(
-        f"L̂ (answer NLL after each trajectory prefix, {lh['n_traces']} traces): falls along the "
-        f"trajectory in {_num(lh['share_falling'], '.0%')} of traces, median change "
-        f"{_num(lh['median_change'], '.3g')} [95% CI {_num(lo, '.3g')}, {_num(hi, '.3g')}] nats "
-        f"(Wilcoxon p {_num(lh['wilcoxon_p'], '.2g')}); fast = per-prefix re-run within "
-        f"{_num(lh['naive_max_abs_diff'], '.1e')} nats"
-    )
-    lo, hi = rv["median_diff_ci"]
-    lines.append(
-        f"reflections vs ordinary tokens ({rv['metric']}, {rv['n_traces']} traces): "
-        f"{_num(rv['median_reflection'], '.3g')} vs {_num(rv['median_ordinary'], '.3g')}, "
-        f"difference {_num(rv['median_diff'], '.3g')} [95% CI {_num(lo, '.3g')}, {_num(hi, '.3g')}], "
-        f"Cliff's delta {_num(rv['cliffs_delta'], '.2f')}, Holm p {_num(rv['p_holm'], '.2g')}: "
-        + (rv["reflections_move_lhat"] if rv["reflections_move_lhat"].startswith("not measurable")
-           else f"reflections move L̂ {rv['reflections_move_lhat']} than ordinary tokens")
-    )
+    lines += _headline_lines(lh, rv)
     lines += _format_updates(s["implicit_updates"])
     if s["plots"]:
         lines.append(f"plots: {', '.join(s['plots'])}")

@@ -163,16 +163,24 @@ def _updates_part(path: Path, cfg: CompareConfig):
             raise ProbesError(f"--control {cfg.control} and {path} were measured with different "
                               f"--answer-rows ({sorted(modes)}); run both `updates` with the same "
                               "--answer-rows")
+    from analyses.lhat_effects import DEFAULT_PAIRS, MATCHED_PAIRS
+    from probes.readouts.matched import matching_summary, trajectory_log_frequency
+
     rng = np.random.default_rng(cfg.seed)
+    log_freq = trajectory_log_frequency(path) if cfg.matched else {}
     sets = [
         token_sets(r["category"], r["phrase_id"], r["is_first"], traj_span=r["traj_span"],
-                   paragraph_start=r["paragraph_start"], rng=rng)
+                   paragraph_start=r["paragraph_start"], rng=rng,
+                   log_freq=log_freq.get(r["id"]), matched=cfg.matched)
         for r in rows
     ]
+    matching = matching_summary(sets, [log_freq.get(r["id"]) for r in rows],
+                                [r["paragraph_start"] for r in rows], matched=cfg.matched)
     cmp = update_comparison(
         {m: [r["upd"][m] for r in rows] for m in metrics}, sets,
         control_values=(None if control_rows is None else
                         {m: [r["upd"][m] for r in control_rows] for m in metrics}),
+        pairs=MATCHED_PAIRS if cfg.matched else DEFAULT_PAIRS,
         statistic=cfg.statistic, unit=cfg.update_unit,
         signed=[m for m in metrics if m in SIGNED_UPDATES], layer_ids=layer_ids,
         n_boot=cfg.n_boot, seed=cfg.seed,
@@ -187,6 +195,7 @@ def _updates_part(path: Path, cfg: CompareConfig):
         "control": None if cfg.control is None else str(cfg.control),
         "comparison": cmp.to_dict(),
         "significant": summary_rows(cmp),
+        "matching": matching,
         "table_text": format_update_table(cmp, layers=cfg.layers),
         "_cmp": cmp,
     }

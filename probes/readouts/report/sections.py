@@ -155,12 +155,13 @@ def headline_lines(scan_counts: dict[str, Any], compare: dict[str, Any] | None) 
         lines.append(f"L̂ falls along the trajectory in {fmt(t.get('share_falling'), '.0%')} of traces "
                      f"(median change {fmt(t.get('median_change'))} nats)")
         row = next((r for r in compare["table"]["rows"]
-                    if (r["a"], r["b"]) == ("reflection", "ordinary")), None)
+                    if (r["a"], r["b"]) in (("reflection", "matched_to_reflection"),
+                                            ("reflection", "ordinary"))), None)
         if row is not None:
             meta = compare["table"]["meta"]
             metric = _METRIC_NAMES.get(meta.get("metric"), meta.get("metric"))
             lo, hi = row["ci_median_diff"]
-            lines.append(f"reflection vs ordinary tokens, per-trace {meta.get('statistic')} {metric} "
+            lines.append(f"{row['a']} vs {row['b']} tokens, per-trace {meta.get('statistic')} {metric} "
                          f"({row['n_traces']} traces): difference "
                          f"{fmt(row['median_diff'])} [{fmt(lo)}, {fmt(hi)}], Holm p "
                          f"{fmt(row['p_holm'], '.2g')}")
@@ -183,7 +184,8 @@ def _update_headline(u: dict[str, Any]) -> list[str]:
     ctrl = f", {rep} of them reproduced by the random-init model" if u.get("control") else ""
     lines = [f"implicit updates: {len(sig)} of {len(rows)} comparisons significant after Holm{ctrl}; "
              f"shuffled-label null significant in {sum(r in sig for r in null)} of {len(null)}"]
-    pooled = [r for r in sig if r["layer"] == "pooled" and (r["a"], r["b"]) == ("reflection", "ordinary")]
+    pooled = [r for r in sig if r["layer"] == "pooled" and (r["a"], r["b"]) in (
+        ("reflection", "matched_to_reflection"), ("reflection", "ordinary"))]
     strong = sorted(pooled, key=lambda r: -abs(r["cliffs_delta"] or 0))[:2]
     for r in strong:
         tail = ("" if r.get("reproduced_by_random_init") is None else

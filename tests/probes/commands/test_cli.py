@@ -32,6 +32,7 @@ def test_demo_json_summary(capsys, tmp_path):
     lo, hi = rv["median_diff_ci"]
     assert lo <= rv["median_diff"] <= hi
     assert rv["reflections_move_lhat"] in ("more", "less", "not distinguishably more or less")
+    assert rv["n_traces"] >= 8
     assert all(p.endswith(".png") and (tmp_path / "plots").is_dir() for p in summary["plots"])
 
 
@@ -40,7 +41,9 @@ def test_demo_table(capsys):
     assert main(["demo", "--limit", "5", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "greedy answer accuracy" in out and "tokens per category" in out
-    assert "falls along the trajectory" in out and "reflections vs ordinary tokens" in out
+    assert "falls beyond its noise floor" in out and "reflections vs matched ordinary tokens" in out
+    # five traces: below the floor on inference, so no interval and no p-value
+    assert "n = 5: too few traces for inference" in out and "Wilcoxon p" not in out
 
 
 def test_categories_json_on_the_samples(capsys):

@@ -63,7 +63,7 @@ def test_table_with_random_init_control(caches, capsys):
             assert r["p_holm"] < 0.05
     # the trained and control tables are different numbers on the same token sets
     r = next(r for r in rows if r["metric"] == "upd_sigma_gate" and r["layer"] == "pooled"
-             and r["a"] == "reflection" and r["b"] == "ordinary")
+             and r["a"] == "reflection" and r["b"] == "matched_to_reflection")
     assert r["n_traces"] == r["control"]["n_traces"]
     assert r["median_a"] != r["control"]["median_a"]
     # pooled sigma of a trace = mean over layers, aggregated: check one value by hand

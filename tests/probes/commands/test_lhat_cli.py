@@ -60,7 +60,7 @@ def test_lhat_falls_and_reflections_move_it(lhat_cache, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["n_traces"] == 24
     rows = {(r["a"], r["b"]): r for r in report["table"]["rows"]}
-    refl = rows[("reflection", "ordinary")]
+    refl = rows[("reflection", "matched_to_reflection")]
     assert refl["n_traces"] >= 5
     assert 0 <= refl["p_holm"] <= 1
     assert report["trend"]["share_falling"] >= 0.9  # the answer gets certain along the trajectory
