@@ -6,7 +6,7 @@ tokens for each `--lengths` T, and measures in one process, per T (median of `--
 
 * `plain`: the same chunked forward through the KV cache that the capture runs, without hooks
   (`probes.measures.capture.activations.forward_plain`, same tokens, same chunk size, same backend);
-* `cache`: the whole `probes.commands.cache.cache_traces` call on that trace into a fresh HDF5 file
+* `cache`: the whole `probes.pipeline.capture.cache_traces` call on that trace into a fresh HDF5 file
   (reading, tokenizing, labelling, capture, stacking, writing and flushing all included);
 * `ratio` = cache / plain (goal <= 1.3), with the outputs held in RAM and (`spooled`) written
   through a temporary file (`max_ram_mib=0`), and the write speed inside the HDF5 writer (MB/s,
@@ -53,11 +53,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from hooks.model import LoadedModel
-from probes.commands.cache import CacheConfig, cache_traces
 from probes.measures.capture.activations import forward_plain
 from probes.measures.capture.batching import BATCH_TOKENS
 from probes.models.load import boot_model
 from probes.models.tiny import byte_tokenizer as _byte_tokenizer
+from probes.pipeline.capture import CacheConfig, cache_traces
 from probes.traces.read import read_traces
 from probes.traces.tokenize import tokenize_traces
 
@@ -217,7 +217,7 @@ def time_samples(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     * `cache_one_s`: `cache_traces` with `batch_tokens=0` (one forward and one commit per trace).
     """
     from hooks.hf_fast import plain_view
-    from probes.commands.demo import SAMPLE_TRACES
+    from probes.demo.run import SAMPLE_TRACES
     from probes.measures.capture.activations import resolve_cache_sites, selection
     from probes.measures.capture.batching import forwards, plan_batches, row_bytes
     from probes.models.load import load_model

@@ -104,9 +104,9 @@ def _model(shape: dict[str, int], layers: int, n_ctx: int, device: str, dtype: s
 def _commands(loaded, traces: Path, work: Path, tag: str, lhat_points: int | None = None
               ) -> dict[str, Any]:
     """cache, lhat, updates end to end; returns {command: (seconds, peak extra bytes, out path)}."""
-    from probes.commands.cache import CacheConfig, cache_traces
-    from probes.commands.lhat import LhatConfig, lhat_traces
-    from probes.commands.updates import UpdatesConfig, updates_traces
+    from probes.pipeline.capture import CacheConfig, cache_traces
+    from probes.pipeline.lhat import LhatConfig, lhat_traces
+    from probes.pipeline.updates import UpdatesConfig, updates_traces
 
     runs = {
         "cache": lambda out: cache_traces(loaded, traces, out, CacheConfig(dtype="float32"),

@@ -10,12 +10,12 @@ what the part holds beyond the model and the inputs. Parts:
 
 * `forward`: the plain forward of the whole sequence (the HF model with sdpa, no grad, no hooks,
   no logits; `probes.measures.capture.activations.forward_plain` in one chunk): the baseline;
-* `cache`: the whole `cache` command on the trace (`probes.commands.cache.cache_traces`: default
+* `cache`: the whole `cache` command on the trace (`probes.pipeline.capture.cache_traces`: default
   sites, float16, chunks of 512, HDF5 written), outputs O(T·d·L) included;
 * `lhat`: `probes.measures.lhat.fast.lhat_fast` (the `lhat` command's per-trace computation: chunked
   prefill + packed suffixes) at `--lhat-points` truncation points evenly spread over 0..T (the
   command evaluates all T + 1; its memory does not depend on how many, its time grows with them);
-* `updates`: the whole `updates` command on the trace (`probes.commands.updates.updates_traces`,
+* `updates`: the whole `updates` command on the trace (`probes.pipeline.updates.updates_traces`,
   default `--answer-rows first`, the linear-memory pass: `probes.measures.updates.sdpa_pass`);
 * `updates-eager` (T ≤ `--eager-max`): the reference eager pass (`trace_update_arrays(...,
   attention="eager")`), for contrast.
@@ -134,11 +134,11 @@ def run_point(args: argparse.Namespace, part: str, n: int) -> dict[str, Any]:
     """One (part, T) point in this process: warm-up at 64 tokens, then one measured run."""
     from cache_bench import write_traces
 
-    from probes.commands.cache import CacheConfig, cache_traces
-    from probes.commands.updates import UpdatesConfig, updates_traces
     from probes.measures.capture.activations import forward_plain
     from probes.measures.lhat.fast import lhat_fast
     from probes.measures.updates.shared_pass import RunConstants, trace_update_arrays
+    from probes.pipeline.capture import CacheConfig, cache_traces
+    from probes.pipeline.updates import UpdatesConfig, updates_traces
     from probes.traces.read import read_traces
     from probes.traces.tokenize import tokenize_traces
 

@@ -13,7 +13,6 @@ from cache._store import (
     check_segments_folder,
     describe_os_error,
     fix_hint,
-    remove_cache,
     segments_dir,
     store_bytes,
     store_exists,
@@ -33,7 +32,14 @@ from cache.errors import (
 )
 from cache.reader import CachedTrace, CacheReader, LazyArray, SiteInfo, open_cache, summarize
 from cache.schema import SCHEMA_VERSION
-from cache.writer import CacheWriter, SiteArray, check_unlocked, open_writer, try_lock
+from cache.writer import (
+    CacheWriter,
+    SiteArray,
+    check_unlocked,
+    open_writer,
+    remove_cache,
+    try_lock,
+)
 
 __all__ = [
     "SCHEMA_VERSION",

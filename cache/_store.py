@@ -556,20 +556,6 @@ def remove_store(path: Path) -> None:
     shutil.rmtree(segments_dir(path), ignore_errors=True)
 
 
-def remove_cache(path: str | os.PathLike[str]) -> None:
-    """Delete the cache at `path`: its file and its segments folder (nothing if absent).
-
-    Raises:
-        CacheLockedError: A writer has it open.
-    """
-    from cache.writer import check_unlocked
-
-    path = Path(path)
-    check_unlocked(path)
-    remove_store(path)
-    path.unlink(missing_ok=True)
-
-
 def read_json_attr(root: Root, key: str) -> Any:
     """A JSON root attribute of `root`, decoded."""
     return json.loads(_h5.as_str(root.attrs[key]))

@@ -771,3 +771,15 @@ class CacheWriter:
                 + "; ".join(problems) + "); every trace of a cache has the same sites, dtypes, "
                 "shapes and layers: write to another file (--out other.h5) or use the same sites"
             )
+
+
+def remove_cache(path: str | os.PathLike[str]) -> None:
+    """Delete the cache at `path`: its file and its segments folder (nothing if absent).
+
+    Raises:
+        CacheLockedError: A writer has it open.
+    """
+    path = Path(path)
+    check_unlocked(path)
+    _store.remove_store(path)
+    path.unlink(missing_ok=True)

@@ -162,7 +162,7 @@ def run_lhat(model: str | LoadedModel, traces: str | os.PathLike[str] | Iterable
              **settings: Any) -> list[TraceArrays]:
     """`lhat` over a dataset into the cache `out` (resumable, the command's write loop); returns
     the stored curves. `settings` are `LhatConfig` fields (chunk_size, limit, scaffold, ...)."""
-    from probes.commands.lhat import LhatConfig, lhat_traces
+    from probes.pipeline.lhat import LhatConfig, lhat_traces
 
     out = Path(out)
     model_arg: Any = model
@@ -177,7 +177,7 @@ def run_updates(model: str | LoadedModel, traces: str | os.PathLike[str] | Itera
     """`updates` over a dataset into the cache `out`; returns the stored M1–M7 arrays.
     `settings` are `UpdatesConfig` fields."""
     from probes.arrays import UPDATES, names
-    from probes.commands.updates import UpdatesConfig, updates_traces
+    from probes.pipeline.updates import UpdatesConfig, updates_traces
 
     out = Path(out)
     updates_traces(model, _traces_file(traces, out), out, UpdatesConfig(**settings),

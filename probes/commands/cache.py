@@ -1,229 +1,31 @@
-"""`python -m probes.run cache`: capture the activations of every trace into an HDF5 cache.
+"""`trajectory-probes cache`: its flags, its run and its printed summary.
 
-Per trace: tokenize (prompt / trajectory / scaffold / answer spans), label every token, capture the
-configured sites in chunks through the KV cache (`probes.measures.capture.activations.capture_trace`) and
-commit one trace group through the write loop (`probes.pipeline.loop`), whose rules (resume,
-identity, duplicate ids, token mismatch) every writing command shares. Short traces run several
-per forward and are committed together (`probes.measures.capture.batching`, `--batch-tokens`). A run
-killed at any moment leaves only complete traces; `--resume` skips them and redoes the interrupted
-ones, giving the same file as an uninterrupted run.
-"""
+The work itself is done by `probes.pipeline.capture`, which a notebook can call directly."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from probes.commands import SUMMARIES, flags
-from probes.errors import ProbesError
 from probes.measures.capture.activations import (
     BACKENDS,
     DEFAULT_COMPONENTS,
     POSITIONS,
     STORAGE_DTYPES,
-    capture_trace,
-    check_choice,
-    choose_backend,
-    resolve_cache_sites,
-)
-from probes.measures.capture.batching import BATCH_TOKENS, capture_batch, plan_batches, row_bytes
-from probes.pipeline.loop import (
-    Batching,
-    Log,
-    Plan,
-    TraceOutput,
-    WriteJob,
-    WriteResult,
-    loader,
-    write_traces,
 )
 from probes.pipeline.progress import progress_on
-from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
 if TYPE_CHECKING:
-    from hooks.model import LoadedModel
-    from probes.measures.capture.activations import TraceArrays
-    from probes.traces.tokenize import TokenizedTrace
-
-NAME = "cache"
-OWN_KEYS: tuple[str, ...] = ("sites", "positions", "storage_dtype")
-"""Settings of the stored sites: an existing cache must have been written with the same ones."""
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """What to cache and how.
-
-    Attributes:
-        sites: Components for every layer ("resid_post", "delta", "attn_out", "mlp_out", ...),
-            explicit sites ("L3.resid_post") or global components ("embed", "ln_final"). Each
-            component becomes one dataset `[n_sel, n_layers, d]` (global ones `[n_sel, d]`).
-        positions: "trajectory" (rows for trajectory tokens) or "all" (every token).
-        dtype: Storage dtype: "float16" (default), "float32" or "bfloat16".
-        chunk_size: Tokens per forward through the KV cache (prefill chunk); bounds memory.
-        batch_tokens: Traces no longer than `chunk_size` run several per forward, right-padded,
-            up to this many padded tokens, and are committed together (`hf` backend; 0: one
-            trace per forward). Equal to one forward each up to float rounding.
-        limit: Use only the first `limit` traces of the file (None: all).
-        prompt_format: Prompt template with `{question}` (None: the chat template, else
-            `probes.traces.tokenize.DEFAULT_PROMPT_TEMPLATE`).
-        scaffold: Text between trajectory and answer (RaML's by default).
-        lexicon: Extra lexicon JSON files merged into the built-in one.
-        backend: "auto", "hf" (plain HF forward, residual-level components only) or "bridge".
-        max_ram_mib: Per-trace output up to this size is held in RAM; larger outputs are spooled
-            to a temporary file beside the cache (0: always spool).
-        strict: Fail on the first bad JSONL line instead of skipping it.
-
-    Raises:
-        ProbesError: For a value outside the allowed ones.
-    """
-
-    sites: tuple[str, ...] = DEFAULT_COMPONENTS
-    positions: str = "trajectory"
-    dtype: str = "float16"
-    chunk_size: int = 512
-    batch_tokens: int = BATCH_TOKENS
-    limit: int | None = None
-    prompt_format: str | None = None
-    scaffold: str = DEFAULT_SCAFFOLD
-    lexicon: tuple[str, ...] = ()
-    backend: str = "auto"
-    max_ram_mib: float = 64.0
-    strict: bool = False
-
-    def __post_init__(self) -> None:
-        sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
-        object.__setattr__(self, "sites", sites)
-        object.__setattr__(self, "lexicon", tuple(str(p) for p in self.lexicon))
-        if not sites or not all(isinstance(s, str) and s for s in sites):
-            raise ProbesError(f"sites must be a non-empty list of site strings, got {self.sites!r}; "
-                              f"e.g. {list(DEFAULT_COMPONENTS)} or ['L3.resid_post']")
-        check_choice("positions", self.positions, POSITIONS)
-        check_choice("dtype", self.dtype, STORAGE_DTYPES)
-        check_choice("backend", self.backend, BACKENDS)
-        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or (
-                self.chunk_size < 1):
-            raise ProbesError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
-        if isinstance(self.batch_tokens, bool) or not isinstance(self.batch_tokens, int) or (
-                self.batch_tokens < 0):
-            raise ProbesError(f"batch_tokens must be an integer >= 0, got {self.batch_tokens!r}")
-        if self.limit is not None and (
-                isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
-            raise ProbesError(f"limit must be a positive integer or None, got {self.limit!r}")
-        if not isinstance(self.max_ram_mib, (int, float)) or self.max_ram_mib < 0:
-            raise ProbesError(f"max_ram_mib must be a number >= 0, got {self.max_ram_mib!r}")
-
-
-@dataclass
-class CacheRunResult(WriteResult):
-    """What one `cache_traces` run did: the write loop's counts plus the capture's figures.
-
-    Attributes:
-        backend: The capture backend used ("hf" or "bridge").
-        n_rows: Site rows written (selected tokens).
-        nonfinite: Trace id -> number of non-finite stored values (float16 overflow), if any.
-    """
-
-    backend: str = ""
-    n_rows: int = 0
-    nonfinite: dict[str, int] = field(default_factory=dict)
-
-
-def cache_traces(
-    model: str | LoadedModel,
-    traces_path: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    cfg: CacheConfig | None = None,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = False,
-    device: str = "auto",
-    model_dtype: str = "float32",
-    log: Log | None = None,
-) -> CacheRunResult:
-    """Capture the activations of every trace of a JSONL file into an HDF5 cache.
-
-    Args:
-        model: A model spec for `probes.models.load_model`, or an already loaded model.
-        traces_path: JSONL traces (`probes.traces.read_traces` shapes).
-        out: The .h5 file; its folder must exist.
-        cfg: What to cache (default `CacheConfig()`: resid_post and delta of every layer, trajectory
-            tokens, float16).
-        resume: Extend an existing file (complete traces are skipped, see
-            `probes.pipeline.loop.RESUME_HELP`). Without it (and without `overwrite`) an existing
-            file is an error.
-        overwrite: Replace an existing file.
-        progress: Show a progress bar on stderr (traces, tokens/s).
-        device: Where to load `model` when given as a spec.
-        model_dtype: Parameter dtype when loading `model` from a spec.
-        log: Called with one-line status messages (bad lines, too-long traces, what is to do).
-
-    Returns:
-        The `CacheRunResult`.
-
-    Raises:
-        ProbesError, CacheError, HooksError: Bad config, missing traces file, repeated trace ids,
-            unknown sites, an existing `out` without `resume`, a missing folder, a locked file, a
-            file of another model / tokenizer / config, a trace whose stored tokens differ.
-    """
-
-    cfg = cfg if cfg is not None else CacheConfig()
-    out = Path(out)
-    result = CacheRunResult()
-    job = WriteJob(command=NAME, out=out, resume=resume, overwrite=overwrite, own_keys=OWN_KEYS,
-                   info={"chunk_size": cfg.chunk_size, "batch_tokens": cfg.batch_tokens})
-
-    def plan(loaded: LoadedModel) -> Plan:
-        site_map = resolve_cache_sites(cfg.sites, loaded.arch)
-        backend = choose_backend(loaded, site_map, cfg.backend)
-        result.backend = backend
-        spool_dir = out.resolve().parent
-
-        def output(tt: TokenizedTrace, arrays: TraceArrays,
-                   close: Callable[[], None] | None = None) -> TraceOutput:
-            def committed() -> None:
-                result.n_rows += int(arrays.positions.shape[0])
-                if arrays.n_nonfinite:
-                    result.nonfinite[tt.trace.id] = arrays.n_nonfinite
-
-            return TraceOutput(sites=arrays.sites, positions=arrays.positions,
-                               attrs={"n_nonfinite": arrays.n_nonfinite}, n_tokens=arrays.n_tokens,
-                               nbytes=arrays.nbytes, close=close, committed=committed)
-
-        def compute(tt: TokenizedTrace) -> TraceOutput:
-            stack = ExitStack()
-            arrays = stack.enter_context(capture_trace(loaded, tt, site_map, cfg, backend=backend,
-                                                       spool_dir=spool_dir))
-            return output(tt, arrays, stack.close)
-
-        def plan_batch(tts: Sequence[TokenizedTrace]) -> list[list[int]]:
-            return plan_batches(tts, positions=cfg.positions, batch_tokens=cfg.batch_tokens,
-                                max_tokens=cfg.chunk_size,
-                                bytes_per_row=row_bytes(site_map, loaded.arch.d_model, cfg.dtype),
-                                max_bytes=cfg.max_ram_mib * 2**20)
-
-        def compute_batch(tts: Sequence[TokenizedTrace]) -> list[TraceOutput | str]:
-            return [output(tt, arrays) for tt, arrays in
-                    zip(tts, capture_batch(loaded, tts, site_map, cfg), strict=True)]
-
-        config = {"sites": {c: (None if ls is None else list(ls)) for c, ls in site_map.items()},
-                  "positions": cfg.positions, "storage_dtype": cfg.dtype}
-        batching = (Batching(plan_batch, compute_batch)
-                    if backend == "hf" and cfg.batch_tokens > 1 else None)
-        return Plan(compute, config=config, info={"backend": backend}, batching=batching)
-
-    write_traces(job, traces_path, load=loader(model, device=device, dtype=model_dtype), plan=plan,
-                 result=result, lexicon_files=cfg.lexicon, limit=cfg.limit, strict=cfg.strict,
-                 prompt_format=cfg.prompt_format, scaffold=cfg.scaffold, progress=progress, log=log)
-    return result
+    pass
+from probes.pipeline.capture import (
+    NAME,
+    CacheConfig,
+    CacheRunResult,
+    cache_traces,
+)
 
 
 def format_run(r: CacheRunResult) -> str:
@@ -237,10 +39,6 @@ def format_run(r: CacheRunResult) -> str:
         lines.append(f"warning: {len(r.nonfinite)} trace(s) hold inf/NaN values (float16 "
                      f"overflow?), e.g. {next(iter(r.nonfinite))!r}; use --dtype float32")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
 
 
 def add_parser(sub: Any) -> None:

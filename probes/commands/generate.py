@@ -51,9 +51,9 @@ from pathlib import Path
 from typing import Any
 
 from probes.commands import SUMMARIES, flags
-from probes.commands.grade import format_statistics
 from probes.errors import ProbesError
 from probes.models.generate import BACKENDS
+from probes.pipeline.generate.grade import format_statistics
 from probes.pipeline.generate.sampling import check_summary_prompt as check_summary_prompt
 from probes.pipeline.generate.sampling import generate_samples, summarize_traces
 from probes.pipeline.generate.sampling import reasoning_of as reasoning_of

@@ -1,10 +1,11 @@
-"""`python -m probes.run inspect`: summarise a cache without loading a model."""
+"""`trajectory-probes inspect`: its flags, its run and its printed summary.
+
+The work itself is done by `probes.readouts.inspect`, which a notebook can call directly."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,24 +13,10 @@ from typing import Any
 from probes import arrays
 from probes.commands import SUMMARIES, flags
 from probes.pipeline.loop import human_size
-
-NAME = "inspect"
-
-
-def inspect_cache(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """`cache.summarize(path)` plus the run config and info (for `probes.run inspect`).
-
-    Raises:
-        CacheError: Missing, locked, truncated, foreign or other-version file (one-line message).
-    """
-    from cache import open_cache, summarize
-
-    summary = summarize(path)
-    with open_cache(path) as reader:
-        summary["config"] = reader.config
-        summary["info"] = reader.metadata.get("info", {})
-        summary["weight_convention"] = reader.metadata.get("weight_convention")
-    return summary
+from probes.readouts.inspect import (
+    NAME,
+    inspect_cache,
+)
 
 
 def format_inspect(s: Mapping[str, Any]) -> str:
@@ -78,10 +65,6 @@ def format_inspect(s: Mapping[str, Any]) -> str:
         lines.append(f"array:    {name} ({info['dtype']}, {info['n_traces']} traces, "
                      f"{human_size(info['bytes_on_disk'])}): {what}")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------------------
-# Command line
 
 
 def add_parser(sub: Any) -> None:

@@ -17,8 +17,9 @@ import numpy as np
 
 from analyses.stats import compare_paired
 from analyses.token_sets import CATEGORY_CODES, CATEGORY_NAMES
-from probes.commands.anchors import AnchorsConfig, anchors_traces
+from probes.demo import SAMPLE_TRACES
 from probes.measures.anchors import resampling as rs
+from probes.pipeline.anchors import AnchorsConfig, anchors_traces
 
 N_TRACES = 20
 """Sample traces of the white-box part (and of its random-init control)."""
@@ -69,7 +70,6 @@ def anchors_demo(loaded: Any, folder: Path, *, limit: int | None = None, keep: b
                  ) -> dict[str, Any]:
     """Run the anchors section (files `anchors.h5`, `anchors_random_init.h5` in `folder`; listed
     under "files" when `keep`)."""
-    from probes.commands.demo import SAMPLE_TRACES
     from probes.models.controls import random_init_model
 
     t0 = time.perf_counter()

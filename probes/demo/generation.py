@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from probes.commands.generate import GenerateConfig, generate_samples
 from probes.jsonable import jsonable
+from probes.pipeline.generate.sampling import generate_samples
+from probes.pipeline.generate.settings import GenerateConfig
 from probes.traces.jsonl import open_out
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ def generation_demo(loaded: LoadedModel, out_dir: Path, *, n_questions: int = DE
     import numpy as np
 
     from cache import open_cache
-    from probes.commands.lhat import LhatConfig, lhat_traces
+    from probes.pipeline.lhat import LhatConfig, lhat_traces
     from probes.reasoner.task import generate_problems, write_jsonl
 
     out_dir = Path(out_dir)

@@ -6,7 +6,6 @@ the heat maps.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +16,7 @@ from probes.errors import ProbesError
 from probes.measures.updates.shared_pass import stored_layers
 
 if TYPE_CHECKING:
-    from probes.commands.compare import CompareConfig
+    from probes.readouts.configs import CompareConfig, PlotSave
 
 UPDATE_ORDER: tuple[str, ...] = arrays.names(arrays.UPDATES)
 """Known `upd_*` arrays in report order, as the registry declares them (others found in a cache
@@ -27,9 +26,6 @@ follow alphabetically)."""
 PLOT_DPI = 120
 """Resolution of `compare`'s PNG plots."""
 
-PlotSave = Callable[[Any, str], str]
-"""Keeps one plot: (Matplotlib Figure, file name) -> what the report lists for it (`folder_saver`:
-the PNG's path; `report` keeps the PNGs in memory instead)."""
 
 
 def folder_saver(folder: Path) -> PlotSave:

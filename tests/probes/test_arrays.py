@@ -7,14 +7,14 @@ import h5py
 import pytest
 
 from probes import arrays
-from probes.commands.anchors import AnchorsConfig, anchors_traces
-from probes.commands.cache import CacheConfig, cache_traces
-from probes.commands.effects import EffectsConfig, effects_traces
-from probes.commands.landscape import LandscapeConfig, landscape_traces
-from probes.commands.lhat import LhatConfig, lhat_traces
-from probes.commands.updates import UpdatesConfig, updates_traces
 from probes.errors import ProbesError
 from probes.measures.anchors.resampling import ResampleSettings
+from probes.pipeline.anchors import AnchorsConfig, anchors_traces
+from probes.pipeline.capture import CacheConfig, cache_traces
+from probes.pipeline.effects import EffectsConfig, effects_traces
+from probes.pipeline.landscape import LandscapeConfig, landscape_traces
+from probes.pipeline.lhat import LhatConfig, lhat_traces
+from probes.pipeline.updates import UpdatesConfig, updates_traces
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -169,7 +169,7 @@ def choose_backend(
 
 @runtime_checkable
 class CaptureSettings(Protocol):
-    """What `capture_trace` reads from a run's settings (`probes.commands.cache.CacheConfig` is one)."""
+    """What `capture_trace` reads from a run's settings (`probes.pipeline.capture.CacheConfig` is one)."""
 
     positions: str
     dtype: str

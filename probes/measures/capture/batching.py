@@ -37,7 +37,7 @@ GROUP_FORWARDS = 4
 
 @runtime_checkable
 class BatchSettings(Protocol):
-    """What `capture_batch` reads from a run's settings (`probes.commands.cache.CacheConfig`)."""
+    """What `capture_batch` reads from a run's settings (`probes.pipeline.capture.CacheConfig`)."""
 
     positions: str
     dtype: str

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from probes.commands.grade import record_statistics
 from probes.errors import ProbesError
 from probes.models.generate import (
     BACKENDS,
@@ -29,6 +28,7 @@ from probes.models.generate import (
     Sampling,
     VllmGenerator,
 )
+from probes.pipeline.generate.grade import record_statistics
 from probes.pipeline.generate.settings import MAX_DEFAULT_NEW_TOKENS, GenerateConfig, GenerateResult
 from probes.pipeline.loop import Log, loader
 from probes.traces.jsonl import Appender, Existing, encode

@@ -19,7 +19,7 @@ from probes.errors import ProbesError
 from probes.pipeline.progress import Stages
 
 if TYPE_CHECKING:
-    from probes.commands.report import ReportConfig
+    from probes.readouts.configs import ReportConfig
 
 LAYER_VALUE_BUDGET = 1_500_000
 """Per-layer colouring keys are offered while (per-layer keys x shown tokens) stays below this;

@@ -12,16 +12,17 @@ from typing import TYPE_CHECKING, Any
 from analyses.report_data import Block, Collapsed, Plot, Section, Table, fmt
 from analyses.report_tables import fit_table, lhat_comparison_table, trend_lines, update_comparison_table
 from probes import __version__
-from probes.commands.compare import CompareConfig, compare_cache, report_json
 from probes.errors import ProbesError
 from probes.pipeline.loop import human_size
 from probes.pipeline.progress import Stages
+from probes.readouts.compare import compare_cache, report_json
 from probes.readouts.compare_updates import PLOT_DPI
+from probes.readouts.configs import CompareConfig
 from probes.readouts.report.scan import _Scan
 from probes.safe_output import figure_png
 
 if TYPE_CHECKING:
-    from probes.commands.report import ReportConfig
+    from probes.readouts.configs import ReportConfig
 
 _METRIC_NAMES = {"abs_delta": "|ΔL̂|", "delta": "ΔL̂", "rho": "ρ", "lam": "Δ log L̂",
                  "abs_lam": "|Δ log L̂|"}

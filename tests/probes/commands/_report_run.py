@@ -23,11 +23,12 @@ N_BOOT = 200
 def small_run() -> SimpleNamespace:
     """Paths: `root`, `traces`, `run` (sites + L̂ + updates), `control` (random-init updates),
     `sites_only` (activations of 2 traces), `compare_json` and `plots` (its PNGs)."""
-    from probes.commands.cache import CacheConfig, cache_traces
-    from probes.commands.compare import CompareConfig, compare_cache, report_json
-    from probes.commands.lhat import LhatConfig, lhat_traces
-    from probes.commands.updates import UpdatesConfig, updates_traces
     from probes.models.load import load_model
+    from probes.pipeline.capture import CacheConfig, cache_traces
+    from probes.pipeline.lhat import LhatConfig, lhat_traces
+    from probes.pipeline.updates import UpdatesConfig, updates_traces
+    from probes.readouts.compare import compare_cache, report_json
+    from probes.readouts.configs import CompareConfig
 
     root = Path(tempfile.mkdtemp(prefix="probes-report-tests-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)

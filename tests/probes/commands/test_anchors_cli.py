@@ -100,8 +100,8 @@ def test_stored_arrays_match_the_registry(samples, tmp_path):
     import h5py
 
     from probes import arrays
-    from probes.commands.anchors import ARRAYS, AnchorsConfig, anchors_traces
     from probes.measures.anchors.resampling import ResampleSettings
+    from probes.pipeline.anchors import ARRAYS, AnchorsConfig, anchors_traces
 
     out = tmp_path / "r.h5"
     cfg = AnchorsConfig(analyses=("receiver", "suppression", "resampling"), limit=1,

@@ -17,7 +17,7 @@ import pytest
 
 from cache import open_cache, segments_dir, store_bytes
 from cache._store import list_segments
-from probes.commands.demo import SAMPLE_TRACES
+from probes.demo.run import SAMPLE_TRACES
 from probes.run import main
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -12,13 +12,14 @@ import torch
 
 from cache import CacheError, CacheMismatchError, open_cache, segments_dir
 from hooks import UnknownSiteError, run_residual_hf
-from probes.commands.cache import CacheConfig, cache_traces
-from probes.commands.demo import SAMPLE_TRACES
-from probes.commands.inspect import format_inspect, inspect_cache
+from probes.commands.inspect import format_inspect
+from probes.demo.run import SAMPLE_TRACES
 from probes.errors import ProbesError
 from probes.measures.capture.activations import choose_backend, resolve_cache_sites
 from probes.models.identity import tokenizer_fingerprint
 from probes.models.load import load_model, load_tokenizer
+from probes.pipeline.capture import CacheConfig, cache_traces
+from probes.readouts.inspect import inspect_cache
 from probes.traces.categories import categorize, load_lexicon
 from probes.traces.read import read_traces
 from probes.traces.tokenize import tokenize_traces
@@ -208,7 +209,7 @@ def test_spool_space_is_reserved_also_without_fallocate(reasoner, samples, tmp_p
     import errno
     import os
 
-    from probes.measures.activations import reserve
+    from probes.measures.capture.activations import reserve
 
     def unsupported(fd, offset, length):
         raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))

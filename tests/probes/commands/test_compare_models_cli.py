@@ -11,11 +11,11 @@ import torch
 
 from analyses.stability import STABILITY, stability_measures
 from cache import open_cache
-from probes.commands.lhat import LhatConfig, lhat_traces
-from probes.commands.updates import UpdatesConfig, updates_traces
 from probes.models.controls import random_init_model
 from probes.models.load import boot_model, load_model
 from probes.models.tiny import byte_tokenizer, tiny_config
+from probes.pipeline.lhat import LhatConfig, lhat_traces
+from probes.pipeline.updates import UpdatesConfig, updates_traces
 from probes.run import main
 
 TRACES = [

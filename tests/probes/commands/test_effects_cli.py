@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from cache import open_cache
-from probes.commands.effects import DONE_KEY, EFFECT_ARRAYS, directions_path
 from probes.measures.effects.directions import DIRECTION_CATEGORIES, projections, trajectory_residuals
 from probes.measures.updates.shared_pass import trace_update_arrays
 from probes.models.load import load_model
+from probes.pipeline.effects import DONE_KEY, EFFECT_ARRAYS, directions_path
 from probes.reasoner.train import SAMPLES_PATH
 from probes.run import main
 from probes.traces.read import read_traces
@@ -105,7 +105,7 @@ def test_bad_flags_are_one_error_line(samples, tmp_path, capsys):
 
 
 def test_demo_section_trained_vs_random_init(tmp_path):
-    from probes.commands.effects import demo_section, format_demo_line
+    from probes.pipeline.effects import demo_section, format_demo_line
 
     d = demo_section(load_model("tiny-reasoner", device="cpu"), tmp_path, limit=4)
     assert d["n_traces"] == 4 and d["n_pairs"] == d["v7"]["attn"]["n"] >= 12

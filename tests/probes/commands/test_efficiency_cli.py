@@ -91,8 +91,8 @@ def test_bad_input_is_one_error_line(run, capsys, args, needle):
 
 
 def test_demo_section(tmp_path):
-    from probes.commands.efficiency import demo_section, format_demo_line
     from probes.models.load import load_model
+    from probes.readouts.efficiency import demo_section, format_demo_line
 
     part = demo_section(load_model("tiny-reasoner", device="cpu"), tmp_path, keep=True, limit=4)
     assert part["n_traces"] == 6 and part["n_groups"] == 2  # rounded up to whole groups, >= 2

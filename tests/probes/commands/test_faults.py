@@ -29,8 +29,8 @@ import pytest
 
 import cache._store as store
 from cache import open_cache, pack_cache, segments_dir, store_exists
-from probes.commands.demo import SAMPLE_TRACES
-from probes.measures.activations import DEFAULT_COMPONENTS
+from probes.demo.run import SAMPLE_TRACES
+from probes.measures.capture.activations import DEFAULT_COMPONENTS
 from probes.run import main
 from tests.probes.commands._store_snapshot import snapshot
 

@@ -32,7 +32,7 @@ import pytest
 
 import probes.safe_output as safe_output
 from cache import segments_dir
-from probes.commands.demo import SAMPLE_TRACES
+from probes.demo.run import SAMPLE_TRACES
 from probes.reasoner.task import generate_problems, write_jsonl
 from probes.run import main
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cache import open_cache, segments_dir
-from probes.commands.demo import SAMPLE_TRACES
+from probes.demo.run import SAMPLE_TRACES
 from tests.probes.commands._store_snapshot import snapshot
 
 ROOT = Path(__file__).resolve().parents[3]

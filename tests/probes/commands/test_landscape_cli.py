@@ -119,8 +119,8 @@ def test_bad_settings_and_help(samples, tmp_path, capsys):
 
 
 def test_demo_section(tmp_path):
-    from probes.commands.landscape import demo_section, format_demo_line
     from probes.models.load import load_model
+    from probes.pipeline.landscape import demo_section, format_demo_line
 
     loaded = load_model("tiny-reasoner", device="cpu")
     part = demo_section(loaded, tmp_path, keep=False, n_traces=1, grid=3)

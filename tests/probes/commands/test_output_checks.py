@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cache._h5 import translate_os_error
-from probes.commands.demo import SAMPLE_TRACES
+from probes.demo.run import SAMPLE_TRACES
 from probes.models.load import BUILTIN_MODELS
 from probes.pipeline.outputs import plot_file_name
 from probes.run import main

@@ -18,7 +18,7 @@ import h5py
 import pytest
 
 from cache import segments_dir
-from probes.commands.demo import SAMPLE_TRACES
+from probes.demo.run import SAMPLE_TRACES
 from probes.errors import ProbesError
 from probes.pipeline.shards import Shard, current_shard
 from probes.run import main

@@ -16,7 +16,6 @@ from transformers import AutoModelForCausalLM, GPTNeoXConfig
 from cache import open_cache
 from hooks.model import LoadedModel
 from hooks.weights import LLAMA_FAMILIES
-from probes.commands.updates import DONE_KEY, UPDATE_ARRAYS, UpdatesConfig, updates_traces
 from probes.errors import ProbesError
 from probes.measures.updates.alignment import answer_alignment
 from probes.measures.updates.attention import UpdatesError, token_updates
@@ -25,6 +24,7 @@ from probes.measures.updates.mlp import mlp_updates
 from probes.models.controls import random_init_model
 from probes.models.load import boot_model, load_model
 from probes.models.tiny import UPDATE_FAMILIES, byte_tokenizer, tiny_config
+from probes.pipeline.updates import DONE_KEY, UPDATE_ARRAYS, UpdatesConfig, updates_traces
 from probes.reasoner.train import SAMPLES_PATH
 from probes.run import main
 from probes.traces.read import read_traces

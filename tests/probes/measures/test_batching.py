@@ -12,8 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hooks.hf_fast import HF_SITE_PATHS
-from probes.commands.cache import CacheConfig
-from probes.commands.demo import SAMPLE_TRACES
+from probes.demo.run import SAMPLE_TRACES
 from probes.measures.capture.activations import capture_trace, resolve_cache_sites, selection
 from probes.measures.capture.batching import (
     GROUP_FORWARDS,
@@ -25,6 +24,7 @@ from probes.measures.capture.batching import (
 )
 from probes.models.load import boot_model
 from probes.models.tiny import byte_tokenizer, tiny_config
+from probes.pipeline.capture import CacheConfig
 from probes.traces.read import read_traces
 from probes.traces.tokenize import tokenize_traces
 

@@ -1,0 +1,504 @@
+"""`python -m probes.run effects`: causal edits of single tokens' implicit updates (V7) and behaviour
+directions, into an HDF5 cache (docs/methods.md#effects, #directions).
+
+Per trace (through the one write loop, `probes.pipeline.loop.write_traces`; resumable, done =
+`eff_dl_mlp` present):
+
+* (layer ℓ, token t) pairs are sampled, `--pairs-per-category` per category (reflection, delimiter,
+  ordinary; seeded per trace id), and for each the two real edits of `probes.measures.effects.edits` are
+  run to the answer loss, batched `--batch-size` edited copies per forward: the attention knockout
+  of key t at the answer rows in layer ℓ (`eff_dl_attn`, predicted by M7: `eff_pred_m7`) and the
+  removal of t's rank-1 MLP step from W_gate/W_up of layer ℓ (`eff_dl_mlp`, predicted by M6:
+  `eff_pred_m6`).
+* `dir_proj` / `dir_cos` [C, L, T] (C = reflection, delimiter): each token's projection on the
+  behaviour direction and the cosine of its M4 residual patch δ with it.
+
+The directions themselves are one result of the whole traces file, not of a trace: a first pass over
+the traces (`probes.measures.effects.directions`) computes them before the loop, and they are written, with
+the probe accuracies, to `<out>.directions.npz` / the run summary `<out>.effects.json` (a cache
+holds per-trace groups only). They are fixed at the first run: every trace's `eff_directions`
+attribute is the digest of the directions its `dir_*` arrays use, and `--resume` reuses the file's
+directions (checked against that digest; refused in one line when it is missing or differs) rather
+than recomputing them, so a resumed run with a larger `--limit` projects on the same directions.
+
+After the loop the command reads every trace's `eff_*` arrays back from the cache and prints V7 (real
+ΔL vs the first-order predictions: Pearson, Spearman, median relative error, pooled and per
+category) and the headline table (per category, the mean real ΔL of removing one token's update,
+95% bootstrap CI over traces), next to a second cache's (`--versus`, e.g. a `--control random-init`
+run) when given; `--plots DIR` draws predicted vs real ΔL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analyses.token_sets import CATEGORY_CODES, CATEGORY_NAMES
+from hooks.model import LoadedModel
+from probes import arrays
+from probes.errors import ProbesError
+from probes.models.controls import CONTROLS, random_init_model
+from probes.pipeline.loop import (
+    Log,
+    Plan,
+    TraceOutput,
+    WriteJob,
+    WriteResult,
+    loader,
+    same_settings,
+    write_traces,
+)
+from probes.safe_output import write_file
+from probes.traces.tokenize import DEFAULT_SCAFFOLD
+
+NAME = "effects"
+
+
+EFFECT_ARRAYS = arrays.names(arrays.EFFECTS)
+
+
+DONE_KEY = EFFECT_ARRAYS[-1]
+
+
+DIRECTIONS_ATTR = "eff_directions"
+"""Trace attribute: `directions_digest` of the behaviour directions its `dir_*` arrays use."""
+
+
+_INFO_KEY = "__info__"
+"""Entry of `<out>.directions.npz` holding the directions' run info (JSON), not a direction."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EffectsConfig:
+    """Settings of an `effects` run.
+
+    Attributes:
+        pairs_per_category: Sampled (layer, token) pairs per category and trace.
+        batch_size: Edited forwards per batch.
+        scale: ε of both edits (1 = remove the whole update).
+        seed: Seed of the pair sampling (combined with each trace id) and of the probe split.
+        control: "none" or "random-init" (same architecture, seeded random weights).
+        control_seed: Seed of the random initialisation.
+        limit, strict, lexicon, prompt_format, scaffold: As for every writing command.
+    """
+
+    pairs_per_category: int = 30
+    batch_size: int = 16
+    scale: float = 1.0
+    seed: int = 0
+    control: str = "none"
+    control_seed: int = 0
+    limit: int | None = None
+    strict: bool = False
+    lexicon: tuple[str, ...] = ()
+    prompt_format: str | None = None
+    scaffold: str = DEFAULT_SCAFFOLD
+
+    def __post_init__(self) -> None:
+        if self.pairs_per_category < 1:
+            raise ProbesError(f"--pairs-per-category must be at least 1, got "
+                              f"{self.pairs_per_category}")
+        if self.batch_size < 1:
+            raise ProbesError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not 0 < self.scale <= 1:
+            raise ProbesError(f"--scale must be in (0, 1], got {self.scale}")
+        if self.control not in CONTROLS:
+            raise ProbesError(f"--control must be one of {', '.join(CONTROLS)}, got "
+                              f"{self.control!r}")
+
+    def own(self) -> dict[str, Any]:
+        """The settings that change the stored arrays: stored as trace attributes, and an existing
+        cache's must equal them (`--resume`)."""
+        return {"eff_pairs_per_category": self.pairs_per_category, "eff_scale": self.scale,
+                "eff_seed": self.seed, "eff_control": self.control,
+                "eff_control_seed": self.control_seed}
+
+
+@dataclass
+class EffectsRunResult(WriteResult):
+    """The write loop's counts plus the run-level results (directions, probes)."""
+
+    control: str = "none"
+    directions: dict[str, Any] = field(default_factory=dict)
+
+
+def _rng(seed: int, trace_id: str) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(trace_id.encode())])
+
+
+def _trajectory_names(tt, lexicon) -> np.ndarray:
+    from probes.traces.categories import categorize
+
+    a, b = tt.spans["trajectory"]
+    codes = categorize(tt, lexicon).category[a:b]
+    return np.array([CATEGORY_NAMES[int(c)] for c in codes], dtype=object)
+
+
+def _directions_pass(loaded: LoadedModel, tokenized, lexicon, seed: int, log: Log
+                     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Pass 1: the difference-of-means directions and the probe accuracies over all traces."""
+    from probes.measures.effects.directions import (
+        DIRECTION_CATEGORIES,
+        DirectionAccumulator,
+        DirectionsError,
+        probe_accuracy,
+        trajectory_residuals,
+    )
+
+    acc = DirectionAccumulator()
+    feats: dict[str, list[np.ndarray]] = {c: [] for c in DIRECTION_CATEGORIES}
+    labels: dict[str, list[np.ndarray]] = {c: [] for c in DIRECTION_CATEGORIES}
+    for tt in tokenized:
+        a, b = tt.spans["trajectory"]
+        if b <= a:
+            continue
+        resid = trajectory_residuals(loaded, tt.ids, (a, b))
+        names = _trajectory_names(tt, lexicon)
+        acc.add(resid, names)
+        rng = _rng(seed, tt.trace.id)
+        for c in DIRECTION_CATEGORIES:
+            pos = np.flatnonzero(names == c)
+            neg = np.flatnonzero(names == "ordinary")
+            neg = rng.choice(neg, min(len(neg), max(len(pos), 8)), replace=False)
+            idx = np.concatenate([pos, neg]).astype(int)
+            feats[c].append(resid[:, idx])
+            labels[c].append((np.arange(len(idx)) < len(pos)).astype(int))
+    dirs = acc.directions()
+    info: dict[str, Any] = {"n_traces": acc.n_traces, "n_occurrences": dict(acc.counts),
+                            "window": acc.window, "probe": {}}
+    for c in DIRECTION_CATEGORIES:
+        try:
+            info["probe"][c] = probe_accuracy(feats[c], labels[c], seed=seed)
+        except DirectionsError as e:
+            info["probe"][c] = {"error": str(e)}
+            log(f"effects: no {c} probe: {e}")
+    return dirs, info
+
+
+def effects_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: EffectsConfig, *,
+                   resume: bool = False, device: str = "auto", dtype: str = "float32",
+                   progress: bool = True, log: Log | None = None) -> EffectsRunResult:
+    """Run the causal edits and the direction measures of every trace into `out`.
+
+    Returns:
+        Counts, timing and the run-level direction results (also written next to `out`).
+
+    Raises:
+        ProbesError, CacheError: Bad input, an unsupported model, a cache made with another model
+            or other effects settings.
+    """
+    from probes.measures.effects.directions import (
+        DIRECTION_CATEGORIES,
+        cosines,
+        loo_residual,
+        projections,
+        trajectory_residuals,
+    )
+    from probes.measures.effects.edits import causal_effects, sample_pairs
+    from probes.measures.updates.alignment import answer_alignment
+    from probes.measures.updates.shared_pass import check_supported
+    from probes.traces.categories import load_lexicon
+    from probes.traces.read import read_traces
+    from probes.traces.tokenize import tokenize_traces
+
+    out = Path(out)
+    say = log if log is not None else (lambda _m: None)
+    own = cfg.own()
+    settings = same_settings(out, DONE_KEY, own, "effects arrays", ProbesError)
+    fixed: list[tuple[dict[str, np.ndarray], dict[str, Any]]] = []
+
+    def check_stored(reader: Any) -> None:
+        """The stored settings, and the directions the stored effects arrays were made with."""
+        settings(reader)
+        for tr in reader:
+            if DONE_KEY in tr.names():
+                fixed.append(_stored_directions(out, tr.attrs.get(DIRECTIONS_ATTR), say))
+                return
+
+    job = WriteJob(command=NAME, out=out, resume=resume, done_key=DONE_KEY,
+                   check_stored=check_stored)
+    result = EffectsRunResult(control=cfg.control)
+
+    def load() -> LoadedModel:
+        loaded = loader(model, device=device, dtype=dtype)()
+        check_supported(loaded)
+        return (random_init_model(loaded, cfg.control_seed) if cfg.control == "random-init"
+                else loaded)
+
+    def plan(loaded: LoadedModel) -> Plan:
+        lexicon = load_lexicon(extra=cfg.lexicon)
+        traces = read_traces(traces_path, strict=cfg.strict).traces
+        traces = traces[:cfg.limit] if cfg.limit is not None else traces
+        tokenized, _ = tokenize_traces(traces, loaded.tokenizer, prompt_format=cfg.prompt_format,
+                                       scaffold=cfg.scaffold, max_tokens=loaded.arch.n_ctx)
+        if fixed:
+            dirs, info = fixed[0]
+            say(f"effects: the behaviour directions of the first run, from "
+                f"{directions_path(out)} (not recomputed from these {len(tokenized)} traces)")
+        else:
+            say(f"effects: behaviour directions from {len(tokenized)} traces")
+            dirs, info = _directions_pass(loaded, tokenized, lexicon, cfg.seed, say)
+            dirs = {c: np.asarray(v, np.float32) for c, v in dirs.items()}  # as stored
+        digest = directions_digest(dirs)
+        result.directions = {"categories": sorted(dirs), **info}
+        w_o = [v.o_proj.weight for v in _layer_views(loaded)]
+        unsaved = [not fixed]
+
+        def compute(tt) -> TraceOutput | str:
+            if unsaved[0]:  # under the writer lock: a second run on this --out never gets here
+                _save_directions(out, dirs, info)
+                unsaved[0] = False
+            a, b = tt.spans["trajectory"]
+            answer = tt.spans["answer"]
+            if b <= a or answer[1] <= answer[0]:
+                return "no trajectory or no answer token: nothing to measure"
+            names = _trajectory_names(tt, lexicon)
+            codes = np.array([CATEGORY_CODES[n] for n in names], dtype=np.uint8)
+            pairs = sample_pairs(codes, loaded.arch.n_layers, cfg.pairs_per_category,
+                                 _rng(cfg.seed, tt.trace.id), CATEGORY_CODES)
+            al = answer_alignment(loaded, tt.ids, (a, b), answer, keep_factors=True, m6_rows=[0])
+            eff = causal_effects(loaded, tt.ids, (a, b), answer, pairs, scale=cfg.scale,
+                                 batch_size=cfg.batch_size, al=al)
+            resid = trajectory_residuals(loaded, tt.ids, (a, b))
+            L, T = resid.shape[:2]
+            proj = np.full((len(DIRECTION_CATEGORIES), L, T), np.nan)
+            cos = np.full_like(proj, np.nan)
+            deltas = [loo_residual(al.factors[l]["dz"][0], w_o[l]) for l in range(L)]
+            for k, c in enumerate(DIRECTION_CATEGORIES):
+                if c in dirs:
+                    proj[k] = projections(resid, dirs[c])
+                    cos[k] = np.stack([cosines(deltas[l], dirs[c][l]) for l in range(L)])
+            f32 = lambda x: np.ascontiguousarray(x, dtype=np.float32)  # noqa: E731
+            stored = {"eff_pairs": eff.pairs.astype(np.int32), "eff_pred_m7": f32(eff.pred_m7),
+                      "eff_pred_m6": f32(eff.pred_m6), "dir_proj": f32(proj), "dir_cos": f32(cos),
+                      "eff_dl_attn": f32(eff.dl_attn), "eff_dl_mlp": f32(eff.dl_mlp)}
+            return TraceOutput(arrays={k: stored[k] for k in EFFECT_ARRAYS},
+                               attrs={"eff_loss": float(eff.loss), "eff_n_pairs": len(pairs),
+                                      **own, DIRECTIONS_ATTR: digest},
+                               n_tokens=int(tt.n_tokens) * (2 * len(pairs) + 3))
+
+        return Plan(compute, info={"effects_directions": json.dumps(result.directions)})
+
+    write_traces(job, traces_path, load=load, plan=plan, result=result,
+                 lexicon_files=cfg.lexicon, limit=cfg.limit, strict=cfg.strict,
+                 prompt_format=cfg.prompt_format, scaffold=cfg.scaffold, progress=progress, log=log)
+    return result
+
+
+def _layer_views(loaded: LoadedModel):
+    from hooks.weights import llama_layers
+    from probes.measures.effects.edits import EffectsError
+
+    return llama_layers(loaded, what="effects", error=EffectsError)
+
+
+def directions_path(out: Path) -> Path:
+    """Where the run's directions go: `<out>.directions.npz`."""
+    return Path(str(out) + ".directions.npz")
+
+
+def summary_path(out: Path) -> Path:
+    """Where the run summary goes: `<out>.effects.json`."""
+    return Path(str(out) + ".effects.json")
+
+
+def directions_digest(dirs: dict[str, np.ndarray]) -> str:
+    """sha256 (hex) of the directions as stored (category names, shapes, float32 bytes)."""
+    h = hashlib.sha256()
+    for c in sorted(dirs):
+        a = np.ascontiguousarray(dirs[c], dtype="<f4")
+        h.update(f"{c}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _save_directions(out: Path, dirs: dict[str, np.ndarray], info: dict[str, Any]) -> None:
+    """Write `<out>.directions.npz` (one float32 [L, d] per category, the run info) atomically."""
+    buf = io.BytesIO()
+    np.savez(buf, **{c: np.asarray(v, np.float32) for c, v in dirs.items()},
+             **{_INFO_KEY: np.array(json.dumps(info, default=str))})
+    write_file(directions_path(out), buf.getvalue())
+
+
+def _stored_directions(out: Path, digest: Any, say: Log
+                       ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The directions the stored effects arrays of `out` use (`<out>.directions.npz`), checked
+    against the `digest` their traces record (None: written before it was recorded).
+
+    Raises:
+        ProbesError: The file is missing, unreadable or holds other directions.
+    """
+    path = directions_path(out)
+    fix = (f"restore {path.name} of the run that wrote {out.name} (the directions are fixed at "
+           f"the first run), or write to another --out")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            dirs = {k: np.asarray(z[k]) for k in z.files if k != _INFO_KEY}
+            info = json.loads(str(z[_INFO_KEY])) if _INFO_KEY in z.files else {}
+    except FileNotFoundError:
+        raise ProbesError(f"{out} holds effects arrays projected on behaviour directions, but "
+                          f"{path} is missing; {fix}") from None
+    except (OSError, ValueError) as exc:
+        raise ProbesError(f"cannot read {path} ({exc}); {fix}") from None
+    if digest is None:
+        say(f"{out}: its effects arrays do not record their behaviour directions (written before "
+            f"they did): {path} is reused as it is, unchecked")
+    elif directions_digest(dirs) != digest:
+        raise ProbesError(f"{path} holds behaviour directions {directions_digest(dirs)[:16]}, but "
+                          f"the effects arrays of {out} were projected on {str(digest)[:16]}; "
+                          f"{fix}")
+    return dirs, info
+
+
+def read_effects(path: Path):
+    """Every trace's `eff_*` arrays with each pair's category name (`analyses.effects.TraceEffects`).
+
+    Raises:
+        ProbesError: When the cache holds no effects arrays.
+    """
+    from analyses.effects import TraceEffects
+    from cache import open_cache
+
+    out = []
+    with open_cache(path) as reader:
+        for tr in reader:
+            if DONE_KEY not in tr.names():
+                continue
+            a, _ = tr.spans["trajectory"]
+            got = {n: np.asarray(tr[n][...]) for n in EFFECT_ARRAYS if n.startswith("eff_")}
+            codes = np.asarray(tr.category)[a + got["eff_pairs"][:, 1]] if len(got["eff_pairs"]) \
+                else np.zeros(0, np.uint8)
+            out.append(TraceEffects(tr.id, got, np.array([CATEGORY_NAMES[int(c)] for c in codes],
+                                                         dtype=object)))
+    if not out:
+        raise ProbesError(f"{path} holds no effects arrays; run `effects --out {path}` first")
+    return out
+
+
+def direction_summary(path: Path) -> dict[str, Any]:
+    """Mean `dir_cos` per category of the token, per direction and layer (reflection tokens vs
+    ordinary ones: does a reflection's implicit update point along the reflection direction?)."""
+    from cache import open_cache
+    from probes.measures.effects.directions import DIRECTION_CATEGORIES
+
+    sums: dict[tuple[str, str], list[np.ndarray]] = {}
+    with open_cache(path) as reader:
+        for tr in reader:
+            if "dir_cos" not in tr.names():
+                continue
+            a, b = tr.spans["trajectory"]
+            cat = np.asarray(tr.category)[a:b]
+            cos = np.asarray(tr["dir_cos"][...], np.float64)          # [C, L, T]
+            for k, d in enumerate(DIRECTION_CATEGORIES):
+                for c in ("reflection", "delimiter", "ordinary"):
+                    m = cat == CATEGORY_CODES[c]
+                    if m.any():  # per-trace mean first
+                        sums.setdefault((d, c), []).append(np.nanmean(cos[k][:, m], axis=1))
+    return {f"{d}|{c}": {"mean_per_layer": np.nanmean(np.stack(v), axis=0).round(4).tolist(),
+                         "n_traces": len(v)} for (d, c), v in sums.items()}
+
+
+def summarize(path: Path, versus: Path | None = None, plots: Path | None = None) -> dict[str, Any]:
+    """V7 and the headline table of a cache (and of `versus`), the direction cosines, a plot."""
+    from analyses.effects import headline, scatter_figure, v7_table
+    from probes.safe_output import save_figure
+
+    traces = read_effects(path)
+    summary: dict[str, Any] = {"cache": str(path), "n_traces": len(traces),
+                               "n_pairs": int(sum(len(t.category) for t in traces)),
+                               "v7": v7_table(traces), "headline": {"this": headline(traces)},
+                               "direction_cos": direction_summary(path)}
+    if versus is not None:
+        other = read_effects(versus)
+        summary["v7_versus"] = v7_table(other)
+        summary["headline"]["versus"] = headline(other)
+    if plots is not None:
+        p = save_figure(scatter_figure(traces, title=str(path)), Path(plots) / "effects_scatter.png")
+        summary["plots"] = [str(p)]
+        if versus is not None:
+            summary["plots"].append(str(save_figure(scatter_figure(other, title=str(versus)),
+                                                    Path(plots) / "effects_scatter_versus.png")))
+    return summary
+
+
+def format_summary(s: dict[str, Any], directions: dict[str, Any] | None = None) -> str:
+    from analyses.effects import format_headline, format_v7
+
+    lines = [f"{s['n_pairs']} (layer, token) pairs in {s['n_traces']} traces of {s['cache']}"]
+    lines += format_v7(s["v7"], "(real ΔL vs first-order prediction):")
+    if "v7_versus" in s:
+        lines += format_v7(s["v7_versus"], "of --versus:")
+    labels = {"this": "this", "versus": "versus"}
+    lines += format_headline({labels[k]: v for k, v in s["headline"].items()})
+    if directions:
+        for c, r in directions.get("probe", {}).items():
+            if "accuracy" in r:
+                lines.append(f"  {c} probe, held-out accuracy per layer "
+                             f"{[round(x, 3) for x in r['accuracy']]} (shuffled labels "
+                             f"{[round(x, 3) for x in r['shuffled_accuracy']]}; chance 0.5)")
+    for key in ("reflection|reflection", "reflection|ordinary"):
+        r = s["direction_cos"].get(key)
+        if r:
+            d, c = key.split("|")
+            lines.append(f"  cos(M4 δ, {d} direction) of {c} tokens per layer: "
+                         f"{r['mean_per_layer']}")
+    return "\n".join(lines)
+
+
+DEMO_TRACES = 6
+
+
+DEMO_PAIRS = 4
+
+
+def demo_section(loaded: LoadedModel, folder: Path, *, limit: int | None = None) -> dict[str, Any]:
+    """The demo's effects section: a few traces of the sample file, trained vs random-init.
+
+    Writes `folder/effects.h5` and `folder/effects_random_init.h5` (replacing earlier ones).
+
+    Returns:
+        One JSON-able dict: pairs, V7 pooled per edit, the headline rows of both models, seconds.
+    """
+    import time
+
+    from cache import remove_cache
+    from probes import DATA_DIR
+
+    t0 = time.perf_counter()
+    n = DEMO_TRACES if limit is None else min(limit, DEMO_TRACES)
+    paths = {"trained": folder / "effects.h5", "random_init": folder / "effects_random_init.h5"}
+    for control, path in zip(("none", "random-init"), paths.values()):
+        remove_cache(path)
+        cfg = EffectsConfig(pairs_per_category=DEMO_PAIRS, limit=n, control=control)
+        effects_traces(loaded, DATA_DIR / "tiny_reasoner_traces.jsonl", path, cfg, progress=False)
+    s = summarize(paths["trained"], paths["random_init"])
+    keep = ("n", "pearson", "spearman", "median_rel_err")
+    return {
+        "n_traces": s["n_traces"], "n_pairs": s["n_pairs"],
+        "v7": {e: {k: s["v7"][e]["all"][k] for k in keep} for e in s["v7"]},
+        "v7_random_init": {e: {k: s["v7_versus"][e]["all"][k] for k in keep} for e in s["v7_versus"]},
+        "headline": {"trained": s["headline"]["this"], "random_init": s["headline"]["versus"]},
+        "files": {k: str(v) for k, v in paths.items()},
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def format_demo_line(d: dict[str, Any]) -> str:
+    """The demo's lines for its effects section."""
+    v, vr = d["v7"], d["v7_random_init"]
+    lines = [f"causal edits of single tokens' updates ({d['n_pairs']} (layer, token) pairs in "
+             f"{d['n_traces']} traces, V7 real ΔL vs first-order): attention knockout vs M7 "
+             f"Spearman {v['attn']['spearman']:.2f} (random-init {vr['attn']['spearman']:.2f}), "
+             f"MLP-step removal vs M6 {v['mlp']['spearman']:.2f} ({vr['mlp']['spearman']:.2f})"]
+    h, hr = d["headline"]["trained"]["attn"], d["headline"]["random_init"]["attn"]
+    lines.append("  mean real ΔL of knocking one token out of one layer's attention, nats: " + "; ".join(
+        f"{c} {h[c]['mean']:+.2g} [{h[c]['ci_low']:+.2g}, {h[c]['ci_high']:+.2g}] "
+        f"(random-init {hr[c]['mean']:+.2g})" for c in ("reflection", "delimiter", "ordinary")))
+    return "\n".join(lines)

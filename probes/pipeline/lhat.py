@@ -1,0 +1,158 @@
+"""`python -m probes.run lhat`: the L̂ curve of every trace, written into an HDF5 cache.
+
+For each trace: tokenize and label it, compute L̂_t for t = 0..T with `probes.measures.lhat.fast.lhat_fast`
+(optionally re-checking K random prefixes the slow, RaML way), derive the per-token quantities and
+store them in the trace's group: `lhat` float32 [T+1], `lhat_delta`, `lhat_rho`, `lhat_log_ratio`
+float32 [T] (index i = trajectory token i). An existing cache (e.g. from `cache`) gains these arrays
+in its trace groups; a new file gets trace groups with tokens and categories only. Resumable: a
+trace that already has `lhat` is skipped.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hooks.model import LoadedModel
+from probes.measures.lhat.fast import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_MAX_PACK_TOKENS,
+    LHAT_ARRAYS,
+    lhat_arrays,
+    lhat_fast,
+    lhat_naive,
+)
+from probes.pipeline.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
+from probes.traces.tokenize import DEFAULT_SCAFFOLD
+
+NAME = "lhat"
+
+
+DONE_KEY = LHAT_ARRAYS[0]
+"""A trace that has this array is skipped on resume."""
+
+
+NO_THINKING_DELIMITER = "Therefore, after all this, I believe the answer is"
+"""RaML's no-thinking mode: the trajectory is only this delimiter (after `<think>`)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LhatConfig:
+    """Settings of an `lhat` run (ranges are checked by the parser and by the measurement).
+
+    Attributes:
+        check_naive: Per trace, re-run this many random prefixes one forward each (the RaML
+            method) and record the largest |fast − naive|.
+        seed: Seed of the prefix sampling for `check_naive`.
+        chunk_size: Prefill chunk (tokens) through the KV cache.
+        max_pack_tokens: Tokens per packed forward of scaffold + answer copies.
+        limit: Use only the first N traces.
+        strict: Fail on the first bad JSONL line.
+        lexicon: Extra lexicon JSON files merged into the built-in one.
+        prompt_format: Prompt format string; None = chat template or the documented default.
+        scaffold: The answer scaffold appended after each prefix.
+        no_thinking: Replace each trajectory by the NoThinking delimiter (RaML's no-thinking mode),
+            for the thinking vs no-thinking comparison.
+    """
+
+    check_naive: int = 0
+    seed: int = 0
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    max_pack_tokens: int = DEFAULT_MAX_PACK_TOKENS
+    limit: int | None = None
+    strict: bool = False
+    lexicon: tuple[str, ...] = ()
+    prompt_format: str | None = None
+    scaffold: str = DEFAULT_SCAFFOLD
+    no_thinking: bool = False
+
+
+@dataclass
+class LhatRunResult(WriteResult):
+    """What an `lhat` run did: the write loop's counts plus the curve figures."""
+
+    naive_max_abs_diff: float | None = None
+    n_naive_prefixes: int = 0
+    lhat_first_median: float | None = None
+    lhat_last_median: float | None = None
+
+
+def _no_thinking(trace):
+    """The trace with its trajectory replaced by `<think>` + the NoThinking delimiter."""
+
+    return replace(trace, trajectory=f"<think>\n{NO_THINKING_DELIMITER}")
+
+
+def lhat_traces(
+    model: str | LoadedModel,
+    traces_path: Path,
+    out: Path,
+    cfg: LhatConfig,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    dtype: str = "float32",
+    progress: bool = True,
+    log: Log | None = None,
+) -> LhatRunResult:
+    """Compute and store the L̂ curve of every trace through the write loop.
+
+    Args:
+        model: A model spec for `load_model`, or a loaded model.
+        traces_path: JSONL traces.
+        out: The HDF5 cache (created; an existing one is extended only with `resume`).
+        cfg: Run settings.
+        resume: Extend an existing `out` (`probes.pipeline.loop.RESUME_HELP`).
+        device: Where the model runs.
+        dtype: Model dtype.
+        progress: Show a progress bar on stderr.
+        log: Receives one-line messages.
+
+    Returns:
+        Counts, timing and (with `check_naive`) the largest |fast − naive| seen.
+
+    Raises:
+        ProbesError, CacheError: Bad input, a cache made with another model / tokenizer /
+            scaffold, or a trace whose stored tokens differ from this tokenization.
+    """
+    rng = random.Random(cfg.seed)
+    diffs: list[float] = []
+    n_checked: list[int] = []
+    firsts: list[float] = []
+    lasts: list[float] = []
+    job = WriteJob(command=NAME, out=Path(out), resume=resume, done_key=DONE_KEY)
+
+    def plan(loaded: LoadedModel) -> Plan:
+        def compute(tt) -> TraceOutput:
+            res = lhat_fast(loaded, tt, chunk_size=cfg.chunk_size,
+                            max_pack_tokens=cfg.max_pack_tokens)
+            attrs: dict[str, Any] = {"lhat_method": "packed-kv", "lhat_scaffold": cfg.scaffold}
+            if cfg.check_naive:
+                n_t = len(res.lhat)
+                check = sorted(rng.sample(range(n_t), min(cfg.check_naive, n_t)))
+                naive = lhat_naive(loaded, tt, ts=check)
+                diff = float(np.max(np.abs(naive - res.lhat[check].astype(np.float64))))
+                diffs.append(diff)
+                n_checked.append(len(check))
+                attrs["lhat_naive_max_abs_diff"] = diff
+            firsts.append(float(res.lhat[0]))
+            lasts.append(float(res.lhat[-1]))
+            return TraceOutput(arrays=lhat_arrays(res.lhat), attrs=attrs)
+
+        return Plan(compute)
+
+    result = write_traces(job, traces_path, load=loader(model, device=device, dtype=dtype),
+                          plan=plan, result=LhatRunResult(), lexicon_files=cfg.lexicon,
+                          limit=cfg.limit, strict=cfg.strict,
+                          prompt_format=cfg.prompt_format, scaffold=cfg.scaffold,
+                          transform=_no_thinking if cfg.no_thinking else None,
+                          progress=progress, log=log)
+    result.naive_max_abs_diff = max(diffs) if diffs else None
+    result.n_naive_prefixes = sum(n_checked)
+    result.lhat_first_median = float(np.median(firsts)) if firsts else None
+    result.lhat_last_median = float(np.median(lasts)) if lasts else None
+    return result
