@@ -113,7 +113,9 @@ def compare_models(
         One flat dict per (pair, measure, category): `kind` "paired", `a`, `b`, `measure`,
         `category`, `n` (traces with both values), `median_a`, `median_b`, `median_diff`,
         `ci_low`, `ci_high` (bootstrap CI of the median within-trace difference), `mean_diff`,
-        `cliffs_delta`, `wilcoxon_p`, `p_holm` (over every row).
+        `cliffs_delta`, `wilcoxon_p`, `p_holm` (Holm over the testable rows), `testable` and `note`
+        (below `analyses.inference.MIN_TRACES` traces a row has no CI or p-value: NaN, and `note`
+        says why).
     """
     rows: list[dict[str, Any]] = []
     k = 0
@@ -130,7 +132,8 @@ def compare_models(
                          "median_diff": r.median_diff, "ci_low": r.ci_median_diff[0],
                          "ci_high": r.ci_median_diff[1],
                          "mean_diff": float(d.mean()) if d.size else float("nan"),
-                         "cliffs_delta": r.cliffs_delta, "wilcoxon_p": r.wilcoxon_p})
+                         "cliffs_delta": r.cliffs_delta, "wilcoxon_p": r.wilcoxon_p,
+                         "testable": r.testable, "note": r.note})
     for r, q in zip(rows, holm([r["wilcoxon_p"] for r in rows]), strict=True):
         r["p_holm"] = float(q)
     return rows

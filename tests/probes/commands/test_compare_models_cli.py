@@ -90,7 +90,9 @@ def test_trained_against_random_init(caches, capsys):
     paired = [r for r in rows if r["kind"] == "paired"]
     assert {(r["a"], r["b"]) for r in paired} == {(trained, rand)}
     fin = next(r for r in paired if r["measure"] == "final")
-    assert fin["n"] == 6 and fin["ci_low"] <= fin["median_diff"] <= fin["ci_high"]
+    # 6 traces are below the inference floor (analyses.inference.MIN_TRACES = 8): raw medians only
+    assert fin["n"] == 6 and not fin["testable"] and fin["note"] == "n = 6: too few traces for inference"
+    assert fin["ci_low"] is None and fin["p_holm"] is None and fin["median_diff"] is not None
     assert all(0 <= r["p_holm"] <= 1 for r in paired if r["p_holm"] is not None)
     assert rep["plots"][0].endswith("compare_models.png")
     import pandas as pd
@@ -107,7 +109,8 @@ def test_two_tiny_models_sharing_a_tokenizer(caches, capsys):
     # a model against itself: every difference is 0
     for r in paired:
         if (r["a"], r["b"]) == ("a_again", "a") and r["n"]:
-            assert r["median_diff"] == 0.0 and r["ci_low"] == r["ci_high"] == 0.0
+            assert r["median_diff"] == 0.0  # (too few traces for a CI: the floor gives none)
+            assert r["ci_low"] == r["ci_high"] == 0.0 if r["testable"] else r["ci_low"] is None
     curves = _curves(caches["tiny_a"])
     want = np.median([stability_measures(y, window=3)["osc_energy"] for y in curves])
     row = next(r for r in rep["rows"] if r["kind"] == "model" and r["model"] == "a"
