@@ -9,8 +9,8 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from probes.commands import SUMMARIES, flags
-from probes.measures.capture.activations import (
+from probes.commands import SUMMARIES, flags, name_of
+from probes.measures.capture import (
     BACKENDS,
     DEFAULT_COMPONENTS,
     POSITIONS,
@@ -20,12 +20,13 @@ from probes.pipeline.progress import progress_on
 
 if TYPE_CHECKING:
     pass
-from probes.pipeline.capture import (
-    NAME,
-    CacheConfig,
-    CacheRunResult,
-    cache_traces,
-)
+from probes.pipeline.configs import CacheConfig
+
+if TYPE_CHECKING:
+    from probes.pipeline.capture import CacheRunResult
+
+NAME = name_of(__name__)
+
 
 
 def format_run(r: CacheRunResult) -> str:
@@ -43,6 +44,7 @@ def format_run(r: CacheRunResult) -> str:
 
 def add_parser(sub: Any) -> None:
     """Register `cache` and its flags."""
+
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
         help=SUMMARIES[NAME],
@@ -85,6 +87,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`cache`: capture, then print the summary (or JSON)."""
+    from probes.pipeline.capture import cache_traces  # here, not at the top: keeps --help fast
+
     flags.silence_hf()
     sites = tuple(s for item in args.sites for s in item.split(",") if s)
     cfg = CacheConfig(sites=sites, positions=args.positions, dtype=args.dtype,

@@ -4,7 +4,7 @@ constants that the code checks against and defaults stated once (the parser show
 - `model_flags`: `--model` (or `--tokenizer`), `--device`, `--model-dtype`, `--device-map`,
   `--max-memory` (the last two fold into `args.device`, the one string `load_model` reads).
 - `traces_flags`: `--traces`, `--limit`, `--strict`, `--lexicon`.
-- `out_flags`: `--out` and `--resume` (the write loop's rule, `probes.pipeline.loop.RESUME_HELP`).
+- `out_flags`: `--out` and `--resume` (the write loop's rule, `probes.pipeline.job.RESUME_HELP`).
 - `report_flags`: `--json` and `-q/--quiet` (alias `--no-progress`).
 
 Every numeric option takes one of the typed validators below (`positive_int`, `nonnegative_int`,
@@ -20,15 +20,16 @@ import argparse
 import math
 from pathlib import Path
 
-from hooks.model import DTYPES
-from probes.models.placement import DEVICE_MAPS
-from probes.pipeline.loop import RESUME_HELP
+from hooks.dtypes import DTYPE_NAMES
+from probes.models.choices import DEVICE_MAPS
+from probes.pipeline.job import RESUME_HELP
 from probes.pipeline.progress import QUIET_HELP
 
 MODEL_HELP = "tiny-reasoner, a local model folder, or a hub id in the local HF cache"
 DEVICE_HELP = "cpu, cuda, cuda:N or auto"
-MODEL_DTYPES: tuple[str, ...] = tuple(DTYPES)
-"""Parameter dtypes a model can be loaded in (the one table is `hooks.model.DTYPES`)."""
+MODEL_DTYPES: tuple[str, ...] = DTYPE_NAMES
+"""Parameter dtypes a model can be loaded in (the one list is `hooks.dtypes.DTYPE_NAMES`, which
+`hooks.model.DTYPES` maps to torch dtypes)."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -7,20 +7,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from probes.commands import SUMMARIES, flags
-from probes.measures.lhat.fast import (
+from probes.commands import SUMMARIES, flags, name_of
+from probes.measures.lhat import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_PACK_TOKENS,
 )
-from probes.pipeline.lhat import (
-    NAME,
-    LhatConfig,
-    LhatRunResult,
-    lhat_traces,
-)
+from probes.pipeline.configs import LhatConfig
 from probes.pipeline.progress import progress_on
+
+if TYPE_CHECKING:
+    from probes.pipeline.lhat import LhatRunResult
+
+NAME = name_of(__name__)
+
 
 
 def format_lhat_run(r: LhatRunResult) -> str:
@@ -41,6 +42,7 @@ def format_lhat_run(r: LhatRunResult) -> str:
 
 def add_parser(sub: Any) -> None:
     """Register `lhat` and its flags."""
+
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
         help=SUMMARIES[NAME],
@@ -72,6 +74,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`lhat`: compute, then print the summary (and JSON)."""
+    from probes.pipeline.lhat import lhat_traces  # here, not at the top: keeps --help fast
+
     flags.silence_hf()
     cfg = LhatConfig(check_naive=args.check_naive, seed=args.seed, chunk_size=args.chunk_size,
                      max_pack_tokens=args.max_pack_tokens, limit=args.limit, strict=args.strict,
