@@ -78,7 +78,7 @@ def add_parser(sub: Any) -> None:
         ),
     )
     flags.model_flags(p)
-    flags.traces_flags(p)
+    flags.traces_flags(p, tokenize=True)
     flags.out_flags(p, what="the .h5 cache")
     p.add_argument("--analyses", type=_analyses, default=DEFAULT_ANALYSES,
                    help=f"comma-separated subset of {', '.join(ANALYSES)}")
@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     flags.silence_hf()
     if args.plots is not None:
         check_plot_folder(args.plots)
-    cfg = AnchorsConfig(
+    cfg = AnchorsConfig(prompt_format=args.prompt_format, scaffold=args.scaffold,
+
         analyses=args.analyses, proximity_ignore=args.proximity_ignore, top_heads=args.top_heads,
         supp_batch=args.supp_batch, supp_temperature=args.supp_temperature,
         resample=ResampleSettings(k=args.k, temperature=args.temperature, top_p=args.top_p,

@@ -57,7 +57,7 @@ def add_parser(sub: Any) -> None:
         ),
     )
     flags.model_flags(p)
-    flags.traces_flags(p)
+    flags.traces_flags(p, tokenize=True)
     flags.out_flags(p, what="the .h5 file (its folder must exist)")
     p.add_argument(
         "--sites", nargs="+", default=list(DEFAULT_COMPONENTS), metavar="SITE",
@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
     flags.silence_hf()
     sites = tuple(s for item in args.sites for s in item.split(",") if s)
-    cfg = CacheConfig(sites=sites, positions=args.positions, dtype=args.dtype,
+    cfg = CacheConfig(prompt_format=args.prompt_format, scaffold=args.scaffold,
+                      sites=sites, positions=args.positions, dtype=args.dtype,
                       chunk_size=args.chunk_size, batch_tokens=args.batch_tokens,
                       limit=args.limit,
                       lexicon=tuple(str(p) for p in args.lexicon), backend=args.backend,

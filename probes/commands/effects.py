@@ -47,7 +47,7 @@ def add_parser(sub: Any) -> None:
         ),
     )
     flags.model_flags(p)
-    flags.traces_flags(p)
+    flags.traces_flags(p, tokenize=True)
     flags.out_flags(p, what="the .h5 cache")
     p.add_argument("--pairs-per-category", type=flags.positive_int, default=30,
                    help="(layer, token) pairs per category and trace")
@@ -101,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
             check_output_file(path, "--out")
     if args.plots is not None:
         check_plot_folder(args.plots)
-    cfg = EffectsConfig(pairs_per_category=args.pairs_per_category, batch_size=args.batch_size,
+    cfg = EffectsConfig(prompt_format=args.prompt_format, scaffold=args.scaffold,
+                      pairs_per_category=args.pairs_per_category, batch_size=args.batch_size,
                         scale=args.scale, seed=args.seed, control=args.control,
                         control_seed=args.control_seed, limit=args.limit, strict=args.strict,
                         lexicon=tuple(str(p) for p in args.lexicon))

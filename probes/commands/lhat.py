@@ -56,7 +56,7 @@ def add_parser(sub: Any) -> None:
         ),
     )
     flags.model_flags(p)
-    flags.traces_flags(p)
+    flags.traces_flags(p, tokenize=True)
     flags.out_flags(p, what="the .h5 cache")
     p.add_argument("--check-naive", type=flags.nonnegative_int, default=0, metavar="K",
                    help="re-run K random prefixes per trace one forward each and report the "
@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from probes.pipeline.lhat import lhat_traces  # here, not at the top: keeps --help fast
 
     flags.silence_hf()
-    cfg = LhatConfig(check_naive=args.check_naive, seed=args.seed, chunk_size=args.chunk_size,
+    cfg = LhatConfig(prompt_format=args.prompt_format, scaffold=args.scaffold,
+                      check_naive=args.check_naive, seed=args.seed, chunk_size=args.chunk_size,
                      max_pack_tokens=args.max_pack_tokens, limit=args.limit, strict=args.strict,
                      lexicon=tuple(str(p) for p in args.lexicon), no_thinking=args.no_thinking)
     result = lhat_traces(args.model, args.traces, args.out, cfg, resume=args.resume,

@@ -51,7 +51,7 @@ def add_parser(sub: Any) -> None:
         ),
     )
     flags.model_flags(p)
-    flags.traces_flags(p)
+    flags.traces_flags(p, tokenize=True)
     flags.out_flags(p, what="the .h5 cache")
     p.add_argument("--control", choices=CONTROLS, default=CONTROLS[0],
                    help="none: the trained weights; random-init: a seeded random initialisation "
@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from probes.pipeline.updates import updates_traces  # here, not at the top: keeps --help fast
 
     flags.silence_hf()
-    cfg = UpdatesConfig(control=args.control, seed=args.seed, limit=args.limit,
+    cfg = UpdatesConfig(prompt_format=args.prompt_format, scaffold=args.scaffold,
+                      control=args.control, seed=args.seed, limit=args.limit,
                         strict=args.strict, lexicon=tuple(str(p) for p in args.lexicon),
                         layers=tuple(args.layers) if args.layers else None,
                         answer_rows=args.answer_rows, attention=args.attention)
