@@ -53,6 +53,7 @@ import numpy as np
 from scipy import signal
 
 from analyses.inference import MIN_TRACES, raw_values_text
+from analyses.metrics import METRICS as METRICS
 from analyses.stats import PairedComparison, compare_paired
 from analyses.token_sets import (
     _SET_NAMES,
@@ -66,10 +67,6 @@ from analyses.token_sets import (
     _trajectory_length,
     token_sets,
 )
-
-METRICS = ("delta", "abs_delta", "rho", "lam", "abs_lam")
-"""Metric names: signed change Δ, |Δ|, RaML's relative change ρ, log-ratio λ, |λ|."""
-
 
 DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (
     ("reflection", "ordinary"),

@@ -175,7 +175,7 @@ def remove_stale_temps(path: Path) -> list[Path]:
         The files removed.
     """
     pattern = re.compile(re.escape(path.name) + r"\.(\d+)\.tmp$")
-    removed = []
+    removed: list[Path] = []
     try:
         names = os.listdir(path.parent)
     except OSError:

@@ -51,3 +51,9 @@ SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
 
 SUMMARIES: dict[str, str] = {name: summary for name, _, summary in SUBCOMMANDS}
 """The one-line help of each subcommand."""
+
+
+def name_of(module: str) -> str:
+    """The subcommand name of a command module (`probes.commands.compare_models` ->
+    "compare-models"), from `SUBCOMMANDS`."""
+    return next(name for name, path, _ in SUBCOMMANDS if path == module)

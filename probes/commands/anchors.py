@@ -8,21 +8,25 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from probes.commands import SUMMARIES, flags
-from probes.measures.anchors import receivers as anc
-from probes.measures.anchors import resampling as rs
-from probes.pipeline.anchors import (
-    ANALYSES,
-    DEFAULT_ANALYSES,
-    NAME,
-    AnchorsConfig,
-    AnchorsRunResult,
-    anchors_traces,
+from probes.commands import SUMMARIES, flags, name_of
+from probes.measures.anchors import (
+    DEFAULT_THRESHOLD,
+    PROXIMITY_IGNORE,
+    SIMILARITY,
+    TOP_K_HEADS,
+    ResampleSettings,
 )
+from probes.pipeline.configs import ANALYSES, DEFAULT_ANALYSES, AnchorsConfig
 from probes.pipeline.outputs import check_plot_folder
 from probes.pipeline.progress import progress_on
+
+if TYPE_CHECKING:
+    from probes.pipeline.anchors import AnchorsRunResult
+
+NAME = name_of(__name__)
+
 
 
 def format_anchors_run(r: AnchorsRunResult) -> str:
@@ -59,6 +63,7 @@ def _analyses(text: str) -> tuple[str, ...]:
 
 def add_parser(sub: Any) -> None:
     """Register `anchors` and its flags."""
+
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
         help=SUMMARIES[NAME],
@@ -73,13 +78,13 @@ def add_parser(sub: Any) -> None:
         ),
     )
     flags.model_flags(p)
-    flags.traces_flags(p)
+    flags.traces_flags(p, tokenize=True)
     flags.out_flags(p, what="the .h5 cache")
     p.add_argument("--analyses", type=_analyses, default=DEFAULT_ANALYSES,
                    help=f"comma-separated subset of {', '.join(ANALYSES)}")
-    p.add_argument("--top-heads", type=flags.positive_int, default=anc.TOP_K_HEADS,
+    p.add_argument("--top-heads", type=flags.positive_int, default=TOP_K_HEADS,
                    help="receiver heads: top-k by mean kurtosis")
-    p.add_argument("--proximity-ignore", type=flags.nonnegative_int, default=anc.PROXIMITY_IGNORE,
+    p.add_argument("--proximity-ignore", type=flags.nonnegative_int, default=PROXIMITY_IGNORE,
                    help="vertical scores ignore query chunks closer than this")
     p.add_argument("--supp-batch", type=flags.positive_int, default=None,
                    help="masked variants per suppression forward (default: from a 1 GiB budget)")
@@ -92,11 +97,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=flags.seed, default=0, help="resampling seed")
     p.add_argument("--max-new-tokens", type=flags.positive_int, default=None,
                    help="tokens per continuation (default 2 x trajectory length + 64)")
-    p.add_argument("--similarity", choices=rs.SIMILARITY, default="exact",
+    p.add_argument("--similarity", choices=SIMILARITY, default="exact",
                    help="how a resampled first chunk is judged the same as the original")
     p.add_argument("--embedding-model", default=None,
                    help="local folder of a sentence-embedding model (--similarity embedding)")
-    p.add_argument("--threshold", type=flags.probability, default=rs.DEFAULT_THRESHOLD,
+    p.add_argument("--threshold", type=flags.probability, default=DEFAULT_THRESHOLD,
                    help="embedding cosine below which a resample is dissimilar")
     p.add_argument("--prob-true", action="store_true",
                    help="counterfactual KL as the binary KL of P(correct)")
@@ -109,13 +114,16 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`anchors`: compute, then print the summary (and JSON)."""
+    from probes.pipeline.anchors import anchors_traces  # here, not at the top: keeps --help fast
+
     flags.silence_hf()
     if args.plots is not None:
         check_plot_folder(args.plots)
-    cfg = AnchorsConfig(
+    cfg = AnchorsConfig(prompt_format=args.prompt_format, scaffold=args.scaffold,
+
         analyses=args.analyses, proximity_ignore=args.proximity_ignore, top_heads=args.top_heads,
         supp_batch=args.supp_batch, supp_temperature=args.supp_temperature,
-        resample=rs.ResampleSettings(k=args.k, temperature=args.temperature, top_p=args.top_p,
+        resample=ResampleSettings(k=args.k, temperature=args.temperature, top_p=args.top_p,
                                      seed=args.seed, max_new_tokens=args.max_new_tokens),
         similarity=args.similarity, embedding_model=args.embedding_model,
         threshold=args.threshold, prob_true=args.prob_true,

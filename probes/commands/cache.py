@@ -9,8 +9,8 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from probes.commands import SUMMARIES, flags
-from probes.measures.capture.activations import (
+from probes.commands import SUMMARIES, flags, name_of
+from probes.measures.capture import (
     BACKENDS,
     DEFAULT_COMPONENTS,
     POSITIONS,
@@ -20,12 +20,13 @@ from probes.pipeline.progress import progress_on
 
 if TYPE_CHECKING:
     pass
-from probes.pipeline.capture import (
-    NAME,
-    CacheConfig,
-    CacheRunResult,
-    cache_traces,
-)
+from probes.pipeline.configs import CacheConfig
+
+if TYPE_CHECKING:
+    from probes.pipeline.capture import CacheRunResult
+
+NAME = name_of(__name__)
+
 
 
 def format_run(r: CacheRunResult) -> str:
@@ -43,6 +44,7 @@ def format_run(r: CacheRunResult) -> str:
 
 def add_parser(sub: Any) -> None:
     """Register `cache` and its flags."""
+
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
         help=SUMMARIES[NAME],
@@ -55,7 +57,7 @@ def add_parser(sub: Any) -> None:
         ),
     )
     flags.model_flags(p)
-    flags.traces_flags(p)
+    flags.traces_flags(p, tokenize=True)
     flags.out_flags(p, what="the .h5 file (its folder must exist)")
     p.add_argument(
         "--sites", nargs="+", default=list(DEFAULT_COMPONENTS), metavar="SITE",
@@ -85,9 +87,12 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`cache`: capture, then print the summary (or JSON)."""
+    from probes.pipeline.capture import cache_traces  # here, not at the top: keeps --help fast
+
     flags.silence_hf()
     sites = tuple(s for item in args.sites for s in item.split(",") if s)
-    cfg = CacheConfig(sites=sites, positions=args.positions, dtype=args.dtype,
+    cfg = CacheConfig(prompt_format=args.prompt_format, scaffold=args.scaffold,
+                      sites=sites, positions=args.positions, dtype=args.dtype,
                       chunk_size=args.chunk_size, batch_tokens=args.batch_tokens,
                       limit=args.limit,
                       lexicon=tuple(str(p) for p in args.lexicon), backend=args.backend,

@@ -7,12 +7,24 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from probes.commands import SUMMARIES, flags
+from probes.commands import SUMMARIES, flags, name_of
 from probes.pipeline.progress import Stages, progress_on
-from probes.readouts.compare import LAYER_VIEWS, NAME, UPDATE_UNITS, _trend_line, compare_cache, report_json
-from probes.readouts.configs import COMPARE_METRICS, STATISTICS, UNITS, CompareConfig
+from probes.readouts.configs import (
+    COMPARE_METRICS,
+    LAYER_VIEWS,
+    STATISTICS,
+    UNITS,
+    UPDATE_UNITS,
+    CompareConfig,
+)
+
+if TYPE_CHECKING:
+    pass
+
+NAME = name_of(__name__)
+
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -47,6 +59,8 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def _format_lhat(report: dict[str, Any]) -> list[str]:
+    from probes.readouts.compare import _trend_line  # here, not at the top: keeps --help fast
+
     t = report["trend"]
     lines = [report["table_text"], _trend_line(t)]
     rp = report["repro"]
@@ -122,6 +136,11 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`compare` from parsed flags."""
+    from probes.readouts.compare import (
+        compare_cache,  # here, not at the top: keeps --help fast
+        report_json,
+    )
+
     if args.plots is not None:
         from probes.pipeline.outputs import check_plot_folder
 

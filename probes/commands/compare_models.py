@@ -7,18 +7,18 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from probes.commands import SUMMARIES, flags
+from probes.commands import SUMMARIES, flags, name_of
 from probes.pipeline.outputs import check_plot_folder
 from probes.pipeline.progress import Stages, progress_on
-from probes.readouts.compare_models import (
-    NAME,
-    PAIRINGS,
-    compare_models_report,
-    report_json,
-)
 from probes.readouts.text import num as _num
+
+if TYPE_CHECKING:
+    pass
+
+NAME = name_of(__name__)
+
 
 
 def format_report(report: dict[str, Any], *, all_categories: bool = True) -> str:
@@ -55,6 +55,8 @@ def format_report(report: dict[str, Any], *, all_categories: bool = True) -> str
 
 def add_parser(sub: Any) -> None:
     """Register `compare-models` and its flags."""
+    from probes.readouts.compare_models import PAIRINGS  # here, not at the top: keeps --help fast
+
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
         help=SUMMARIES[NAME],
@@ -92,6 +94,11 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`compare-models` from parsed flags."""
+    from probes.readouts.compare_models import (
+        compare_models_report,  # here, not at the top: keeps --help fast
+        report_json,
+    )
+
     if args.plots is not None:
         check_plot_folder(args.plots)
     with Stages(total=1, desc=NAME, enabled=progress_on(args.quiet)) as stages, \

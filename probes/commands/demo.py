@@ -7,21 +7,21 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from probes.commands import SUMMARIES, flags
-from probes.demo.run import (
-    NAME,
-    _later_sections,
-    _with_own_samples,
-    format_summary,
-    run_demo,
-)
+from probes.commands import SUMMARIES, flags, name_of
 from probes.errors import ProbesError
+
+if TYPE_CHECKING:
+    pass
+
+NAME = name_of(__name__)
+
 
 
 def add_parser(sub: Any) -> None:
     """Register `demo` and its flags."""
+
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
         help=SUMMARIES[NAME],
@@ -51,6 +51,12 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`demo` from parsed flags: the pipeline, then (with --out) the HTML report."""
+    from probes.demo.run import (
+        _later_sections,  # here, not at the top: keeps --help fast
+        _with_own_samples,
+        format_summary,
+        run_demo,
+    )
     from probes.pipeline.progress import Stages, progress_on
     from probes.readouts.report.build import report_demo
 

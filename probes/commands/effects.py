@@ -8,28 +8,26 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from probes.commands import SUMMARIES, flags
+from probes.commands import SUMMARIES, flags, name_of
 from probes.errors import ProbesError
-from probes.models.controls import CONTROLS
-from probes.pipeline.effects import (
-    DONE_KEY,
-    NAME,
-    EffectsConfig,
-    directions_path,
-    effects_traces,
-    format_summary,
-    summarize,
-    summary_path,
-)
+from probes.models.choices import CONTROLS
+from probes.pipeline.configs import EffectsConfig
 from probes.pipeline.outputs import check_output_file, check_plot_folder
 from probes.pipeline.progress import progress_on
 from probes.safe_output import write_text
 
+if TYPE_CHECKING:
+    pass
+
+NAME = name_of(__name__)
+
+
 
 def add_parser(sub: Any) -> None:
     """Register `effects` and its flags."""
+
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
         help=SUMMARIES[NAME],
@@ -49,7 +47,7 @@ def add_parser(sub: Any) -> None:
         ),
     )
     flags.model_flags(p)
-    flags.traces_flags(p)
+    flags.traces_flags(p, tokenize=True)
     flags.out_flags(p, what="the .h5 cache")
     p.add_argument("--pairs-per-category", type=flags.positive_int, default=30,
                    help="(layer, token) pairs per category and trace")
@@ -75,6 +73,7 @@ def _check_versus(path: Path) -> None:
         ProbesError, CacheError: Missing, not a cache, or no effects arrays.
     """
     from cache import open_cache
+    from probes.pipeline.effects import DONE_KEY  # here, not at the top: keeps --help fast
 
     if not path.is_file():
         raise ProbesError(f"--versus {path} does not exist; give an effects cache")
@@ -86,6 +85,14 @@ def _check_versus(path: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`effects`: compute, store, then print V7 and the headline table."""
+    from probes.pipeline.effects import (
+        directions_path,  # here, not at the top: keeps --help fast
+        effects_traces,
+        format_summary,
+        summarize,
+        summary_path,
+    )
+
     flags.silence_hf()
     if args.versus is not None:  # before the work, not after it
         _check_versus(Path(args.versus))
@@ -94,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
             check_output_file(path, "--out")
     if args.plots is not None:
         check_plot_folder(args.plots)
-    cfg = EffectsConfig(pairs_per_category=args.pairs_per_category, batch_size=args.batch_size,
+    cfg = EffectsConfig(prompt_format=args.prompt_format, scaffold=args.scaffold,
+                      pairs_per_category=args.pairs_per_category, batch_size=args.batch_size,
                         scale=args.scale, seed=args.seed, control=args.control,
                         control_seed=args.control_seed, limit=args.limit, strict=args.strict,
                         lexicon=tuple(str(p) for p in args.lexicon))

@@ -7,19 +7,19 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from probes.commands import SUMMARIES, flags
+from probes.commands import SUMMARIES, flags, name_of
 from probes.errors import ProbesError
 from probes.pipeline.outputs import check_plot_folder
 from probes.pipeline.progress import Stages, progress_on
-from probes.readouts.efficiency import (
-    NAME,
-    efficiency_report,
-    parse_pairs,
-    report_json,
-)
 from probes.readouts.text import num as _num
+
+if TYPE_CHECKING:
+    pass
+
+NAME = name_of(__name__)
+
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -56,6 +56,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def add_parser(sub: Any) -> None:
     """Register `efficiency` and its flags."""
+
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
         help=SUMMARIES[NAME],
@@ -86,6 +87,12 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`efficiency` from parsed flags."""
+    from probes.readouts.efficiency import (
+        efficiency_report,  # here, not at the top: keeps --help fast
+        parse_pairs,
+        report_json,
+    )
+
     if args.plots is not None:
         check_plot_folder(args.plots)
     pairs = parse_pairs(args.pairs)

@@ -8,18 +8,19 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from probes.commands import SUMMARIES, flags
+from probes.commands import SUMMARIES, flags, name_of
 from probes.jsonable import jsonable
-from probes.pipeline.fit import (
-    MIN_MASKING_LOSS,
-    NAME,
-    FitConfig,
-    fit_traces,
-)
+from probes.pipeline.configs import FitConfig
 from probes.pipeline.progress import Stages, progress_on
 from probes.safe_output import write_text
+
+if TYPE_CHECKING:
+    pass
+
+NAME = name_of(__name__)
+
 
 
 def _fmt(x: Any, spec: str = ".3f") -> str:
@@ -28,6 +29,8 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
 
 def format_fit_report(r: dict[str, Any]) -> str:
     """Human form of `fit_traces`'s report."""
+    from probes.pipeline.fit import MIN_MASKING_LOSS  # here, not at the top: keeps --help fast
+
     models = [("trained", r["trained"])] + ([("random-init", r["random_init"])]
                                             if "random_init" in r else [])
     lines = [f"fits on {r['n_traces']} traces of {r['traces']} ({r['model']}, {r['seconds']:.1f}s)"]
@@ -68,6 +71,7 @@ def format_fit_report(r: dict[str, Any]) -> str:
 
 def add_parser(sub: Any) -> None:
     """Register `fit` and its flags."""
+
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
         help=SUMMARIES[NAME],
@@ -100,6 +104,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`fit` from parsed flags."""
+    from probes.pipeline.fit import fit_traces  # here, not at the top: keeps --help fast
+
     flags.silence_hf()
     if args.out is not None:
         from probes.pipeline.outputs import check_output_file

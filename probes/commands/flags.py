@@ -3,8 +3,9 @@ constants that the code checks against and defaults stated once (the parser show
 
 - `model_flags`: `--model` (or `--tokenizer`), `--device`, `--model-dtype`, `--device-map`,
   `--max-memory` (the last two fold into `args.device`, the one string `load_model` reads).
-- `traces_flags`: `--traces`, `--limit`, `--strict`, `--lexicon`.
-- `out_flags`: `--out` and `--resume` (the write loop's rule, `probes.pipeline.loop.RESUME_HELP`).
+- `traces_flags`: `--traces`, `--limit`, `--strict`, `--lexicon` and, for the commands that
+  tokenize into a cache, `--prompt-format` and `--scaffold`.
+- `out_flags`: `--out` and `--resume` (the write loop's rule, `probes.pipeline.job.RESUME_HELP`).
 - `report_flags`: `--json` and `-q/--quiet` (alias `--no-progress`).
 
 Every numeric option takes one of the typed validators below (`positive_int`, `nonnegative_int`,
@@ -20,15 +21,17 @@ import argparse
 import math
 from pathlib import Path
 
-from hooks.model import DTYPES
-from probes.models.placement import DEVICE_MAPS
-from probes.pipeline.loop import RESUME_HELP
+from hooks.dtypes import DTYPE_NAMES
+from probes.models.choices import DEVICE_MAPS
+from probes.pipeline.job import RESUME_HELP
 from probes.pipeline.progress import QUIET_HELP
+from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
 MODEL_HELP = "tiny-reasoner, a local model folder, or a hub id in the local HF cache"
 DEVICE_HELP = "cpu, cuda, cuda:N or auto"
-MODEL_DTYPES: tuple[str, ...] = tuple(DTYPES)
-"""Parameter dtypes a model can be loaded in (the one table is `hooks.model.DTYPES`)."""
+MODEL_DTYPES: tuple[str, ...] = DTYPE_NAMES
+"""Parameter dtypes a model can be loaded in (the one list is `hooks.dtypes.DTYPE_NAMES`, which
+`hooks.model.DTYPES` maps to torch dtypes)."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -141,8 +144,16 @@ class _DeviceAction(argparse.Action):
 
 
 def traces_flags(p: argparse.ArgumentParser, *, limit_help: str = "use only the first N traces",
-                 lexicon: bool = True) -> None:
+                 lexicon: bool = True, tokenize: bool = False) -> None:
     """`--traces`, `--limit`, `--strict` and (for commands that label tokens) `--lexicon`."""
+    if tokenize:
+        p.add_argument("--prompt-format", default=None, metavar="TEMPLATE",
+                       help="prompt template with {question} (none given: the tokenizer's chat "
+                            "template, else the documented prompt)")
+        p.add_argument("--scaffold", default=DEFAULT_SCAFFOLD,
+                       help="text between the trajectory and the answer (RaML's answer scaffold, "
+                            "%(default)r); part of what a cache records, so --resume needs the "
+                            "same one")
     p.add_argument("--traces", type=Path, required=True, help="JSONL traces")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N", help=limit_help)
     p.add_argument("--strict", action="store_true",

@@ -48,15 +48,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from probes.commands import SUMMARIES, flags
 from probes.errors import ProbesError
-from probes.models.generate import BACKENDS
-from probes.pipeline.generate.grade import format_statistics
-from probes.pipeline.generate.sampling import check_summary_prompt as check_summary_prompt
-from probes.pipeline.generate.sampling import generate_samples, summarize_traces
-from probes.pipeline.generate.sampling import reasoning_of as reasoning_of
+from probes.models.choices import GENERATION_BACKENDS as BACKENDS
 from probes.pipeline.generate.settings import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SUMMARY_PROMPT,
@@ -69,14 +65,22 @@ from probes.pipeline.generate.settings import (
 )
 from probes.pipeline.generate.settings import SAMPLE_VARIANT as SAMPLE_VARIANT
 from probes.pipeline.generate.settings import SUMMARY_VARIANT as SUMMARY_VARIANT
-from probes.pipeline.generate.writer import Generator as Generator
-from probes.pipeline.generate.writer import open_generator as open_generator
 from probes.pipeline.progress import progress_on
 from probes.traces.grading import DEFAULT_GRADE_METHOD, GRADE_METHODS
+
+if TYPE_CHECKING:
+    from probes.pipeline.generate.sampling import check_summary_prompt as check_summary_prompt
+    from probes.pipeline.generate.sampling import reasoning_of as reasoning_of
+    from probes.pipeline.generate.writer import Generator as Generator
+    from probes.pipeline.generate.writer import open_generator as open_generator
+
+
 
 
 def format_generate(r: GenerateResult) -> str:
     """The summary line plus the statistics of the file."""
+    from probes.pipeline.generate.grade import format_statistics  # here, not at the top: keeps --help fast
+
     lines = [r.summary()]
     if r.statistics is not None:
         lines += format_statistics(r.statistics)
@@ -147,6 +151,11 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`generate` from parsed flags: generate (or summarise), then print the report (and JSON)."""
+    from probes.pipeline.generate.sampling import (
+        generate_samples,  # here, not at the top: keeps --help fast
+        summarize_traces,
+    )
+
     flags.silence_hf()
     if args.summarize is not None and args.n is not None:
         raise ProbesError("--n is the number of samples per question; --summarize writes one summary "

@@ -8,22 +8,23 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from probes.commands import SUMMARIES, flags
-from probes.pipeline.generate.grade import (
-    N_SHOWN,
-    NAME,
-    GradeResult,
-    format_statistics,
-    grade_file,
-)
+from probes.commands import SUMMARIES, flags, name_of
 from probes.pipeline.progress import Stages, progress_on
 from probes.traces.grading import DEFAULT_GRADE_METHOD, GRADE_METHODS
+
+if TYPE_CHECKING:
+    from probes.pipeline.generate.grade import GradeResult
+
+NAME = name_of(__name__)
+
 
 
 def format_grade(r: GradeResult) -> str:
     """The report of a `grade` run."""
+    from probes.pipeline.generate.grade import format_statistics  # here, not at the top: keeps --help fast
+
     acc = "n/a" if r.accuracy is None else f"{r.accuracy:.3f}"
     lines = [f"grade: {r.n_records} records graded ({r.method}), {r.n_correct} correct, accuracy {acc}; "
              f"{r.n_no_answer} without an answer, {r.n_bad_lines} lines not traces"
@@ -39,6 +40,7 @@ def format_grade(r: GradeResult) -> str:
 
 def add_parser(sub: Any) -> None:
     """Register `grade` and its flags."""
+
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
         help=SUMMARIES[NAME],
@@ -62,6 +64,11 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`grade` from parsed flags."""
+    from probes.pipeline.generate.grade import (
+        N_SHOWN,  # here, not at the top: keeps --help fast
+        grade_file,
+    )
+
     with Stages(total=1, desc=NAME, enabled=progress_on(args.quiet)) as stages, \
             stages.working("grading"):
         result = grade_file(args.traces, out=args.out, method=args.grade_method,

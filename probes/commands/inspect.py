@@ -8,19 +8,22 @@ import argparse
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from probes import arrays
-from probes.commands import SUMMARIES, flags
-from probes.pipeline.loop import human_size
-from probes.readouts.inspect import (
-    NAME,
-    inspect_cache,
-)
+from probes.commands import SUMMARIES, flags, name_of
+
+if TYPE_CHECKING:
+    pass
+
+NAME = name_of(__name__)
+
 
 
 def format_inspect(s: Mapping[str, Any]) -> str:
     """A human-readable table of an `inspect_cache` summary."""
+    from probes import arrays  # here, not at the top: keeps --help fast
+    from probes.pipeline.loop import human_size
+
     arch = s.get("architecture", {})
     cfg = s.get("config", {})
     lines = [
@@ -69,6 +72,7 @@ def format_inspect(s: Mapping[str, Any]) -> str:
 
 def add_parser(sub: Any) -> None:
     """Register `inspect` and its flags."""
+
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
         help=SUMMARIES[NAME],
@@ -85,6 +89,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`inspect` from parsed flags."""
+    from probes.readouts.inspect import inspect_cache  # here, not at the top: keeps --help fast
+
 
     summary = inspect_cache(args.path)
     if args.json:

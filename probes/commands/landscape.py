@@ -8,21 +8,22 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from probes.commands import SUMMARIES, flags
-from probes.measures.landscape.plane import (
+from probes.commands import SUMMARIES, flags, name_of
+from probes.measures.landscape import (
     POSITIONS,
     STYLES,
 )
-from probes.pipeline.landscape import (
-    NAME,
-    LandscapeConfig,
-    LandscapeRunResult,
-    landscape_traces,
-)
+from probes.pipeline.configs import LandscapeConfig
 from probes.pipeline.outputs import check_plot_folder
 from probes.pipeline.progress import progress_on
+
+if TYPE_CHECKING:
+    from probes.pipeline.landscape import LandscapeRunResult
+
+NAME = name_of(__name__)
+
 
 
 def format_landscape_run(r: LandscapeRunResult) -> str:
@@ -45,6 +46,7 @@ def format_landscape_run(r: LandscapeRunResult) -> str:
 
 def add_parser(sub: Any) -> None:
     """Register `landscape` and its flags."""
+
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
         help=SUMMARIES[NAME],
@@ -90,6 +92,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`landscape`: compute, then print the summary (and JSON)."""
+    from probes.pipeline.landscape import landscape_traces  # here, not at the top: keeps --help fast
+
     flags.silence_hf()
     if args.plot_dir is not None:
         check_plot_folder(args.plot_dir, "--plot-dir")

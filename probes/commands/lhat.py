@@ -7,20 +7,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from probes.commands import SUMMARIES, flags
-from probes.measures.lhat.fast import (
+from probes.commands import SUMMARIES, flags, name_of
+from probes.measures.lhat import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_PACK_TOKENS,
 )
-from probes.pipeline.lhat import (
-    NAME,
-    LhatConfig,
-    LhatRunResult,
-    lhat_traces,
-)
+from probes.pipeline.configs import LhatConfig
 from probes.pipeline.progress import progress_on
+
+if TYPE_CHECKING:
+    from probes.pipeline.lhat import LhatRunResult
+
+NAME = name_of(__name__)
+
 
 
 def format_lhat_run(r: LhatRunResult) -> str:
@@ -41,6 +42,7 @@ def format_lhat_run(r: LhatRunResult) -> str:
 
 def add_parser(sub: Any) -> None:
     """Register `lhat` and its flags."""
+
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
         help=SUMMARIES[NAME],
@@ -54,7 +56,7 @@ def add_parser(sub: Any) -> None:
         ),
     )
     flags.model_flags(p)
-    flags.traces_flags(p)
+    flags.traces_flags(p, tokenize=True)
     flags.out_flags(p, what="the .h5 cache")
     p.add_argument("--check-naive", type=flags.nonnegative_int, default=0, metavar="K",
                    help="re-run K random prefixes per trace one forward each and report the "
@@ -72,8 +74,11 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`lhat`: compute, then print the summary (and JSON)."""
+    from probes.pipeline.lhat import lhat_traces  # here, not at the top: keeps --help fast
+
     flags.silence_hf()
-    cfg = LhatConfig(check_naive=args.check_naive, seed=args.seed, chunk_size=args.chunk_size,
+    cfg = LhatConfig(prompt_format=args.prompt_format, scaffold=args.scaffold,
+                      check_naive=args.check_naive, seed=args.seed, chunk_size=args.chunk_size,
                      max_pack_tokens=args.max_pack_tokens, limit=args.limit, strict=args.strict,
                      lexicon=tuple(str(p) for p in args.lexicon), no_thinking=args.no_thinking)
     result = lhat_traces(args.model, args.traces, args.out, cfg, resume=args.resume,

@@ -11,11 +11,14 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from probes.commands import SUMMARIES, flags
 from probes.errors import ProbesError
-from probes.pipeline.loop import human_size
+
+if TYPE_CHECKING:
+    pass
+
 
 NAME = "pack"
 
@@ -74,6 +77,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`pack` from parsed flags."""
+    from probes.pipeline.loop import human_size  # here, not at the top: keeps --help fast
+
     result = pack(args.path, args.out, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(result, sort_keys=True))

@@ -6,18 +6,24 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from probes.commands import SUMMARIES, flags
+from probes.commands import SUMMARIES, flags, name_of
 from probes.errors import ProbesError
 from probes.pipeline.outputs import check_output_file
 from probes.pipeline.progress import progress_on, quiet_flag
 from probes.readouts.configs import DEFAULT_VIEWS, FORMATS, ReportConfig
-from probes.readouts.report.build import NAME, screenshot, write_report
+
+if TYPE_CHECKING:
+    pass
+
+NAME = name_of(__name__)
+
 
 
 def add_parser(sub: Any) -> None:
     """Register `report` and its flags."""
+
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
         help=SUMMARIES[NAME],
@@ -58,6 +64,11 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`report` from parsed flags."""
+    from probes.readouts.report.build import (
+        screenshot,  # here, not at the top: keeps --help fast
+        write_report,
+    )
+
     if args.screenshot is not None and args.format != "html":
         raise ProbesError("--screenshot renders the HTML report; drop --format md")
     if args.screenshot is not None:

@@ -7,21 +7,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from probes.commands import SUMMARIES, flags
-from probes.measures.updates.sdpa_pass import ATTENTION_PATHS
-from probes.measures.updates.shared_pass import (
+from probes.commands import SUMMARIES, flags, name_of
+from probes.measures.updates import (
     ANSWER_ROWS,
+    ATTENTION_PATHS,
 )
-from probes.models.controls import CONTROLS
+from probes.models.choices import CONTROLS
+from probes.pipeline.configs import UpdatesConfig
 from probes.pipeline.progress import progress_on
-from probes.pipeline.updates import (
-    NAME,
-    UpdatesConfig,
-    UpdatesRunResult,
-    updates_traces,
-)
+
+if TYPE_CHECKING:
+    from probes.pipeline.updates import UpdatesRunResult
+
+NAME = name_of(__name__)
+
 
 
 def format_updates_run(r: UpdatesRunResult) -> str:
@@ -32,6 +33,7 @@ def format_updates_run(r: UpdatesRunResult) -> str:
 
 def add_parser(sub: Any) -> None:
     """Register `updates` and its flags."""
+
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
         help=SUMMARIES[NAME],
@@ -49,7 +51,7 @@ def add_parser(sub: Any) -> None:
         ),
     )
     flags.model_flags(p)
-    flags.traces_flags(p)
+    flags.traces_flags(p, tokenize=True)
     flags.out_flags(p, what="the .h5 cache")
     p.add_argument("--control", choices=CONTROLS, default=CONTROLS[0],
                    help="none: the trained weights; random-init: a seeded random initialisation "
@@ -71,8 +73,11 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`updates`: compute, then print the summary (and JSON)."""
+    from probes.pipeline.updates import updates_traces  # here, not at the top: keeps --help fast
+
     flags.silence_hf()
-    cfg = UpdatesConfig(control=args.control, seed=args.seed, limit=args.limit,
+    cfg = UpdatesConfig(prompt_format=args.prompt_format, scaffold=args.scaffold,
+                      control=args.control, seed=args.seed, limit=args.limit,
                         strict=args.strict, lexicon=tuple(str(p) for p in args.lexicon),
                         layers=tuple(args.layers) if args.layers else None,
                         answer_rows=args.answer_rows, attention=args.attention)

@@ -7,18 +7,32 @@ would go (`--device-map` / `--max-memory`); `hooks.weights.layer_views` describe
 layers by role.
 """
 
-from hooks.model import ArchInfo, LoadedModel
-from probes.models.kv import kv_parity
-from probes.models.load import BUILTIN_MODELS, boot_model, load_model, load_tokenizer
-from probes.models.placement import plan_device_map
+from __future__ import annotations
 
-__all__ = [
-    "BUILTIN_MODELS",
-    "ArchInfo",
-    "LoadedModel",
-    "boot_model",
-    "kv_parity",
-    "load_model",
-    "load_tokenizer",
-    "plan_device_map",
-]
+import importlib
+from typing import Any
+
+_FACE = {
+    "ArchInfo": "hooks.model",
+    "LoadedModel": "hooks.model",
+    "kv_parity": "probes.models.kv",
+    "BUILTIN_MODELS": "probes.models.load",
+    "boot_model": "probes.models.load",
+    "load_model": "probes.models.load",
+    "load_tokenizer": "probes.models.load",
+    "plan_device_map": "probes.models.placement",
+}
+"""Each public name and the module that defines it (imported on first use, PEP 562: the light
+`probes.models.choices` is read by the command line without loading torch)."""
+
+__all__ = sorted(_FACE)
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use."""
+    module = _FACE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'probes.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from hooks.model import LoadedModel
-
-CONTROLS: tuple[str, ...] = ("none", "random-init")
-"""`--control`: the trained weights, or a seeded random initialisation of the same architecture."""
+from probes.models.choices import CONTROLS as CONTROLS
 
 
 def random_init_model(loaded: LoadedModel, seed: int) -> LoadedModel:

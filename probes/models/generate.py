@@ -25,14 +25,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from probes.errors import ProbesError
+from probes.models.choices import GENERATION_BACKENDS
 from probes.traces.grading import THINK_CLOSE
 from probes.traces.tokenize import render_prompt
 
 if TYPE_CHECKING:
     from hooks.model import LoadedModel
 
-BACKENDS: tuple[str, ...] = ("hf", "vllm")
-"""Generation backends: Hugging Face `generate` (default) and vLLM (an optional extra, GPU)."""
+BACKENDS = GENERATION_BACKENDS
 
 EMPTY_THINK = "<think>\n\n</think>\n\n"
 """What `--no-thinking` appends to the prompt of a chat template without a thinking switch (the

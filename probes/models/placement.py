@@ -22,9 +22,7 @@ import torch
 
 from hooks.model import DEVICE_SPEC_SEP
 from probes.errors import ProbesError
-
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-"""`--device-map` values (accelerate's placement strategies)."""
+from probes.models.choices import DEVICE_MAPS as DEVICE_MAPS
 
 _SIZE_RE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)
 

@@ -20,9 +20,8 @@ chunk measure.
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +31,16 @@ from hooks.model import LoadedModel
 from probes.errors import ProbesError
 from probes.measures.anchors import receivers as anc
 from probes.measures.anchors import resampling as rs
+from probes.pipeline.configs import (
+    ANALYSES,
+    AnchorsConfig,
+)
 from probes.pipeline.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
 from probes.pipeline.progress import Stages
 from probes.traces.categories import CATEGORY_NAMES, categorize, load_lexicon
 from probes.traces.chunks import chunk_labels, token_chunks
-from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
 NAME = "anchors"
-
-
-ANALYSES: tuple[str, ...] = ("receiver", "suppression", "resampling")
-"""What `--analyses` may ask for (chunks are always written)."""
-
-
-DEFAULT_ANALYSES = ("receiver", "suppression")
-"""The white-box analyses (resampling samples from the model and costs more: ask for it)."""
 
 
 ARRAYS: dict[str, tuple[str, ...]] = {
@@ -58,73 +52,6 @@ ARRAYS: dict[str, tuple[str, ...]] = {
 }
 """The stored arrays of each analysis (declared in `probes.arrays.ANCHORS`); the last of each
 marks it done."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class AnchorsConfig:
-    """Settings of an `anchors` run.
-
-    Attributes:
-        analyses: A subset of `ANALYSES`.
-        proximity_ignore: Vertical scores ignore query chunks closer than this.
-        top_heads: Receiver heads kept (top-k by mean kurtosis).
-        supp_batch: Masked variants per suppression forward (None: from a memory budget).
-        supp_temperature: Temperature of the suppression KL.
-        resample: Sampling settings.
-        similarity: `probes.measures.anchors.resampling.SIMILARITY`.
-        embedding_model: A local folder of a sentence-embedding model (similarity "embedding").
-        threshold: Cosine below which a resample is dissimilar.
-        prob_true: CI_KL as the binary KL of P(correct).
-        plots: A folder for the PNG plots (`analyses.anchor_plots`), or None.
-        limit, strict, lexicon, prompt_format, scaffold: As every writing command.
-    """
-
-    analyses: tuple[str, ...] = DEFAULT_ANALYSES
-    proximity_ignore: int = anc.PROXIMITY_IGNORE
-    top_heads: int = anc.TOP_K_HEADS
-    supp_batch: int | None = None
-    supp_temperature: float = 1.0
-    resample: rs.ResampleSettings = field(default_factory=rs.ResampleSettings)
-    similarity: str = "exact"
-    embedding_model: str | None = None
-    threshold: float = rs.DEFAULT_THRESHOLD
-    prob_true: bool = False
-    plots: str | None = None
-    limit: int | None = None
-    strict: bool = False
-    lexicon: tuple[str, ...] = ()
-    prompt_format: str | None = None
-    scaffold: str = DEFAULT_SCAFFOLD
-
-    def check(self) -> None:
-        """Refuse bad settings before any work (one `ProbesError` naming the flag)."""
-        bad = [a for a in self.analyses if a not in ANALYSES]
-        if bad or not self.analyses:
-            raise ProbesError(f"--analyses {','.join(self.analyses)}: choose from "
-                              f"{', '.join(ANALYSES)} (comma-separated)")
-        if "resampling" in self.analyses:
-            self.resample.check()
-            if self.similarity not in rs.SIMILARITY:
-                raise ProbesError(f"--similarity {self.similarity!r}: choose one of "
-                                  f"{', '.join(rs.SIMILARITY)}")
-            if self.similarity == "embedding" and not self.embedding_model:
-                raise ProbesError("--similarity embedding needs --embedding-model (a local folder "
-                                  "of a sentence-embedding model); or use --similarity exact")
-            if self.embedding_model and not Path(self.embedding_model).is_dir():
-                raise ProbesError(f"--embedding-model {self.embedding_model}: no such folder; give "
-                                  f"a local model folder")
-
-    def settings(self, analysis: str) -> str:
-        """The settings that change an analysis's arrays, as JSON (stored as the trace attribute
-        `anchors_<analysis>`; a trace that has the analysis with other settings is refused)."""
-        own: dict[str, Any] = {
-            "receiver": {"proximity_ignore": self.proximity_ignore},
-            "suppression": {"temperature": self.supp_temperature},
-            "resampling": {**{k: v for k, v in asdict(self.resample).items() if k != "batch_rows"},
-                           "similarity": self.similarity, "embedding_model": self.embedding_model,
-                           "threshold": self.threshold, "prob_true": self.prob_true},
-        }[analysis]
-        return json.dumps(own, sort_keys=True)
 
 
 @dataclass

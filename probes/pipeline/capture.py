@@ -18,18 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from probes.errors import ProbesError
 from probes.measures.capture.activations import (
-    BACKENDS,
-    DEFAULT_COMPONENTS,
-    POSITIONS,
-    STORAGE_DTYPES,
     capture_trace,
-    check_choice,
     choose_backend,
     resolve_cache_sites,
 )
-from probes.measures.capture.batching import BATCH_TOKENS, capture_batch, plan_batches, row_bytes
+from probes.measures.capture.batching import capture_batch, plan_batches, row_bytes
 from probes.pipeline.loop import (
     Batching,
     Log,
@@ -40,83 +34,20 @@ from probes.pipeline.loop import (
     loader,
     write_traces,
 )
-from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
 if TYPE_CHECKING:
     from hooks.model import LoadedModel
     from probes.measures.capture.activations import TraceArrays
     from probes.traces.tokenize import TokenizedTrace
-
+from probes.pipeline.configs import (
+    CacheConfig,
+)
 
 NAME = "cache"
 
 
 OWN_KEYS: tuple[str, ...] = ("sites", "positions", "storage_dtype")
 """Settings of the stored sites: an existing cache must have been written with the same ones."""
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """What to cache and how.
-
-    Attributes:
-        sites: Components for every layer ("resid_post", "delta", "attn_out", "mlp_out", ...),
-            explicit sites ("L3.resid_post") or global components ("embed", "ln_final"). Each
-            component becomes one dataset `[n_sel, n_layers, d]` (global ones `[n_sel, d]`).
-        positions: "trajectory" (rows for trajectory tokens) or "all" (every token).
-        dtype: Storage dtype: "float16" (default), "float32" or "bfloat16".
-        chunk_size: Tokens per forward through the KV cache (prefill chunk); bounds memory.
-        batch_tokens: Traces no longer than `chunk_size` run several per forward, right-padded,
-            up to this many padded tokens, and are committed together (`hf` backend; 0: one
-            trace per forward). Equal to one forward each up to float rounding.
-        limit: Use only the first `limit` traces of the file (None: all).
-        prompt_format: Prompt template with `{question}` (None: the chat template, else
-            `probes.traces.tokenize.DEFAULT_PROMPT_TEMPLATE`).
-        scaffold: Text between trajectory and answer (RaML's by default).
-        lexicon: Extra lexicon JSON files merged into the built-in one.
-        backend: "auto", "hf" (plain HF forward, residual-level components only) or "bridge".
-        max_ram_mib: Per-trace output up to this size is held in RAM; larger outputs are spooled
-            to a temporary file beside the cache (0: always spool).
-        strict: Fail on the first bad JSONL line instead of skipping it.
-
-    Raises:
-        ProbesError: For a value outside the allowed ones.
-    """
-
-    sites: tuple[str, ...] = DEFAULT_COMPONENTS
-    positions: str = "trajectory"
-    dtype: str = "float16"
-    chunk_size: int = 512
-    batch_tokens: int = BATCH_TOKENS
-    limit: int | None = None
-    prompt_format: str | None = None
-    scaffold: str = DEFAULT_SCAFFOLD
-    lexicon: tuple[str, ...] = ()
-    backend: str = "auto"
-    max_ram_mib: float = 64.0
-    strict: bool = False
-
-    def __post_init__(self) -> None:
-        sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
-        object.__setattr__(self, "sites", sites)
-        object.__setattr__(self, "lexicon", tuple(str(p) for p in self.lexicon))
-        if not sites or not all(isinstance(s, str) and s for s in sites):
-            raise ProbesError(f"sites must be a non-empty list of site strings, got {self.sites!r}; "
-                              f"e.g. {list(DEFAULT_COMPONENTS)} or ['L3.resid_post']")
-        check_choice("positions", self.positions, POSITIONS)
-        check_choice("dtype", self.dtype, STORAGE_DTYPES)
-        check_choice("backend", self.backend, BACKENDS)
-        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or (
-                self.chunk_size < 1):
-            raise ProbesError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
-        if isinstance(self.batch_tokens, bool) or not isinstance(self.batch_tokens, int) or (
-                self.batch_tokens < 0):
-            raise ProbesError(f"batch_tokens must be an integer >= 0, got {self.batch_tokens!r}")
-        if self.limit is not None and (
-                isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1):
-            raise ProbesError(f"limit must be a positive integer or None, got {self.limit!r}")
-        if not isinstance(self.max_ram_mib, (int, float)) or self.max_ram_mib < 0:
-            raise ProbesError(f"max_ram_mib must be a number >= 0, got {self.max_ram_mib!r}")
 
 
 @dataclass

@@ -44,7 +44,10 @@ from analyses.token_sets import CATEGORY_CODES, CATEGORY_NAMES
 from hooks.model import LoadedModel
 from probes import arrays
 from probes.errors import ProbesError
-from probes.models.controls import CONTROLS, random_init_model
+from probes.models.controls import random_init_model
+from probes.pipeline.configs import (
+    EffectsConfig,
+)
 from probes.pipeline.loop import (
     Log,
     Plan,
@@ -56,7 +59,6 @@ from probes.pipeline.loop import (
     write_traces,
 )
 from probes.safe_output import write_file
-from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
 NAME = "effects"
 
@@ -73,52 +75,6 @@ DIRECTIONS_ATTR = "eff_directions"
 
 _INFO_KEY = "__info__"
 """Entry of `<out>.directions.npz` holding the directions' run info (JSON), not a direction."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class EffectsConfig:
-    """Settings of an `effects` run.
-
-    Attributes:
-        pairs_per_category: Sampled (layer, token) pairs per category and trace.
-        batch_size: Edited forwards per batch.
-        scale: ε of both edits (1 = remove the whole update).
-        seed: Seed of the pair sampling (combined with each trace id) and of the probe split.
-        control: "none" or "random-init" (same architecture, seeded random weights).
-        control_seed: Seed of the random initialisation.
-        limit, strict, lexicon, prompt_format, scaffold: As for every writing command.
-    """
-
-    pairs_per_category: int = 30
-    batch_size: int = 16
-    scale: float = 1.0
-    seed: int = 0
-    control: str = "none"
-    control_seed: int = 0
-    limit: int | None = None
-    strict: bool = False
-    lexicon: tuple[str, ...] = ()
-    prompt_format: str | None = None
-    scaffold: str = DEFAULT_SCAFFOLD
-
-    def __post_init__(self) -> None:
-        if self.pairs_per_category < 1:
-            raise ProbesError(f"--pairs-per-category must be at least 1, got "
-                              f"{self.pairs_per_category}")
-        if self.batch_size < 1:
-            raise ProbesError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not 0 < self.scale <= 1:
-            raise ProbesError(f"--scale must be in (0, 1], got {self.scale}")
-        if self.control not in CONTROLS:
-            raise ProbesError(f"--control must be one of {', '.join(CONTROLS)}, got "
-                              f"{self.control!r}")
-
-    def own(self) -> dict[str, Any]:
-        """The settings that change the stored arrays: stored as trace attributes, and an existing
-        cache's must equal them (`--resume`)."""
-        return {"eff_pairs_per_category": self.pairs_per_category, "eff_scale": self.scale,
-                "eff_seed": self.seed, "eff_control": self.control,
-                "eff_control_seed": self.control_seed}
 
 
 @dataclass

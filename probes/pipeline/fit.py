@@ -21,7 +21,6 @@ Needs the model (the fitted vectors are d-dimensional per token and layer, not s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,9 @@ import numpy as np
 from hooks.model import LoadedModel
 from probes.errors import ProbesError
 from probes.models.load import load_model
+from probes.pipeline.configs import (
+    FitConfig,
+)
 
 NAME = "fit"
 
@@ -37,37 +39,6 @@ NAME = "fit"
 MIN_MASKING_LOSS = 0.1
 """Nats: traces whose masked NLL exceeds the clean one by less have no masking loss to recover and
 are left out of `share_recovered` (its denominator)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class FitConfig:
-    """Settings of a `fit` run.
-
-    Attributes:
-        limit: Use only the first N traces (at least 2).
-        strict: Fail on the first bad JSONL line.
-        max_tokens: Per trace, at most this many trajectory tokens in (a) (random subsample).
-        layers: Layers to fit (None: all).
-        random_init_control: Also fit a random-init model of the same architecture.
-        seed: Seed of the subsample, the random-init model and the bootstrap.
-        n_boot: Bootstrap resamples of traces for (b)'s CIs.
-        nll: Also run (b').
-    """
-
-    limit: int | None = None
-    strict: bool = False
-    max_tokens: int | None = None
-    layers: tuple[int, ...] | None = None
-    random_init_control: bool = False
-    seed: int = 0
-    n_boot: int = 1000
-    nll: bool = True
-
-    def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 2:
-            raise ProbesError(f"--limit must be at least 2 (the fits hold out traces), got {self.limit}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ProbesError(f"--max-tokens must be at least 1, got {self.max_tokens}")
 
 
 def _median_ci(x: np.ndarray, n_boot: int, seed: int) -> tuple[float, list[float]]:

@@ -47,6 +47,9 @@ from probes.measures.landscape.plane import (
     plane_params,
     random_directions,
 )
+from probes.pipeline.configs import (
+    LandscapeConfig,
+)
 from probes.pipeline.loop import (
     Log,
     Plan,
@@ -64,42 +67,6 @@ NAME = "landscape"
 
 DONE_KEY = "land_grid"
 """A trace that has this array is skipped on resume."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class LandscapeConfig:
-    """Settings of a `landscape` run.
-
-    Attributes:
-        grid: Points per axis (odd puts the origin on the grid).
-        span: Random-plane axes run over [−span, span] (units of the normalised directions).
-        style: "raml" or "filter" direction normalisation.
-        seed: Seed of the random directions.
-        positions: "kept" (original position ids; the path's endpoint is exact) or "shifted".
-        margin: The path-plane grid spans margin × the path's largest coordinate.
-        batch: Weight perturbations per batched forward.
-        limit, strict, lexicon: As in every command.
-        plot_dir: Write three PNGs per trace there (None: no plots).
-    """
-
-    grid: int = 21
-    span: float = 1.0
-    style: str = "raml"
-    seed: int = 0
-    positions: str = "kept"
-    margin: float = 1.5
-    batch: int = 128
-    limit: int | None = None
-    strict: bool = False
-    lexicon: tuple[str, ...] = ()
-    plot_dir: Path | None = None
-
-    def own(self) -> dict[str, Any]:
-        """The settings that decide the stored arrays (stored as trace attributes, the seed of the
-        directions among them; checked on `--resume`)."""
-        return {"land_grid_n": self.grid, "land_range": self.span, "land_style": self.style,
-                "land_seed": self.seed, "land_positions": self.positions,
-                "land_margin": self.margin}
 
 
 @dataclass

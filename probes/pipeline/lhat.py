@@ -19,15 +19,15 @@ import numpy as np
 
 from hooks.model import LoadedModel
 from probes.measures.lhat.fast import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_MAX_PACK_TOKENS,
     LHAT_ARRAYS,
     lhat_arrays,
     lhat_fast,
     lhat_naive,
 )
+from probes.pipeline.configs import (
+    LhatConfig,
+)
 from probes.pipeline.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
-from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
 NAME = "lhat"
 
@@ -38,37 +38,6 @@ DONE_KEY = LHAT_ARRAYS[0]
 
 NO_THINKING_DELIMITER = "Therefore, after all this, I believe the answer is"
 """RaML's no-thinking mode: the trajectory is only this delimiter (after `<think>`)."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class LhatConfig:
-    """Settings of an `lhat` run (ranges are checked by the parser and by the measurement).
-
-    Attributes:
-        check_naive: Per trace, re-run this many random prefixes one forward each (the RaML
-            method) and record the largest |fast − naive|.
-        seed: Seed of the prefix sampling for `check_naive`.
-        chunk_size: Prefill chunk (tokens) through the KV cache.
-        max_pack_tokens: Tokens per packed forward of scaffold + answer copies.
-        limit: Use only the first N traces.
-        strict: Fail on the first bad JSONL line.
-        lexicon: Extra lexicon JSON files merged into the built-in one.
-        prompt_format: Prompt format string; None = chat template or the documented default.
-        scaffold: The answer scaffold appended after each prefix.
-        no_thinking: Replace each trajectory by the NoThinking delimiter (RaML's no-thinking mode),
-            for the thinking vs no-thinking comparison.
-    """
-
-    check_naive: int = 0
-    seed: int = 0
-    chunk_size: int = DEFAULT_CHUNK_SIZE
-    max_pack_tokens: int = DEFAULT_MAX_PACK_TOKENS
-    limit: int | None = None
-    strict: bool = False
-    lexicon: tuple[str, ...] = ()
-    prompt_format: str | None = None
-    scaffold: str = DEFAULT_SCAFFOLD
-    no_thinking: bool = False
 
 
 @dataclass

@@ -74,73 +74,24 @@ import numpy as np
 
 from hooks.model import LoadedModel
 from probes.errors import ProbesError
-from probes.measures.updates.sdpa_pass import ATTENTION_PATHS
 from probes.measures.updates.shared_pass import (
-    ANSWER_ROWS,
     UPDATE_ARRAYS,
     RunConstants,
     check_updates,
     stored_layers,
     trace_update_arrays,
 )
-from probes.models.controls import CONTROLS, random_init_model
+from probes.models.controls import random_init_model
+from probes.pipeline.configs import (
+    UpdatesConfig,
+)
 from probes.pipeline.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
-from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
 NAME = "updates"
 
 
 DONE_KEY = UPDATE_ARRAYS[-1]
 """A trace that has this array is skipped on resume."""
-
-
-@dataclass(frozen=True, kw_only=True)
-class UpdatesConfig:
-    """Settings of an `updates` run.
-
-    Attributes:
-        control: "none" (the trained weights) or "random-init" (same architecture, random weights).
-        seed: Seed of the random initialisation for `control="random-init"`.
-        limit: Use only the first N traces.
-        strict: Fail on the first bad JSONL line.
-        lexicon: Extra lexicon JSON files merged into the built-in one.
-        layers: Store only these layers (rows of every array, in this order; recorded in the
-            trace attribute `upd_layers`); None: all layers.
-        prompt_format: Prompt format string; None = chat template or the documented default.
-        scaffold: The answer scaffold between trajectory and answer.
-        answer_rows: "first": M1–M6 at the first answer row q = answer start − 1 only; "mean":
-            measured at every answer row of 𝒬 and averaged over the rows (recorded in the trace
-            attribute `upd_rows`; M7 is the sum over 𝒬 either way).
-        attention: The pass: "auto" (the eager reference while its attention patterns fit
-            `EAGER_PATTERN_BUDGET`, else the linear-memory pass), "sdpa" or "eager"; equal to
-            float32 rounding, so not part of the file's identity.
-    """
-
-    control: str = "none"
-    seed: int = 0
-    limit: int | None = None
-    strict: bool = False
-    lexicon: tuple[str, ...] = ()
-    layers: tuple[int, ...] | None = None
-    prompt_format: str | None = None
-    scaffold: str = DEFAULT_SCAFFOLD
-    answer_rows: str = "first"
-    attention: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.control not in CONTROLS:
-            raise ProbesError(f"--control must be one of {', '.join(CONTROLS)}, got {self.control!r}")
-        if self.attention not in ("auto", *ATTENTION_PATHS):
-            raise ProbesError(f"--attention must be one of auto, {', '.join(ATTENTION_PATHS)}, got "
-                              f"{self.attention!r}")
-        if self.answer_rows not in ANSWER_ROWS:
-            raise ProbesError(f"--answer-rows must be one of {', '.join(ANSWER_ROWS)}, got "
-                              f"{self.answer_rows!r}")
-        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)
-                                        or list(self.layers) != sorted(self.layers)):
-            raise ProbesError(f"--layers must be distinct and increasing, got {list(self.layers)}")
-        if self.limit is not None and self.limit < 1:
-            raise ProbesError(f"--limit must be at least 1, got {self.limit}")
 
 
 @dataclass

@@ -122,10 +122,10 @@ def run_once(traces, log_freq, rng, *, matched: bool = True, shuffle: bool = Tru
             values[m] = [plant(v, s.labels, eff) for v, s in zip(values[m], sets)]
         cmp = update_comparison(values, sets, pairs=pairs, n_boot=1, ci_method="none",
                                 signed=[m for m in metrics if m in SIGNED_UPDATES])
-        for r in cmp.rows:
-            c = r.comparison
+        for row in cmp.rows:
+            c = row.comparison
             if c.testable:
-                out[f"{r.metric} {r.layer} {c.a} vs {c.b}"] = (c.wilcoxon_p, c.p_holm, c.median_diff)
+                out[f"{row.metric} {row.layer} {c.a} vs {c.b}"] = (c.wilcoxon_p, c.p_holm, c.median_diff)
     return out
 
 

@@ -25,6 +25,8 @@ import numpy as np
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
 from probes.readouts.compare_updates import _fit_part, _update_plots, _updates_part, folder_saver
+from probes.readouts.configs import LAYER_VIEWS as LAYER_VIEWS
+from probes.readouts.configs import UPDATE_UNITS as UPDATE_UNITS
 from probes.readouts.configs import (
     CompareConfig,
     PlotSave,
@@ -33,12 +35,8 @@ from probes.readouts.configs import (
 NAME = "compare"
 
 
-UPDATE_UNITS: tuple[str, ...] = ("token", "first_token")
-"""`--update-unit`: every token of a phrase, or its first token."""
 
 
-LAYER_VIEWS: tuple[str, ...] = ("pooled", "all")
-"""`--layers`: update rows pooled over layers, or every layer."""
 
 
 def _phrase_names(reader) -> list[str] | None:
@@ -126,8 +124,9 @@ def compare_cache(path: Path, cfg: CompareConfig) -> dict[str, Any]:
         report["updates"] = upd
         if cfg.fit and parts["lhat"]:
             report["fit"] = _fit_part(rows, sets, upd, cfg)
-        if _saver(cfg) is not None:
-            report["plots"] += _update_plots(_saver(cfg), rows, sets, upd)
+        save = _saver(cfg)
+        if save is not None:
+            report["plots"] += _update_plots(save, rows, sets, upd)
     elif cfg.control is not None:
         raise ProbesError(f"--control compares update arrays, but {path} has none; run `updates` first")
     return report
@@ -172,7 +171,8 @@ def _lhat_part(path: Path, cfg: CompareConfig) -> dict[str, Any]:
         )
         for r in rows
     ]
-    matching = matching_summary([fx.sets for fx in effects], [log_freq.get(r["id"]) for r in rows],
+    every_sets = [fx.sets for fx in effects if fx.sets is not None]  # token_effects sets them all
+    matching = matching_summary(every_sets, [log_freq.get(r["id"]) for r in rows],
                                 [r["paragraph_start"] for r in rows], matched=cfg.matched)
     per_trace = per_trace_aggregates(
         effects, cfg.metric, cfg.statistic, unit=cfg.unit, phrase_names=names
@@ -211,8 +211,9 @@ def _lhat_part(path: Path, cfg: CompareConfig) -> dict[str, Any]:
     }
     if cfg.versus is not None:
         report["versus"] = _versus(rows, cfg)
-    if _saver(cfg) is not None:
-        report["plots"] = _plots(_saver(cfg), rows, effects,
+    save = _saver(cfg)
+    if save is not None:
+        report["plots"] = _plots(save, rows, effects,
                                  pooled_values(effects, cfg.metric, unit=cfg.unit), cfg.metric)
     return report
 
@@ -220,6 +221,7 @@ def _lhat_part(path: Path, cfg: CompareConfig) -> dict[str, Any]:
 def _versus(rows, cfg: CompareConfig) -> dict[str, Any]:
     from analyses.curves import compare_curves
 
+    assert cfg.versus is not None, "called with --versus only"
     other, _ = load_curves(cfg.versus)
     by_id = {r["id"]: r["lhat"] for r in other}
     common = [r for r in rows if r["id"] in by_id]

@@ -237,7 +237,7 @@ def compare_models_report(paths: list[Path], *, names: list[str] | None = None, 
         from analyses.efficiency_plots import model_curves_figure
         from probes.safe_output import save_figure
 
-        stab = {r["model"]: {} for r in summary}
+        stab: dict[str, dict[str, Any]] = {r["model"]: {} for r in summary}
         for r in summary:
             if r["category"] == "all" and r["measure"] in ("var_delta", "frac_nonmonotone", "osc_energy"):
                 stab[r["model"]][r["measure"]] = (r["median"], r["ci_low"], r["ci_high"])

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from analyses.lhat_effects import METRICS
+from analyses.metrics import METRICS
 from probes.errors import ProbesError
 
 COMPARE_METRICS: tuple[str, ...] = ("abs_delta", *(m for m in METRICS if m != "abs_delta"))
@@ -27,6 +27,14 @@ STATISTICS: tuple[str, ...] = ("mean", "median")
 PlotSave = Callable[[Any, str], str]
 """Keeps one plot: (Matplotlib Figure, file name) -> what the report lists for it (`folder_saver`:
 the PNG's path; `report` keeps the PNGs in memory instead)."""
+
+
+UPDATE_UNITS: tuple[str, ...] = ("token", "first_token")
+"""`--update-unit`: every token of a phrase, or its first token."""
+
+
+LAYER_VIEWS: tuple[str, ...] = ("pooled", "all")
+"""`--layers`: update rows pooled over layers, or every layer."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,9 +84,9 @@ class CompareConfig:
     matched: bool = True
 
     def __post_init__(self) -> None:
-        if self.update_unit not in ("token", "first_token"):
+        if self.update_unit not in UPDATE_UNITS:
             raise ProbesError(f"--update-unit {self.update_unit!r} is not one of ['token', 'first_token']")
-        if self.layers not in ("pooled", "all"):
+        if self.layers not in LAYER_VIEWS:
             raise ProbesError(f"--layers {self.layers!r} is not one of ['pooled', 'all']")
         if self.metric not in COMPARE_METRICS:
             raise ProbesError(f"--metric {self.metric!r} is not one of {list(COMPARE_METRICS)}")

@@ -27,13 +27,9 @@ from jaxtyping import Float, Int
 from hooks.edit import edit, mask_keys_per_row
 from hooks.model import LoadedModel
 from probes.errors import ProbesError
+from probes.measures.anchors import PROXIMITY_IGNORE as PROXIMITY_IGNORE
+from probes.measures.anchors import TOP_K_HEADS as TOP_K_HEADS
 from probes.traces.tokenize import TokenizedTrace
-
-PROXIMITY_IGNORE = 4
-"""Vertical scores ignore the query chunks closer than this (`a ≥ b + 4`), as the paper does."""
-
-TOP_K_HEADS = 20
-"""Receiver heads: the top-k heads by mean kurtosis (the paper's 20)."""
 
 DEFAULT_MAX_ATTN_BYTES = 1 << 30
 """Budget of one layer's attention buffers of one batched suppression forward."""

@@ -30,6 +30,11 @@ import torch
 from jaxtyping import Int
 
 from probes.errors import ProbesError
+from probes.measures.capture import BACKENDS as BACKENDS
+from probes.measures.capture import DEFAULT_COMPONENTS as DEFAULT_COMPONENTS
+from probes.measures.capture import POSITIONS as POSITIONS
+from probes.measures.capture import STORAGE_DTYPES as STORAGE_DTYPES
+from probes.measures.capture import check_choice as check_choice
 
 if TYPE_CHECKING:
     from hooks import HookSite
@@ -37,25 +42,14 @@ if TYPE_CHECKING:
     from probes.traces.tokenize import TokenizedTrace
 
 
-DEFAULT_COMPONENTS: tuple[str, ...] = ("resid_post", "delta")
-"""Components cached when no sites are given: every layer of each."""
 
 
-POSITIONS: tuple[str, ...] = ("trajectory", "all")
-"""Which tokens get site rows: the trajectory span, or every token."""
 
 
-STORAGE_DTYPES: tuple[str, ...] = ("float16", "float32", "bfloat16")
-"""Storage dtypes of site datasets (bfloat16 is stored as raw bits, `cache/SCHEMA.md`)."""
 
 
-BACKENDS: tuple[str, ...] = ("auto", "hf", "bridge")
-"""Capture backends: "hf" = `hooks.run_residual_hf`, "bridge" = `hooks.capture`."""
 
 
-def check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ProbesError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
 def resolve_cache_sites(

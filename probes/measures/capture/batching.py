@@ -22,14 +22,13 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from probes.measures.capture import BATCH_TOKENS as BATCH_TOKENS
 from probes.measures.capture.activations import TraceArrays, hook_sites, selection, to_numpy
 
 if TYPE_CHECKING:
     from hooks.model import LoadedModel
     from probes.traces.tokenize import TokenizedTrace
 
-BATCH_TOKENS = 1024
-"""Default padded tokens (batch x longest) per batched forward; 0 turns batching off."""
 
 GROUP_FORWARDS = 4
 """A group (one commit) holds up to this many forwards' worth of tokens."""

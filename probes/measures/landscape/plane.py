@@ -35,12 +35,10 @@ from hooks.model import LoadedModel
 from hooks.weights import llama_layers
 from probes.errors import ProbesError
 from probes.measures.answers import without_trajectory
+from probes.measures.landscape import POSITIONS as POSITIONS
+from probes.measures.landscape import STYLES as STYLES
 from probes.traces.tokenize import TokenizedTrace
 
-STYLES = ("raml", "filter")
-"""Direction normalisations: RaML's tensor-wise one, Li et al.'s filter-wise one."""
-POSITIONS = ("kept", "shifted")
-"""Position ids of the trajectory-free input (see the module docstring)."""
 ROLES = ("attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "mlp_norm", "gate_proj", "up_proj",
          "down_proj")
 

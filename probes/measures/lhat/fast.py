@@ -63,6 +63,8 @@ from jaxtyping import Float32, Int64, Integer
 from hooks.edit import hook_name as edit_hook_name
 from hooks.model import LoadedModel
 from probes.errors import ProbesError
+from probes.measures.lhat import DEFAULT_CHUNK_SIZE as DEFAULT_CHUNK_SIZE
+from probes.measures.lhat import DEFAULT_MAX_PACK_TOKENS as DEFAULT_MAX_PACK_TOKENS
 from probes.measures.lhat.layout import (
     _answer_nll,
     _check_ts,
@@ -87,11 +89,7 @@ __all__ = [
     "relative_change",
 ]
 
-DEFAULT_CHUNK_SIZE = 512
-"""Prefill chunk length (tokens per forward while filling the prefix KV cache)."""
 
-DEFAULT_MAX_PACK_TOKENS = 512
-"""Longest packed-suffix sequence (k copies × copy length) per forward."""
 
 DEFAULT_MAX_ATTN_BYTES = 1 << 30
 """Budget for one layer's attention buffers of one pack (scores, masked scores, fp32 softmax)."""

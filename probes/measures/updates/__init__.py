@@ -1,1 +1,11 @@
 """M1–M7: per-token implicit updates (attention dual form, rank-1 MLP steps, alignment)."""
+
+
+from __future__ import annotations
+
+ANSWER_ROWS = ("first", "mean")
+"""`--answer-rows`: the per-row quantities at the first answer row only, or averaged over 𝒬."""
+
+
+ATTENTION_PATHS = ("sdpa", "eager")
+"""`attention=` of the passes: "sdpa" (linear memory, the default) or "eager" (the reference)."""

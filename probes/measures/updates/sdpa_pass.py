@@ -42,6 +42,7 @@ from hooks.hf_fast import plain_view
 from hooks.model import LoadedModel
 from hooks.weights import LayerView
 from probes.errors import ProbesError
+from probes.measures.updates import ATTENTION_PATHS as ATTENTION_PATHS
 from probes.measures.updates.captures import QueryRowsCapture
 
 __all__ = [
@@ -57,8 +58,6 @@ __all__ = [
     "sdpa_view",
 ]
 
-ATTENTION_PATHS = ("sdpa", "eager")
-"""`attention=` of the passes: "sdpa" (linear memory, the default) or "eager" (the reference)."""
 
 RECORDING_ATTENTION = "probes_sdpa_record"
 """The transformers attention implementation name of `sdpa_view` models."""

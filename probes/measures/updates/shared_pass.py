@@ -18,9 +18,7 @@ from hooks.model import LoadedModel
 from hooks.weights import llama_layers
 from probes import arrays
 from probes.errors import ProbesError
-
-ANSWER_ROWS = ("first", "mean")
-"""`--answer-rows`: the per-row quantities at the first answer row only, or averaged over 𝒬."""
+from probes.measures.updates import ANSWER_ROWS as ANSWER_ROWS
 
 
 def check_supported(loaded: LoadedModel) -> None:

@@ -66,3 +66,37 @@ def test_a_subcommand_help_imports_only_its_module():
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
                          text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "['probes.commands.flags', 'probes.commands.pack']"
+
+
+HEAVY = ("torch", "transformers", "transformer_lens", "scipy", "h5py", "probes.pipeline.loop",
+         "probes.readouts.compare", "probes.demo.run")
+"""What no `--help` may import (bench/cli_help.py times them against `python -c pass`)."""
+
+
+@pytest.mark.parametrize("name", [name for name, _, _ in SUBCOMMANDS])
+def test_every_subcommand_help_stays_light(name):
+    code = ("import sys, probes.run as r\n"
+            f"try:\n    r.main([{name!r}, '--help'])\nexcept SystemExit:\n    pass\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert "usage: " in out.stdout
+
+
+def test_command_names_agree_with_their_runners():
+    """The CLI takes each name from the table; a runner stores its own (`WriteJob.command`)."""
+    import importlib
+
+    runners = {"cache": "probes.pipeline.capture", "lhat": "probes.pipeline.lhat",
+               "updates": "probes.pipeline.updates", "landscape": "probes.pipeline.landscape",
+               "anchors": "probes.pipeline.anchors", "effects": "probes.pipeline.effects",
+               "fit": "probes.pipeline.fit", "grade": "probes.pipeline.generate.grade",
+               "generate": "probes.pipeline.generate.settings", "compare": "probes.readouts.compare",
+               "report": "probes.readouts.report.build", "inspect": "probes.readouts.inspect",
+               "efficiency": "probes.readouts.efficiency",
+               "compare-models": "probes.readouts.compare_models", "demo": "probes.demo.run"}
+    for name, module in runners.items():
+        assert name == importlib.import_module(module).NAME, module
+    for name, module, _ in SUBCOMMANDS:
+        assert name == importlib.import_module(module).NAME, module

@@ -9,7 +9,7 @@ from hooks.model import DTYPES
 from probes.commands import SUBCOMMANDS
 from probes.measures.capture.activations import BACKENDS, POSITIONS, STORAGE_DTYPES
 from probes.measures.updates.shared_pass import ANSWER_ROWS
-from probes.models.controls import CONTROLS
+from probes.models.choices import CONTROLS
 from probes.pipeline.loop import RESUME_HELP
 from probes.run import build_parser
 

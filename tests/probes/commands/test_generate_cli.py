@@ -207,9 +207,10 @@ def test_vllm_backend_through_a_stand_in(questions, tmp_path, monkeypatch):
     import types
     from types import SimpleNamespace
 
-    from probes.commands.generate import GenerateConfig, generate_samples
     from probes.models.generate import sample_seed
     from probes.models.load import load_tokenizer
+    from probes.pipeline.generate.sampling import generate_samples
+    from probes.pipeline.generate.settings import GenerateConfig
 
     tok = load_tokenizer("tiny-reasoner")
     reply = tok("<think>\n1 + 1 = 2.\n</think>\n\n**Final Answer**\n\\boxed{2}", add_special_tokens=False)
