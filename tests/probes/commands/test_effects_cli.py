@@ -165,7 +165,7 @@ def test_resume_refuses_other_directions_and_another_model_before_the_work(sampl
                                                                            monkeypatch, capsys):
     import shutil
 
-    import probes.commands.effects as effects
+    import probes.pipeline.effects as effects
     from probes.reasoner.train import CHECKPOINT_DIR
 
     out = tmp_path / "fixed.h5"

@@ -9,7 +9,6 @@ import base64
 import json
 import re
 import shutil
-import sys
 from html.parser import HTMLParser
 
 import numpy as np
@@ -17,30 +16,16 @@ import pytest
 
 import probes.run
 from cache import open_cache
-from probes.commands import report
 from probes.errors import ProbesError
-from probes.run import Parser, user_errors
+from probes.readouts.report.build import report_demo
 from tests.probes.commands._report_run import small_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def main(argv: list[str]) -> int:
-    """`python -m probes.run report ...`: through `probes.run.main` once `report` is wired there,
-    else through a parser with only this subcommand (same error handling)."""
-    if report in probes.run.COMMANDS:
-        return probes.run.main(argv)
-    parser = Parser(prog="python -m probes.run")
-    report.add_parser(parser.add_subparsers(dest="command", required=True))
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    try:
-        return args.func(args)
-    except user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    """`trajectory-probes report ...` (`probes.run.main`)."""
+    return probes.run.main(argv)
 
 
 class Structure(HTMLParser):
@@ -200,7 +185,7 @@ def test_report_demo_writes_the_report_and_a_short_summary(run, tmp_path):
     (folder / "compare.json").write_text(json.dumps(saved))
     (folder / "summary.json").write_text(json.dumps(
         {"answer_accuracy": 1.0, "answer_accuracy_no_trajectory": 0.0, "seconds": 80.0}))
-    path, lines = report.report_demo(folder)
+    path, lines = report_demo(folder)
     assert path == folder / "report.html" and path.is_file()
     assert 4 <= len(lines) <= 15
     assert lines[1] == "greedy answer accuracy 1.000 with the trajectory, 0.000 without"
