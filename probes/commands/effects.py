@@ -1,6 +1,7 @@
 """`trajectory-probes effects`: its flags, its run and its printed summary.
 
-The work itself is done by `probes.pipeline.effects`, which a notebook can call directly."""
+The work itself is done by `probes.pipeline.effects` (the run) and `probes.readouts.effects` (the
+summary read back from the cache), which a notebook can call directly."""
 
 from __future__ import annotations
 
@@ -19,12 +20,11 @@ from probes.pipeline.effects import (
     EffectsConfig,
     directions_path,
     effects_traces,
-    format_summary,
-    summarize,
     summary_path,
 )
 from probes.pipeline.outputs import check_output_file, check_plot_folder
 from probes.pipeline.progress import progress_on
+from probes.readouts.effects import format_summary, summarize
 from probes.safe_output import write_text
 
 
