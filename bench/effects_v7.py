@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM
 from probes import DATA_DIR
 from probes.models.load import boot_model
 from probes.models.tiny import TINY_FAMILIES, byte_tokenizer, tiny_config
-from probes.pipeline.effects import EffectsConfig, effects_traces, format_summary, summarize
+from probes.pipeline.effects import EffectsConfig, effects_traces
+from probes.readouts.effects import format_summary, summarize
 
 TRACES = DATA_DIR / "tiny_reasoner_traces.jsonl"
 

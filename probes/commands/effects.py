@@ -1,6 +1,7 @@
 """`trajectory-probes effects`: its flags, its run and its printed summary.
 
-The work itself is done by `probes.pipeline.effects`, which a notebook can call directly."""
+The work itself is done by `probes.pipeline.effects` (the run) and `probes.readouts.effects` (the
+summary read back from the cache), which a notebook can call directly."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from probes.commands import SUMMARIES, flags, name_of
 from probes.errors import ProbesError
@@ -17,9 +18,6 @@ from probes.pipeline.configs import EffectsConfig
 from probes.pipeline.outputs import check_output_file, check_plot_folder
 from probes.pipeline.progress import progress_on
 from probes.safe_output import write_text
-
-if TYPE_CHECKING:
-    pass
 
 NAME = name_of(__name__)
 
@@ -85,13 +83,9 @@ def _check_versus(path: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`effects`: compute, store, then print V7 and the headline table."""
-    from probes.pipeline.effects import (
-        directions_path,  # here, not at the top: keeps --help fast
-        effects_traces,
-        format_summary,
-        summarize,
-        summary_path,
-    )
+    # here, not at the top: keeps --help fast
+    from probes.pipeline.effects import directions_path, effects_traces, summary_path
+    from probes.readouts.effects import format_summary, summarize
 
     flags.silence_hf()
     if args.versus is not None:  # before the work, not after it

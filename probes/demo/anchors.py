@@ -35,28 +35,25 @@ PAIRS = (("reflection", "ordinary"), ("delimiter", "ordinary"))
 
 def _per_trace(path: Path, key: str, *, shuffle_seed: int | None = None) -> dict[str, Any]:
     """Per-trace mean of a chunk measure by chunk category, plus where each trace's anchor is."""
-    from cache import open_cache
+    from probes.readouts.loader import load_traces
 
     rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
     means: dict[str, list[float]] = {name: [] for name in ("reflection", "delimiter", "ordinary")}
     anchor_cats: list[str] = []
     anchor_vals: list[float] = []
-    with open_cache(path) as reader:
-        for tr in reader:
-            if key not in tr.names():
-                continue
-            x = np.asarray(tr[key][...], dtype=float)
-            cat = np.asarray(tr["chunk_category"][...])
-            if rng is not None:  # shuffle among the non-delimiter chunks (the answer's anchor
-                free = cat != CATEGORY_CODES["delimiter"]  # is a delimiter chunk: keep it apart)
-                cat = cat.copy()
-                cat[free] = rng.permutation(cat[free])
-            for name in means:
-                sel = x[cat == CATEGORY_CODES[name]]
-                means[name].append(float(sel.mean()) if sel.size else float("nan"))
-            top = int(np.nanargmax(x))
-            anchor_cats.append(CATEGORY_NAMES[int(cat[top])])
-            anchor_vals.append(float(x[top]))
+    for tr in load_traces(path, [key], optional=["chunk_category"]):
+        x = np.asarray(tr[key], dtype=float)
+        cat = tr["chunk_category"]
+        if rng is not None:  # shuffle among the non-delimiter chunks (the answer's anchor
+            free = cat != CATEGORY_CODES["delimiter"]  # is a delimiter chunk: keep it apart)
+            cat = cat.copy()
+            cat[free] = rng.permutation(cat[free])
+        for name in means:
+            sel = x[cat == CATEGORY_CODES[name]]
+            means[name].append(float(sel.mean()) if sel.size else float("nan"))
+        top = int(np.nanargmax(x))
+        anchor_cats.append(CATEGORY_NAMES[int(cat[top])])
+        anchor_vals.append(float(x[top]))
     per_trace = {k: np.asarray(v) for k, v in means.items()}
     rows = [r.to_dict() for r in compare_paired(per_trace, PAIRS, n_boot=500)]
     n = len(anchor_cats)

@@ -44,8 +44,8 @@ def generation_demo(loaded: LoadedModel, out_dir: Path, *, n_questions: int = DE
     """
     import numpy as np
 
-    from cache import open_cache
     from probes.pipeline.lhat import LhatConfig, lhat_traces
+    from probes.readouts.loader import load_traces
     from probes.reasoner.task import generate_problems, write_jsonl
 
     out_dir = Path(out_dir)
@@ -62,11 +62,10 @@ def generation_demo(loaded: LoadedModel, out_dir: Path, *, n_questions: int = DE
     correct = {r["id"]: r["correct"] for r in open_out(samples, resume=True).records}
     ends: dict[bool, list[float]] = {True: [], False: []}
     falling = []
-    with open_cache(curves) as reader:
-        for tr in reader:
-            curve = tr["lhat"][:]
-            ends[correct[tr.id]].append(float(curve[-1]))
-            falling.append(bool(curve[-1] < curve[0]))
+    for tr in load_traces(curves, ["lhat"]):
+        curve = tr["lhat"]
+        ends[correct[tr.id]].append(float(curve[-1]))
+        falling.append(bool(curve[-1] < curve[0]))
     s = gen.statistics or {}
     return jsonable({
         "n_questions": gen.n_inputs, "samples_per_question": n_samples,

@@ -21,12 +21,12 @@ import numpy as np
 
 from probes.demo import SAMPLE_TRACES
 from probes.demo.anchors import anchors_demo, format_anchors_demo
+from probes.demo.effects import demo_section as effects_demo
+from probes.demo.effects import format_demo_line as format_effects_demo
 from probes.demo.generation import DEMO_QUESTIONS, format_generation_demo, generation_demo
 from probes.measures.answers import answer_scores, without_trajectory
 from probes.models.load import load_model
 from probes.pipeline.capture import CacheConfig, cache_traces
-from probes.pipeline.effects import demo_section as effects_demo
-from probes.pipeline.effects import format_demo_line as format_effects_demo
 from probes.pipeline.landscape import demo_section as landscape_demo
 from probes.pipeline.landscape import format_demo_line as format_landscape_demo
 from probes.pipeline.lhat import LhatConfig, lhat_traces

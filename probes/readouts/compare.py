@@ -49,33 +49,36 @@ def _phrase_names(reader) -> list[str] | None:
     return None
 
 
+_LABELS = ("phrase_id", "phrase_first", "paragraph_start")
+"""The token labels every L̂ trace must carry (written with the curve)."""
+
+
 def load_curves(path: Path) -> tuple[list[dict[str, Any]], Any]:
     """Per trace with `lhat`: the curve, labels and trajectory span, read from the cache."""
-    from cache import open_cache
+    from probes.readouts.loader import load_traces, open_cache
 
     rows = []
     with open_cache(path) as reader:
         names = _phrase_names(reader)
-        for tr in reader:
-            if "lhat" not in tr.names():
-                continue
-            missing = [k for k in ("phrase_id", "phrase_first", "paragraph_start") if k not in tr.names()]
-            if missing:
-                raise ProbesError(
-                    f"trace {tr.id!r} in {path} has an L̂ curve but no {missing}; re-run "
-                    "`python -m probes.run lhat` on it with this version"
-                )
-            rows.append({
-                "id": tr.id,
-                "lhat": np.asarray(tr["lhat"][:], np.float64),
-                "category": np.asarray(tr.category),
-                "phrase_id": np.asarray(tr["phrase_id"][:]),
-                "is_first": np.asarray(tr["phrase_first"][:]).astype(bool),
-                "paragraph_start": np.asarray(tr["paragraph_start"][:]).astype(bool),
-                "traj_span": tuple(tr.spans["trajectory"]),
-                "raml_occ": (np.asarray(tr["raml_notebook_occurrences"][:], np.int64)
-                             if "raml_notebook_occurrences" in tr.names() else None),
-            })
+        traces = load_traces(reader, ["lhat"], optional=(*_LABELS, "raml_notebook_occurrences"))
+    for tr in traces:
+        missing = [k for k in _LABELS if k not in tr.arrays]
+        if missing:
+            raise ProbesError(
+                f"trace {tr.id!r} in {path} has an L̂ curve but no {missing}; re-run "
+                "`python -m probes.run lhat` on it with this version"
+            )
+        occ = tr.arrays.get("raml_notebook_occurrences")
+        rows.append({
+            "id": tr.id,
+            "lhat": np.asarray(tr["lhat"], np.float64),
+            "category": tr.category,
+            "phrase_id": tr["phrase_id"],
+            "is_first": tr["phrase_first"].astype(bool),
+            "paragraph_start": tr["paragraph_start"].astype(bool),
+            "traj_span": tr.trajectory,
+            "raml_occ": None if occ is None else np.asarray(occ, np.int64),
+        })
     if not rows:
         raise ProbesError(
             f"{path} has no trace with an L̂ curve; run `python -m probes.run lhat --model M "
@@ -86,15 +89,11 @@ def load_curves(path: Path) -> tuple[list[dict[str, Any]], Any]:
 
 def _cache_parts(path: Path) -> dict[str, int]:
     """How many complete traces have an L̂ curve / update arrays."""
-    from cache import open_cache
+    from probes.readouts.loader import load_traces
 
-    n = {"lhat": 0, "updates": 0}
-    with open_cache(path) as reader:
-        for tr in reader:
-            names = tr.names()
-            n["lhat"] += "lhat" in names
-            n["updates"] += "upd_contrib" in names
-    return n
+    traces = load_traces(path, [])
+    return {"lhat": sum("lhat" in tr.stored for tr in traces),
+            "updates": sum("upd_contrib" in tr.stored for tr in traces)}
 
 
 def compare_cache(path: Path, cfg: CompareConfig) -> dict[str, Any]:

@@ -48,28 +48,25 @@ PAIRINGS = ("consecutive", "first", "all")
 def _load(path: Path, update_metrics: tuple[str, ...] | None) -> dict[str, Any]:
     """One cache: model label, tokenizer fingerprint, and per trace with `lhat` its tokens,
     trajectory span, trajectory categories, curve and update arrays."""
-    from cache import open_cache
+    from probes.readouts.loader import load_traces, open_cache
 
-    traces: dict[str, dict[str, Any]] = {}
+    wanted = update_metrics if update_metrics is not None else DEFAULT_UPDATE_METRICS
     with open_cache(path) as reader:
         codes = reader.category_codes
         meta = {"model": str(reader.metadata.get("model", path.stem)),
                 "tokenizer": str(reader.metadata.get("tokenizer_fingerprint", ""))}
-        for tr in reader:
-            names = set(tr.names())
-            if "lhat" not in names:
-                continue
-            a, b = (int(x) for x in tr.spans["trajectory"])
-            lhat = np.asarray(tr["lhat"][:], np.float64)
-            if lhat.size != b - a + 1:
-                raise ProbesError(f"{path}: trace {tr.id!r} has {lhat.size} L̂ values for a "
-                                  f"{b - a}-token trajectory; re-run `lhat` on it")
-            wanted = update_metrics if update_metrics is not None else DEFAULT_UPDATE_METRICS
-            traces[tr.id] = {
-                "tokens": np.asarray(tr.tokens), "span": (a, b),
-                "category": np.asarray(tr.category)[a:b], "lhat": lhat,
-                "upd": {m: np.asarray(tr[m][:], np.float64) for m in wanted if m in names},
-            }
+        loaded = load_traces(reader, ["lhat"], optional=wanted)
+    traces: dict[str, dict[str, Any]] = {}
+    for tr in loaded:
+        a, b = tr.trajectory
+        lhat = np.asarray(tr["lhat"], np.float64)
+        if lhat.size != b - a + 1:
+            raise ProbesError(f"{path}: trace {tr.id!r} has {lhat.size} L̂ values for a "
+                              f"{b - a}-token trajectory; re-run `lhat` on it")
+        traces[tr.id] = {
+            "tokens": tr.tokens, "span": (a, b), "category": tr.category[a:b], "lhat": lhat,
+            "upd": {m: np.asarray(tr[m], np.float64) for m in wanted if m in tr.arrays},
+        }
     return {"path": path, **meta, "codes": codes, "traces": traces}
 
 

@@ -57,41 +57,39 @@ def load_updates(path: Path, *, control: bool = False) -> list[dict[str, Any]]:
     Raises:
         ProbesError: A trace whose `upd_control` attribute does not fit the role of the file.
     """
-    from cache import open_cache
+    from probes.readouts.loader import load_traces
 
     rows = []
-    with open_cache(path) as reader:
-        for tr in reader:
-            names = set(tr.names())
-            if "upd_contrib" not in names:
-                continue
-            kind = str(tr.attrs.get("upd_control", "none"))
-            if control and kind != "random-init":
-                raise ProbesError(
-                    f"--control {path}: trace {tr.id!r} holds updates of the trained model "
-                    f"(upd_control={kind!r}); pass a cache written by `python -m probes.run updates "
-                    "--control random-init ... --out OTHER.h5`"
-                )
-            if not control and kind == "random-init":
-                raise ProbesError(
-                    f"{path} holds random-init control updates (trace {tr.id!r}); compare the "
-                    "trained model's cache and pass this one as --control"
-                )
-            rows.append({
-                "id": tr.id,
-                "layers": stored_layers(tr),
-                "answer_rows": str(tr.attrs.get("upd_rows", "first")),
-                "tokens": np.asarray(tr.tokens),
-                "category": np.asarray(tr.category),
-                "traj_span": tuple(int(x) for x in tr.spans["trajectory"]),
-                "upd": {n: np.asarray(tr[n][:], np.float64) for n in names if n.startswith("upd_")},
-                "phrase_id": np.asarray(tr["phrase_id"][:]) if "phrase_id" in names else None,
-                "is_first": (np.asarray(tr["phrase_first"][:]).astype(bool)
-                             if "phrase_first" in names else None),
-                "paragraph_start": (np.asarray(tr["paragraph_start"][:]).astype(bool)
-                                    if "paragraph_start" in names else None),
-                "lhat": np.asarray(tr["lhat"][:], np.float64) if "lhat" in names else None,
-            })
+    for tr in load_traces(path, ["upd_contrib"],
+                          optional=(*UPDATE_ORDER, "phrase_id", "phrase_first", "paragraph_start",
+                                    "lhat")):
+        kind = str(tr.attrs.get("upd_control", "none"))
+        if control and kind != "random-init":
+            raise ProbesError(
+                f"--control {path}: trace {tr.id!r} holds updates of the trained model "
+                f"(upd_control={kind!r}); pass a cache written by `python -m probes.run updates "
+                "--control random-init ... --out OTHER.h5`"
+            )
+        if not control and kind == "random-init":
+            raise ProbesError(
+                f"{path} holds random-init control updates (trace {tr.id!r}); compare the "
+                "trained model's cache and pass this one as --control"
+            )
+        got = tr.arrays
+        rows.append({
+            "id": tr.id,
+            "layers": stored_layers(tr),
+            "answer_rows": str(tr.attrs.get("upd_rows", "first")),
+            "tokens": tr.tokens,
+            "category": tr.category,
+            "traj_span": tr.trajectory,
+            "upd": {n: np.asarray(v, np.float64) for n, v in got.items() if n.startswith("upd_")},
+            "phrase_id": got.get("phrase_id"),
+            "is_first": got["phrase_first"].astype(bool) if "phrase_first" in got else None,
+            "paragraph_start": (got["paragraph_start"].astype(bool) if "paragraph_start" in got
+                                else None),
+            "lhat": np.asarray(got["lhat"], np.float64) if "lhat" in got else None,
+        })
     return rows
 
 
@@ -125,7 +123,7 @@ def _updates_part(path: Path, cfg: CompareConfig):
         by_id = {r["id"]: r for r in load_updates(cfg.control, control=True)}
         common = [r for r in rows if r["id"] in by_id]
         if len(common) < 2:
-            from cache import open_cache
+            from probes.readouts.loader import open_cache
 
             with open_cache(cfg.control) as reader:
                 held = set(reader.trace_ids())

@@ -30,10 +30,9 @@ def load_lhat(path: Path) -> dict[str, np.ndarray]:
     Raises:
         ProbesError: The cache has no L̂ curve.
     """
-    from cache import open_cache
+    from probes.readouts.loader import load_traces
 
-    with open_cache(path) as reader:
-        curves = {tr.id: np.asarray(tr["lhat"][:], np.float64) for tr in reader if "lhat" in tr.names()}
+    curves = {tr.id: np.asarray(tr["lhat"], np.float64) for tr in load_traces(path, ["lhat"])}
     if not curves:
         raise ProbesError(f"{path} has no trace with an L̂ curve; run `python -m probes.run lhat "
                           f"--model M --traces F --out {path}` first")

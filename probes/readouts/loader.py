@@ -59,6 +59,7 @@ class TraceArrays:
         axes: Name -> what each axis runs over ("sequence", "trajectory", "prefix", "rows", "").
         attrs: The trace's extra attributes (settings of the commands that wrote it, ...).
         source: Where the trace came from ("traces.jsonl:12").
+        stored: Names of every site and array the trace holds (read or not).
     """
 
     id: str
@@ -71,6 +72,20 @@ class TraceArrays:
     axes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     attrs: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    stored: tuple[str, ...] = ()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """The loaded array `name`, whole, as stored (`trace["lhat"]`, like `CachedTrace`).
+
+        Raises:
+            ProbesError: `name` was not loaded, or the trace has no `name`.
+        """
+        if name not in self.arrays:
+            if self.stored and name not in self.stored:
+                raise ProbesError(f"trace {self.id!r} has no {name}; it holds {list(self.stored)}")
+            raise ProbesError(f"{name} was not loaded for trace {self.id!r}; loaded: "
+                              f"{sorted(self.arrays)}")
+        return self.arrays[name]
 
     @property
     def trajectory(self) -> tuple[int, int]:
@@ -100,13 +115,11 @@ class TraceArrays:
         Raises:
             ProbesError: `name` was not loaded, has no token axis, or does not cover a position.
         """
-        if name not in self.arrays:
-            raise ProbesError(f"{name} was not loaded for trace {self.id!r}; loaded: "
-                              f"{sorted(self.arrays)}")
+        values = self[name]
         kinds = self.axes.get(name, ())
         axis = next((i for i, kind in enumerate(kinds) if kind), None)
         if axis is None:
-            raise ProbesError(f"{name} has no token axis (shape {self.arrays[name].shape})")
+            raise ProbesError(f"{name} has no token axis (shape {values.shape})")
         p = np.asarray(positions, dtype=np.int64).view(np.ndarray)
         kind = kinds[axis]
         if kind == SEQUENCE:
@@ -118,11 +131,11 @@ class TraceArrays:
                 raise ProbesError(f"positions {p[outside][:5].tolist()} are outside the "
                                   f"trajectory [{a}, {b}) that {name} covers")
             index = p - a + (1 if kind == PREFIX else 0)
-        return np.take(self.arrays[name], index, axis=axis)
+        return np.take(values, index, axis=axis)
 
     def per_token(self, name: str) -> np.ndarray:
         """Array `name` as float64 [..., n_tokens]: each token's value, NaN where it has none."""
-        values = self.arrays[name]
+        values = self[name]
         kinds = self.axes.get(name, ())
         if not kinds or kinds[-1] not in (SEQUENCE, TRAJECTORY, PREFIX):
             raise ProbesError(f"{name} has no trailing token axis (shape {values.shape})")
@@ -184,7 +197,8 @@ def _layers(attrs: dict[str, Any], name: str, n: int) -> list[int]:
     return layers if len(layers) == n else list(range(n))
 
 
-def _read(trace: CachedTrace, names: Sequence[str], codes: dict[str, int]) -> TraceArrays:
+def _read(trace: CachedTrace, names: Sequence[str], codes: dict[str, int],
+          stored: Sequence[str]) -> TraceArrays:
     arrays, axes = {}, {}
     for name in names:
         lazy = trace.array(name)
@@ -192,7 +206,8 @@ def _read(trace: CachedTrace, names: Sequence[str], codes: dict[str, int]) -> Tr
         axes[name] = lazy.token_axes
     return TraceArrays(id=trace.id, n_tokens=trace.n_tokens, spans=dict(trace.spans),
                        tokens=trace.tokens, category=trace.category, codes=dict(codes),
-                       arrays=arrays, axes=axes, attrs=dict(trace.attrs), source=trace.source)
+                       arrays=arrays, axes=axes, attrs=dict(trace.attrs), source=trace.source,
+                       stored=tuple(stored))
 
 
 def load_traces(
@@ -201,6 +216,7 @@ def load_traces(
     *,
     traces: Iterable[str] | None = None,
     missing: str = "skip",
+    optional: Iterable[str] = (),
 ) -> list[TraceArrays]:
     """Read traces of a cache with the arrays asked for (the one loader every reader uses).
 
@@ -210,6 +226,8 @@ def load_traces(
         traces: Trace ids (default: every complete trace, in write order).
         missing: What to do with a trace that lacks one of `arrays`: "skip" it, "partial" (read
             what it has) or "raise".
+        optional: More array names, read when a trace has them (never a reason to skip or
+            raise); e.g. `load_traces(p, ["lhat"], optional=["phrase_id"])`.
 
     Returns:
         One `TraceArrays` per trace.
@@ -221,20 +239,22 @@ def load_traces(
     if missing not in ("skip", "partial", "raise"):
         raise ProbesError(f"missing must be 'skip', 'partial' or 'raise', got {missing!r}")
     wanted = None if arrays is None else list(arrays)
+    extra = [n for n in optional if wanted is None or n not in wanted]
     if isinstance(source, CacheReader):
-        return _load(source, wanted, traces, missing)
+        return _load(source, wanted, extra, traces, missing)
     with open_cache(source) as reader:
-        return _load(reader, wanted, traces, missing)
+        return _load(reader, wanted, extra, traces, missing)
 
 
-def _load(reader: CacheReader, wanted: list[str] | None, traces: Iterable[str] | None,
-          missing: str) -> list[TraceArrays]:
+def _load(reader: CacheReader, wanted: list[str] | None, extra: list[str],
+          traces: Iterable[str] | None, missing: str) -> list[TraceArrays]:
     codes = reader.category_codes
     registered = registry_axes()
     out = []
     for trace_id in (reader.trace_ids() if traces is None else traces):
         trace = reader.trace(trace_id)
-        have = set(trace.names())
+        stored = trace.names()
+        have = set(stored)
         names = [n for n in registered if n in have] if wanted is None else wanted
         absent = [n for n in names if n not in have]
         if absent and missing == "raise":
@@ -242,5 +262,6 @@ def _load(reader: CacheReader, wanted: list[str] | None, traces: Iterable[str] |
                               f"command that writes them (probes.arrays names it)")
         if absent and missing == "skip":
             continue
-        out.append(_read(trace, [n for n in names if n in have], codes))
+        names = [n for n in names if n in have] + [n for n in extra if n in have and n not in names]
+        out.append(_read(trace, names, codes, stored))
     return out

@@ -20,6 +20,7 @@ from probes.pipeline.progress import Stages
 
 if TYPE_CHECKING:
     from probes.readouts.configs import ReportConfig
+    from probes.readouts.loader import TraceArrays
 
 LAYER_VALUE_BUDGET = 1_500_000
 """Per-layer colouring keys are offered while (per-layer keys x shown tokens) stays below this;
@@ -49,29 +50,29 @@ class _Scan:
 
 
 def _scan(path: Path) -> _Scan:
-    from cache import open_cache
+    from probes.readouts.loader import load_traces, open_cache
 
     with open_cache(path) as reader:
         meta = dict(reader.metadata)
         codes = dict(sorted(reader.category_codes.items(), key=lambda kv: kv[1]))
-        names = {int(v): k for k, v in codes.items()}
-        tokens = dict.fromkeys(codes, 0)
-        traces_with = dict.fromkeys(codes, 0)
-        ids, reflective, n_lhat, n_upd = [], [], 0, 0
-        for tr in reader:
-            ids.append(tr.id)
-            counts = np.bincount(np.asarray(tr.category, np.int64), minlength=max(names) + 1)
-            for code, name in names.items():
-                tokens[name] += int(counts[code])
-                traces_with[name] += int(counts[code] > 0)
-            present = tr.names()
-            n_lhat += "lhat" in present
-            n_upd += "upd_contrib" in present
-            if counts[codes["reflection"]] > 0:
-                reflective.append(tr.id)
+        traces = load_traces(reader, [])
         sites = {name: {"dtype": s.dtype, "row_shape": list(s.row_shape), "layers": list(s.layers)}
                  for name, s in reader.sites.items()}
         n_incomplete = len(reader.incomplete_ids())
+    names = {int(v): k for k, v in codes.items()}
+    tokens = dict.fromkeys(codes, 0)
+    traces_with = dict.fromkeys(codes, 0)
+    ids, reflective, n_lhat, n_upd = [], [], 0, 0
+    for tr in traces:
+        ids.append(tr.id)
+        counts = np.bincount(np.asarray(tr.category, np.int64), minlength=max(names) + 1)
+        for code, name in names.items():
+            tokens[name] += int(counts[code])
+            traces_with[name] += int(counts[code] > 0)
+        n_lhat += "lhat" in tr.stored
+        n_upd += "upd_contrib" in tr.stored
+        if counts[codes["reflection"]] > 0:
+            reflective.append(tr.id)
     return _Scan(path, meta, ids, n_incomplete, tokens, traces_with, n_lhat, n_upd, sites,
                  reflective, os.path.getsize(path))
 
@@ -100,20 +101,24 @@ def _decoder(meta: dict[str, Any]) -> tuple[Any, str]:
                       f"could not be loaded here ({err})")
 
 
-def _read_view(tr: Any, decode: Any, names: list[str] | None) -> dict[str, Any]:
+_VIEW_ARRAYS = ("phrase_id", *_LHAT_VIEW, *arrays.names(arrays.UPDATES))
+"""The arrays a token view shows, when its trace has them."""
+
+
+def _read_view(tr: TraceArrays, decode: Any, names: list[str] | None) -> dict[str, Any]:
     """One trace's token texts, labels, values (keyed as the colouring keys) and [L, T] arrays."""
-    ids = np.asarray(tr.tokens)
-    present = set(tr.names())
+    ids = tr.tokens
+    got = tr.arrays
     pieces = decode(ids.tolist()) if decode is not None else [f"[{int(i)}]" for i in ids]
-    phrase_ids = np.asarray(tr["phrase_id"][...]) if "phrase_id" in present else np.full(len(ids), -1)
+    phrase_ids = got["phrase_id"] if "phrase_id" in got else np.full(len(ids), -1)
     phrase = [(names[p] if names is not None and 0 <= p < len(names) else f"phrase {p}") if p >= 0
               else "" for p in phrase_ids.tolist()]
     values: dict[str, np.ndarray] = {}
     for name in _LHAT_VIEW:
-        if name in present:
-            v = np.asarray(tr[name][...], np.float64)
+        if name in got:
+            v = np.asarray(got[name], np.float64)
             values[name] = v[1:] if name == "lhat" else v
-    layered = {n: np.asarray(tr[n][...], np.float64) for n in arrays.names(arrays.UPDATES) if n in present}
+    layered = {n: np.asarray(got[n], np.float64) for n in arrays.names(arrays.UPDATES) if n in got}
     for name, v in layered.items():
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
@@ -122,15 +127,14 @@ def _read_view(tr: Any, decode: Any, names: list[str] | None) -> dict[str, Any]:
         layer_ids = [int(x) for x in json.loads(str(tr.attrs.get("upd_layers", "[]")))]
     except (TypeError, ValueError):
         layer_ids = []
-    return {"id": tr.id, "pieces": list(pieces), "category": np.asarray(tr.category), "phrase": phrase,
-            "span": tuple(tr.spans["trajectory"]), "values": values, "layered": layered,
-            "layers": layer_ids}
+    return {"id": tr.id, "pieces": list(pieces), "category": tr.category, "phrase": phrase,
+            "span": tr.trajectory, "values": values, "layered": layered, "layers": layer_ids}
 
 
 def _token_views(scan: _Scan, ids: list[str], stages: Stages) -> tuple[list[TokenView], list[TokenKey], str]:
     """The heat-map traces and the keys they can be coloured by; a note ("" if none)."""
-    from cache import open_cache
     from probes.models.cache_text import phrase_names
+    from probes.readouts.loader import load_traces, open_cache
 
     if not ids:
         return [], [], ""
@@ -140,7 +144,8 @@ def _token_views(scan: _Scan, ids: list[str], stages: Stages) -> tuple[list[Toke
     with open_cache(scan.path) as reader:
         for tid in ids:
             stages.step(f"token view {tid}")
-            raw.append(_read_view(reader.trace(tid), decode, names))
+            (tr,) = load_traces(reader, [], traces=[tid], optional=_VIEW_ARRAYS)
+            raw.append(_read_view(tr, decode, names))
             stages.advance(tokens=raw[-1]["span"][1] - raw[-1]["span"][0])
     keys, layer_note = _keys(raw)
     note = "; ".join(n for n in (note, layer_note) if n)

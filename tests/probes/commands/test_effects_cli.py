@@ -105,7 +105,7 @@ def test_bad_flags_are_one_error_line(samples, tmp_path, capsys):
 
 
 def test_demo_section_trained_vs_random_init(tmp_path):
-    from probes.pipeline.effects import demo_section, format_demo_line
+    from probes.demo.effects import demo_section, format_demo_line
 
     d = demo_section(load_model("tiny-reasoner", device="cpu"), tmp_path, limit=4)
     assert d["n_traces"] == 4 and d["n_pairs"] == d["v7"]["attn"]["n"] >= 12
