@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from hooks.dtypes import DTYPE_NAMES
 from hooks.errors import HooksError
 from hooks.families import FAMILIES, OTHER_PLAIN_MLP_MODEL_TYPES, model_types
 
@@ -23,7 +22,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 """Accepted dtype names."""
 
 

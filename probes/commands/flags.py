@@ -21,17 +21,16 @@ import argparse
 import math
 from pathlib import Path
 
-from hooks.dtypes import DTYPE_NAMES
-from probes.models.choices import DEVICE_MAPS
+from probes.models.choices import DEVICE_MAPS, DTYPES
 from probes.pipeline.job import RESUME_HELP
 from probes.pipeline.progress import QUIET_HELP
 from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
 MODEL_HELP = "tiny-reasoner, a local model folder, or a hub id in the local HF cache"
 DEVICE_HELP = "cpu, cuda, cuda:N or auto"
-MODEL_DTYPES: tuple[str, ...] = DTYPE_NAMES
-"""Parameter dtypes a model can be loaded in (the one list is `hooks.dtypes.DTYPE_NAMES`, which
-`hooks.model.DTYPES` maps to torch dtypes)."""
+MODEL_DTYPES: tuple[str, ...] = DTYPES
+"""Parameter dtypes a model can be loaded in (`probes.models.choices.DTYPES`, the names of
+`hooks.model.DTYPES`)."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

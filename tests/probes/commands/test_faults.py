@@ -467,7 +467,7 @@ def test_sigint_swallowed_by_a_finalizer(traces, references, tmp_path, capsys, m
 def test_sigint_while_parsing_is_one_line(monkeypatch, capsys):
     import probes.run
 
-    def interrupted():
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(probes.run, "build_parser", interrupted)
