@@ -113,7 +113,7 @@ def test_bad_lines_are_named_and_strict_stops(command, traces, tmp_path, capsys)
 @pytest.mark.parametrize("command", WRITERS)
 def test_flag_errors_are_one_line(command, traces, tmp_path, capsys):
     assert _run(command, traces, tmp_path / "x.h5", "--limit", "0") == 2
-    _one_error(capsys, "--limit", "at least 1", f"python -m probes.run {command} --help")
+    _one_error(capsys, "--limit", "at least 1", f"trajectory-probes {command} --help")
 
 
 @pytest.mark.parametrize("command", WRITERS)
