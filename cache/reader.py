@@ -28,7 +28,7 @@ from cache.bf16 import bf16_bits_to_float32
 from cache.errors import CacheError, TraceNotFoundError
 
 __all__ = ["CacheReader", "CachedTrace", "LazyArray", "Positions", "SiteInfo", "open_cache",
-           "parse_axes", "summarize"]
+           "parse_axes", "summarize", "trajectory_index"]
 
 AxisKind = str
 """What one axis of a stored array runs over: "sequence" (every token, [n_tokens]), "trajectory"
@@ -43,6 +43,23 @@ def parse_axes(axes: str) -> tuple[AxisKind, ...]:
     """The axis kinds of a declared shape such as "[L, T]" -> ("", "trajectory")."""
     words = [w.strip() for w in axes.strip().strip("[]").split(",")]
     return tuple(_AXIS_WORDS.get(w, "") for w in words if w)
+
+
+def trajectory_index(kind: AxisKind, positions: np.ndarray,
+                     spans: Mapping[str, tuple[int, int]], where: str) -> np.ndarray:
+    """Indices on a [T] ("trajectory") or [T+1] ("prefix": the value after the token) axis of the
+    tokens at sequence `positions`; the one rule, for lazy and loaded arrays alike.
+
+    Raises:
+        CacheError: A position outside the trajectory that `where` covers.
+    """
+    start, end = spans.get(TRAJECTORY, (0, 0))
+    outside = (positions < start) | (positions >= end)
+    if outside.any():
+        raise CacheError(
+            f"positions {positions[outside][:5].tolist()} are outside the trajectory "
+            f"[{start}, {end}) that {where} covers; select with span='trajectory'")
+    return positions - start + (1 if kind == PREFIX else 0)
 
 
 class Positions(np.ndarray):
@@ -517,13 +534,7 @@ class LazyArray:
                 raise CacheError(f"positions {p[~ok][:5].tolist()} were not captured in {where} "
                                  f"(the cache stored other positions); select within them")
             return found
-        start, end = trace.spans.get(TRAJECTORY, (0, 0))
-        outside = (p < start) | (p >= end)
-        if outside.any():
-            raise CacheError(
-                f"positions {p[outside][:5].tolist()} are outside the trajectory [{start}, {end}) "
-                f"that {where} covers; select with span='trajectory'")
-        return p - start + (1 if kind == PREFIX else 0)
+        return trajectory_index(kind, p, trace.spans, where)
 
     @property
     def chunks(self) -> tuple[int, ...] | None:

@@ -24,7 +24,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import cache
-from cache.reader import PREFIX, SEQUENCE, TRAJECTORY, CachedTrace, CacheReader, Positions
+from cache.errors import CacheError
+from cache.reader import (
+    PREFIX,
+    SEQUENCE,
+    TRAJECTORY,
+    CachedTrace,
+    CacheReader,
+    Positions,
+    trajectory_index,
+)
 from probes.arrays import REGISTRY
 from probes.errors import ProbesError
 
@@ -125,12 +134,10 @@ class TraceArrays:
         if kind == SEQUENCE:
             index = p
         else:
-            a, b = self.trajectory
-            outside = (p < a) | (p >= b)
-            if outside.any():
-                raise ProbesError(f"positions {p[outside][:5].tolist()} are outside the "
-                                  f"trajectory [{a}, {b}) that {name} covers")
-            index = p - a + (1 if kind == PREFIX else 0)
+            try:
+                index = trajectory_index(kind, p, self.spans, name)
+            except CacheError as err:
+                raise ProbesError(str(err)) from None
         return np.take(values, index, axis=axis)
 
     def per_token(self, name: str) -> np.ndarray:
