@@ -7,15 +7,13 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from probes.commands import SUMMARIES, flags, name_of
 from probes.pipeline.outputs import check_plot_folder
 from probes.pipeline.progress import Stages, progress_on
+from probes.readouts.configs import PAIRINGS
 from probes.readouts.text import num as _num
-
-if TYPE_CHECKING:
-    pass
 
 NAME = name_of(__name__)
 
@@ -55,8 +53,6 @@ def format_report(report: dict[str, Any], *, all_categories: bool = True) -> str
 
 def add_parser(sub: Any) -> None:
     """Register `compare-models` and its flags."""
-    from probes.readouts.compare_models import PAIRINGS  # here, not at the top: keeps --help fast
-
     p = sub.add_parser(
         NAME, formatter_class=flags.HelpFormatter,
         help=SUMMARIES[NAME],

@@ -19,7 +19,9 @@ from analyses.stats import compare_paired
 from analyses.token_sets import CATEGORY_CODES, CATEGORY_NAMES
 from probes.demo import SAMPLE_TRACES
 from probes.measures.anchors import resampling as rs
+from probes.models.controls import random_init_model
 from probes.pipeline.anchors import AnchorsConfig, anchors_traces
+from probes.readouts.loader import load_traces
 
 N_TRACES = 20
 """Sample traces of the white-box part (and of its random-init control)."""
@@ -35,7 +37,6 @@ PAIRS = (("reflection", "ordinary"), ("delimiter", "ordinary"))
 
 def _per_trace(path: Path, key: str, *, shuffle_seed: int | None = None) -> dict[str, Any]:
     """Per-trace mean of a chunk measure by chunk category, plus where each trace's anchor is."""
-    from probes.readouts.loader import load_traces
 
     rng = np.random.default_rng(shuffle_seed) if shuffle_seed is not None else None
     means: dict[str, list[float]] = {name: [] for name in ("reflection", "delimiter", "ordinary")}
@@ -67,7 +68,6 @@ def anchors_demo(loaded: Any, folder: Path, *, limit: int | None = None, keep: b
                  ) -> dict[str, Any]:
     """Run the anchors section (files `anchors.h5`, `anchors_random_init.h5` in `folder`; listed
     under "files" when `keep`)."""
-    from probes.models.controls import random_init_model
 
     t0 = time.perf_counter()
     n = N_TRACES if limit is None else min(limit, N_TRACES)

@@ -8,7 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cache import remove_cache
 from hooks.model import LoadedModel
+from probes import DATA_DIR
 from probes.pipeline.effects import EffectsConfig, effects_traces
 from probes.readouts.effects import summarize
 
@@ -28,8 +30,6 @@ def demo_section(loaded: LoadedModel, folder: Path, *, limit: int | None = None)
     """
     import time
 
-    from cache import remove_cache
-    from probes import DATA_DIR
 
     t0 = time.perf_counter()
     n = DEMO_TRACES if limit is None else min(limit, DEMO_TRACES)

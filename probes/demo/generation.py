@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING, Any
 from probes.jsonable import jsonable
 from probes.pipeline.generate.sampling import generate_samples
 from probes.pipeline.generate.settings import GenerateConfig
+from probes.pipeline.lhat import LhatConfig, lhat_traces
+from probes.readouts.loader import load_traces
+from probes.reasoner.task import generate_problems, write_jsonl
 from probes.traces.jsonl import open_out
 
 if TYPE_CHECKING:
@@ -44,9 +47,6 @@ def generation_demo(loaded: LoadedModel, out_dir: Path, *, n_questions: int = DE
     """
     import numpy as np
 
-    from probes.pipeline.lhat import LhatConfig, lhat_traces
-    from probes.readouts.loader import load_traces
-    from probes.reasoner.task import generate_problems, write_jsonl
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

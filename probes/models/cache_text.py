@@ -16,9 +16,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from cache import open_cache
 from probes.errors import ProbesError
 from probes.models.identity import tokenizer_fingerprint
 from probes.models.load import load_tokenizer
+from probes.traces.categories import DEFAULT_LEXICON_PATH, load_lexicon
 
 __all__ = ["CacheDecoder", "cache_decoder", "phrase_names", "token_pieces", "tokenizer_decoder"]
 
@@ -113,7 +115,6 @@ def phrase_names(source: str | os.PathLike[str] | Mapping[str, Any]) -> list[str
     Returns:
         The phrases, or None when no lexicon here has the cache's fingerprint.
     """
-    from probes.traces.categories import DEFAULT_LEXICON_PATH, load_lexicon
 
     meta = _metadata(source)
     wanted = meta.get("lexicon_fingerprint")
@@ -135,7 +136,6 @@ def phrase_names(source: str | os.PathLike[str] | Mapping[str, Any]) -> list[str
 def _metadata(source: str | os.PathLike[str] | Mapping[str, Any]) -> Mapping[str, Any]:
     if isinstance(source, Mapping):
         return source
-    from cache import open_cache
 
     with open_cache(source) as reader:
         return dict(reader.metadata)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from hooks.model import LoadedModel
 from probes.models.choices import CONTROLS as CONTROLS
+from probes.models.identity import model_label
+from probes.models.load import boot_model
 
 
 def random_init_model(loaded: LoadedModel, seed: int) -> LoadedModel:
@@ -19,8 +21,6 @@ def random_init_model(loaded: LoadedModel, seed: int) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from probes.models.identity import model_label
-    from probes.models.load import boot_model
 
     torch.manual_seed(seed)
     hf = AutoModelForCausalLM.from_config(loaded.hf_model.config)

@@ -24,8 +24,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from hooks.hf_fast import plain_view
+from hooks.model import ArchInfo
 from probes.errors import ProbesError
 from probes.models.choices import GENERATION_BACKENDS
+from probes.models.load import BUILTIN_MODELS, load_tokenizer, resolve_spec
 from probes.traces.grading import THINK_CLOSE
 from probes.traces.tokenize import render_prompt
 
@@ -243,8 +246,6 @@ class HFGenerator:
         self.loaded = loaded
         self.model = loaded.hf_model
         if plain:
-            from hooks.hf_fast import plain_view
-
             self.model = plain_view(loaded.hf_model)
         self.tokenizer = loaded.tokenizer
         self.n_ctx = loaded.arch.n_ctx
@@ -319,8 +320,6 @@ class VllmGenerator:
         from transformers import AutoConfig, GenerationConfig
         from vllm import LLM
 
-        from hooks.model import ArchInfo
-        from probes.models.load import BUILTIN_MODELS, load_tokenizer, resolve_spec
 
         folder = resolve_spec(spec)
         self.tokenizer = load_tokenizer(spec)

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from analyses.token_sets import CATEGORY_CODES
+from probes import __version__
 from probes.errors import ProbesError
+from probes.models.load import BUILTIN_MODELS
 
 if TYPE_CHECKING:
     from hooks.model import LoadedModel
@@ -149,7 +151,6 @@ def _parameters_fingerprint(model: Any) -> str:
 
 def model_label(loaded: LoadedModel) -> str:
     """The model spec as stored: built-in names and hub ids verbatim, folders as absolute paths."""
-    from probes.models.load import BUILTIN_MODELS
 
     spec = loaded.spec
     if spec in BUILTIN_MODELS or loaded.source == "in-memory":
@@ -167,7 +168,6 @@ def _versions() -> dict[str, str]:
             out[package.replace("-", "_")] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             out[package.replace("-", "_")] = "not installed"
-    from probes import __version__
 
     out["trajectory_probes"] = __version__
     return out
@@ -187,7 +187,6 @@ def run_metadata(
     records them); the toolkit version, `versions`
     and `info` are recorded at creation only.
     """
-    from probes import __version__
 
     arch = loaded.arch
     return {

@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from hooks.model import LoadedModel
 from probes.errors import ProbesError
-
-if TYPE_CHECKING:
-    pass
-
 
 _KV_SHIM_FROM = (5, 24)
 

@@ -22,9 +22,15 @@ from typing import Any
 
 import numpy as np
 
+from analyses.efficiency import efficiency_measures
+from analyses.efficiency_plots import model_curves_figure
+from analyses.stability import STABILITY, compare_models, model_summary, stability_measures
 from probes import arrays
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
+from probes.readouts.configs import PAIRINGS
+from probes.readouts.loader import load_traces, open_cache
+from probes.safe_output import save_figure
 
 NAME = "compare-models"
 
@@ -41,14 +47,9 @@ CURVE_MEASURES = ("start", "final", "drop", "tokens_to_90", "auc_remaining")
 """L̂ curve summary per trace (`start` = L̂ with no trajectory)."""
 
 
-PAIRINGS = ("consecutive", "first", "all")
-"""`--pairs`: each model against the one before it, every model against the first, or all pairs."""
-
-
 def _load(path: Path, update_metrics: tuple[str, ...] | None) -> dict[str, Any]:
     """One cache: model label, tokenizer fingerprint, and per trace with `lhat` its tokens,
     trajectory span, trajectory categories, curve and update arrays."""
-    from probes.readouts.loader import load_traces, open_cache
 
     wanted = update_metrics if update_metrics is not None else DEFAULT_UPDATE_METRICS
     with open_cache(path) as reader:
@@ -115,8 +116,6 @@ def _names(caches: list[dict[str, Any]], names: list[str] | None) -> list[str]:
 def _per_trace(cache: dict[str, Any], ids: list[str], window: int,
                update_metrics: list[str]) -> tuple[dict[tuple[str, str], np.ndarray], list[np.ndarray]]:
     """(measure, category) → per-trace values, and the curves, of one model."""
-    from analyses.efficiency import efficiency_measures
-    from analyses.stability import STABILITY, stability_measures
 
     cols: dict[tuple[str, str], list[float]] = {}
     curves = []
@@ -190,7 +189,6 @@ def compare_models_report(paths: list[Path], *, names: list[str] | None = None, 
         ProbesError: Fewer than two caches, a pairing or window out of range, too few shared traces,
             different tokens, or an update metric missing from a cache.
     """
-    from analyses.stability import compare_models, model_summary
 
     if len(paths) < 2:
         raise ProbesError(f"compare-models needs two or more caches, got {len(paths)}")
@@ -231,9 +229,6 @@ def compare_models_report(paths: list[Path], *, names: list[str] | None = None, 
         "rows": summary + paired, "plots": [],
     }
     if plots is not None:
-        from analyses.efficiency_plots import model_curves_figure
-        from probes.safe_output import save_figure
-
         stab: dict[str, dict[str, Any]] = {r["model"]: {} for r in summary}
         for r in summary:
             if r["category"] == "all" and r["measure"] in ("var_delta", "frac_nonmonotone", "osc_energy"):

@@ -24,6 +24,10 @@ STATISTICS: tuple[str, ...] = ("mean", "median")
 """`--statistic`: the per-trace aggregate."""
 
 
+PAIRINGS: tuple[str, ...] = ("consecutive", "first", "all")
+"""`compare-models --pairs`: each model against the one before it, every model against the first, or
+all pairs."""
+
 PlotSave = Callable[[Any, str], str]
 """Keeps one plot: (Matplotlib Figure, file name) -> what the report lists for it (`folder_saver`:
 the PNG's path; `report` keeps the PNGs in memory instead)."""

@@ -11,10 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from analyses.effects import TraceEffects, format_headline, format_v7, headline, scatter_figure, v7_table
 from analyses.token_sets import CATEGORY_CODES, CATEGORY_NAMES
 from probes.errors import ProbesError
+from probes.measures.effects.directions import DIRECTION_CATEGORIES
 from probes.pipeline.effects import DONE_KEY, EFFECT_ARRAYS
 from probes.readouts.loader import load_traces
+from probes.safe_output import save_figure
 
 
 def read_effects(path: Path):
@@ -23,7 +26,6 @@ def read_effects(path: Path):
     Raises:
         ProbesError: When the cache holds no effects arrays.
     """
-    from analyses.effects import TraceEffects
 
     out = []
     for tr in load_traces(path, [DONE_KEY], optional=EFFECT_ARRAYS):
@@ -41,7 +43,6 @@ def read_effects(path: Path):
 def direction_summary(path: Path) -> dict[str, Any]:
     """Mean `dir_cos` per category of the token, per direction and layer (reflection tokens vs
     ordinary ones: does a reflection's implicit update point along the reflection direction?)."""
-    from probes.measures.effects.directions import DIRECTION_CATEGORIES
 
     sums: dict[tuple[str, str], list[np.ndarray]] = {}
     for tr in load_traces(path, ["dir_cos"]):
@@ -59,8 +60,6 @@ def direction_summary(path: Path) -> dict[str, Any]:
 
 def summarize(path: Path, versus: Path | None = None, plots: Path | None = None) -> dict[str, Any]:
     """V7 and the headline table of a cache (and of `versus`), the direction cosines, a plot."""
-    from analyses.effects import headline, scatter_figure, v7_table
-    from probes.safe_output import save_figure
 
     traces = read_effects(path)
     summary: dict[str, Any] = {"cache": str(path), "n_traces": len(traces),
@@ -81,8 +80,6 @@ def summarize(path: Path, versus: Path | None = None, plots: Path | None = None)
 
 
 def format_summary(s: dict[str, Any], directions: dict[str, Any] | None = None) -> str:
-    from analyses.effects import format_headline, format_v7
-
     lines = [f"{s['n_pairs']} (layer, token) pairs in {s['n_traces']} traces of {s['cache']}"]
     lines += format_v7(s["v7"], "(real ΔL vs first-order prediction):")
     if "v7_versus" in s:

@@ -17,9 +17,17 @@ from typing import Any
 
 import numpy as np
 
+from analyses.efficiency import MEASURES, compare_variants, length_relation, measure_table, verdict
+from analyses.efficiency_plots import variant_curves_figure
+from analyses.stats import bootstrap_ci
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
+from probes.pipeline.lhat import LhatConfig, lhat_traces
+from probes.readouts.loader import load_traces
 from probes.readouts.text import num as _num
+from probes.reasoner.variants import VARIANTS, VARIANTS_PATH
+from probes.safe_output import save_figure
+from probes.traces.read import read_traces
 
 NAME = "efficiency"
 
@@ -30,7 +38,6 @@ def load_lhat(path: Path) -> dict[str, np.ndarray]:
     Raises:
         ProbesError: The cache has no L̂ curve.
     """
-    from probes.readouts.loader import load_traces
 
     curves = {tr.id: np.asarray(tr["lhat"], np.float64) for tr in load_traces(path, ["lhat"])}
     if not curves:
@@ -83,16 +90,12 @@ def efficiency_report(path: Path, traces: Path | None = None, *,
         ProbesError: No L̂ curves; `--traces` shares no id with the cache; a pair names a variant
             the traces do not have.
     """
-    from analyses.efficiency import MEASURES, compare_variants, length_relation, measure_table
-    from analyses.stats import bootstrap_ci
 
     curves = load_lhat(path)
     ids = list(curves)
     groups: list[str | None] = [None] * len(ids)
     variants: list[str | None] = [None] * len(ids)
     if traces is not None:
-        from probes.traces.read import read_traces
-
         meta = {t.id: (t.group, t.variant) for t in read_traces(traces)}
         shared = [i for i in ids if i in meta]
         if not shared:
@@ -132,9 +135,6 @@ def efficiency_report(path: Path, traces: Path | None = None, *,
                               "rows": compare_variants(table, groups, variants, pairs, n_boot=n_boot,
                                                        seed=seed)}
         if plots is not None:
-            from analyses.efficiency_plots import variant_curves_figure
-            from probes.safe_output import save_figure
-
             by = {v: [curves[i] for i, x in zip(ids, variants, strict=True) if x == v] for v in names}
             marks = {v: x["stay_to_90"] for v, x in per_variant.items()}
             report["plots"].append(str(save_figure(variant_curves_figure(by, marks=marks),
@@ -165,9 +165,6 @@ def demo_section(loaded: Any, folder: Path, *, keep: bool, limit: int | None = N
     """
     import time
 
-    from analyses.efficiency import verdict
-    from probes.pipeline.lhat import LhatConfig, lhat_traces
-    from probes.reasoner.variants import VARIANTS, VARIANTS_PATH
 
     t0 = time.perf_counter()
     n = None if limit is None else max(2 * len(VARIANTS), -(-limit // len(VARIANTS)) * len(VARIANTS))

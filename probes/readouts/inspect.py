@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from cache import open_cache, summarize
+
 NAME = "inspect"
 
 
@@ -14,7 +16,6 @@ def inspect_cache(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises:
         CacheError: Missing, locked, truncated, foreign or other-version file (one-line message).
     """
-    from cache import open_cache, summarize
 
     summary = summarize(path)
     with open_cache(path) as reader:

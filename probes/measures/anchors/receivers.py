@@ -24,11 +24,12 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
-from hooks.edit import edit, mask_keys_per_row
+from hooks.edit import edit, mask_keys, mask_keys_per_row
 from hooks.model import LoadedModel
 from probes.errors import ProbesError
 from probes.measures.anchors import PROXIMITY_IGNORE as PROXIMITY_IGNORE
 from probes.measures.anchors import TOP_K_HEADS as TOP_K_HEADS
+from probes.measures.lhat.fast import _keeps_logits
 from probes.traces.tokenize import TokenizedTrace
 
 DEFAULT_MAX_ATTN_BYTES = 1 << 30
@@ -130,8 +131,6 @@ def chunk_attention(loaded: LoadedModel, ids: Int[torch.Tensor, " n"] | np.ndarr
 
 
 def _one_logit(loaded: LoadedModel) -> dict:
-    from probes.measures.lhat.fast import _keeps_logits
-
     return {"logits_to_keep": 1} if _keeps_logits(loaded) else {}
 
 
@@ -365,7 +364,6 @@ def masked_forward_reference(loaded: LoadedModel, tt: TokenizedTrace, keys: Sequ
                              ) -> torch.Tensor:
     """Log-probabilities [N, V] of one real forward with `keys` masked for every query row
     (`hooks.edit.mask_keys` at every layer), for tests and checks."""
-    from hooks.edit import mask_keys
 
     n = tt.n_tokens
     keys = list(keys)

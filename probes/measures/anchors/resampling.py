@@ -10,7 +10,6 @@ that is cut at `max_new_tokens` or stops without an answer (no `\\boxed{}` and n
 `</think>`) gets the scaffold appended and its answer decoded greedily (a forced answer).
 
 From the graded samples (`importance`):
-
 * `acc[i]`: accuracy of the samples from prefix i, [C+1].
 * resampling importance `acc[i+1] − acc[i]` (what keeping S_i adds).
 * counterfactual importance: the samples at i whose first chunk T_i differs from S_i (the
@@ -40,8 +39,11 @@ from probes.errors import ProbesError
 from probes.measures.anchors import DEFAULT_THRESHOLD as DEFAULT_THRESHOLD
 from probes.measures.anchors import SIMILARITY as SIMILARITY
 from probes.measures.anchors import ResampleSettings as ResampleSettings
+from probes.models.generate import HFGenerator, Request, Sampling, sample_seed
 from probes.traces.chunks import split_text
 from probes.traces.grading import answers_match, extract_answer, normalize
+from probes.traces.read import extract_boxed
+from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
 SMOOTHING = 1e-9
 """Additive smoothing α of the answer distributions in CI_KL (as in the paper's code)."""
@@ -214,7 +216,6 @@ def resample(loaded, tt, spans: np.ndarray, settings: ResampleSettings, *,
     Returns:
         (C+1)·K samples, prefix-major.
     """
-    from probes.models.generate import HFGenerator, Request, Sampling, sample_seed
 
     settings.check()
     gen = HFGenerator(loaded, plain=True)
@@ -258,9 +259,6 @@ def resample(loaded, tt, spans: np.ndarray, settings: ResampleSettings, *,
 
 def _force_answers(loaded, gen, requests, completions, answers, forced, settings):
     """Append the scaffold to the completions without an answer and decode one greedily."""
-    from probes.models.generate import Request, Sampling
-    from probes.traces.read import extract_boxed
-    from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
     tok = loaded.tokenizer
     scaffold = tuple(tok(DEFAULT_SCAFFOLD, add_special_tokens=False)["input_ids"])

@@ -29,6 +29,17 @@ import numpy as np
 import torch
 from jaxtyping import Int
 
+from cache import SiteArray
+from hooks import capture, run_residual_hf
+from hooks.hf_fast import HF_FAST_COMPONENTS, HF_SITE_PATHS
+from hooks.sites import (
+    SITE_TABLE,
+    HookSite,
+    UnknownSiteError,
+    available_components,
+    check_site,
+    parse_site,
+)
 from probes.errors import ProbesError
 from probes.measures.capture import BACKENDS as BACKENDS
 from probes.measures.capture import DEFAULT_COMPONENTS as DEFAULT_COMPONENTS
@@ -71,13 +82,6 @@ def resolve_cache_sites(
         UnknownSiteError: For an unknown component or layer (the message lists the valid ones), or
             a component that is unavailable for this architecture or cannot be cached.
     """
-    from hooks.sites import (
-        SITE_TABLE,
-        UnknownSiteError,
-        available_components,
-        check_site,
-        parse_site,
-    )
 
     cacheable = [c for c in available_components(arch) if SITE_TABLE[c].layout != "head pos key"]
     per_layer = [c for c in cacheable if SITE_TABLE[c].per_layer]
@@ -117,8 +121,6 @@ def resolve_cache_sites(
 
 
 def hook_sites(site_map: Mapping[str, tuple[int, ...] | None]) -> list[HookSite]:
-    from hooks.sites import HookSite
-
     return [HookSite(None, c) if ls is None else HookSite(layer, c)
             for c, ls in site_map.items() for layer in (ls if ls is not None else (None,))]
 
@@ -142,7 +144,6 @@ def choose_backend(
         ProbesError: `backend="hf"` for components, a family or a split model the fast path does
             not cover.
     """
-    from hooks.hf_fast import HF_FAST_COMPONENTS, HF_SITE_PATHS
 
     check_choice("backend", backend, BACKENDS)
     slow = [c for c in site_map if c not in HF_FAST_COMPONENTS]
@@ -328,7 +329,6 @@ def capture_trace(
     Yields:
         The `TraceArrays`; memory-mapped arrays are valid only inside the block.
     """
-    from cache import SiteArray
 
     first, end = selection(tt, cfg.positions)
     n_rows = end - first
@@ -415,8 +415,6 @@ def _run_chunks(
     kv = DynamicCache(config=loaded.hf_model.config)
     with torch.no_grad():
         if backend == "hf":
-            from hooks import run_residual_hf
-
             for start in range(0, n, cfg.chunk_size):
                 part = run_residual_hf(
                     loaded, ids[:, start:start + cfg.chunk_size], sites, positions=positions,
@@ -424,7 +422,6 @@ def _run_chunks(
                 )
                 sink(part.by_name())
             return
-        from hooks import capture
 
         with capture(loaded, sites, positions=positions, dtype=cfg.dtype, device=None) as store:
             for start in range(0, n, cfg.chunk_size):
@@ -447,7 +444,6 @@ def forward_plain(
     """
     from transformers import DynamicCache
 
-    from hooks import run_residual_hf
 
     ids = ids.to(loaded.device)
     kv = DynamicCache(config=loaded.hf_model.config)

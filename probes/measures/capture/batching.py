@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from cache import SiteArray
+from hooks import run_residual_hf
 from probes.measures.capture import BATCH_TOKENS as BATCH_TOKENS
 from probes.measures.capture.activations import TraceArrays, hook_sites, selection, to_numpy
 
@@ -157,8 +159,6 @@ def _one_forward(
     cfg: BatchSettings,
 ) -> list[TraceArrays]:
     """One right-padded forward `[len(tts), longest]`, split back per trace."""
-    from cache import SiteArray
-    from hooks import run_residual_hf
 
     longest = max(end for _, end in spans)
     ids = torch.empty((len(tts), longest), dtype=torch.long)

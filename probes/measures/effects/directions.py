@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from jaxtyping import Float, Float32
 
+from hooks import run_residual_hf
 from hooks.model import LoadedModel
 from probes.errors import ProbesError
 
@@ -44,7 +45,6 @@ class DirectionsError(ProbesError, ValueError):
 def trajectory_residuals(loaded: LoadedModel, ids: np.ndarray, trajectory: tuple[int, int]
                          ) -> Float32[np.ndarray, "l t d"]:
     """`resid_post` of every layer at the trajectory tokens [L, T, d] (float32, CPU)."""
-    from hooks import run_residual_hf
 
     a, b = trajectory
     sites = [f"L{layer}.resid_post" for layer in range(loaded.arch.n_layers)]
