@@ -27,6 +27,7 @@ from cache._store import (
     temp_path,
 )
 from cache.errors import CacheError, CacheWriteError
+from cache.reader import open_cache
 from cache.writer import check_unlocked, holding_locks
 
 _PR_SET_PDEATHSIG = 1
@@ -141,8 +142,6 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _pack_into(source: Path, tmp: Path, trace_ids: list[str] | None) -> int:
-    from cache.reader import open_cache
-
     n_copied = 0
     with open_cache(source) as reader:
         src = reader._require_open()

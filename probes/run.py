@@ -66,6 +66,7 @@ def shadowing_file() -> str | None:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Every error the CLI reports as one `error:` line with exit code 2."""
+    # here, not at the top: `cache` imports h5py, which --help never needs
     from cache.errors import CacheError
     from hooks.errors import HooksError
     from probes.errors import ProbesError

@@ -55,7 +55,7 @@ def write_error(path: Path, exc: OSError, *, flag: str = "--out", then: str = "r
         kept: What the failed write did not lose (" after 3 new records (every complete one is
             kept)").
     """
-    from cache import describe_os_error, fix_hint
+    from cache import describe_os_error, fix_hint  # here: keeps h5py out of the light modules
 
     return ProbesError(f"cannot write {path}: {describe_os_error(exc)}{kept}; "
                        f"{fix_hint(exc, flag=flag, then=then)}")

@@ -86,7 +86,7 @@ def open_out(path: str | Path, *, resume: bool) -> Existing:
 
 def _lock(path: Path) -> int:
     """Hold `path`'s writer lock (close the descriptor to release it), or refuse in one line."""
-    from cache import try_lock
+    from cache import try_lock  # here, not at the top: keeps h5py out of reading traces
 
     fd = try_lock(path)
     if fd is None:
