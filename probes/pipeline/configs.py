@@ -7,9 +7,8 @@ its flag name, argparse type (by name), choices and help where the docstring's l
 
 from __future__ import annotations
 
-import functools
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import InitVar, asdict, dataclass, field
 from os import PathLike
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -101,19 +100,32 @@ TRACE_KEYS: tuple[str, ...] = ("limit", "strict", "lexicon", "prompt_format", "s
 """The `TraceSource` settings the runner configs used to repeat each."""
 
 
-def _takes_trace_settings(cls: type[C]) -> type[C]:
-    """Transition: the config still takes the `TRACE_KEYS` keywords it used to hold
-    (`LhatConfig(limit=2)`), kept aside for `trace_source` (not fields, not flags)."""
-    init = cls.__init__
+@dataclass(frozen=True, kw_only=True)
+class TakesTraceSettings:
+    """Transition: a runner config still takes the `TRACE_KEYS` keywords it used to hold
+    (`LhatConfig(limit=2)`, visible to type checkers), kept aside for `trace_source`: init-only
+    (not fields, so not flags, not compared). Each config checks its own settings in `_check`."""
 
-    @functools.wraps(init)
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        given = {k: kwargs.pop(k) for k in TRACE_KEYS if k in kwargs}
-        init(self, *args, **kwargs)
+    limit: InitVar[int | None] = None
+    strict: InitVar[bool] = False
+    lexicon: InitVar[tuple[str, ...]] = ()
+    prompt_format: InitVar[str | None] = None
+    scaffold: InitVar[str] = DEFAULT_SCAFFOLD
+
+    def __post_init__(self, limit: int | None, strict: bool, lexicon: tuple[str, ...],
+                      prompt_format: str | None, scaffold: str) -> None:
+        values = dict(zip(TRACE_KEYS, (limit, strict, lexicon, prompt_format, scaffold),
+                          strict=True))
+        given = {k: v for k, v in values.items() if v != _TRACE_DEFAULTS[k]}
         object.__setattr__(self, "_trace_settings", given)
+        self._check()
 
-    setattr(cls, "__init__", __init__)  # noqa: B010 (mypy refuses assigning a method)
-    return cls
+    def _check(self) -> None:
+        """Refuse the config's own bad settings (`ProbesError` naming the flag)."""
+
+
+_TRACE_DEFAULTS: dict[str, Any] = {"limit": None, "strict": False, "lexicon": (),
+                                   "prompt_format": None, "scaffold": DEFAULT_SCAFFOLD}
 
 
 def trace_source(traces: TraceSource | str | PathLike[str], cfg: object = None) -> TraceSource:
@@ -133,9 +145,8 @@ def trace_source(traces: TraceSource | str | PathLike[str], cfg: object = None) 
 
 
 
-@_takes_trace_settings
 @dataclass(frozen=True)
-class CacheConfig:
+class CacheConfig(TakesTraceSettings):
     """What to cache and how.
 
     Attributes:
@@ -181,7 +192,7 @@ class CacheConfig:
         "help": "per-trace output above this size is spooled to a temporary file beside --out "
                 "instead of RAM"})
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
         object.__setattr__(self, "sites", sites)
         if not sites or not all(isinstance(s, str) and s for s in sites):
@@ -200,9 +211,8 @@ class CacheConfig:
             raise ProbesError(f"max_ram_mib must be a number >= 0, got {self.max_ram_mib!r}")
 
 
-@_takes_trace_settings
 @dataclass(frozen=True, kw_only=True)
-class LhatConfig:
+class LhatConfig(TakesTraceSettings):
     """Settings of an `lhat` run (ranges are checked by the parser and by the measurement).
 
     Attributes:
@@ -229,9 +239,8 @@ class LhatConfig:
         "help": "replace each trajectory by the NoThinking delimiter (write to another --out)"})
 
 
-@_takes_trace_settings
 @dataclass(frozen=True, kw_only=True)
-class UpdatesConfig:
+class UpdatesConfig(TakesTraceSettings):
     """Settings of an `updates` run.
 
     Attributes:
@@ -266,7 +275,7 @@ class UpdatesConfig:
                 "linear-memory pass (memory linear in the trace length); sdpa or eager: always "
                 "that pass"})
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         if self.control not in CONTROLS:
             raise ProbesError(f"--control must be one of {', '.join(CONTROLS)}, got {self.control!r}")
         if self.attention not in ("auto", *ATTENTION_PATHS):
@@ -280,9 +289,8 @@ class UpdatesConfig:
             raise ProbesError(f"--layers must be distinct and increasing, got {list(self.layers)}")
 
 
-@_takes_trace_settings
 @dataclass(frozen=True, kw_only=True)
-class LandscapeConfig:
+class LandscapeConfig(TakesTraceSettings):
     """Settings of a `landscape` run.
 
     Attributes:
@@ -339,9 +347,8 @@ DEFAULT_ANALYSES = ("receiver", "suppression")
 """The white-box analyses (resampling samples from the model and costs more: ask for it)."""
 
 
-@_takes_trace_settings
 @dataclass(frozen=True, kw_only=True)
-class AnchorsConfig:
+class AnchorsConfig(TakesTraceSettings):
     """Settings of an `anchors` run.
 
     Attributes:
@@ -417,9 +424,8 @@ class AnchorsConfig:
         return json.dumps(own, sort_keys=True)
 
 
-@_takes_trace_settings
 @dataclass(frozen=True, kw_only=True)
-class EffectsConfig:
+class EffectsConfig(TakesTraceSettings):
     """Settings of an `effects` run.
 
     Attributes:
@@ -446,7 +452,7 @@ class EffectsConfig:
     control_seed: int = field(default=0, metadata={"type": "seed",
                                                    "help": "seed of --control random-init"})
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         if self.pairs_per_category < 1:
             raise ProbesError(f"--pairs-per-category must be at least 1, got "
                               f"{self.pairs_per_category}")
@@ -466,9 +472,8 @@ class EffectsConfig:
                 "eff_control_seed": self.control_seed}
 
 
-@_takes_trace_settings
 @dataclass(frozen=True, kw_only=True)
-class FitConfig:
+class FitConfig(TakesTraceSettings):
     """Settings of a `fit` run.
 
     Attributes:
@@ -493,6 +498,6 @@ class FitConfig:
     nll: bool = field(default=True, metadata={
         "flag": "--no-nll", "action": "store_false", "help": "skip the static-patch answer NLL"})
 
-    def __post_init__(self) -> None:
+    def _check(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ProbesError(f"--max-tokens must be at least 1, got {self.max_tokens}")
