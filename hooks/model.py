@@ -40,10 +40,6 @@ WEIGHT_CONVENTION = (
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
-DEVICE_SPEC_SEP = ";"
-"""Separates a device from its `device_map=` / `max_memory=` parts in one device string (what
-`--device-map` / `--max-memory` hand to `probes.models.load_model` through `--device`)."""
-
 
 @dataclass(frozen=True, kw_only=True)
 class ArchInfo:
@@ -267,8 +263,6 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """
     if isinstance(device, torch.device):
         device = str(device)
-    if isinstance(device, str) and DEVICE_SPEC_SEP in device:
-        device = device.split(DEVICE_SPEC_SEP, 1)[0]   # "auto;device_map=...": the first device
     if not isinstance(device, str) or not _DEVICE_RE.match(device):
         raise HooksError(
             f"Unknown device {device!r}. Use one of 'auto', 'cpu', 'cuda', 'cuda:N' (N = GPU index)."

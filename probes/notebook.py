@@ -38,6 +38,7 @@ from probes.traces.tokenize import DEFAULT_SCAFFOLD, TokenizedTrace, tokenize_tr
 
 if TYPE_CHECKING:
     from hooks.model import LoadedModel
+    from probes.models.spec import ModelSpec
 
 __all__ = ["TraceArrays", "lhat", "load_model", "open_cache", "read_traces", "run_lhat",
            "run_updates", "updates"]
@@ -46,9 +47,11 @@ TraceLike = Trace | TokenizedTrace | Mapping[str, Any]
 """A trace as `Trace`, a tokenized trace, or a record dict ({question, trajectory, answer, ...})."""
 
 
-def load_model(spec: str, *, device: str = "auto", dtype: str = "float32") -> LoadedModel:
+def load_model(spec: str | ModelSpec, *, device: str | None = None,
+               dtype: str | None = None) -> LoadedModel:
     """A model, strictly offline: a built-in name ("tiny-reasoner"), a local folder, or a hub id
-    already in the local HF cache (`probes.models.load.load_model`)."""
+    already in the local HF cache, or a `probes.models.spec.ModelSpec`
+    (`probes.models.load.load_model`)."""
     from probes.models.load import load_model as _load
 
     return _load(spec, device=device, dtype=dtype)
@@ -157,7 +160,7 @@ def _traces_file(traces: str | os.PathLike[str] | Iterable[TraceLike], out: Path
     return path
 
 
-def run_lhat(model: str | LoadedModel, traces: str | os.PathLike[str] | Iterable[TraceLike],
+def run_lhat(model: str | ModelSpec | LoadedModel, traces: str | os.PathLike[str] | Iterable[TraceLike],
              out: str | os.PathLike[str], *, resume: bool = False, progress: bool = False,
              **settings: Any) -> list[TraceArrays]:
     """`lhat` over a dataset into the cache `out` (resumable, the command's write loop); returns
@@ -167,11 +170,11 @@ def run_lhat(model: str | LoadedModel, traces: str | os.PathLike[str] | Iterable
     out = Path(out)
     model_arg: Any = model
     lhat_traces(model_arg, _traces_file(traces, out), out, LhatConfig(**settings), resume=resume,
-                device=_device_of(model), progress=progress, log=lambda _line: None)
+                progress=progress, log=lambda _line: None)
     return load_traces(out, [d for d in ("lhat", "lhat_delta", "lhat_rho", "lhat_log_ratio")])
 
 
-def run_updates(model: str | LoadedModel, traces: str | os.PathLike[str] | Iterable[TraceLike],
+def run_updates(model: str | ModelSpec | LoadedModel, traces: str | os.PathLike[str] | Iterable[TraceLike],
                 out: str | os.PathLike[str], *, resume: bool = False, progress: bool = False,
                 **settings: Any) -> list[TraceArrays]:
     """`updates` over a dataset into the cache `out`; returns the stored M1–M7 arrays.
@@ -181,10 +184,6 @@ def run_updates(model: str | LoadedModel, traces: str | os.PathLike[str] | Itera
 
     out = Path(out)
     updates_traces(model, _traces_file(traces, out), out, UpdatesConfig(**settings),
-                   resume=resume, device=_device_of(model), progress=progress,
+                   resume=resume, progress=progress,
                    log=lambda _line: None)
     return load_traces(out, names(UPDATES))
-
-
-def _device_of(model: str | LoadedModel) -> str:
-    return "auto" if isinstance(model, str) else str(getattr(model, "device", "auto"))

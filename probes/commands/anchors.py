@@ -7,18 +7,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from probes.commands import SUMMARIES, flags, name_of
 from probes.measures.anchors import (
-    DEFAULT_THRESHOLD,
-    PROXIMITY_IGNORE,
-    SIMILARITY,
-    TOP_K_HEADS,
     ResampleSettings,
 )
-from probes.pipeline.configs import ANALYSES, DEFAULT_ANALYSES, AnchorsConfig
+from probes.pipeline.configs import ANALYSES, AnchorsConfig
 from probes.pipeline.outputs import check_plot_folder
 from probes.pipeline.progress import progress_on
 
@@ -52,6 +47,21 @@ def format_anchors_run(r: AnchorsRunResult) -> str:
     return "\n".join(lines)
 
 
+RESAMPLE_FLAGS: dict[str, dict[str, Any]] = {
+    "k": {"type": flags.positive_int, "help": "resamples per chunk prefix"},
+    "temperature": {"type": flags.nonnegative_float, "help": "resampling temperature"},
+    "top_p": {"type": flags.unit_interval, "help": "resampling nucleus mass"},
+    "seed": {"type": flags.seed, "help": "resampling seed"},
+    "max_new_tokens": {"type": flags.positive_int,
+                       "help": "tokens per continuation (default 2 x trajectory length + 64)"},
+}
+"""The flags of `AnchorsConfig.resample` (`ResampleSettings`, a measure's settings, carries no
+flag details of its own)."""
+
+RESAMPLE_NOT_FLAGS: tuple[str, ...] = ("max_answer_tokens", "grade_method", "batch_rows")
+"""`ResampleSettings` fields the command line leaves at their defaults."""
+
+
 def _analyses(text: str) -> tuple[str, ...]:
     items = tuple(a.strip() for a in text.split(",") if a.strip())
     bad = [a for a in items if a not in ANALYSES]
@@ -78,36 +88,10 @@ def add_parser(sub: Any) -> None:
         ),
     )
     flags.model_flags(p)
-    flags.traces_flags(p, tokenize=True)
+    flags.traces_flags(p)
     flags.out_flags(p, what="the .h5 cache")
-    p.add_argument("--analyses", type=_analyses, default=DEFAULT_ANALYSES,
-                   help=f"comma-separated subset of {', '.join(ANALYSES)}")
-    p.add_argument("--top-heads", type=flags.positive_int, default=TOP_K_HEADS,
-                   help="receiver heads: top-k by mean kurtosis")
-    p.add_argument("--proximity-ignore", type=flags.nonnegative_int, default=PROXIMITY_IGNORE,
-                   help="vertical scores ignore query chunks closer than this")
-    p.add_argument("--supp-batch", type=flags.positive_int, default=None,
-                   help="masked variants per suppression forward (default: from a 1 GiB budget)")
-    p.add_argument("--supp-temperature", type=flags.positive_float, default=1.0,
-                   help="temperature of the suppression KL")
-    p.add_argument("--k", type=flags.positive_int, default=16, help="resamples per chunk prefix")
-    p.add_argument("--temperature", type=flags.nonnegative_float, default=0.6,
-                   help="resampling temperature")
-    p.add_argument("--top-p", type=flags.unit_interval, default=0.95, help="resampling nucleus mass")
-    p.add_argument("--seed", type=flags.seed, default=0, help="resampling seed")
-    p.add_argument("--max-new-tokens", type=flags.positive_int, default=None,
-                   help="tokens per continuation (default 2 x trajectory length + 64)")
-    p.add_argument("--similarity", choices=SIMILARITY, default="exact",
-                   help="how a resampled first chunk is judged the same as the original")
-    p.add_argument("--embedding-model", default=None,
-                   help="local folder of a sentence-embedding model (--similarity embedding)")
-    p.add_argument("--threshold", type=flags.probability, default=DEFAULT_THRESHOLD,
-                   help="embedding cosine below which a resample is dissimilar")
-    p.add_argument("--prob-true", action="store_true",
-                   help="counterfactual KL as the binary KL of P(correct)")
-    p.add_argument("--plots", type=Path, default=None, metavar="DIR",
-                   help="write PNG plots (receiver-head kurtosis, suppression matrix, chunk "
-                        "importance of the first trace) into DIR")
+    flags.dataclass_flags(p, AnchorsConfig, meta={"analyses": {"type": _analyses}})
+    flags.dataclass_flags(p, ResampleSettings, skip=RESAMPLE_NOT_FLAGS, meta=RESAMPLE_FLAGS)
     flags.report_flags(p, json_help="end with one JSON object")
     p.set_defaults(func=run)
 
@@ -119,18 +103,10 @@ def run(args: argparse.Namespace) -> int:
     flags.silence_hf()
     if args.plots is not None:
         check_plot_folder(args.plots)
-    cfg = AnchorsConfig(prompt_format=args.prompt_format, scaffold=args.scaffold,
-
-        analyses=args.analyses, proximity_ignore=args.proximity_ignore, top_heads=args.top_heads,
-        supp_batch=args.supp_batch, supp_temperature=args.supp_temperature,
-        resample=ResampleSettings(k=args.k, temperature=args.temperature, top_p=args.top_p,
-                                     seed=args.seed, max_new_tokens=args.max_new_tokens),
-        similarity=args.similarity, embedding_model=args.embedding_model,
-        threshold=args.threshold, prob_true=args.prob_true,
-        plots=str(args.plots) if args.plots else None, limit=args.limit, strict=args.strict,
-        lexicon=tuple(str(p) for p in args.lexicon))
-    result = anchors_traces(args.model, args.traces, args.out, cfg, resume=args.resume,
-                            device=args.device, dtype=args.model_dtype,
+    cfg = flags.config_from_args(AnchorsConfig, args,
+                                 resample=flags.config_from_args(ResampleSettings, args))
+    result = anchors_traces(flags.model_from_args(args), flags.source_from_args(args), args.out,
+                            cfg, resume=args.resume,
                             progress=progress_on(args.quiet),
                             log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_anchors_run(result), file=sys.stderr if args.json else sys.stdout)

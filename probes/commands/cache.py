@@ -10,12 +10,6 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from probes.commands import SUMMARIES, flags, name_of
-from probes.measures.capture import (
-    BACKENDS,
-    DEFAULT_COMPONENTS,
-    POSITIONS,
-    STORAGE_DTYPES,
-)
 from probes.pipeline.progress import progress_on
 
 if TYPE_CHECKING:
@@ -57,30 +51,9 @@ def add_parser(sub: Any) -> None:
         ),
     )
     flags.model_flags(p)
-    flags.traces_flags(p, tokenize=True)
+    flags.traces_flags(p)
     flags.out_flags(p, what="the .h5 file (its folder must exist)")
-    p.add_argument(
-        "--sites", nargs="+", default=list(DEFAULT_COMPONENTS), metavar="SITE",
-        help="components for every layer (resid_post, delta, attn_out, mlp_out, resid_pre, "
-             "resid_mid, ...), explicit sites such as L3.resid_post, or global ones (embed, "
-             "ln_final); space- or comma-separated",
-    )
-    p.add_argument("--positions", choices=POSITIONS, default=CacheConfig.positions,
-                   help="tokens that get rows: the trajectory or every token")
-    p.add_argument("--dtype", choices=STORAGE_DTYPES, default=CacheConfig.dtype,
-                   help="storage dtype of the sites")
-    p.add_argument("--chunk-size", type=flags.positive_int, default=CacheConfig.chunk_size,
-                   help="tokens per forward through the KV cache")
-    p.add_argument("--batch-tokens", type=flags.nonnegative_int,
-                   default=CacheConfig.batch_tokens,
-                   help="traces up to --chunk-size tokens run several per forward (right-padded) "
-                        "up to this many padded tokens, committed together; 0: one per forward")
-    p.add_argument("--backend", choices=BACKENDS, default=CacheConfig.backend,
-                   help="hf: plain HF forward (residual-level sites); bridge: TransformerLens "
-                        "hooks (any site); auto: hf when the sites allow it")
-    p.add_argument("--max-ram-mib", type=flags.nonnegative_float, default=CacheConfig.max_ram_mib,
-                   help="per-trace output above this size is spooled to a temporary file beside "
-                        "--out instead of RAM")
+    flags.dataclass_flags(p, CacheConfig)
     flags.report_flags(p)
     p.set_defaults(func=run)
 
@@ -90,16 +63,9 @@ def run(args: argparse.Namespace) -> int:
     from probes.pipeline.capture import cache_traces  # here, not at the top: keeps --help fast
 
     flags.silence_hf()
-    sites = tuple(s for item in args.sites for s in item.split(",") if s)
-    cfg = CacheConfig(prompt_format=args.prompt_format, scaffold=args.scaffold,
-                      sites=sites, positions=args.positions, dtype=args.dtype,
-                      chunk_size=args.chunk_size, batch_tokens=args.batch_tokens,
-                      limit=args.limit,
-                      lexicon=tuple(str(p) for p in args.lexicon), backend=args.backend,
-                      max_ram_mib=args.max_ram_mib, strict=args.strict)
-    result = cache_traces(args.model, args.traces, args.out, cfg, resume=args.resume,
-                          progress=progress_on(args.quiet), device=args.device,
-                          model_dtype=args.model_dtype,
+    result = cache_traces(flags.model_from_args(args), flags.source_from_args(args), args.out,
+                          flags.config_from_args(CacheConfig, args), resume=args.resume,
+                          progress=progress_on(args.quiet),
                           log=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(result.to_dict(), ensure_ascii=False, sort_keys=True))

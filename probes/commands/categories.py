@@ -36,20 +36,21 @@ def run(args: argparse.Namespace) -> int:
     """`categories` from parsed flags."""
     from probes.models.load import load_tokenizer
     from probes.traces.categories import count_categories, format_category_table, load_lexicon
-    from probes.traces.read import read_traces
     from probes.traces.tokenize import tokenize_traces
 
-    traceset = read_traces(args.traces, strict=args.strict)
+    source = flags.source_from_args(args)
+    traceset = source.read()
     for bad in traceset.problems[:10]:
         print(f"skipped line {bad.line_no}: {bad.reason}", file=sys.stderr)
     if len(traceset.problems) > 10:
         print(f"... and {len(traceset.problems) - 10} more bad lines", file=sys.stderr)
-    lexicon = load_lexicon(extra=args.lexicon)
+    lexicon = load_lexicon(extra=source.lexicon)
     tokenizer = load_tokenizer(args.tokenizer)
-    traces = traceset.traces[: args.limit] if args.limit is not None else traceset.traces
+    traces = traceset.traces[: source.limit] if source.limit is not None else traceset.traces
     with Stages(total=1, desc=NAME, enabled=progress_on(args.quiet)) as stages, \
             stages.working("tokenizing and labelling"):
-        tokenized, _too_long = tokenize_traces(traces, tokenizer)
+        tokenized, _too_long = tokenize_traces(traces, tokenizer, prompt_format=source.prompt_format,
+                                               scaffold=source.scaffold)
         counts = count_categories(tokenized, lexicon)
     counts["n_bad_lines"] = len(traceset.problems)
     if args.json:

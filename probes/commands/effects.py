@@ -13,7 +13,6 @@ from typing import Any
 
 from probes.commands import SUMMARIES, flags, name_of
 from probes.errors import ProbesError
-from probes.models.choices import CONTROLS
 from probes.pipeline.configs import EffectsConfig
 from probes.pipeline.outputs import check_output_file, check_plot_folder
 from probes.pipeline.progress import progress_on
@@ -45,18 +44,9 @@ def add_parser(sub: Any) -> None:
         ),
     )
     flags.model_flags(p)
-    flags.traces_flags(p, tokenize=True)
+    flags.traces_flags(p)
     flags.out_flags(p, what="the .h5 cache")
-    p.add_argument("--pairs-per-category", type=flags.positive_int, default=30,
-                   help="(layer, token) pairs per category and trace")
-    p.add_argument("--batch-size", type=flags.positive_int, default=16,
-                   help="edited copies of the trace per forward")
-    p.add_argument("--scale", type=flags.unit_interval, default=1.0,
-                   help="ε in (0, 1]: remove ε times the update (small ε: first-order regime)")
-    p.add_argument("--seed", type=flags.seed, default=0, help="seed of the pair sampling and probe split")
-    p.add_argument("--control", choices=CONTROLS, default=CONTROLS[0],
-                   help="random-init: a seeded random initialisation (needs its own --out)")
-    p.add_argument("--control-seed", type=flags.seed, default=0, help="seed of --control random-init")
+    flags.dataclass_flags(p, EffectsConfig)
     p.add_argument("--versus", type=Path, default=None,
                    help="another effects cache (e.g. the random-init control) shown side by side")
     p.add_argument("--plots", type=Path, default=None, help="folder for the predicted-vs-real plot")
@@ -95,13 +85,8 @@ def run(args: argparse.Namespace) -> int:
             check_output_file(path, "--out")
     if args.plots is not None:
         check_plot_folder(args.plots)
-    cfg = EffectsConfig(prompt_format=args.prompt_format, scaffold=args.scaffold,
-                      pairs_per_category=args.pairs_per_category, batch_size=args.batch_size,
-                        scale=args.scale, seed=args.seed, control=args.control,
-                        control_seed=args.control_seed, limit=args.limit, strict=args.strict,
-                        lexicon=tuple(str(p) for p in args.lexicon))
-    result = effects_traces(args.model, args.traces, args.out, cfg, resume=args.resume,
-                            device=args.device, dtype=args.model_dtype,
+    result = effects_traces(flags.model_from_args(args), flags.source_from_args(args), args.out,
+                            flags.config_from_args(EffectsConfig, args), resume=args.resume,
                             progress=progress_on(args.quiet),
                             log=lambda line: print(line, file=sys.stderr, flush=True))
     summary = summarize(args.out, args.versus, args.plots)

@@ -89,15 +89,7 @@ def add_parser(sub: Any) -> None:
     flags.model_flags(p)
     flags.traces_flags(p, limit_help="use only the first N traces (>= 2)", lexicon=False)
     p.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
-    p.add_argument("--layers", type=flags.nonnegative_int, nargs="+", default=None,
-                   help="layers (default: all)")
-    p.add_argument("--max-tokens", type=flags.positive_int, default=None,
-                   help="(a): at most N random trajectory tokens per trace")
-    p.add_argument("--random-init-control", action="store_true",
-                   help="repeat the fits on a seeded random-init model of the same architecture")
-    p.add_argument("--no-nll", action="store_true", help="skip the static-patch answer NLL")
-    p.add_argument("--seed", type=flags.seed, default=0, help="seed of subsampling, random init, bootstrap")
-    p.add_argument("--n-boot", type=flags.positive_int, default=1000, help="bootstrap resamples")
+    flags.dataclass_flags(p, FitConfig)
     flags.report_flags(p, json_help="print one JSON object instead of tables")
     p.set_defaults(func=run)
 
@@ -111,14 +103,10 @@ def run(args: argparse.Namespace) -> int:
         from probes.pipeline.outputs import check_output_file
 
         check_output_file(args.out, "--out")
-    cfg = FitConfig(limit=args.limit, strict=args.strict, max_tokens=args.max_tokens,
-                    layers=tuple(args.layers) if args.layers else None,
-                    random_init_control=args.random_init_control, seed=args.seed,
-                    n_boot=args.n_boot, nll=not args.no_nll)
     with Stages(total=1, desc=NAME, enabled=progress_on(args.quiet)) as stages, \
             stages.working("model passes and fits"):
-        report = jsonable(fit_traces(args.model, args.traces, cfg, device=args.device,
-                                     dtype=args.model_dtype))
+        report = jsonable(fit_traces(flags.model_from_args(args), flags.source_from_args(args),
+                                     flags.config_from_args(FitConfig, args)))
     if args.out is not None:
         write_text(args.out, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         print(f"fit: report written to {args.out}", file=sys.stderr)

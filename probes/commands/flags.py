@@ -2,9 +2,12 @@
 constants that the code checks against and defaults stated once (the parser shows them).
 
 - `model_flags`: `--model` (or `--tokenizer`), `--device`, `--model-dtype`, `--device-map`,
-  `--max-memory` (the last two fold into `args.device`, the one string `load_model` reads).
-- `traces_flags`: `--traces`, `--limit`, `--strict`, `--lexicon` and, for the commands that
-  tokenize into a cache, `--prompt-format` and `--scaffold`.
+  `--max-memory`: the fields of `probes.models.spec.ModelSpec` (`model_from_args` builds it).
+- `traces_flags`: `--traces`, `--limit`, `--strict`, `--lexicon`, `--prompt-format` and
+  `--scaffold`: the fields of `probes.pipeline.configs.TraceSource` (`source_from_args`).
+
+Both groups, and each command's own settings, are derived from their dataclasses
+(`dataclass_flags` / `config_from_args`): one flag per field, so each flag is spelled once.
 - `out_flags`: `--out` and `--resume` (the write loop's rule, `probes.pipeline.job.RESUME_HELP`).
 - `report_flags`: `--json` and `-q/--quiet` (alias `--no-progress`).
 
@@ -18,19 +21,21 @@ no option takes a bare `int`/`float`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
-from probes.models.choices import DEVICE_MAPS, DTYPES
+from probes.models.spec import ModelSpec
+from probes.pipeline.configs import TraceSource
 from probes.pipeline.job import RESUME_HELP
 from probes.pipeline.progress import QUIET_HELP
-from probes.traces.tokenize import DEFAULT_SCAFFOLD
 
-MODEL_HELP = "tiny-reasoner, a local model folder, or a hub id in the local HF cache"
-DEVICE_HELP = "cpu, cuda, cuda:N or auto"
-MODEL_DTYPES: tuple[str, ...] = DTYPES
-"""Parameter dtypes a model can be loaded in (`probes.models.choices.DTYPES`, the names of
-`hooks.model.DTYPES`)."""
+T = TypeVar("T")
+
+DEVICE_HELP: str = ModelSpec.__dataclass_fields__["device"].metadata["help"]
+
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -109,58 +114,149 @@ def _float_in(text: str, low: float, high: float, what: str, *, low_open: bool) 
 
 
 def model_flags(p: argparse.ArgumentParser, *, tokenizer_only: bool = False) -> None:
-    """`--model` (or `--tokenizer` for commands that only tokenize), `--device`, `--model-dtype`."""
+    """The `ModelSpec` flags: `--model`, `--device`, `--model-dtype`, `--device-map`,
+    `--max-memory` (`model_from_args` builds the spec); or only `--tokenizer` for commands that
+    only tokenize."""
     if tokenizer_only:
-        p.add_argument("--tokenizer", required=True, help=MODEL_HELP)
+        p.add_argument("--tokenizer", required=True,
+                       help=ModelSpec.__dataclass_fields__["name"].metadata["help"])
         return
-    p.add_argument("--model", required=True, help=MODEL_HELP)
-    p.add_argument("--device", default="auto", help=DEVICE_HELP, action=_DeviceAction)
-    p.add_argument("--model-dtype", choices=MODEL_DTYPES, default="float32",
-                   help="parameter dtype the model is loaded in")
-    p.add_argument("--device-map", choices=DEVICE_MAPS, default=None, action=_DeviceAction,
-                   help="split the model's layers over every visible GPU (accelerate); for a "
-                        "model bigger than one device")
-    p.add_argument("--max-memory", default=None, action=_DeviceAction, metavar="DEV=SIZE,...",
-                   help="memory budget per device for --device-map, e.g. 0=75GiB,1=75GiB "
-                        "(implies --device-map auto)")
+    dataclass_flags(p, ModelSpec)
 
 
-class _DeviceAction(argparse.Action):
-    """Stores its flag, then folds --device / --device-map / --max-memory into `args.device`."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: object, option_string: str | None = None) -> None:
-        from probes.models.placement import PlacementError, device_spec, parse_max_memory
-
-        if self.dest == "max_memory":
-            try:
-                parse_max_memory(str(values))
-            except PlacementError as err:
-                parser.error(str(err))
-        setattr(namespace, self.dest, values)
-        namespace.device = device_spec(str(namespace.device), getattr(namespace, "device_map", None),
-                                       getattr(namespace, "max_memory", None))
+def model_from_args(args: argparse.Namespace) -> ModelSpec:
+    """The `ModelSpec` of the model flags (`model_flags`)."""
+    return config_from_args(ModelSpec, args)
 
 
-def traces_flags(p: argparse.ArgumentParser, *, limit_help: str = "use only the first N traces",
-                 lexicon: bool = True, tokenize: bool = False) -> None:
-    """`--traces`, `--limit`, `--strict` and (for commands that label tokens) `--lexicon`."""
-    if tokenize:
-        p.add_argument("--prompt-format", default=None, metavar="TEMPLATE",
-                       help="prompt template with {question} (none given: the tokenizer's chat "
-                            "template, else the documented prompt)")
-        p.add_argument("--scaffold", default=DEFAULT_SCAFFOLD,
-                       help="text between the trajectory and the answer (RaML's answer scaffold, "
-                            "%(default)r); part of what a cache records, so --resume needs the "
-                            "same one")
-    p.add_argument("--traces", type=Path, required=True, help="JSONL traces")
-    p.add_argument("--limit", type=positive_int, default=None, metavar="N", help=limit_help)
-    p.add_argument("--strict", action="store_true",
-                   help="fail on the first bad JSONL line instead of skipping it")
-    if not lexicon:
-        return
-    p.add_argument("--lexicon", type=Path, action="append", default=[],
-                   help="extra lexicon JSON merged into the built-in one (repeatable)")
+# --------------------------------------------------------------------------------------------------
+# Flags derived from a config dataclass
+
+
+TYPES: dict[str, Callable[[str], Any]] = {
+    "positive_int": positive_int, "nonnegative_int": nonnegative_int, "seed": seed,
+    "nonnegative_float": nonnegative_float, "positive_float": positive_float,
+    "unit_interval": unit_interval, "probability": probability, "path": Path,
+}
+"""The argparse types a field's `metadata["type"]` may name (a name, so that the config modules
+need not import the command line)."""
+
+
+def _type_of(name: str | Callable[[str], Any]) -> Callable[[str], Any]:
+    if callable(name):
+        return name
+    if name == "max_memory":
+        from probes.models.spec import max_memory_flag
+
+        return max_memory_flag
+    return TYPES[name]
+
+
+def field_flag(f: dataclasses.Field[Any]) -> str:
+    """The flag of a config field: `metadata["flag"]`, else `--kebab-case` of its name."""
+    return str(f.metadata.get("flag", "--" + f.name.replace("_", "-")))
+
+
+def field_dest(f: dataclasses.Field[Any]) -> str:
+    """The `args` attribute the field's flag fills (argparse's dest of `field_flag`)."""
+    return field_flag(f)[2:].replace("-", "_")
+
+
+def flag_fields(cls: type) -> list[dataclasses.Field[Any]]:
+    """The fields of `cls` that are flags (`metadata["flag"] is None` opts a field out)."""
+    return [f for f in dataclasses.fields(cls)
+            if f.init and f.metadata.get("flag", "") is not None]
+
+
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def field_help(cls: type, name: str) -> str:
+    """A field's line under "Attributes:" of the class docstring (continuation lines joined)."""
+    lines = (cls.__doc__ or "").splitlines()
+    text: list[str] = []
+    indent = None
+    for line in lines:
+        stripped = line.strip()
+        if indent is None:
+            if stripped.startswith(f"{name}:"):
+                indent = len(line) - len(line.lstrip())
+                text.append(stripped[len(name) + 1:].strip())
+            continue
+        if not stripped or len(line) - len(line.lstrip()) <= indent:
+            break
+        text.append(stripped)
+    return " ".join(text)
+
+
+def dataclass_flags(p: argparse.ArgumentParser | Any, cls: type, *, skip: Sequence[str] = (),
+                    meta: dict[str, dict[str, Any]] | None = None) -> None:
+    """One flag per field of the config dataclass `cls` (each flag spelled once, on its field).
+
+    A field's flag is `--kebab-case` of its name unless `metadata["flag"]` names another; its
+    default is the field's (shown by `HelpFormatter`); its help is `metadata["help"]`, else the
+    field's line in the class docstring; `metadata` may also give `type` (a name in `TYPES`, or
+    the function), `choices`, `metavar`, `action`, `required`, `nargs` (argparse's keywords) and
+    `convert` (for `config_from_args`). `meta[name]` adds to a field's metadata (for a dataclass of
+    a lower layer that does not carry its flags' details, or a command's own wording). A `bool`
+    field is a switch (`store_true`; with `--no-X` too when it defaults to true).
+    `config_from_args(cls, args)` builds the config back.
+    """
+    for f in flag_fields(cls):
+        if f.name in skip:
+            continue
+        given = {**f.metadata, **(meta or {}).get(f.name, {})}
+        given.pop("flag", None)
+        given.pop("convert", None)
+        default = _field_default(f)
+        kwargs: dict[str, Any] = {"help": given.pop("help", None) or field_help(cls, f.name)}
+        if "type" in given:
+            kwargs["type"] = _type_of(given.pop("type"))
+        kwargs.update(given)
+        if isinstance(default, bool) and "action" not in kwargs:
+            kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
+        if isinstance(default, tuple) and (kwargs.get("nargs") or kwargs.get("action") == "append"):
+            default = list(default)
+        if not kwargs.get("required"):
+            kwargs["default"] = default
+        p.add_argument(field_flag(f), **kwargs)
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, **extra: Any) -> T:
+    """`cls` from the flags `dataclass_flags(p, cls)` added (a field whose flag the parser does not
+    have keeps its default); `extra` sets fields directly. `metadata["convert"]` maps a parsed
+    value to the field's (e.g. a list to a tuple); lists become tuples."""
+    values: dict[str, Any] = {}
+    for f in flag_fields(cls):
+        dest = field_dest(f)
+        if f.name in extra or not hasattr(args, dest):
+            continue
+        value = getattr(args, dest)
+        convert = f.metadata.get("convert")
+        if convert is not None and value is not None:
+            value = convert(value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[f.name] = value
+    return cls(**values, **extra)
+
+
+def traces_flags(p: argparse.ArgumentParser, *, limit_help: str | None = None,
+                 lexicon: bool = True) -> None:
+    """The `TraceSource` flags: `--traces`, `--limit`, `--strict`, `--lexicon` (unless the command
+    labels no tokens), `--prompt-format` and `--scaffold` (`source_from_args` builds it)."""
+    dataclass_flags(p, TraceSource, skip=() if lexicon else ("lexicon",),
+                    meta={"limit": {"help": limit_help}} if limit_help else None)
+
+
+def source_from_args(args: argparse.Namespace) -> TraceSource:
+    """The `TraceSource` of the traces flags (`traces_flags`)."""
+    return config_from_args(TraceSource, args)
 
 
 def out_flags(p: argparse.ArgumentParser, *, what: str) -> None:

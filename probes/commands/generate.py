@@ -165,8 +165,8 @@ def run(args: argparse.Namespace) -> int:
                          thinking=args.thinking, grade_method=args.grade_method, limit=args.limit,
                          strict=args.strict, summary_prompt=args.summary_prompt)
     run_ = summarize_traces if args.summarize is not None else generate_samples
-    result = run_(args.model, args.summarize or args.questions, args.out, cfg, resume=args.resume,
-                  backend=args.backend, device=args.device, dtype=args.model_dtype,
+    result = run_(flags.model_from_args(args), args.summarize or args.questions, args.out, cfg,
+                  resume=args.resume, backend=args.backend,
                   progress=progress_on(args.quiet),
                   log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_generate(result), file=sys.stderr if args.json else sys.stdout)

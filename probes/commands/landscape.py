@@ -11,10 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from probes.commands import SUMMARIES, flags, name_of
-from probes.measures.landscape import (
-    POSITIONS,
-    STYLES,
-)
 from probes.pipeline.configs import LandscapeConfig
 from probes.pipeline.outputs import check_plot_folder
 from probes.pipeline.progress import progress_on
@@ -67,25 +63,7 @@ def add_parser(sub: Any) -> None:
     flags.model_flags(p)
     flags.traces_flags(p)
     flags.out_flags(p, what="the .h5 cache")
-    p.add_argument("--grid", type=flags.positive_int, default=21, metavar="N",
-                   help="grid points per axis (odd: the origin is on the grid; RaML used 10)")
-    p.add_argument("--range", dest="span", type=flags.positive_float, default=1.0, metavar="R",
-                   help="random-plane axes run over [-R, R] in units of the normalised directions")
-    p.add_argument("--style", choices=STYLES, default="raml",
-                   help="direction normalisation: raml (tensor-wise) or filter (Li et al.)")
-    p.add_argument("--seed", type=flags.seed, default=0, help="seed of the two random directions")
-    p.add_argument("--positions", choices=POSITIONS, default="kept",
-                   help="position ids of the trajectory-free input: kept (a gap where the "
-                        "trajectory was, the convention in which the path endpoint is exact) or "
-                        "shifted (renumbered, a truncated run)")
-    p.add_argument("--margin", type=flags.positive_float, default=1.5,
-                   help="the path-plane grid spans MARGIN x the path's largest coordinate")
-    p.add_argument("--batch", type=flags.positive_int, default=128,
-                   help="weight perturbations per batched forward")
-    p.add_argument("--plot-dir", type=Path, default=None,
-                   help="write three plots per trace there: the random plane and the path plane "
-                        "(contours, the path, reflection and delimiter steps marked) and the "
-                        "loss along the path")
+    flags.dataclass_flags(p, LandscapeConfig)
     flags.report_flags(p, json_help="end with one JSON object")
     p.set_defaults(func=run)
 
@@ -97,12 +75,8 @@ def run(args: argparse.Namespace) -> int:
     flags.silence_hf()
     if args.plot_dir is not None:
         check_plot_folder(args.plot_dir, "--plot-dir")
-    cfg = LandscapeConfig(grid=args.grid, span=args.span, style=args.style, seed=args.seed,
-                          positions=args.positions, margin=args.margin, batch=args.batch,
-                          limit=args.limit, strict=args.strict,
-                          lexicon=tuple(str(p) for p in args.lexicon), plot_dir=args.plot_dir)
-    result = landscape_traces(args.model, args.traces, args.out, cfg, resume=args.resume,
-                              device=args.device, dtype=args.model_dtype,
+    result = landscape_traces(flags.model_from_args(args), flags.source_from_args(args), args.out,
+                              flags.config_from_args(LandscapeConfig, args), resume=args.resume,
                               progress=progress_on(args.quiet),
                               log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_landscape_run(result), file=sys.stderr if args.json else sys.stdout)

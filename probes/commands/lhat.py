@@ -10,10 +10,6 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from probes.commands import SUMMARIES, flags, name_of
-from probes.measures.lhat import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_MAX_PACK_TOKENS,
-)
 from probes.pipeline.configs import LhatConfig
 from probes.pipeline.progress import progress_on
 
@@ -56,18 +52,9 @@ def add_parser(sub: Any) -> None:
         ),
     )
     flags.model_flags(p)
-    flags.traces_flags(p, tokenize=True)
+    flags.traces_flags(p)
     flags.out_flags(p, what="the .h5 cache")
-    p.add_argument("--check-naive", type=flags.nonnegative_int, default=0, metavar="K",
-                   help="re-run K random prefixes per trace one forward each and report the "
-                        "largest |fast - naive|")
-    p.add_argument("--no-thinking", action="store_true",
-                   help="replace each trajectory by the NoThinking delimiter (write to another --out)")
-    p.add_argument("--chunk-size", type=flags.positive_int, default=DEFAULT_CHUNK_SIZE,
-                   help="prefill chunk")
-    p.add_argument("--max-pack-tokens", type=flags.positive_int, default=DEFAULT_MAX_PACK_TOKENS,
-                   help="tokens per packed forward of scaffold+answer copies")
-    p.add_argument("--seed", type=flags.seed, default=0, help="seed of the --check-naive prefixes")
+    flags.dataclass_flags(p, LhatConfig)
     flags.report_flags(p, json_help="end with one JSON object")
     p.set_defaults(func=run)
 
@@ -77,12 +64,8 @@ def run(args: argparse.Namespace) -> int:
     from probes.pipeline.lhat import lhat_traces  # here, not at the top: keeps --help fast
 
     flags.silence_hf()
-    cfg = LhatConfig(prompt_format=args.prompt_format, scaffold=args.scaffold,
-                      check_naive=args.check_naive, seed=args.seed, chunk_size=args.chunk_size,
-                     max_pack_tokens=args.max_pack_tokens, limit=args.limit, strict=args.strict,
-                     lexicon=tuple(str(p) for p in args.lexicon), no_thinking=args.no_thinking)
-    result = lhat_traces(args.model, args.traces, args.out, cfg, resume=args.resume,
-                         device=args.device, dtype=args.model_dtype,
+    result = lhat_traces(flags.model_from_args(args), flags.source_from_args(args), args.out,
+                         flags.config_from_args(LhatConfig, args), resume=args.resume,
                          progress=progress_on(args.quiet),
                          log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_lhat_run(result), file=sys.stderr if args.json else sys.stdout)

@@ -10,11 +10,6 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from probes.commands import SUMMARIES, flags, name_of
-from probes.measures.updates import (
-    ANSWER_ROWS,
-    ATTENTION_PATHS,
-)
-from probes.models.choices import CONTROLS
 from probes.pipeline.configs import UpdatesConfig
 from probes.pipeline.progress import progress_on
 
@@ -51,22 +46,9 @@ def add_parser(sub: Any) -> None:
         ),
     )
     flags.model_flags(p)
-    flags.traces_flags(p, tokenize=True)
+    flags.traces_flags(p)
     flags.out_flags(p, what="the .h5 cache")
-    p.add_argument("--control", choices=CONTROLS, default=CONTROLS[0],
-                   help="none: the trained weights; random-init: a seeded random initialisation "
-                        "of the same architecture (needs its own --out)")
-    p.add_argument("--seed", type=flags.seed, default=0, help="seed of --control random-init")
-    p.add_argument("--layers", type=flags.nonnegative_int, nargs="+", default=None,
-                   help="store only these layers (increasing; default: all)")
-    p.add_argument("--answer-rows", choices=ANSWER_ROWS, default=ANSWER_ROWS[0],
-                   help="first: at the row predicting the first answer token; mean: at every "
-                        "answer-predicting row, averaged over the rows (recorded in upd_rows; one "
-                        "mode per cache: write the other to another --out)")
-    p.add_argument("--attention", choices=("auto", *ATTENTION_PATHS), default="auto",
-                   help="auto: the eager reference pass while its attention patterns fit 64 MiB, "
-                        "else the linear-memory pass (memory linear in the trace length); sdpa or "
-                        "eager: always that pass")
+    flags.dataclass_flags(p, UpdatesConfig)
     flags.report_flags(p, json_help="end with one JSON object")
     p.set_defaults(func=run)
 
@@ -76,13 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from probes.pipeline.updates import updates_traces  # here, not at the top: keeps --help fast
 
     flags.silence_hf()
-    cfg = UpdatesConfig(prompt_format=args.prompt_format, scaffold=args.scaffold,
-                      control=args.control, seed=args.seed, limit=args.limit,
-                        strict=args.strict, lexicon=tuple(str(p) for p in args.lexicon),
-                        layers=tuple(args.layers) if args.layers else None,
-                        answer_rows=args.answer_rows, attention=args.attention)
-    result = updates_traces(args.model, args.traces, args.out, cfg, resume=args.resume,
-                            device=args.device, dtype=args.model_dtype,
+    result = updates_traces(flags.model_from_args(args), flags.source_from_args(args), args.out,
+                            flags.config_from_args(UpdatesConfig, args), resume=args.resume,
                             progress=progress_on(args.quiet),
                             log=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_updates_run(result), file=sys.stderr if args.json else sys.stdout)

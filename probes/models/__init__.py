@@ -21,6 +21,7 @@ _FACE = {
     "load_model": "probes.models.load",
     "load_tokenizer": "probes.models.load",
     "plan_device_map": "probes.models.placement",
+    "ModelSpec": "probes.models.spec",
 }
 """Each public name and the module that defines it (imported on first use, PEP 562: the light
 `probes.models.choices` is read by the command line without loading torch)."""

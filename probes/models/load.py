@@ -25,7 +25,8 @@ import torch
 from hooks.model import ArchInfo, LoadedModel, resolve_device, resolve_dtype
 from probes.errors import ModelNotFoundError, ProbesError
 from probes.models.kv import ensure_kv_cache_shim
-from probes.models.placement import dispatched_device, split_device_spec
+from probes.models.placement import dispatched_device
+from probes.models.spec import ModelSpec, model_spec
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -423,10 +424,10 @@ def load_tokenizer(spec: str, *, cache_dir: str | Path | None = None) -> PreTrai
 
 
 def load_model(
-    spec: str,
+    spec: str | ModelSpec,
     *,
-    device: str | torch.device = "auto",
-    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     cache_dir: str | Path | None = None,
 ) -> LoadedModel:
     """Load a causal LM as a TransformerLens bridge, strictly offline.
@@ -439,12 +440,14 @@ def load_model(
         >>> logits = m.bridge(ids.to(m.device), return_type="logits")      # [1, pos, vocab]
 
     Args:
-        spec: A built-in name (see `BUILTIN_MODELS`), a local folder with config.json + weights +
-            tokenizer files, or a hub id already in the local HF cache.
-        device: "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N"; or, for a model
-            split over devices, "auto;device_map=auto[;max_memory=0=75GiB,1=75GiB]" (what
-            `--device-map` / `--max-memory` produce; `probes.models.placement`).
-        dtype: "float32", "float16", "bfloat16" or a torch.dtype; weights are loaded in it.
+        spec: A `ModelSpec` (name, device, dtype, device_map, max_memory: what the model flags
+            give), or its name: a built-in name (see `BUILTIN_MODELS`), a local folder with
+            config.json + weights + tokenizer files, or a hub id already in the local HF cache.
+        device: "auto" (cuda if available, else cpu), "cpu", "cuda" or "cuda:N" (replaces the
+            spec's; default "auto"). A `ModelSpec` with a `device_map` is dispatched over the
+            devices by accelerate (`from_pretrained(device_map=..., max_memory=...)`).
+        dtype: "float32", "float16", "bfloat16" or a torch.dtype; weights are loaded in it
+            (replaces the spec's; default "float32").
         cache_dir: HF hub cache to search for hub ids; default `HF_HUB_CACHE` / `HF_HOME/hub`
             read at call time.
 
@@ -456,9 +459,11 @@ def load_model(
         ProbesError: For a bad device or dtype, or a folder whose files cannot be read.
     """
     _force_offline()
-    device, device_map, max_memory = split_device_spec(device)
-    target_device = resolve_device(device)
-    target_dtype = resolve_dtype(dtype)
+    full = model_spec(spec, device=device, dtype=dtype)
+    assert isinstance(full, ModelSpec)
+    spec = full.name
+    target_device = resolve_device(full.device)
+    target_dtype = resolve_dtype(full.dtype)
     folder = resolve_spec(spec, cache_dir=cache_dir)
 
     from safetensors import SafetensorError
@@ -468,7 +473,8 @@ def load_model(
     _check_model_config(folder, spec)
     _check_weights(folder, spec)
     tokenizer = _read_tokenizer(folder, spec)
-    placement = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory}
+    placement = ({} if full.device_map is None else
+                 {"device_map": full.device_map, "max_memory": full.max_memory_map})
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=target_dtype, local_files_only=True, attn_implementation="eager",

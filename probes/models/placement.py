@@ -1,9 +1,9 @@
 """A model bigger than one device: `--device-map` / `--max-memory`, and the placement plan.
 
-One device string carries the whole placement from the command line to `load_model`:
-`"auto"`, `"cuda:0"`, or `"auto;device_map=auto;max_memory=0=75GiB,1=75GiB"` (see
-`device_spec` / `split_device_spec`). With a device map, `load_model` lets accelerate dispatch
-the layers over the devices (`from_pretrained(device_map=..., max_memory=...)`); the bridge reads
+A `probes.models.spec.ModelSpec` carries the placement from the command line to `load_model`
+(`device_map`, `max_memory`; parsed and checked there, `parse_max_memory`). With a device map,
+`load_model` lets accelerate dispatch the layers over the devices
+(`from_pretrained(device_map=..., max_memory=...)`); the bridge reads
 the placement from `hf_device_map` (TransformerLens's `n_devices`), token ids go to the device of
 the input embedding, and every hook capture is copied to the host (`device="cpu"`, the default of
 `hooks.capture`) as it is taken, so the per-token arrays written to a cache never stay on a GPU.
@@ -15,89 +15,13 @@ left for the CPU or disk.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
-from hooks.model import DEVICE_SPEC_SEP
-from probes.errors import ProbesError
 from probes.models.choices import DEVICE_MAPS as DEVICE_MAPS
-
-_SIZE_RE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)
-
-
-class PlacementError(ProbesError, ValueError):
-    """A bad `--device-map` / `--max-memory`, or a plan that does not place the whole model."""
-
-
-def parse_max_memory(text: str) -> dict[int | str, str]:
-    """`"0=75GiB,1=75GiB,cpu=200GiB"` -> `{0: "75GiB", 1: "75GiB", "cpu": "200GiB"}`.
-
-    Raises:
-        PlacementError: Naming the bad entry and the accepted form.
-    """
-    form = ("DEVICE=SIZE[,DEVICE=SIZE...] with DEVICE a GPU index, 'cpu' or 'disk' and SIZE such "
-            "as 75GiB or 80GB, e.g. 0=75GiB,1=75GiB")
-    out: dict[int | str, str] = {}
-    for part in (p.strip() for p in text.split(",")):
-        key, sep, size = part.partition("=")
-        key, size = key.strip(), size.strip()
-        if not sep or not (key.isdigit() or key in ("cpu", "disk")) or not _SIZE_RE.match(size):
-            raise PlacementError(f"--max-memory: cannot read {part!r}; use {form}.")
-        dev: int | str = int(key) if key.isdigit() else key
-        if dev in out:
-            raise PlacementError(f"--max-memory: device {key!r} is given twice in {text!r}.")
-        out[dev] = size.replace(" ", "")
-    return out
-
-
-def device_spec(device: str, device_map: str | None, max_memory: str | None) -> str:
-    """One device string for `load_model`: `device` plus the placement parts that are set.
-
-    `max_memory` without `device_map` means `device_map="auto"` (accelerate needs a map to honour
-    a budget).
-    """
-    base = device.split(DEVICE_SPEC_SEP, 1)[0]
-    if max_memory is not None and device_map is None:
-        device_map = "auto"
-    parts = [base]
-    if device_map is not None:
-        parts.append(f"device_map={device_map}")
-    if max_memory is not None:
-        parts.append(f"max_memory={max_memory}")
-    return DEVICE_SPEC_SEP.join(parts)
-
-
-def split_device_spec(device: str | torch.device
-                      ) -> tuple[str | torch.device, str | None, dict[int | str, str] | None]:
-    """The inverse of `device_spec`: `(device, device_map or None, max_memory or None)`.
-
-    Raises:
-        PlacementError: For an unknown part, an unknown device map, a bad budget, or a device
-            other than "auto" together with a device map.
-    """
-    if not isinstance(device, str) or DEVICE_SPEC_SEP not in device:
-        return device, None, None
-    base, *parts = device.split(DEVICE_SPEC_SEP)
-    device_map: str | None = None
-    max_memory: dict[int | str, str] | None = None
-    for part in parts:
-        key, _, value = part.partition("=")
-        if key == "device_map":
-            if value not in DEVICE_MAPS:
-                raise PlacementError(f"--device-map {value!r} is not one of {', '.join(DEVICE_MAPS)}.")
-            device_map = value
-        elif key == "max_memory":
-            max_memory = parse_max_memory(value)
-        else:
-            raise PlacementError(f"device string {device!r}: unknown part {part!r} (expected "
-                                 f"device_map=... or max_memory=...).")
-    if device_map is not None and base != "auto":
-        raise PlacementError(
-            f"--device {base} and --device-map {device_map} conflict: a device map places the "
-            f"layers itself. Leave --device at auto (or drop --device-map for one device).")
-    return base, device_map, max_memory
+from probes.models.spec import PlacementError as PlacementError
+from probes.models.spec import parse_max_memory as parse_max_memory
 
 
 def max_memory_bytes(max_memory: dict[int | str, str]) -> dict[int | str, int]:

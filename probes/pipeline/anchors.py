@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +32,12 @@ from hooks.model import LoadedModel
 from probes.errors import ProbesError
 from probes.measures.anchors import receivers as anc
 from probes.measures.anchors import resampling as rs
+from probes.models.spec import ModelSpec
 from probes.pipeline.configs import (
     ANALYSES,
     AnchorsConfig,
+    TraceSource,
+    trace_source,
 )
 from probes.pipeline.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
 from probes.pipeline.progress import Stages
@@ -100,15 +104,18 @@ def _embedder(folder: str):
     return embed
 
 
-def anchors_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: AnchorsConfig, *,
-                   resume: bool = False, device: str = "auto", dtype: str = "float32",
-                   progress: bool = True, log: Log | None = None) -> AnchorsRunResult:
-    """Compute and store the anchors arrays of every trace, then summarise the cache.
+def anchors_traces(model: ModelSpec | LoadedModel | str, traces: TraceSource | str | PathLike[str],
+                   out: Path, cfg: AnchorsConfig, *, resume: bool = False,
+                   device: str | None = None, dtype: str | None = None, progress: bool = True,
+                   log: Log | None = None) -> AnchorsRunResult:
+    """Compute and store the anchors arrays of every trace, then summarise the cache (`traces`:
+    a `TraceSource` or its path, as for every runner: `probes.pipeline.configs.trace_source`).
 
     Raises:
         ProbesError, CacheError: Bad settings or input, or a cache made with other settings.
     """
     cfg.check()
+    source = trace_source(traces, cfg)
     order = [a for a in ANALYSES if a in cfg.analyses]
     have: dict[str, frozenset[str]] = {}
     attrs = {f"anchors_{a}": cfg.settings(a) for a in order}
@@ -125,9 +132,9 @@ def anchors_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: 
                         f"settings or another --out")
 
     job = WriteJob(command=NAME, out=Path(out), resume=resume, done_key=ARRAYS[order[-1]][-1],
-                   check_stored=check_stored)
+                   check_stored=check_stored, progress=progress, log=log)
     result = AnchorsRunResult(analyses=tuple(order))
-    lexicon = load_lexicon(extra=cfg.lexicon)
+    lexicon = load_lexicon(extra=source.lexicon)
     embed = _embedder(cfg.embedding_model) if cfg.embedding_model else None
     ratios: list[float] = []
     n_planned = [0]
@@ -170,10 +177,8 @@ def anchors_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: 
         return Plan(compute)
 
     with samples_bar:
-        write_traces(job, traces_path, load=loader(model, device=device, dtype=dtype), plan=plan,
-                     result=result, lexicon_files=cfg.lexicon, limit=cfg.limit, strict=cfg.strict,
-                     prompt_format=cfg.prompt_format, scaffold=cfg.scaffold, progress=progress,
-                     log=log)
+        write_traces(job, source, load=loader(model, device=device, dtype=dtype), plan=plan,
+                     result=result)
     result.supp_cost_ratio = float(np.mean(ratios)) if ratios else None
     result.cache_summary = summarize_anchors(out, top_heads=cfg.top_heads)
     if cfg.plots:

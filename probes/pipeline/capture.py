@@ -24,6 +24,7 @@ from probes.measures.capture.activations import (
     resolve_cache_sites,
 )
 from probes.measures.capture.batching import capture_batch, plan_batches, row_bytes
+from probes.models.spec import ModelSpec
 from probes.pipeline.loop import (
     Batching,
     Log,
@@ -39,9 +40,7 @@ if TYPE_CHECKING:
     from hooks.model import LoadedModel
     from probes.measures.capture.activations import TraceArrays
     from probes.traces.tokenize import TokenizedTrace
-from probes.pipeline.configs import (
-    CacheConfig,
-)
+from probes.pipeline.configs import CacheConfig, TraceSource, trace_source
 
 NAME = "cache"
 
@@ -66,23 +65,24 @@ class CacheRunResult(WriteResult):
 
 
 def cache_traces(
-    model: str | LoadedModel,
-    traces_path: str | os.PathLike[str],
+    model: ModelSpec | LoadedModel | str,
+    traces: TraceSource | str | os.PathLike[str],
     out: str | os.PathLike[str],
     cfg: CacheConfig | None = None,
     *,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = False,
-    device: str = "auto",
-    model_dtype: str = "float32",
+    device: str | None = None,
+    model_dtype: str | None = None,
     log: Log | None = None,
 ) -> CacheRunResult:
     """Capture the activations of every trace of a JSONL file into an HDF5 cache.
 
     Args:
-        model: A model spec for `probes.models.load_model`, or an already loaded model.
-        traces_path: JSONL traces (`probes.traces.read_traces` shapes).
+        model: A `ModelSpec` (or its name), or a loaded model.
+        traces: A `TraceSource`, or the JSONL path (then the trace settings given to `cfg` in
+            the older calling convention apply: `probes.pipeline.configs.trace_source`).
         out: The .h5 file; its folder must exist.
         cfg: What to cache (default `CacheConfig()`: resid_post and delta of every layer, trajectory
             tokens, float16).
@@ -91,8 +91,7 @@ def cache_traces(
             file is an error.
         overwrite: Replace an existing file.
         progress: Show a progress bar on stderr (traces, tokens/s).
-        device: Where to load `model` when given as a spec.
-        model_dtype: Parameter dtype when loading `model` from a spec.
+        device, model_dtype: Replace the spec's device / dtype (the older calling convention).
         log: Called with one-line status messages (bad lines, too-long traces, what is to do).
 
     Returns:
@@ -107,8 +106,10 @@ def cache_traces(
     cfg = cfg if cfg is not None else CacheConfig()
     out = Path(out)
     result = CacheRunResult()
+    source = trace_source(traces, cfg)
     job = WriteJob(command=NAME, out=out, resume=resume, overwrite=overwrite, own_keys=OWN_KEYS,
-                   info={"chunk_size": cfg.chunk_size, "batch_tokens": cfg.batch_tokens})
+                   info={"chunk_size": cfg.chunk_size, "batch_tokens": cfg.batch_tokens},
+                   progress=progress, log=log)
 
     def plan(loaded: LoadedModel) -> Plan:
         site_map = resolve_cache_sites(cfg.sites, loaded.arch)
@@ -149,7 +150,6 @@ def cache_traces(
                     if backend == "hf" and cfg.batch_tokens > 1 else None)
         return Plan(compute, config=config, info={"backend": backend}, batching=batching)
 
-    write_traces(job, traces_path, load=loader(model, device=device, dtype=model_dtype), plan=plan,
-                 result=result, lexicon_files=cfg.lexicon, limit=cfg.limit, strict=cfg.strict,
-                 prompt_format=cfg.prompt_format, scaffold=cfg.scaffold, progress=progress, log=log)
+    write_traces(job, source, load=loader(model, device=device, dtype=model_dtype), plan=plan,
+                 result=result)
     return result

@@ -36,6 +36,7 @@ import io
 import json
 import zlib
 from dataclasses import dataclass, field
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,11 @@ from hooks.model import LoadedModel
 from probes import arrays
 from probes.errors import ProbesError
 from probes.models.controls import random_init_model
+from probes.models.spec import ModelSpec
 from probes.pipeline.configs import (
     EffectsConfig,
+    TraceSource,
+    trace_source,
 )
 from probes.pipeline.loop import (
     Log,
@@ -139,10 +143,12 @@ def _directions_pass(loaded: LoadedModel, tokenized, lexicon, seed: int, log: Lo
     return dirs, info
 
 
-def effects_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: EffectsConfig, *,
-                   resume: bool = False, device: str = "auto", dtype: str = "float32",
-                   progress: bool = True, log: Log | None = None) -> EffectsRunResult:
-    """Run the causal edits and the direction measures of every trace into `out`.
+def effects_traces(model: ModelSpec | LoadedModel | str, traces: TraceSource | str | PathLike[str],
+                   out: Path, cfg: EffectsConfig, *, resume: bool = False,
+                   device: str | None = None, dtype: str | None = None, progress: bool = True,
+                   log: Log | None = None) -> EffectsRunResult:
+    """Run the causal edits and the direction measures of every trace into `out` (`traces`: a
+    `TraceSource` or its path, as for every runner: `probes.pipeline.configs.trace_source`).
 
     Returns:
         Counts, timing and the run-level direction results (also written next to `out`).
@@ -162,9 +168,9 @@ def effects_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: 
     from probes.measures.updates.alignment import answer_alignment
     from probes.measures.updates.shared_pass import check_supported
     from probes.traces.categories import load_lexicon
-    from probes.traces.read import read_traces
     from probes.traces.tokenize import tokenize_traces
 
+    source = trace_source(traces, cfg)
     out = Path(out)
     say = log if log is not None else (lambda _m: None)
     own = cfg.own()
@@ -180,7 +186,7 @@ def effects_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: 
                 return
 
     job = WriteJob(command=NAME, out=out, resume=resume, done_key=DONE_KEY,
-                   check_stored=check_stored)
+                   check_stored=check_stored, progress=progress, log=log)
     result = EffectsRunResult(control=cfg.control)
 
     def load() -> LoadedModel:
@@ -190,11 +196,11 @@ def effects_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: 
                 else loaded)
 
     def plan(loaded: LoadedModel) -> Plan:
-        lexicon = load_lexicon(extra=cfg.lexicon)
-        traces = read_traces(traces_path, strict=cfg.strict).traces
-        traces = traces[:cfg.limit] if cfg.limit is not None else traces
-        tokenized, _ = tokenize_traces(traces, loaded.tokenizer, prompt_format=cfg.prompt_format,
-                                       scaffold=cfg.scaffold, max_tokens=loaded.arch.n_ctx)
+        lexicon = load_lexicon(extra=source.lexicon)
+        traces = source.read().traces
+        traces = traces[:source.limit] if source.limit is not None else traces
+        tokenized, _ = tokenize_traces(traces, loaded.tokenizer, prompt_format=source.prompt_format,
+                                       scaffold=source.scaffold, max_tokens=loaded.arch.n_ctx)
         if fixed:
             dirs, info = fixed[0]
             say(f"effects: the behaviour directions of the first run, from "
@@ -243,9 +249,7 @@ def effects_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: 
 
         return Plan(compute, info={"effects_directions": json.dumps(result.directions)})
 
-    write_traces(job, traces_path, load=load, plan=plan, result=result,
-                 lexicon_files=cfg.lexicon, limit=cfg.limit, strict=cfg.strict,
-                 prompt_format=cfg.prompt_format, scaffold=cfg.scaffold, progress=progress, log=log)
+    write_traces(job, source, load=load, plan=plan, result=result)
     return result
 
 

@@ -21,17 +21,20 @@ Needs the model (the fitted vectors are d-dimensional per token and layer, not s
 from __future__ import annotations
 
 import time
-from pathlib import Path
+from os import PathLike
 from typing import Any
 
 import numpy as np
 
 from hooks.model import LoadedModel
 from probes.errors import ProbesError
-from probes.models.load import load_model
+from probes.models.spec import ModelSpec
 from probes.pipeline.configs import (
     FitConfig,
+    TraceSource,
+    trace_source,
 )
+from probes.pipeline.loop import loader
 
 NAME = "fit"
 
@@ -100,16 +103,18 @@ def _model_fits(loaded: LoadedModel, tts, cfg: FitConfig) -> dict[str, Any]:
     return out
 
 
-def fit_traces(model: str | LoadedModel, traces_path: Path, cfg: FitConfig, *,
-               device: str = "auto", dtype: str = "float32") -> dict[str, Any]:
+def fit_traces(model: ModelSpec | LoadedModel | str, traces: TraceSource | str | PathLike[str],
+               cfg: FitConfig, *, device: str | None = None,
+               dtype: str | None = None) -> dict[str, Any]:
     """Run the fits on the traces of a JSONL file.
 
     Args:
-        model: A model spec for `load_model`, or a loaded model.
-        traces_path: JSONL traces.
+        model: A `ModelSpec` (or its name), or a loaded model.
+        traces: A `TraceSource` (its limit at least 2), or the JSONL path (then the trace
+            settings given to `cfg` in the older calling convention apply:
+            `probes.pipeline.configs.trace_source`).
         cfg: Run settings.
-        device: Where the model runs.
-        dtype: Model dtype.
+        device, dtype: Replace the spec's device / dtype (the older calling convention).
 
     Returns:
         JSON-able report: `model`, `n_traces`, `trained` (and `random_init`), `seconds`.
@@ -118,14 +123,19 @@ def fit_traces(model: str | LoadedModel, traces_path: Path, cfg: FitConfig, *,
         ProbesError: Bad input, fewer than 2 usable traces, an unsupported architecture.
     """
     from probes.models.controls import random_init_model
-    from probes.traces.read import read_traces
     from probes.traces.tokenize import tokenize_traces
 
+    source = trace_source(traces, cfg)
+    traces_path = source.path
+    if source.limit is not None and source.limit < 2:
+        raise ProbesError(f"--limit must be at least 2 (the fits hold out traces), got "
+                          f"{source.limit}")
     t0 = time.perf_counter()
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
-    traceset = read_traces(traces_path, strict=cfg.strict)
-    traces = traceset.traces[: cfg.limit] if cfg.limit is not None else list(traceset.traces)
-    tts, too_long = tokenize_traces(traces, loaded.tokenizer, max_tokens=loaded.arch.n_ctx)
+    traceset = source.read()
+    loaded = loader(model, device=device, dtype=dtype)()
+    chosen = traceset.traces[: source.limit] if source.limit is not None else list(traceset.traces)
+    tts, too_long = tokenize_traces(chosen, loaded.tokenizer, prompt_format=source.prompt_format,
+                                    scaffold=source.scaffold, max_tokens=loaded.arch.n_ctx)
     usable = [tt for tt in tts if tt.spans["trajectory"][1] > tt.spans["trajectory"][0]
               and tt.spans["answer"][1] > tt.spans["answer"][0]]
     if len(usable) < 2:

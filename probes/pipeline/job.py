@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from probes.traces.read import Trace
     from probes.traces.tokenize import TokenizedTrace
 
 RESUME_HELP = (
@@ -90,7 +91,8 @@ class Plan:
 
 @dataclass(frozen=True, kw_only=True)
 class WriteJob:
-    """What a command writes and how it decides what is done.
+    """What a command writes, how it decides what is done, and how it reports (the write loop's
+    other arguments are the traces, `probes.pipeline.configs.TraceSource`, and the model).
 
     Attributes:
         command: Its name (messages, progress bar, summary line).
@@ -104,6 +106,10 @@ class WriteJob:
         info: Informational entries for a new file (device, traces file, ...).
         check_stored: Called with the open reader of an existing `out` before the model runs;
             raises to refuse it (e.g. other `--layers`).
+        transform: Applied to each trace before tokenizing (e.g. the no-thinking variant).
+        progress: Show a progress bar on stderr (the CLI passes
+            `probes.pipeline.progress.progress_on(--quiet)`: off when stderr is not a terminal).
+        log: Receives one-line messages (skipped lines, redone traces, what is to do).
     """
 
     command: str
@@ -115,6 +121,9 @@ class WriteJob:
     done_key: str | None = None
     info: Mapping[str, Any] = field(default_factory=dict)
     check_stored: Callable[[Any], None] | None = None
+    transform: Callable[[Trace], Trace] | None = None
+    progress: bool = False
+    log: Log | None = None
 
 
 @dataclass

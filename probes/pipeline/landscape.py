@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,11 @@ from probes.measures.landscape.plane import (
     plane_params,
     random_directions,
 )
+from probes.models.spec import ModelSpec
 from probes.pipeline.configs import (
     LandscapeConfig,
+    TraceSource,
+    trace_source,
 )
 from probes.pipeline.loop import (
     Log,
@@ -83,10 +87,12 @@ class LandscapeRunResult(WriteResult):
     plots: list[str] | None = None
 
 
-def landscape_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg: LandscapeConfig,
-                     *, resume: bool = False, device: str = "auto", dtype: str = "float32",
-                     progress: bool = True, log: Log | None = None) -> LandscapeRunResult:
-    """Compute and store every trace's landscape through the write loop.
+def landscape_traces(model: ModelSpec | LoadedModel | str, traces: TraceSource | str | PathLike[str],
+                     out: Path, cfg: LandscapeConfig, *, resume: bool = False,
+                     device: str | None = None, dtype: str | None = None, progress: bool = True,
+                     log: Log | None = None) -> LandscapeRunResult:
+    """Compute and store every trace's landscape through the write loop (`traces`: a
+    `TraceSource` or its path, as for every runner: `probes.pipeline.configs.trace_source`).
 
     Raises:
         ProbesError, CacheError: Bad input or settings, a cache made with other settings.
@@ -96,7 +102,8 @@ def landscape_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg
     if cfg.grid < 2 or cfg.span <= 0 or cfg.margin <= 0:
         raise LandscapeError(f"--grid must be ≥ 2 and --range, --margin > 0; got {cfg.grid}, "
                              f"{cfg.span}, {cfg.margin}")
-    lexicon = load_lexicon(extra=cfg.lexicon)
+    source = trace_source(traces, cfg)
+    lexicon = load_lexicon(extra=source.lexicon)
     xs = grid_axis(cfg.grid, cfg.span)
     figs: dict[str, list[float]] = {k: [] for k in ("pca", "rand", "shared", "diff", "full", "base",
                                                      "secs")}
@@ -104,7 +111,8 @@ def landscape_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg
     own = cfg.own()
 
     job = WriteJob(command=NAME, out=Path(out), resume=resume, done_key=DONE_KEY,
-                   check_stored=same_settings(out, DONE_KEY, own, "landscape arrays", LandscapeError))
+                   check_stored=same_settings(out, DONE_KEY, own, "landscape arrays", LandscapeError),
+                   progress=progress, log=log)
 
     def plan(loaded: LoadedModel) -> Plan:
         params = plane_params(loaded)
@@ -168,9 +176,8 @@ def landscape_traces(model: str | LoadedModel, traces_path: Path, out: Path, cfg
         return Plan(compute, info={"land_directions": f"torch.Generator seed {cfg.seed}, "
                                                       f"{cfg.style} normalisation"})
 
-    result = write_traces(job, traces_path, load=loader(model, device=device, dtype=dtype),
-                          plan=plan, result=LandscapeRunResult(), lexicon_files=cfg.lexicon,
-                          limit=cfg.limit, strict=cfg.strict, progress=progress, log=log)
+    result = write_traces(job, source, load=loader(model, device=device, dtype=dtype),
+                          plan=plan, result=LandscapeRunResult())
 
     def med(key: str) -> float | None:
         return float(np.median(figs[key])) if figs[key] else None

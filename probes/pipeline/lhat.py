@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, replace
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,8 @@ from probes.measures.lhat.fast import (
     lhat_fast,
     lhat_naive,
 )
-from probes.pipeline.configs import (
-    LhatConfig,
-)
+from probes.models.spec import ModelSpec
+from probes.pipeline.configs import LhatConfig, TraceSource, trace_source
 from probes.pipeline.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
 
 NAME = "lhat"
@@ -57,27 +57,27 @@ def _no_thinking(trace):
 
 
 def lhat_traces(
-    model: str | LoadedModel,
-    traces_path: Path,
+    model: ModelSpec | LoadedModel | str,
+    traces: TraceSource | str | PathLike[str],
     out: Path,
     cfg: LhatConfig,
     *,
     resume: bool = False,
-    device: str = "auto",
-    dtype: str = "float32",
+    device: str | None = None,
+    dtype: str | None = None,
     progress: bool = True,
     log: Log | None = None,
 ) -> LhatRunResult:
     """Compute and store the L̂ curve of every trace through the write loop.
 
     Args:
-        model: A model spec for `load_model`, or a loaded model.
-        traces_path: JSONL traces.
+        model: A `ModelSpec` (or its name), or a loaded model.
+        traces: A `TraceSource`, or the JSONL path (then the trace settings given to `cfg` in
+            the older calling convention apply: `probes.pipeline.configs.trace_source`).
         out: The HDF5 cache (created; an existing one is extended only with `resume`).
         cfg: Run settings.
         resume: Extend an existing `out` (`probes.pipeline.loop.RESUME_HELP`).
-        device: Where the model runs.
-        dtype: Model dtype.
+        device, dtype: Replace the spec's device / dtype (the older calling convention).
         progress: Show a progress bar on stderr.
         log: Receives one-line messages.
 
@@ -93,13 +93,16 @@ def lhat_traces(
     n_checked: list[int] = []
     firsts: list[float] = []
     lasts: list[float] = []
-    job = WriteJob(command=NAME, out=Path(out), resume=resume, done_key=DONE_KEY)
+    source = trace_source(traces, cfg)
+    job = WriteJob(command=NAME, out=Path(out), resume=resume, done_key=DONE_KEY,
+                   transform=_no_thinking if cfg.no_thinking else None, progress=progress,
+                   log=log)
 
     def plan(loaded: LoadedModel) -> Plan:
         def compute(tt) -> TraceOutput:
             res = lhat_fast(loaded, tt, chunk_size=cfg.chunk_size,
                             max_pack_tokens=cfg.max_pack_tokens)
-            attrs: dict[str, Any] = {"lhat_method": "packed-kv", "lhat_scaffold": cfg.scaffold}
+            attrs: dict[str, Any] = {"lhat_method": "packed-kv", "lhat_scaffold": source.scaffold}
             if cfg.check_naive:
                 n_t = len(res.lhat)
                 check = sorted(rng.sample(range(n_t), min(cfg.check_naive, n_t)))
@@ -114,12 +117,8 @@ def lhat_traces(
 
         return Plan(compute)
 
-    result = write_traces(job, traces_path, load=loader(model, device=device, dtype=dtype),
-                          plan=plan, result=LhatRunResult(), lexicon_files=cfg.lexicon,
-                          limit=cfg.limit, strict=cfg.strict,
-                          prompt_format=cfg.prompt_format, scaffold=cfg.scaffold,
-                          transform=_no_thinking if cfg.no_thinking else None,
-                          progress=progress, log=log)
+    result = write_traces(job, source, load=loader(model, device=device, dtype=dtype),
+                          plan=plan, result=LhatRunResult())
     result.naive_max_abs_diff = max(diffs) if diffs else None
     result.n_naive_prefixes = sum(n_checked)
     result.lhat_first_median = float(np.median(firsts)) if firsts else None

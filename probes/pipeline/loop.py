@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 from probes.arrays import check_declared
 from probes.errors import ProbesError
 from probes.models.identity import run_metadata
+from probes.models.spec import ModelSpec, model_spec
 from probes.pipeline.checks import (
     TOKENIZATION_KEYS,
     Stored,
@@ -62,6 +63,7 @@ from probes.pipeline.checks import (
     read_stored,
     same_settings,
 )
+from probes.pipeline.configs import TraceSource, trace_source
 from probes.pipeline.job import (
     RESUME_HELP,
     Batching,
@@ -77,8 +79,7 @@ from probes.pipeline.progress import raise_if_interrupted
 from probes.pipeline.shards import Shard, current_shard
 from probes.traces.categories import categorize, load_lexicon
 from probes.traces.labels import LABEL_KEY, label_arrays
-from probes.traces.read import read_traces
-from probes.traces.tokenize import DEFAULT_SCAFFOLD, tokenize_traces
+from probes.traces.tokenize import tokenize_traces
 
 MODEL_KEYS = ("model", "architecture", "model_dtype", "weight_convention", "tokenizer_fingerprint",
               "lexicon_fingerprint", "category_codes")
@@ -87,24 +88,23 @@ MODEL_KEYS = ("model", "architecture", "model_dtype", "weight_convention", "toke
 if TYPE_CHECKING:
     from hooks.model import LoadedModel
     from probes.traces.categories import Lexicon
-    from probes.traces.read import Trace
     from probes.traces.tokenize import TokenizedTrace
 
 __all__ = [
     "RESUME_HELP", "TOKENIZATION_KEYS", "Batching", "Compute", "Log", "Plan", "Stored",
-    "TraceOutput", "WriteJob", "WriteResult", "check_out", "check_unique_ids", "human_size",
-    "loader", "new_file_config", "read_stored", "same_settings", "write_traces",
+    "TraceOutput", "TraceSource", "WriteJob", "WriteResult", "check_out", "check_unique_ids", "human_size",
+    "loader", "new_file_config", "read_stored", "same_settings", "trace_source", "write_traces",
 ]
 
 
-def loader(model: str | LoadedModel, *, device: str, dtype: str) -> Callable[[], LoadedModel]:
-    """`write_traces`'s `load`: the given model, or `probes.models.load_model(spec)`."""
-    def load() -> LoadedModel:
-        if isinstance(model, str):
-            from probes.models.load import load_model
+def loader(model: ModelSpec | LoadedModel | str, *, device: str | None = None,
+           dtype: str | None = None) -> Callable[[], LoadedModel]:
+    """`write_traces`'s `load`: the given model, or `ModelSpec.load()` (a name, with the older
+    `device=` / `dtype=` keywords, becomes a spec: `probes.models.spec.model_spec`)."""
+    spec = model_spec(model, device=device, dtype=dtype)
 
-            return load_model(model, device=device, dtype=dtype)
-        return model
+    def load() -> LoadedModel:
+        return spec.load() if isinstance(spec, ModelSpec) else spec
 
     return load
 
@@ -115,40 +115,24 @@ def loader(model: str | LoadedModel, *, device: str, dtype: str) -> Callable[[],
 
 def write_traces(
     job: WriteJob,
-    traces_path: str | Path,
+    source: TraceSource,
     *,
     load: Callable[[], LoadedModel],
     plan: Callable[[LoadedModel], Plan],
     result: WriteResult | None = None,
-    lexicon_files: Sequence[str | Path] = (),
-    limit: int | None = None,
-    strict: bool = False,
-    prompt_format: str | None = None,
-    scaffold: str = DEFAULT_SCAFFOLD,
-    transform: Callable[[Trace], Trace] | None = None,
-    progress: bool = False,
-    log: Log | None = None,
 ) -> WriteResult:
-    """Read, tokenize, compute and commit every trace of `traces_path` into `job.out`.
+    """Read, tokenize, compute and commit every trace of `source` into `job.out`.
 
     Order: the output path, the traces file (duplicate ids), the lexicon and the existing file are
     checked before `load()` runs, so bad input costs no model load.
 
     Args:
-        job: What is written and how "done" is decided.
-        traces_path: JSONL traces.
+        job: What is written, how "done" is decided, and the run's feedback (`job.progress`,
+            `job.log`) and per-trace `job.transform`.
+        source: The traces file, which of its traces, the lexicon and the tokenization.
         load: Loads the model (called once, after the checks).
         plan: Given the model, returns the command's `Plan` (may refuse the model).
         result: The result object to fill (a command's subclass of `WriteResult`).
-        lexicon_files: Extra lexicon JSON files merged into the built-in one.
-        limit: Use only the first N traces.
-        strict: Fail on the first bad JSONL line.
-        prompt_format: Prompt template; None = chat template or the documented default.
-        scaffold: The answer scaffold.
-        transform: Applied to each trace before tokenizing (e.g. the no-thinking variant).
-        progress: Show a progress bar on stderr (the CLI passes
-            `probes.pipeline.progress.progress_on(--quiet)`: off when stderr is not a terminal).
-        log: Receives one-line messages (skipped lines, redone traces, what is to do).
 
     Returns:
         `result`, filled.
@@ -161,14 +145,14 @@ def write_traces(
 
     t_start = time.perf_counter()
     shard = current_shard()
-    say = log if log is not None else (lambda _msg: None)
+    say = job.log if job.log is not None else (lambda _msg: None)
     out = Path(job.out)
-    traces_path = Path(traces_path)
+    traces_path = source.path
     result = result if result is not None else WriteResult()
     result.out, result.command = str(out), job.command
 
     check_out(out, resume=job.resume, overwrite=job.overwrite)
-    traceset = read_traces(traces_path, strict=strict)
+    traceset = source.read()
     check_unique_ids(traceset)
     result.n_bad_lines = len(traceset.problems)
     result.bad_lines = [(b.line_no, b.reason) for b in traceset.problems]
@@ -176,7 +160,7 @@ def write_traces(
     if not traceset.traces:
         raise ProbesError(f"{traces_path} holds no usable trace ({len(traceset.problems)} bad "
                           f"lines); nothing was written")
-    lexicon = load_lexicon(extra=lexicon_files)
+    lexicon = load_lexicon(extra=source.lexicon)
     stored = read_stored(job)
     if stored is not None and "weights_fingerprint" not in stored.metadata:
         say(f"{out} records no weights fingerprint (written before they were recorded): this "
@@ -199,12 +183,13 @@ def write_traces(
                        keys=MODEL_KEYS)
     prepared = plan(loaded)
 
-    traces = list(traceset.traces[:limit] if limit is not None else traceset.traces)
-    if transform is not None:
-        traces = [transform(t) for t in traces]
+    traces = list(traceset.traces[:source.limit] if source.limit is not None else traceset.traces)
+    if job.transform is not None:
+        traces = [job.transform(t) for t in traces]
     result.n_traces = len(traces)
-    tokenized, too_long = tokenize_traces(traces, loaded.tokenizer, prompt_format=prompt_format,
-                                          scaffold=scaffold, max_tokens=loaded.arch.n_ctx)
+    tokenized, too_long = tokenize_traces(traces, loaded.tokenizer,
+                                          prompt_format=source.prompt_format,
+                                          scaffold=source.scaffold, max_tokens=loaded.arch.n_ctx)
     result.n_too_long = len(too_long)
     result.too_long = [(t.trace_id, t.line_no, t.n_tokens, t.limit) for t in too_long]
     _say_each(say, [f"skipped line {t.line_no}: {t.reason}" for t in too_long], "too-long traces")
@@ -212,7 +197,7 @@ def write_traces(
         raise ProbesError(f"every trace of {traces_path} is longer than the model's context "
                           f"({loaded.arch.n_ctx} tokens); nothing was written")
 
-    config = {**new_file_config(job, prompt_format=prompt_format, scaffold=scaffold),
+    config = {**new_file_config(job, prompt_format=source.prompt_format, scaffold=source.scaffold),
               **prepared.config}
     meta = run_metadata(loaded, lexicon, config=config,
                         info={"traces_file": str(traces_path), **dict(job.info), **prepared.info})
@@ -260,7 +245,7 @@ def write_traces(
         t_loop = time.perf_counter()
         try:
             _loop(writer, todo, prepared, stored, lexicon, loaded, traces_path, result,
-                  command=job.command, progress=progress, t_loop=t_loop, say=say)
+                  command=job.command, progress=job.progress, t_loop=t_loop, say=say)
         finally:
             result.seconds_loop = time.perf_counter() - t_loop
         if shard is not None:

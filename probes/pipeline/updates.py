@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
 
 import numpy as np
@@ -82,9 +83,8 @@ from probes.measures.updates.shared_pass import (
     trace_update_arrays,
 )
 from probes.models.controls import random_init_model
-from probes.pipeline.configs import (
-    UpdatesConfig,
-)
+from probes.models.spec import ModelSpec
+from probes.pipeline.configs import TraceSource, UpdatesConfig, trace_source
 from probes.pipeline.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
 
 NAME = "updates"
@@ -102,27 +102,27 @@ class UpdatesRunResult(WriteResult):
 
 
 def updates_traces(
-    model: str | LoadedModel,
-    traces_path: Path,
+    model: ModelSpec | LoadedModel | str,
+    traces: TraceSource | str | PathLike[str],
     out: Path,
     cfg: UpdatesConfig,
     *,
     resume: bool = False,
-    device: str = "auto",
-    dtype: str = "float32",
+    device: str | None = None,
+    dtype: str | None = None,
     progress: bool = True,
     log: Log | None = None,
 ) -> UpdatesRunResult:
     """Compute and store the per-token implicit updates (M1–M7) of every trace.
 
     Args:
-        model: A model spec for `load_model`, or a loaded model.
-        traces_path: JSONL traces.
+        model: A `ModelSpec` (or its name), or a loaded model.
+        traces: A `TraceSource`, or the JSONL path (then the trace settings given to `cfg` in
+            the older calling convention apply: `probes.pipeline.configs.trace_source`).
         out: The HDF5 cache (created; an existing one is extended only with `resume`).
         cfg: Run settings.
         resume: Extend an existing `out` (`probes.pipeline.loop.RESUME_HELP`).
-        device: Where the model runs.
-        dtype: Model dtype.
+        device, dtype: Replace the spec's device / dtype (the older calling convention).
         progress: Show a progress bar on stderr.
         log: Receives one-line messages.
 
@@ -137,7 +137,9 @@ def updates_traces(
             tokenization.
     """
     out = Path(out)
-    job = WriteJob(command=NAME, out=out, resume=resume, done_key=DONE_KEY)
+    source = trace_source(traces, cfg)
+    job = WriteJob(command=NAME, out=out, resume=resume, done_key=DONE_KEY, progress=progress,
+                   log=log)
 
     def load() -> LoadedModel:
         loaded = loader(model, device=device, dtype=dtype)()
@@ -166,10 +168,8 @@ def updates_traces(
 
         return Plan(compute)
 
-    return write_traces(job, traces_path, load=load, plan=plan,
-                        result=UpdatesRunResult(control=cfg.control), lexicon_files=cfg.lexicon,
-                        limit=cfg.limit, strict=cfg.strict, prompt_format=cfg.prompt_format,
-                        scaffold=cfg.scaffold, progress=progress, log=log)
+    return write_traces(job, source, load=load, plan=plan,
+                        result=UpdatesRunResult(control=cfg.control))
 
 
 def _check_cache(out: Path, layers: tuple[int, ...] | None, n_layers: int,

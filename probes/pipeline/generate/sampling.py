@@ -23,6 +23,7 @@ from probes.models.generate import (
     sample_seed,
     split_trajectory,
 )
+from probes.models.spec import ModelSpec, model_spec
 from probes.pipeline.generate.settings import (
     NAME,
     SAMPLE_VARIANT,
@@ -42,15 +43,15 @@ if TYPE_CHECKING:
 
 
 def generate_samples(
-    model: str | LoadedModel,
+    model: ModelSpec | LoadedModel | str,
     questions_path: str | Path,
     out: str | Path,
     cfg: GenerateConfig,
     *,
     resume: bool = False,
     backend: str = "hf",
-    device: str = "auto",
-    dtype: str = "float32",
+    device: str | None = None,
+    dtype: str | None = None,
     progress: bool = True,
     log: Log | None = None,
 ) -> GenerateResult:
@@ -82,7 +83,8 @@ def generate_samples(
     questions = questions[: cfg.limit] if cfg.limit is not None else questions
     existing = open_out(out, resume=resume)
     result = _start(out, NAME, bad, existing, say)
-    generator = open_generator(model, backend=backend, device=device, dtype=dtype, seed=cfg.seed)
+    spec = model_spec(model, device=device, dtype=dtype)
+    generator = open_generator(spec, backend=backend, seed=cfg.seed)
     tok = generator.tokenizer
     jobs = []
     for q in questions:
@@ -94,7 +96,7 @@ def generate_samples(
                              {"id": key, "group": q.id, "sample": s, "variant": SAMPLE_VARIANT,
                               "question": q.question, "answer": q.answer}))
     result.n_inputs = len(questions)
-    identity = {**_identity(generator, dtype, cfg, SAMPLE_VARIANT, jobs),
+    identity = {**_identity(generator, _dtype(spec), cfg, SAMPLE_VARIANT, jobs),
                 "grade_method": cfg.grade_method}
 
     def build(job: _Job, comp: Completion) -> dict[str, Any]:
@@ -110,15 +112,15 @@ def generate_samples(
 
 
 def summarize_traces(
-    model: str | LoadedModel,
+    model: ModelSpec | LoadedModel | str,
     traces_path: str | Path,
     out: str | Path,
     cfg: GenerateConfig,
     *,
     resume: bool = False,
     backend: str = "hf",
-    device: str = "auto",
-    dtype: str = "float32",
+    device: str | None = None,
+    dtype: str | None = None,
     progress: bool = True,
     log: Log | None = None,
 ) -> GenerateResult:
@@ -136,7 +138,8 @@ def summarize_traces(
     traces = traceset.traces[: cfg.limit] if cfg.limit is not None else traceset.traces
     existing = open_out(out, resume=resume)
     result = _start(out, "summarize", traceset.problems, existing, say)
-    generator = open_generator(model, backend=backend, device=device, dtype=dtype, seed=cfg.seed)
+    spec = model_spec(model, device=device, dtype=dtype)
+    generator = open_generator(spec, backend=backend, seed=cfg.seed)
     tok = generator.tokenizer
     jobs = []
     for t in traces:
@@ -148,7 +151,7 @@ def summarize_traces(
                           "variant": SUMMARY_VARIANT, "source_id": t.id, "question": t.question,
                           "answer": t.answer, "source_n_tokens": t.meta.get("n_tokens")}))
     result.n_inputs = len(traces)
-    identity = {**_identity(generator, dtype, cfg, SUMMARY_VARIANT, jobs),
+    identity = {**_identity(generator, _dtype(spec), cfg, SUMMARY_VARIANT, jobs),
                 "summary_prompt": cfg.summary_prompt}
     wrap = {t.id: t.trajectory.lstrip().startswith(THINK_OPEN) for t in traces}
 
@@ -189,3 +192,8 @@ def check_summary_prompt(template: str) -> None:
     except (KeyError, IndexError, ValueError) as exc:
         raise ProbesError(f"--summary-prompt {template!r} cannot be filled with only {{question}} and "
                           f"{{trajectory}} ({exc!r}); write literal braces as '{{{{' and '}}}}'") from None
+
+
+def _dtype(spec: ModelSpec | LoadedModel) -> str:
+    """The dtype a spec loads in (vLLM records it; a loaded model's is read from it)."""
+    return spec.dtype if isinstance(spec, ModelSpec) else spec.arch.dtype

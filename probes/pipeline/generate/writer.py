@@ -28,6 +28,7 @@ from probes.models.generate import (
     Sampling,
     VllmGenerator,
 )
+from probes.models.spec import ModelSpec, model_spec
 from probes.pipeline.generate.grade import record_statistics
 from probes.pipeline.generate.settings import MAX_DEFAULT_NEW_TOKENS, GenerateConfig, GenerateResult
 from probes.pipeline.loop import Log, loader
@@ -52,20 +53,21 @@ class _Job:
 Build = Callable[[_Job, Completion], dict[str, Any]]
 
 
-def open_generator(model: str | LoadedModel, *, backend: str = "hf", device: str = "auto",
-                   dtype: str = "float32", seed: int = 0) -> Generator:
+def open_generator(model: ModelSpec | LoadedModel | str, *, backend: str = "hf", device: str | None = None,
+                   dtype: str | None = None, seed: int = 0) -> Generator:
     """The generation backend for `model` (a spec, or a loaded model for "hf").
 
     Raises:
         ProbesError: An unknown backend, vLLM absent, or a loaded model given to vLLM.
     """
+    spec = model_spec(model, device=device, dtype=dtype)
     if backend == "hf":
-        return HFGenerator(loader(model, device=device, dtype=dtype)())
+        return HFGenerator(loader(spec)())
     if backend != "vllm":
         raise ProbesError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if not isinstance(model, str):
+    if not isinstance(spec, ModelSpec):
         raise ProbesError("the vLLM backend loads the model itself: pass a model spec, not a loaded model")
-    return VllmGenerator(model, dtype=dtype, seed=seed)
+    return VllmGenerator(spec.name, dtype=spec.dtype, seed=seed)
 
 
 def _start(out: str | Path, command: str, bad: Sequence[Any], existing: Existing, say: Log) -> GenerateResult:
@@ -81,7 +83,7 @@ def _start(out: str | Path, command: str, bad: Sequence[Any], existing: Existing
     return result
 
 
-def _identity(generator: Generator, dtype: str, cfg: GenerateConfig, variant: str,
+def _identity(generator: Generator, dtype: str | None, cfg: GenerateConfig, variant: str,
               jobs: Sequence[_Job]) -> dict[str, Any]:
     """The settings every record of one file shares (checked on resume)."""
     from probes.models.identity import model_label

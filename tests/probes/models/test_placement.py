@@ -18,12 +18,11 @@ from probes.models.kv import kv_parity
 from probes.models.load import load_model
 from probes.models.placement import (
     PlacementError,
-    device_spec,
     max_memory_bytes,
     parse_max_memory,
     plan_device_map,
-    split_device_spec,
 )
+from probes.models.spec import ModelSpec
 from probes.models.tiny import byte_tokenizer, tiny_config
 
 # The published config.json shapes (Qwen/Qwen2.5-14B and Qwen/Qwen2.5-32B; the DeepSeek-R1-Distill
@@ -112,22 +111,25 @@ def test_32b_bf16_with_room_for_activations_needs_two_cards() -> None:
     assert sum(per_card) == n and abs(per_card[0] - per_card[1]) <= 4, per_card
 
 
-def test_parse_max_memory_and_device_specs() -> None:
+def test_parse_max_memory_and_model_specs() -> None:
     assert parse_max_memory("0=75GiB, 1=75GiB,cpu=200GB") == {0: "75GiB", 1: "75GiB",
                                                               "cpu": "200GB"}
     assert max_memory_bytes({0: "1GiB", "cpu": "2GB"}) == {0: 2**30, "cpu": 2 * 10**9}
-    spec = device_spec("auto", None, "0=75GiB,1=75GiB")          # a budget implies a map
-    assert spec == "auto;device_map=auto;max_memory=0=75GiB,1=75GiB"
-    assert split_device_spec(spec) == ("auto", "auto", {0: "75GiB", 1: "75GiB"})
-    assert split_device_spec("cuda:1") == ("cuda:1", None, None)
+    spec = ModelSpec("m", max_memory="0=75GiB,1=75GiB")          # a budget implies a map
+    assert (spec.device, spec.device_map, spec.max_memory_map) == (
+        "auto", "auto", {0: "75GiB", 1: "75GiB"})
+    assert ModelSpec("m", max_memory={0: "1GiB", "cpu": "2GB"}).max_memory == "0=1GiB,cpu=2GB"
+    assert (ModelSpec("m", device="cuda:1").device_map, ModelSpec("m").max_memory_map) == (None, None)
     for bad, message in (("0=lots", "cannot read '0=lots'"), ("gpu0=1GiB", "cannot read"),
                          ("0=1GiB,0=2GiB", "device '0' is given twice")):
         with pytest.raises(PlacementError, match=f"^--max-memory: {message}"):
             parse_max_memory(bad)
+        with pytest.raises(PlacementError, match=f"^--max-memory: {message}"):
+            ModelSpec("m", max_memory=bad)
     with pytest.raises(PlacementError, match=r"^--device cuda:1 and --device-map auto conflict"):
-        split_device_spec("cuda:1;device_map=auto")
+        ModelSpec("m", device="cuda:1", device_map="auto")
     with pytest.raises(PlacementError, match=r"^--device-map 'everywhere' is not one of auto"):
-        split_device_spec("auto;device_map=everywhere")
+        ModelSpec("m", device_map="everywhere")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -138,24 +140,28 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def test_flags_fold_into_the_device_string() -> None:
-    """--device-map / --max-memory reach `load_model` through `args.device`, in any order."""
+def test_flags_build_the_model_spec() -> None:
+    """--device-map / --max-memory reach `load_model` as fields of the `ModelSpec`, in any order."""
+    from probes.commands.flags import model_from_args
+
     p = _parser()
-    plain = p.parse_args(["--model", "m"])
-    assert (plain.device, plain.device_map, plain.max_memory) == ("auto", None, None)
+    assert model_from_args(p.parse_args(["--model", "m"])) == ModelSpec("m")
     a = p.parse_args(["--model", "m", "--max-memory", "0=75GiB,1=75GiB", "--device-map",
                       "balanced"])
     b = p.parse_args(["--model", "m", "--device-map", "balanced", "--max-memory",
-                      "0=75GiB,1=75GiB", "--device", "auto"])
-    assert a.device == b.device == "auto;device_map=balanced;max_memory=0=75GiB,1=75GiB"
-    assert p.parse_args(["--model", "m", "--device-map", "auto"]).device == "auto;device_map=auto"
+                      "0=75GiB,1=75GiB", "--device", "auto", "--model-dtype", "bfloat16"])
+    assert model_from_args(a) == ModelSpec("m", device_map="balanced", max_memory="0=75GiB,1=75GiB")
+    assert model_from_args(b) == ModelSpec("m", dtype="bfloat16", device_map="balanced",
+                                           max_memory="0=75GiB,1=75GiB")
+    assert model_from_args(p.parse_args(["--model", "m", "--max-memory", "cpu=1GiB"])).device_map \
+        == "auto"
 
 
 def test_bad_flags_are_one_line_errors(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         _parser().parse_args(["--model", "m", "--max-memory", "0:75GiB"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("probes: error: --max-memory: cannot read '0:75GiB'")
+    assert err.startswith("probes: error: argument --max-memory: cannot read '0:75GiB'")
     with pytest.raises(SystemExit):
         _parser().parse_args(["--model", "m", "--device-map", "gpu"])
     assert "invalid choice: 'gpu'" in capsys.readouterr().err
@@ -168,11 +174,11 @@ def test_device_map_load_path_on_cpu(tmp_path: Path) -> None:
     hf = AutoModelForCausalLM.from_config(tiny_config("qwen2"), attn_implementation="eager").eval()
     hf.save_pretrained(tmp_path)
     byte_tokenizer().save_pretrained(tmp_path)
-    loaded = load_model(str(tmp_path), device="auto;device_map=auto;max_memory=cpu=1GiB")
+    loaded = load_model(ModelSpec(str(tmp_path), max_memory="cpu=1GiB"))
     assert loaded.device == torch.device("cpu")
     ids = torch.randint(1, 257, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (loaded.bridge(ids, return_type="logits") - hf(ids).logits).abs().max()
     assert float(diff) <= 1e-6 and kv_parity(loaded, ids, 9) <= 1e-4
     with pytest.raises(PlacementError, match="conflict"):
-        load_model(str(tmp_path), device="cpu;device_map=auto")
+        load_model(ModelSpec(str(tmp_path), device_map="auto"), device="cpu")
