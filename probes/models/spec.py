@@ -126,12 +126,6 @@ class ModelSpec:
         """`max_memory` as `from_pretrained` takes it (`{0: "75GiB", "cpu": "200GiB"}`)."""
         return None if self.max_memory is None else parse_max_memory(self.max_memory)
 
-    def load(self) -> LoadedModel:
-        """`probes.models.load.load_model(self)`."""
-        from probes.models.load import load_model
-
-        return load_model(self)
-
 
 def model_spec(model: ModelSpec | LoadedModel | str | PathLike[str], *, device: object = None,
                dtype: object = None) -> ModelSpec | LoadedModel:

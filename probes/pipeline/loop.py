@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 from probes.arrays import check_declared
 from probes.errors import ProbesError
 from probes.models.identity import run_metadata
+from probes.models.load import load_model
 from probes.models.spec import ModelSpec, model_spec
 from probes.pipeline.checks import (
     TOKENIZATION_KEYS,
@@ -99,12 +100,12 @@ __all__ = [
 
 def loader(model: ModelSpec | LoadedModel | str, *, device: str | None = None,
            dtype: str | None = None) -> Callable[[], LoadedModel]:
-    """`write_traces`'s `load`: the given model, or `ModelSpec.load()` (a name, with the older
+    """`write_traces`'s `load`: the given model, or `load_model(spec)` (a name, with the older
     `device=` / `dtype=` keywords, becomes a spec: `probes.models.spec.model_spec`)."""
     spec = model_spec(model, device=device, dtype=dtype)
 
     def load() -> LoadedModel:
-        return spec.load() if isinstance(spec, ModelSpec) else spec
+        return load_model(spec) if isinstance(spec, ModelSpec) else spec
 
     return load
 
