@@ -117,6 +117,8 @@ class TakesTraceSettings:
         values = dict(zip(TRACE_KEYS, (limit, strict, lexicon, prompt_format, scaffold),
                           strict=True))
         given = {k: v for k, v in values.items() if v != _TRACE_DEFAULTS[k]}
+        if given:
+            TraceSource(Path(), **given)  # checked now, as when they were the config's fields
         object.__setattr__(self, "_trace_settings", given)
         self._check()
 

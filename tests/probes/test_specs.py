@@ -60,6 +60,8 @@ def test_trace_source_reads_and_takes_the_older_config_keywords(tmp_path):
     assert trace_source(str(path), old) == TraceSource(path, limit=2, scaffold=" => ")
     assert trace_source(path, LhatConfig()) == TraceSource(path)
     assert trace_source(source, LhatConfig()) is source
+    with pytest.raises(ProbesError, match=r"^--limit must be a positive integer, got 0"):
+        LhatConfig(limit=0)  # the older keywords are checked when the config is made
     with pytest.raises(ProbesError, match=r"^limit, scaffold: given both in the TraceSource and "
                                           r"in the LhatConfig"):
         trace_source(source, old)
