@@ -50,6 +50,7 @@ from probes.pipeline.configs import (
 from probes.pipeline.job import Log, WriteResult
 from probes.pipeline.progress import Stages
 from probes.pipeline.shards import current_shard
+from probes.pipeline.shards import describe as describe_shard
 from probes.safe_output import check_writable, write_text
 
 NAME = "study"
@@ -286,7 +287,8 @@ def _run_stage(stage: str, loaded: LoadedModel, traces: Path, out: Path, cfg: St
     return {"status": "done", "store": STORES[stage], "summary": result.summary(),
             "seconds": round(time.perf_counter() - clock, 3),
             "n_written": result.n_written, "n_skipped": result.n_skipped,
-            "n_left_out": result.n_left_out, "n_too_long": result.n_too_long}
+            "n_left_out": result.n_left_out, "n_too_long": result.n_too_long,
+            **describe_shard(current_shard())}  # under torchrun the counts are this rank's
 
 
 StageRun = Callable[[LoadedModel, Path, Path, bool, Log], WriteResult]
