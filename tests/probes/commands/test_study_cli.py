@@ -169,7 +169,7 @@ def test_bad_input_is_one_error_line_before_any_work(args, needle, tmp_path, cap
     assert not folder.exists()
 
 
-def test_an_out_that_is_a_file_or_unwritable_is_one_error_line(tmp_path, capsys):
+def test_an_out_that_is_a_file_or_under_a_file_is_one_error_line(tmp_path, capsys):
     afile = tmp_path / "f"
     afile.write_text("x")
     capsys.readouterr()
@@ -181,12 +181,16 @@ def test_an_out_that_is_a_file_or_unwritable_is_one_error_line(tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{afile} is a file, so the folder cannot be created" in err[0], err
     assert afile.read_text() == "x"
+
+
+def test_an_unwritable_out_is_one_error_line(tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
     try:
         if os.access(locked, os.W_OK):
             pytest.skip("running as a user who can write any folder (root)")
+        capsys.readouterr()
         assert main([*BASE, "--out", str(locked / "s")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "not writable" in err[0], err
