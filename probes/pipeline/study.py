@@ -118,6 +118,8 @@ def describe(entry: dict[str, Any]) -> str:
     if entry["status"] == "skipped":
         return f"skipped: {entry['reason']}"
     what = entry.get("summary") or ", ".join(entry.get("files", []))
+    if entry.get("refused"):
+        what += f" (refused: {'; '.join(entry['refused'])})"
     again = " (already done)" if entry.get("again") else ""
     return f"done{again} in {entry.get('seconds', 0.0):.1f}s: {what}"
 

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from probes.errors import ProbesError
 from probes.pipeline.study import STORES, Step
 from probes.safe_output import write_text
 
@@ -34,19 +35,24 @@ def _done(stages: dict[str, dict[str, Any]], stage: str | None) -> bool:
 
 def compare_step(folder: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any] | str:
     """`compare --json` of every L̂ / updates store (the updates with the random-init control when
-    it was run) and the effects summary (with the control's as `--versus`)."""
+    it was run) and the effects summary (with the control's as `--versus`). A comparison that
+    refuses its stores (e.g. too few traces) is listed under "refused" with its one-line reason and
+    the others still run; when none runs the step is skipped with the reasons."""
     from probes.pipeline.effects import summary_path
     from probes.readouts.compare import compare_cache, report_json
     from probes.readouts.configs import CompareConfig
     from probes.readouts.effects import summarize
 
-    files = []
+    files, refused = [], []
     for name, stage, control in COMPARISONS:
         if not _done(stages, stage):
             continue
         ctrl = folder / STORES[control] if control is not None and _done(stages, control) else None
-        cfg = CompareConfig(control=ctrl)
-        report = report_json(compare_cache(folder / STORES[stage], cfg))
+        try:
+            report = report_json(compare_cache(folder / STORES[stage], CompareConfig(control=ctrl)))
+        except ProbesError as exc:  # e.g. too few traces for the control: the others still run
+            refused.append(f"{name}: {exc}")
+            continue
         write_text(folder / name, json.dumps(report, ensure_ascii=False) + "\n")
         files.append(name)
     if _done(stages, "effects"):
@@ -56,8 +62,8 @@ def compare_step(folder: Path, stages: dict[str, dict[str, Any]]) -> dict[str, A
         write_text(summary_path(effects), json.dumps(summary, indent=1, default=str))
         files.append(summary_path(effects).name)
     if not files:
-        return "no L̂, updates or effects store to compare"
-    return {"files": files}
+        return "; ".join(refused) or "no L̂, updates or effects store to compare"
+    return {"files": files, **({"refused": refused} if refused else {})}
 
 
 def report_source(folder: Path, stages: dict[str, dict[str, Any]]) -> tuple[Path | None, Path | None]:
@@ -81,7 +87,10 @@ def report_step(folder: Path, stages: dict[str, dict[str, Any]]) -> dict[str, An
     source, control = report_source(folder, stages)
     if source is None:
         return "no L̂, updates or activations store to report"
-    result = write_report(source, folder / REPORT, ReportConfig(control=control))
+    try:
+        result = write_report(source, folder / REPORT, ReportConfig(control=control))
+    except ProbesError as exc:  # a comparison the report holds refused these stores
+        return f"{source.name}: {exc}"
     return {"files": [REPORT], "summary": result.summary()}
 
 

@@ -227,3 +227,22 @@ def test_a_study_killed_mid_stage_and_run_again_equals_one_uninterrupted_run(tmp
         assert _arrays(killed / STORES[stage]) == _arrays(whole / STORES[stage]), stage
     assert (killed / "report.html").is_file()
     assert _manifest(killed)["settings"] == _manifest(whole)["settings"]
+
+
+def test_a_comparison_that_refuses_its_stores_is_listed_and_the_study_ends(tmp_path, capsys):
+    """One trace: `compare --control` needs two shared traces, so it (and the report, which holds
+    that comparison) is refused with its one line; the study still exits 0 with its stores."""
+    folder = tmp_path / "s"
+    capsys.readouterr()
+    assert main([*BASE, "--limit", "1", "--out", str(folder), "--analyses", "updates",
+                 "--control", "random-init"]) == 0
+    stages = _manifest(folder)["stages"]
+    assert stages["updates"]["status"] == stages["updates-control"]["status"] == "done"
+    reason = ("compare-updates.json: --control {c} shares 1 traces with {u}; run `updates "
+              "--control random-init` on the same traces file").format(
+        c=folder / "updates-control.h5", u=folder / "updates.h5")
+    assert stages["compare"] == {"status": "skipped", "reason": reason}
+    assert stages["report"]["status"] == "skipped"
+    assert stages["report"]["reason"] == "updates.h5: " + reason.split(": ", 1)[1]
+    assert not (folder / "report.html").exists()
+    assert f"compare: skipped: {reason}" in capsys.readouterr().out
