@@ -8,6 +8,9 @@ importing any subcommand (so `--help` is fast), and imports only the module of t
 SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
     ('demo', "probes.commands.demo",
      'run the whole pipeline on the built-in tiny-reasoner and its sample traces'),
+    ('study', "probes.commands.study",
+     'every analysis of your model on your traces into one folder: one store per stage, the '
+     'comparisons, report.html (resumable)'),
     ('generate', "probes.commands.generate",
      'sample k graded trajectories per question from your model (or summarise trajectories)'),
     ('grade', "probes.commands.grade",

@@ -503,3 +503,53 @@ class FitConfig(TakesTraceSettings):
     def _check(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ProbesError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+
+
+STUDY_ANALYSES: tuple[str, ...] = ("activations", "lhat", "updates", "receiver", "suppression",
+                                   "resampling", "effects")
+"""What `study --analyses` may ask for: `activations` (the `cache` stage), `lhat`, `updates`, the
+`anchors` analyses (`ANALYSES`: one `anchors` stage runs those asked) and `effects`."""
+
+
+DEFAULT_STUDY_ANALYSES: tuple[str, ...] = ("lhat", "updates", "receiver", "suppression", "effects")
+"""The analyses a study runs unless `--analyses` says otherwise (activations take disk and
+resampling generates: ask for them)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyConfig:
+    """Settings of a `study` run (every stage's own settings are its runner's defaults).
+
+    Attributes:
+        analyses: A subset of `STUDY_ANALYSES`.
+        control: "none", or "random-init": L̂, updates and effects also on a seeded random
+            initialisation of the same architecture.
+        seed: Seed of the random-init control.
+        pairs_per_category: The effects stage's sampled (layer, token) pairs per category and
+            trace (`EffectsConfig.pairs_per_category`; its cost grows with it).
+        limit, strict, lexicon, prompt_format, scaffold: As for every writing command.
+    """
+
+    analyses: tuple[str, ...] = DEFAULT_STUDY_ANALYSES
+    control: str = "none"
+    seed: int = 0
+    pairs_per_category: int = EffectsConfig.pairs_per_category
+    limit: int | None = None
+    strict: bool = False
+    lexicon: tuple[str, ...] = ()
+    prompt_format: str | None = None
+    scaffold: str = DEFAULT_SCAFFOLD
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "analyses", tuple(self.analyses))
+        object.__setattr__(self, "lexicon", tuple(str(p) for p in self.lexicon))
+        bad = [a for a in self.analyses if a not in STUDY_ANALYSES]
+        if bad or not self.analyses:
+            raise ProbesError(f"--analyses {','.join(self.analyses)}: choose from "
+                              f"{', '.join(STUDY_ANALYSES)} (comma-separated)")
+        if self.control not in CONTROLS:
+            raise ProbesError(f"--control must be one of {', '.join(CONTROLS)}, got {self.control!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """The settings as JSON-able values (recorded in the study manifest; a rerun must match)."""
+        return {**asdict(self), "analyses": list(self.analyses), "lexicon": list(self.lexicon)}
