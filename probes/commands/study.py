@@ -46,7 +46,7 @@ def add_parser(sub: Any) -> None:
         ),
     )
     flags.model_flags(p)
-    flags.traces_flags(p, tokenize=True)
+    flags.traces_flags(p)
     p.add_argument("--out", type=Path, required=True,
                    help="the study folder (created; a folder of an interrupted study with the "
                         "same settings is finished)")
@@ -79,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
                       limit=args.limit, strict=args.strict,
                       lexicon=tuple(str(p) for p in args.lexicon),
                       prompt_format=args.prompt_format, scaffold=args.scaffold)
-    result = study_traces(args.model, args.traces, args.out, cfg, after=READOUT_STEPS,
-                          device=args.device, dtype=args.model_dtype,
+    result = study_traces(flags.model_from_args(args), args.traces, args.out, cfg,
+                          after=READOUT_STEPS,
                           progress=progress_on(args.quiet),
                           log=lambda line: print(line, file=sys.stderr, flush=True))
     print("\n".join(result.summary()), file=sys.stderr if args.json else sys.stdout)

@@ -38,6 +38,8 @@ from hooks.model import LoadedModel
 from probes.errors import ProbesError
 from probes.measures.effects.edits import EffectsError
 from probes.measures.updates.attention import UpdatesError
+from probes.models.load import load_model
+from probes.models.spec import ModelSpec, model_spec
 from probes.pipeline.configs import (
     ANALYSES,
     AnchorsConfig,
@@ -171,14 +173,14 @@ def check_study_out(out: Path, cfg: StudyConfig, settings: dict[str, Any]) -> di
 
 
 def study_traces(
-    model: str | LoadedModel,
+    model: ModelSpec | LoadedModel | str,
     traces_path: Path,
     out: Path,
     cfg: StudyConfig,
     *,
     after: Sequence[Step] = (),
-    device: str = "auto",
-    dtype: str = "float32",
+    device: str | None = None,
+    dtype: str | None = None,
     progress: bool = True,
     log: Log | None = None,
 ) -> StudyResult:
@@ -186,13 +188,13 @@ def study_traces(
     then the `after` steps.
 
     Args:
-        model: A model spec for `load_model`, or a loaded model.
+        model: A `ModelSpec` (or its name) for `load_model`, or a loaded model.
         traces_path: JSONL traces.
         out: The folder (created).
         cfg: Study settings.
         after: Steps run after the stages (rank 0 only).
-        device: Where the model runs.
-        dtype: Model dtype.
+        device: Where the model runs (replaces the spec's; the older calling convention).
+        dtype: Model dtype (likewise).
         progress: One progress bar for the stages (and each stage's per-trace bar).
         log: Receives one-line messages (the runners' too).
 
@@ -206,8 +208,10 @@ def study_traces(
     t0 = time.perf_counter()
     out, traces_path = Path(out), Path(traces_path)
     say = log if log is not None else (lambda _m: None)
-    spec = model if isinstance(model, str) else model.spec
-    settings = {"model": spec, "model_dtype": dtype,
+    spec = model_spec(model, device=device, dtype=dtype)
+    label = spec.name if isinstance(spec, ModelSpec) else spec.spec
+    model_dtype = spec.dtype if isinstance(spec, ModelSpec) else (dtype or "float32")
+    settings = {"model": label, "model_dtype": model_dtype,
                 "traces": str(traces_path.resolve()), **cfg.settings()}
     manifest = check_study_out(out, cfg, settings)
     if not traces_path.is_file():
@@ -222,12 +226,7 @@ def study_traces(
     if to_run:
         if shard is not None:
             shard.pin_gpu()
-        if isinstance(model, LoadedModel):
-            loaded = model
-        else:
-            from probes.models.load import load_model
-
-            loaded = load_model(model, device=device, dtype=dtype)
+        loaded = spec if isinstance(spec, LoadedModel) else load_model(spec)
     if lead:
         out.mkdir(parents=True, exist_ok=True)
     entries: dict[str, dict[str, Any]] = {}
