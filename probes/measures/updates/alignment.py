@@ -90,6 +90,7 @@ __all__ = [
     "AlignmentError",
     "AnswerAlignment",
     "answer_alignment",
+    "gradient_pass",
     "answer_loss",
     "trace_alignment",
 ]
@@ -275,6 +276,49 @@ class AnswerAlignment:
         return self.factors[layer]
 
 
+def gradient_pass(hf: torch.nn.Module, layers: list[LayerView], ids: Tensor,
+                  answer: tuple[int, int], *, hooks: Sequence = (),
+                  store: dict[tuple[int, str], Tensor] | None = None,
+                  ) -> tuple[Tensor, list[Tensor]]:
+    """The one forward + backward of `answer_alignment`: the answer loss and its gradients with
+    respect to every layer's z (o_proj input) and MLP input parameters, nothing else measured
+    (what `bench/long_trace.py --timing` times as the floor of `updates`).
+
+    Only W_gate / W_up (and the embedding, so that every z is on the graph) require grad during
+    the pass: autograd then saves no Linear input for a weight gradient nobody asked for
+    (q/k/v/o/down projections, norms, unembedding); restored afterwards.
+
+    Args:
+        hf: The HF model (an eager or `sdpa_view` one) and `layers` its layer views.
+        ids: Token ids [1, N] on the model's device.
+        answer: Half-open answer span.
+        hooks: Extra `module_hooks` entries active during the forward.
+        store: Filled with `(layer, "z")` -> the o_proj input (with grad), as the hooks' store.
+
+    Returns:
+        (loss, [∂L/∂z_ℓ for each layer] + [∂L/∂θ for each layer's `mlp_params`, in order]).
+    """
+    store = {} if store is None else store
+    mlp_params = [p for view in layers for p in view.mlp_params]
+    z_hooks = [(view.o_proj, "forward_pre",
+                lambda mod, args, l=l: store.__setitem__((l, "z"), args[0]))
+               for l, view in enumerate(layers)]
+    keep = {id(p) for p in mlp_params} | {id(p) for p in hf.get_input_embeddings().parameters()}
+    params = list(dict.fromkeys([*hf.parameters(), *mlp_params]))
+    saved_flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(id(p) in keep)
+        with torch.enable_grad(), module_hooks([*z_hooks, *hooks]):
+            loss = _nll(_answer_logits(hf, ids, answer), ids, answer)
+            zs = [store[(l, "z")] for l in range(len(layers))]
+            grads = list(torch.autograd.grad(loss, zs + mlp_params))
+    finally:
+        for p, flag in zip(params, saved_flags):
+            p.requires_grad_(flag)
+    return loss, grads
+
+
 def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
                      trajectory: tuple[int, int], answer: tuple[int, int], *,
                      keep_factors: bool = False, m6_rows: Sequence[int] | None = None,
@@ -352,38 +396,20 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
         return hook
 
     hooks: list = []
-    mlp_params = []
     for l, view in enumerate(layers):
         hooks += [(view.attn, "forward", save_pattern(l))] if attention == "eager" else []
         v_module, v_cols = view.outputs["v"]
         hooks += [
             (v_module, "forward", save((l, "v"), v_cols)),
-            (view.o_proj, "forward_pre", save_input((l, "z"))),
             (view.module, "forward_pre", save_input((l, "x"))),           # resid_pre
             (view.mlp, "forward_pre", save_input((l, "u"))),              # the MLP input
         ]
-        mlp_params += list(view.mlp_params)
-    # Only W_gate / W_up (and the embedding, so that every z is on the graph) require grad during
-    # the pass: autograd then saves no Linear input for a weight gradient nobody asked for
-    # (q/k/v/o/down projections, norms, unembedding); restored afterwards.
-    keep = {id(p) for p in mlp_params} | {id(p) for p in hf.get_input_embeddings().parameters()}
-    params = list(dict.fromkeys([*hf.parameters(), *mlp_params]))
-    saved_flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(id(p) in keep)
-        recording = (record_attention(rows.tolist(), keys=n) if attention == "sdpa"
-                     else nullcontext(None))
-        with torch.enable_grad(), module_hooks(hooks), recording as rec:
-            logits = _answer_logits(hf, ids, answer)
-            if rec is not None:    # the exact pattern rows 𝒬 [H, Q, N], recomputed from q̃, k̃
-                store.update({(l, "pattern"): rec.pattern[l] for l in range(len(layers))})
-            loss = _nll(logits, ids, answer)
-            zs = [store[(l, "z")] for l in range(len(layers))]
-            grads = torch.autograd.grad(loss, zs + mlp_params)
-    finally:
-        for p, flag in zip(params, saved_flags):
-            p.requires_grad_(flag)
+    recording = (record_attention(rows.tolist(), keys=n) if attention == "sdpa"
+                 else nullcontext(None))
+    with recording as rec:
+        loss, grads = gradient_pass(hf, layers, ids, answer, hooks=hooks, store=store)
+    if rec is not None:            # the exact pattern rows 𝒬 [H, Q, N], recomputed from q̃, k̃
+        store.update({(l, "pattern"): rec.pattern[l] for l in range(len(layers))})
     L = len(layers)
     grad_z, grad_w = grads[:L], list(grads[L:])
 
