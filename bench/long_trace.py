@@ -101,6 +101,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="only the time ratio updates / forward: per T one process alternating the "
                         "two --repeats times (best of each), less exposed to a busy machine")
     p.add_argument("--repeats", type=int, default=3, help="runs of each part with --timing")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="--timing: CPU seconds of the process (time.process_time) instead of wall "
+                        "seconds: on a machine shared by more runs than cores, wall time is mostly "
+                        "waiting for a core (with one thread, CPU time ≈ the run's own work)")
     p.add_argument("--point", nargs=2, metavar=("PART", "T"), help=argparse.SUPPRESS)
     p.add_argument("--time-point", type=int, metavar="T", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -229,12 +233,14 @@ def time_point(args: argparse.Namespace, n: int) -> dict[str, Any]:
     best = {k: float("inf") for k in calls}
     for fn in calls.values():                        # warm-up on the same trace
         fn()
+    clock = time.process_time if args.cpu_time else time.perf_counter
     for _ in range(args.repeats):
         for k, fn in calls.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    out: dict[str, Any] = {"T": n, "forward_s": best["forward"], "floor_s": best["floor"]}
+            best[k] = min(best[k], clock() - t0)
+    out: dict[str, Any] = {"T": n, "forward_s": best["forward"], "floor_s": best["floor"],
+                           "clock": "process CPU" if args.cpu_time else "wall"}
     for prec in PRECISIONS:
         out[f"updates_{prec}_s"] = best[f"updates_{prec}"]
         out[f"floor_ratio_{prec}"] = best[f"updates_{prec}"] / best["floor"]
@@ -300,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.lengths:
             cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--time-point", str(n)]
             res = subprocess.run(cmd, capture_output=True, text=True,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                 env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0
                         else {"T": n, "error": res.stderr.strip().splitlines()[-1:]})
             print(f"# {rows[-1]}", file=sys.stderr, flush=True)
