@@ -22,18 +22,28 @@ Without CUDA it prints one `skip:` line and exits 0. With CUDA, in one process (
    `--lhat-points` truncation points; the command evaluates all T + 1, same memory, more time)
    and `updates` (the linear-memory pass) end to end, each with its seconds and peak CUDA memory
    beyond the weights (`torch.cuda.max_memory_allocated`), next to a plain forward.
+3. Peers: `bench/peers.py --device cuda --dtype bfloat16` at `--peer-tokens` trajectory tokens
+   (8192) on the same 1.5B shape (random init, on the GPU), in its own process after this one has
+   freed the GPU, jobs `PEER_JOBS` (the Thought Anchors peer of `anchors` keeps every layer's eager
+   pattern, [28, 12, N, N]: 45 GB in bf16 at 8k plus a float32 host copy, not a 5-minute check),
+   one repeat; its table is printed as peers.py prints it. Its equal? column is reported, not
+   limited (peers.py's tolerances are float32 ones); the check fails if peers.py does not finish
+   with its report (`--smoke`: CPU float32, where every output must be equal).
 
 Prints every figure and a final `gpu_check: PASS` / `FAIL` line (exit 1 on a failed tolerance).
 
 Usage:
     python bench/gpu_check.py                      # skips cleanly without CUDA
     python bench/gpu_check.py --tokens 8192 --json
+    python bench/gpu_check.py --smoke               # the same code path on the CPU (tests)
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,6 +77,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lhat-points", type=int, default=64)
     p.add_argument("--device", default="cuda")
     p.add_argument("--skip-scale", action="store_true", help="parity only")
+    p.add_argument("--peer-tokens", type=int, default=8192,
+                   help="trajectory tokens of the peers.py run")
+    p.add_argument("--skip-peers", action="store_true", help="no peers.py run")
+    p.add_argument("--peers-timeout", type=float, default=None,
+                   help="seconds the peers.py run may take (default 180; 900 with --smoke, whose "
+                        "CPU run takes minutes on a shared machine)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--smoke", action="store_true",
                    help="no GPU needed: a tiny shape, CPU vs CPU, short traces (tests this script)")
@@ -74,11 +90,54 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args.shape = SMOKE_SHAPE if args.smoke else SHAPE_1P5B
     if args.smoke:
         args.device, args.tokens, args.short, args.lhat_points = "cpu", 256, 48, 8
+    if args.peers_timeout is None:
+        args.peers_timeout = 900.0 if args.smoke else 180.0
     return args
 
 
 SMOKE_SHAPE = {"d_model": 64, "layers": 2, "heads": 4, "kv_heads": 2, "d_mlp": 128, "vocab": 300}
 """`--smoke`: a tiny shape, CPU against CPU (checks this script's code path without a GPU)."""
+PEER_JOBS = ("cache", "lhat", "updates")
+"""The peers.py jobs of step 3."""
+PEERS = ROOT / "bench" / "peers.py"
+
+
+def peers_argv(args: argparse.Namespace) -> list[str]:
+    """peers.py's arguments: the 1.5B shape in bfloat16 on `args.device` at `--peer-tokens`
+    (one repeat), or with `--smoke` peers.py's own smoke run on the CPU in float32."""
+    jobs = ["--jobs", *PEER_JOBS, "--json"]
+    if args.smoke:
+        return ["--smoke", "--device", "cpu", "--dtype", "float32", *jobs]
+    s = args.shape
+    return ["--device", str(args.device), "--dtype", "bfloat16", "--lengths", str(args.peer_tokens),
+            "--d-model", str(s["d_model"]), "--layers", str(s["layers"]), "--heads", str(s["heads"]),
+            "--kv-heads", str(s["kv_heads"]), "--d-mlp", str(s["d_mlp"]), "--vocab", str(s["vocab"]),
+            "--repeats", "1", *jobs]
+
+
+def peers(args: argparse.Namespace) -> tuple[dict[str, Any], bool]:
+    """Run peers.py in its own process (this one holds no model then) and return its table lines,
+    its JSON report (None if it printed none) and whether the check passed: peers.py finished with
+    its report (exit 0, or 1 = some output unequal, which fails only `--smoke`'s float32 run), or
+    printed its one `skip:` line (the shared data is absent)."""
+    gc.collect()                                     # the scale model's cycles, then its blocks
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    cmd = [sys.executable, str(PEERS), *peers_argv(args)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.peers_timeout)
+    except subprocess.TimeoutExpired:
+        return {"command": cmd, "table": [], "report": None,
+                "error": f"peers.py took more than {args.peers_timeout:g} s"}, False
+    lines = res.stdout.strip().splitlines()
+    report = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
+    table = lines[:-1] if report is not None else lines
+    out = {"command": cmd, "returncode": res.returncode, "table": table, "report": report}
+    skipped = res.returncode == 0 and len(table) == 1 and table[0].startswith("skip:")
+    ok = skipped or (report is not None and res.returncode in ((0,) if args.smoke else (0, 1)))
+    if not ok:
+        out["error"] = (res.stderr.strip().splitlines() or ["no output"])[-1]
+    return out, ok
 
 
 def _model(shape: dict[str, int], layers: int, n_ctx: int, device: str, dtype: str, *,
@@ -257,6 +316,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{tag} bf16 {r['command']:>8} {r['tokens']} tokens: {r['seconds']:7.2f} s "
                       f"({r['x_forward_time']:.2f}x forward), peak beyond weights "
                       f"{r['peak_extra_bytes'] / 2**30:.2f} GiB")
+    if not args.skip_peers:
+        report["peers"], peers_ok = peers(args)
+        ok &= peers_ok
+        print(f"peers ({' '.join(report['peers']['command'][2:])}):")
+        print("\n".join(report["peers"]["table"]))
+        if "error" in report["peers"]:
+            print(f"peers: FAIL: {report['peers']['error']}")
     report["seconds"] = time.perf_counter() - t0
     report["pass"] = ok
     if args.json:

@@ -28,8 +28,12 @@ d_model and d_mlp with a second model shape of 3× d_mlp at two lengths) applied
 1.5B / 7B / 14B / 32B shapes in bf16 at 8k and 32k tokens, plus the weights (bf16), the gate/up
 gradients (bf16) and the per-run float64 Gram matrices WᵀW that `updates` keeps (2·L·d² · 8 B).
 
-`--timing` measures only updates / forward, alternating the two `--repeats` times in one process
-per T (best of each): on a shared machine the single-run times of the table above vary by ±50%.
+`--timing` measures only times, alternating in one process per T `--repeats` times (best of each;
+on a shared machine the single-run times of the table above vary by ±50%): the plain forward, the
+floor of `updates` (the same forward + backward on the same linear-memory view without the
+pattern-row recording and the measurement algebra: `alignment.gradient_pass`) and `updates` (the
+one-trace computation `trace_update_arrays`) at each `precision` (float32 = the default, float64 =
+the reference algebra), printed as updates / floor (goal ≤ 1.15) and updates / forward.
 
 No assertions. Usage (the shared machine: be nice):
     nice -n 10 .venv/bin/python bench/long_trace.py                         # 1k .. 32k
@@ -97,6 +101,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="only the time ratio updates / forward: per T one process alternating the "
                         "two --repeats times (best of each), less exposed to a busy machine")
     p.add_argument("--repeats", type=int, default=3, help="runs of each part with --timing")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="--timing: CPU seconds of the process (time.process_time) instead of wall "
+                        "seconds: on a machine shared by more runs than cores, wall time is mostly "
+                        "waiting for a core (with one thread, CPU time ≈ the run's own work)")
     p.add_argument("--point", nargs=2, metavar=("PART", "T"), help=argparse.SUPPRESS)
     p.add_argument("--time-point", type=int, metavar="T", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -184,12 +192,27 @@ def run_point(args: argparse.Namespace, part: str, n: int) -> dict[str, Any]:
             "shape": {k: getattr(args, k) for k in ("d_model", "layers", "d_mlp")}}
 
 
+def floor_fn(loaded, ids, answer: tuple[int, int]):
+    """The floor of `updates`: the same forward + backward on the same linear-memory view
+    (`probes.measures.updates.alignment.gradient_pass`: the answer loss, its gradients to every
+    z and MLP input weight), without the pattern-row recording and the measurement algebra."""
+    from probes.measures.updates.alignment import AlignmentError, gradient_pass
+    from probes.measures.updates.families import views
+    from probes.measures.updates.sdpa_pass import sdpa_view
+
+    view = sdpa_view(loaded)
+    layers = views(view, what="the floor", error=AlignmentError)
+    return lambda: gradient_pass(view, layers, ids, answer)
+
+
 def time_point(args: argparse.Namespace, n: int) -> dict[str, Any]:
-    """Best-of-`repeats` seconds of the plain forward and of `trace_update_arrays` (the updates
-    computation of one trace, linear-memory pass), alternated in this process."""
+    """Best-of-`repeats` seconds of the plain forward, of the floor (`floor_fn`) and of
+    `trace_update_arrays` (the updates computation of one trace, linear-memory pass) at each
+    precision of `PRECISIONS` (float64 = the reference algebra), alternated in this process."""
     from cache_bench import write_traces
 
     from probes.measures.capture.activations import forward_plain
+    from probes.measures.updates import PRECISIONS
     from probes.measures.updates.shared_pass import RunConstants, trace_update_arrays
     from probes.traces.read import read_traces
     from probes.traces.tokenize import tokenize_traces
@@ -201,18 +224,29 @@ def time_point(args: argparse.Namespace, n: int) -> dict[str, Any]:
                                                             args.seed + n)), loaded.tokenizer)
     ids = torch.as_tensor(tt.ids).reshape(1, -1)
     consts = RunConstants(loaded)
+    answer = (int(tt.spans["answer"][0]), int(tt.spans["answer"][1]))
     calls = {"forward": lambda: forward_plain(loaded, ids, chunk_size=int(ids.shape[1])),
-             "updates": lambda: trace_update_arrays(loaded, tt, consts, attention="sdpa")}
+             "floor": floor_fn(loaded, ids, answer)}
+    for prec in PRECISIONS:
+        calls[f"updates_{prec}"] = (lambda prec=prec: trace_update_arrays(
+            loaded, tt, consts, attention="sdpa", precision=prec))
     best = {k: float("inf") for k in calls}
     for fn in calls.values():                        # warm-up on the same trace
         fn()
+    clock = time.process_time if args.cpu_time else time.perf_counter
     for _ in range(args.repeats):
         for k, fn in calls.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return {"T": n, "forward_s": best["forward"], "updates_s": best["updates"],
-            "ratio": best["updates"] / best["forward"]}
+            best[k] = min(best[k], clock() - t0)
+    out: dict[str, Any] = {"T": n, "forward_s": best["forward"], "floor_s": best["floor"],
+                           "clock": "process CPU" if args.cpu_time else "wall"}
+    for prec in PRECISIONS:
+        out[f"updates_{prec}_s"] = best[f"updates_{prec}"]
+        out[f"floor_ratio_{prec}"] = best[f"updates_{prec}"] / best["floor"]
+    out["updates_s"] = best[f"updates_{PRECISIONS[0]}"]
+    out["ratio"] = out["updates_s"] / best["forward"]
+    return out
 
 
 def _child(argv: list[str], part: str, n: int, extra: list[str] = ()) -> dict[str, Any]:
@@ -272,15 +306,23 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.lengths:
             cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--time-point", str(n)]
             res = subprocess.run(cmd, capture_output=True, text=True,
-                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                 env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0
                         else {"T": n, "error": res.stderr.strip().splitlines()[-1:]})
             print(f"# {rows[-1]}", file=sys.stderr, flush=True)
-        print(f"{'T':>6} {'forward s':>10} {'updates s':>10} {'ratio':>6}")
+        from probes.measures.updates import PRECISIONS
+
+        print(f"{'T':>6} {'forward s':>10} {'floor s':>8} "
+              + " ".join(f"{'upd ' + p[5:] + ' s':>11} {'/floor':>7}" for p in PRECISIONS)
+              + f" {'upd/fwd':>8}")
         for r in rows:
             if "error" not in r:
-                print(f"{r['T']:>6} {r['forward_s']:10.2f} {r['updates_s']:10.2f} "
-                      f"{r['ratio']:5.2f}x")
+                print(f"{r['T']:>6} {r['forward_s']:10.2f} {r['floor_s']:8.2f} "
+                      + " ".join(f"{r[f'updates_{p}_s']:11.2f} {r[f'floor_ratio_{p}']:6.2f}x"
+                                 for p in PRECISIONS)
+                      + f" {r['ratio']:7.2f}x")
+        print(f"(updates/floor goal <= 1.15 with the default precision, {PRECISIONS[0]}; "
+              f"{PRECISIONS[-1]} is the reference algebra)")
         if args.json:
             print(json.dumps({"timing": rows}, sort_keys=True))
         return 0

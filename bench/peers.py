@@ -51,6 +51,7 @@ Usage (the shared machine: be nice):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -142,7 +143,10 @@ def build_model(args: argparse.Namespace, tokenizer: Any, n_ctx: int) -> Any:
         num_key_value_heads=args.kv_heads, max_position_embeddings=n_ctx,
         tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id or 0,
         eos_token_id=tokenizer.eos_token_id or 0)
-    hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    device = torch.device(args.device)
+    # initialised where it runs: a random init of the 1.5B shape on the CPU takes minutes
+    with torch.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
     return boot_model(hf, tokenizer, spec="bench-peers-qwen2", device=args.device,
                       dtype=args.dtype)
 
@@ -383,14 +387,17 @@ def job_updates(loaded: Any, tt: Any, path: Path, work: Path, k: int,
                 rng: np.random.Generator) -> tuple[list[Run], Callable]:
     from cache.reader import open_cache
     from hooks.hf_fast import plain_view
-    from probes.measures.updates.alignment import trace_alignment
+    from probes.measures.updates.alignment import answer_alignment
     from probes.pipeline.updates import UpdatesConfig, updates_traces
 
     s, e = tt.spans["trajectory"]
     a0, a1 = tt.spans["answer"]
     n_traj = e - s
     tokens = np.sort(rng.choice(n_traj, size=min(k, n_traj), replace=False))
-    al = trace_alignment(loaded, tt, keep_factors=True)       # the steps (not timed)
+    # the steps (not timed), on the linear-memory pass and at the first answer row only (all the
+    # peer uses): the eager pass would keep [L, H, N, N] for the backward (45 GB at 8k on 1.5B)
+    al = answer_alignment(loaded, tt.ids, tuple(tt.spans["trajectory"]), tuple(tt.spans["answer"]),
+                          keep_factors=True, m6_rows=[0], attention="sdpa")
     view = plain_view(loaded.hf_model, "sdpa")
     mlps = [layer.mlp for layer in view.model.layers]
     factors = [[al.step_factors(layer, 0, int(i)) for layer in range(len(mlps))] for i in tokens]

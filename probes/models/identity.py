@@ -20,12 +20,93 @@ if TYPE_CHECKING:
     from probes.traces.categories import Lexicon
 
 
+_CANONICAL_JSON: dict[str, Any] = {"sort_keys": True, "ensure_ascii": False,
+                                   "separators": (",", ":"), "default": str}
+"""The one serialisation the tokenizer fingerprint hashes (sorted keys, compact, UTF-8)."""
+_FINGERPRINTS: dict[tuple[str, str], str] = {}
+"""Fingerprints computed in this process, by (sha256 of the backend JSON, the small fields)."""
+
+
+def _backend(tokenizer: Any) -> Any:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ProbesError(f"{type(tokenizer).__name__} has no backend tokenizer to fingerprint; "
+                          "load a fast tokenizer (tokenizer.json)")
+    return backend
+
+
+def _small_fields(tokenizer: Any) -> dict[str, Any]:
+    """Everything the fingerprint hashes besides the backend."""
+    return {
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "special": {name: getattr(tokenizer, f"{name}_token_id", None)
+                    for name in ("bos", "eos", "pad", "unk")},
+        "all_special_ids": sorted(int(i) for i in getattr(tokenizer, "all_special_ids", []) or []),
+        "encode_a": list(tokenizer("a", add_special_tokens=True)["input_ids"]),
+    }
+
+
+def tokenizer_fingerprint_reference(tokenizer: Any) -> str:
+    """`tokenizer_fingerprint` computed the direct way (parse the whole backend JSON, dump it
+    canonically, hash): the definition the fast path must equal, kept for the tests."""
+    spec = json.loads(_backend(tokenizer).to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    canonical = {"backend": spec, **_small_fields(tokenizer)}
+    text = json.dumps(canonical, **_CANONICAL_JSON)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _canonical_fast(backend_json: str, small: dict[str, Any]) -> str | None:
+    """The canonical text of `tokenizer_fingerprint_reference` without parsing the model's merges
+    or re-encoding the whole backend generically (most of a large BPE tokenizer's JSON), or None
+    where the layout is not the one this relies on (then the caller takes the reference path).
+
+    Relies on: the backend JSON (serde_json, compact) ends with the model object, whose last two
+    fields are `"vocab":{...}` (token -> id) and `"merges":[...]` (strings or string pairs). serde
+    and Python's `json.dumps(ensure_ascii=False)` escape strings the same way (only `"`, `\\` and
+    U+0000..U+001F, short forms for \\b \\f \\n \\r \\t, else lowercase \\u00xx), so the merges
+    text (no objects inside, nothing to sort) is copied as is; the vocab (a flat token -> id object)
+    is parsed and written sorted, as `json.dumps(sort_keys=True)` writes it.
+    """
+    iv, im = backend_json.rfind('"vocab":{'), backend_json.rfind('"merges":[')
+    if not (0 < iv < im and backend_json.endswith("]}}") and backend_json[im - 2:im] == "},"):
+        return None
+    try:
+        spec = json.loads(backend_json[:iv] + '"vocab":{},"merges":[]}}')
+    except ValueError:
+        return None
+    model = spec.get("model")
+    if not isinstance(model, dict) or model.get("vocab") != {} or model.get("merges") != []:
+        return None
+    try:
+        vocab = json.loads(backend_json[iv + 8:im - 1])
+    except ValueError:
+        return None
+    if not isinstance(vocab, dict) or not all(type(v) is int for v in vocab.values()):
+        return None
+    merges_text = backend_json[im + 10:-3]
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    model["vocab"], model["merges"] = "\x00vocab", "\x00merges"
+    text = json.dumps({"backend": spec, **small}, **_CANONICAL_JSON)
+    marks = ('"\\u0000vocab"', '"\\u0000merges"')
+    if any(text.count(m) != 1 for m in marks):
+        return None
+    key = json.encoder.encode_basestring                # what json.dumps writes keys with
+    vocab_text = "{" + ",".join([f"{key(k)}:{vocab[k]}" for k in sorted(vocab)]) + "}"
+    return text.replace(marks[0], vocab_text).replace(marks[1], f"[{merges_text}]")
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 (hex) of what decides token ids: the backend tokenizer, chat template, special ids.
 
     Hashes `tokenizer.backend_tokenizer.to_str()` (without its transient truncation/padding state),
     the chat template, the special-token ids and the ids the tokenizer gives "a" with special
-    tokens (whether it adds BOS). Two loads of the same files give the same fingerprint.
+    tokens (whether it adds BOS), as one canonical JSON text (`tokenizer_fingerprint_reference`).
+    Two loads of the same files give the same fingerprint. Computed without parsing the model's
+    vocab and merges where the layout allows (`_canonical_fast`, same text), and once per process
+    per content (memoised by the sha256 of the backend JSON and the small fields).
 
     Args:
         tokenizer: A Hugging Face fast tokenizer.
@@ -36,27 +117,17 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     Raises:
         ProbesError: For a slow tokenizer (no backend to hash).
     """
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise ProbesError(f"{type(tokenizer).__name__} has no backend tokenizer to fingerprint; "
-                          "load a fast tokenizer (tokenizer.json)")
-    spec = json.loads(backend.to_str())
-    spec.pop("truncation", None)
-    spec.pop("padding", None)
-    special = {
-        name: getattr(tokenizer, f"{name}_token_id", None)
-        for name in ("bos", "eos", "pad", "unk")
-    }
-    canonical = {
-        "backend": spec,
-        "chat_template": getattr(tokenizer, "chat_template", None),
-        "special": special,
-        "all_special_ids": sorted(int(i) for i in getattr(tokenizer, "all_special_ids", []) or []),
-        "encode_a": list(tokenizer("a", add_special_tokens=True)["input_ids"]),
-    }
-    text = json.dumps(canonical, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
-                      default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    backend_json = _backend(tokenizer).to_str()
+    small = _small_fields(tokenizer)
+    key = (hashlib.sha256(backend_json.encode("utf-8")).hexdigest(),
+           json.dumps(small, **_CANONICAL_JSON))
+    if key not in _FINGERPRINTS:
+        text = _canonical_fast(backend_json, small)
+        if text is None:
+            _FINGERPRINTS[key] = tokenizer_fingerprint_reference(tokenizer)
+        else:
+            _FINGERPRINTS[key] = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return _FINGERPRINTS[key]
 
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

@@ -81,6 +81,7 @@ from hooks.edit import module_hooks
 from hooks.model import LoadedModel
 from hooks.weights import LayerView
 from probes.errors import ProbesError
+from probes.measures.updates import PRECISIONS
 from probes.measures.updates.families import eager_model, norm_functions, views
 from probes.measures.updates.mlp import restricted_prefix
 from probes.traces.tokenize import TokenizedTrace
@@ -90,6 +91,7 @@ __all__ = [
     "AlignmentError",
     "AnswerAlignment",
     "answer_alignment",
+    "gradient_pass",
     "answer_loss",
     "trace_alignment",
 ]
@@ -275,11 +277,54 @@ class AnswerAlignment:
         return self.factors[layer]
 
 
+def gradient_pass(hf: torch.nn.Module, layers: list[LayerView], ids: Tensor,
+                  answer: tuple[int, int], *, hooks: Sequence = (),
+                  store: dict[tuple[int, str], Tensor] | None = None,
+                  ) -> tuple[Tensor, list[Tensor]]:
+    """The one forward + backward of `answer_alignment`: the answer loss and its gradients with
+    respect to every layer's z (o_proj input) and MLP input parameters, nothing else measured
+    (what `bench/long_trace.py --timing` times as the floor of `updates`).
+
+    Only W_gate / W_up (and the embedding, so that every z is on the graph) require grad during
+    the pass: autograd then saves no Linear input for a weight gradient nobody asked for
+    (q/k/v/o/down projections, norms, unembedding); restored afterwards.
+
+    Args:
+        hf: The HF model (an eager or `sdpa_view` one) and `layers` its layer views.
+        ids: Token ids [1, N] on the model's device.
+        answer: Half-open answer span.
+        hooks: Extra `module_hooks` entries active during the forward.
+        store: Filled with `(layer, "z")` -> the o_proj input (with grad), as the hooks' store.
+
+    Returns:
+        (loss, [∂L/∂z_ℓ for each layer] + [∂L/∂θ for each layer's `mlp_params`, in order]).
+    """
+    store = {} if store is None else store
+    mlp_params = [p for view in layers for p in view.mlp_params]
+    z_hooks = [(view.o_proj, "forward_pre",
+                lambda mod, args, l=l: store.__setitem__((l, "z"), args[0]))
+               for l, view in enumerate(layers)]
+    keep = {id(p) for p in mlp_params} | {id(p) for p in hf.get_input_embeddings().parameters()}
+    params = list(dict.fromkeys([*hf.parameters(), *mlp_params]))
+    saved_flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(id(p) in keep)
+        with torch.enable_grad(), module_hooks([*z_hooks, *hooks]):
+            loss = _nll(_answer_logits(hf, ids, answer), ids, answer)
+            zs = [store[(l, "z")] for l in range(len(layers))]
+            grads = list(torch.autograd.grad(loss, zs + mlp_params))
+    finally:
+        for p, flag in zip(params, saved_flags):
+            p.requires_grad_(flag)
+    return loss, grads
+
+
 def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
                      trajectory: tuple[int, int], answer: tuple[int, int], *,
                      keep_factors: bool = False, m6_rows: Sequence[int] | None = None,
                      grams: Sequence[tuple[Float[Tensor, "d d"], ...]] | None = None,
-                     attention: str = "eager",
+                     attention: str = "eager", precision: str = "float64",
                      ) -> AnswerAlignment:
     """Compute M6 and M7 from one forward and one backward pass.
 
@@ -297,7 +342,7 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
         m6_rows: Indices into 𝒬 (0 = the row predicting the first answer token) at which M6 is
             computed; default all Q rows. M7 and `mass` always cover all of 𝒬.
         grams: Optional per-layer `(W_gateᵀW_gate, W_upᵀW_up)` [d, d] (`(W_inᵀW_in,)` for a
-            plain MLP; float64, any device), e.g.
+            plain MLP; float64, or float32 for `precision="float32"`; any device), e.g.
             `LayerWeights.grams` from `probes.measures.updates.mlp.layer_weights(..., with_mlp=False)`,
             computed once per run instead of once per call.
         attention: "eager" (the reference: the model's eager attention returns its pattern, and
@@ -305,6 +350,11 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
             the forward and backward run on `probes.measures.updates.sdpa_pass.sdpa_view(model)`, a fused
             `scaled_dot_product_attention`, and the pattern rows 𝒬 [H, Q, N] are recomputed
             exactly from the captured rotated q and k; `model` may already be that view).
+        precision: "float64" (the reference: everything after the pass in float64) or
+            "float32": the Gram products `du WᵀW` of `step_norm` / `step_cos` (the largest
+            products, O(Q'·T·d²)) in float32 from the float64 `du`; the restricted prefixes (their
+            consecutive differences `du` cancel), M7 and the inner products stay float64
+            (docs/methods.md#precision).
 
     Returns:
         The per-token quantities.
@@ -318,6 +368,10 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
     if attention not in ATTENTION_PATHS:
         raise AlignmentError(f"attention must be one of {', '.join(ATTENTION_PATHS)}; got "
                              f"{attention!r}.")
+    if precision not in PRECISIONS:
+        raise AlignmentError(f"precision must be one of {', '.join(PRECISIONS)}; got "
+                             f"{precision!r}.")
+    gram_dtype = _F64 if precision == "float64" else torch.float32
     hf = eager_model(_hf(model)) if attention == "eager" else sdpa_view(model)
     layers = _layers(hf)
     ids = _ids(ids, hf)
@@ -352,38 +406,20 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
         return hook
 
     hooks: list = []
-    mlp_params = []
     for l, view in enumerate(layers):
         hooks += [(view.attn, "forward", save_pattern(l))] if attention == "eager" else []
         v_module, v_cols = view.outputs["v"]
         hooks += [
             (v_module, "forward", save((l, "v"), v_cols)),
-            (view.o_proj, "forward_pre", save_input((l, "z"))),
             (view.module, "forward_pre", save_input((l, "x"))),           # resid_pre
             (view.mlp, "forward_pre", save_input((l, "u"))),              # the MLP input
         ]
-        mlp_params += list(view.mlp_params)
-    # Only W_gate / W_up (and the embedding, so that every z is on the graph) require grad during
-    # the pass: autograd then saves no Linear input for a weight gradient nobody asked for
-    # (q/k/v/o/down projections, norms, unembedding); restored afterwards.
-    keep = {id(p) for p in mlp_params} | {id(p) for p in hf.get_input_embeddings().parameters()}
-    params = list(dict.fromkeys([*hf.parameters(), *mlp_params]))
-    saved_flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(id(p) in keep)
-        recording = (record_attention(rows.tolist(), keys=n) if attention == "sdpa"
-                     else nullcontext(None))
-        with torch.enable_grad(), module_hooks(hooks), recording as rec:
-            logits = _answer_logits(hf, ids, answer)
-            if rec is not None:    # the exact pattern rows 𝒬 [H, Q, N], recomputed from q̃, k̃
-                store.update({(l, "pattern"): rec.pattern[l] for l in range(len(layers))})
-            loss = _nll(logits, ids, answer)
-            zs = [store[(l, "z")] for l in range(len(layers))]
-            grads = torch.autograd.grad(loss, zs + mlp_params)
-    finally:
-        for p, flag in zip(params, saved_flags):
-            p.requires_grad_(flag)
+    recording = (record_attention(rows.tolist(), keys=n) if attention == "sdpa"
+                 else nullcontext(None))
+    with recording as rec:
+        loss, grads = gradient_pass(hf, layers, ids, answer, hooks=hooks, store=store)
+    if rec is not None:            # the exact pattern rows 𝒬 [H, Q, N], recomputed from q̃, k̃
+        store.update({(l, "pattern"): rec.pattern[l] for l in range(len(layers))})
     L = len(layers)
     grad_z, grad_w = grads[:L], list(grads[L:])
 
@@ -432,16 +468,18 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
         n_params = len(view.mlp_params)
         grad_in = view.mlp_split(*grad_w[:n_params])              # {name: [d_mlp, d]}
         del grad_w[:n_params]
+        du_g = du.to(gram_dtype)                                            # (no copy in f64)
         for k, name in enumerate(view.mlp_in):
             W = view.mlp_in[name].detach().to(_F64)
             Gm = grad_in[name].detach().to(_F64)
             Au0 = (u0 @ Gm.T) @ W                                           # [Q', d] = Wᵀ G u0
-            C = W.T @ W if grams is None else grams[l][k].to(W.device, _F64)
+            C = W.T @ W if grams is None else grams[l][k].to(W.device)
             del W
             inner.append(torch.einsum("qtd,qd->qt", du, Au0) / u0_sq[:, None])
-            duC = du @ C                                                    # [Q', T, d]
-            sq.append((duC * du).sum(-1) / u0_sq[:, None])
-            prev.append((duC[:, 1:] * du[:, :-1]).sum(-1) / u0_sq[:, None])  # ⟨step_i, step_{i−1}⟩
+            duC = du_g @ C.to(gram_dtype)                                   # [Q', T, d]
+            sq.append((duC * du_g).sum(-1).to(_F64) / u0_sq[:, None])
+            prev.append((duC[:, 1:] * du_g[:, :-1]).sum(-1).to(_F64)
+                        / u0_sq[:, None])                                   # ⟨step_i, step_{i−1}⟩
             gsq.append((Gm * Gm).sum())
             full.append(((u_i[:, -1] - u0) * Au0).sum(-1) / u0_sq)
         for terms in (inner, sq, prev, gsq, full):

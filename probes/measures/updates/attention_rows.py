@@ -17,6 +17,7 @@ from jaxtyping import Float, Float64, Int, Shaped
 from torch import Tensor
 
 from hooks.model import LoadedModel
+from probes.measures.updates import PRECISIONS
 from probes.measures.updates.attention import QueryRowsCapture, UpdatesError, o_proj_weights
 
 _SUMMARY_BUDGET = 2**26
@@ -50,7 +51,7 @@ class KeySummary:
 def key_summary_from(loaded: LoadedModel, cap: QueryRowsCapture, keys: Sequence[int],
                      weights: list[tuple[Float[Tensor, "d_model hd"],
                                          Float[Tensor, " d_model"] | None]] | None = None,
-                     ) -> KeySummary:
+                     precision: str = "float64") -> KeySummary:
     """The head-aggregated M1–M4 quantities of `keys` at every row of a capture (no forward).
 
     Equal (to float rounding) to the same keys of `token_updates_from` at each row:
@@ -64,6 +65,11 @@ def key_summary_from(loaded: LoadedModel, cap: QueryRowsCapture, keys: Sequence[
         cap: A `capture_query_rows` / `query_rows_capture` capture (computed on its device).
         keys: Key positions, strictly increasing, all <= the first row (e.g. the trajectory).
         weights: `o_proj_weights(loaded)`, or None to read them now.
+        precision: "float64" (the reference) or "float32": with at most `_FEW_ROWS` rows every
+            product in float32 (the captures are float32 already and no difference of rounded
+            sums is formed: M2 / M4 are norms of W_O times p ⊙ v_t, resp. coef ⊙ (v_t − z) with
+            both operands captured values; M1 a mean of probabilities; M3 products of norms),
+            within the bounds of docs/methods.md#precision; with more rows float64 (see there).
 
     Returns:
         The per-row, per-key quantities.
@@ -77,22 +83,26 @@ def key_summary_from(loaded: LoadedModel, cap: QueryRowsCapture, keys: Sequence[
                                                           or key_list[-1] > cap.rows[0])):
         raise UpdatesError(f"keys must be strictly increasing positions in [0, {cap.rows[0]}]; "
                            f"got {key_list[:5]}{'...' if len(key_list) > 5 else ''}")
-    f64 = torch.float64
+    if precision not in PRECISIONS:
+        raise UpdatesError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    R, T, d = len(cap.rows), len(key_list), int(weights[0][0].shape[0])
+    # float32 only on the few-rows path: `_many_rows` forms M4 as Σ coef W_O v − Σ coef W_O z,
+    # a difference of sums that cancels where p → 1
+    work = torch.float32 if precision == "float32" and R <= _FEW_ROWS else torch.float64
     dev = cap.pattern[0].device
     idx = torch.as_tensor(key_list, dtype=torch.long, device=dev)
-    R, T, d = len(cap.rows), len(key_list), int(weights[0][0].shape[0])
     chunk = max(1, _SUMMARY_BUDGET // max(T * d, 1))        # rows per [T, rows, d] product
     out: dict[str, list[Tensor]] = {k: [] for k in ("mass", "contrib_sum_norm", "loo_sum_norm",
                                                     "dai_fro")}
     for l in range(loaded.arch.n_layers):
-        k_t = cap.rot_k[l][idx].to(f64)                               # [T, H_kv, d_h]
-        v_t = cap.v[l][idx].to(f64)
+        k_t = cap.rot_k[l][idx].to(work)                                  # [T, H_kv, d_h]
+        v_t = cap.v[l][idx].to(work)
         H = cap.rot_q[l].shape[1]
-        w = weights[l][0].detach().to(dev, f64).reshape(d, H, -1)     # [d, H, d_h]
-        v_h = v_t.repeat_interleave(H // v_t.shape[1], dim=1)         # [T, H, d_h]
-        p = cap.pattern[l][:, :, idx].to(f64)                         # [H, R, T]
-        z = cap.z[l].to(f64)                                          # [R, H, d_h]
-        coef = p / (1.0 - p)                                          # δz = coef (v_t − z)
+        w = weights[l][0].detach().to(dev, work).reshape(d, H, -1)        # [d, H, d_h]
+        v_h = v_t.repeat_interleave(H // v_t.shape[1], dim=1)             # [T, H, d_h]
+        p = cap.pattern[l][:, :, idx].to(work)                            # [H, R, T]
+        z = cap.z[l].to(work)                                             # [R, H, d_h]
+        coef = p / (1.0 - p)                                              # δz = coef (v_t − z)
         if R <= _FEW_ROWS:
             contrib, loo = _few_rows(w, v_h, p, coef, z)
         else:
@@ -101,7 +111,7 @@ def key_summary_from(loaded: LoadedModel, cap: QueryRowsCapture, keys: Sequence[
         out["contrib_sum_norm"].append(contrib)
         out["loo_sum_norm"].append(loo)
         out["dai_fro"].append((v_t.norm(dim=-1) * k_t.norm(dim=-1)).sum(-1))
-    arrays = {k: torch.stack(v).cpu().numpy() for k, v in out.items()}
+    arrays = {k: torch.stack(v).to(torch.float64).cpu().numpy() for k, v in out.items()}
     return KeySummary(rows=np.asarray(cap.rows), keys=np.asarray(key_list), **arrays)
 
 
@@ -110,19 +120,22 @@ _FEW_ROWS = 2
 is formed once for all rows (`_many_rows`)."""
 
 
-def _few_rows(w: Float64[Tensor, "d h e"], v_h: Float64[Tensor, "t h e"],
-              p: Float64[Tensor, "h r t"], coef: Float64[Tensor, "h r t"],
-              z: Float64[Tensor, "r h e"]) -> tuple[Tensor, Tensor]:
+def _few_rows(w: Float[Tensor, "d h e"], v_h: Float[Tensor, "t h e"],
+              p: Float[Tensor, "h r t"], coef: Float[Tensor, "h r t"],
+              z: Float[Tensor, "r h e"]) -> tuple[Tensor, Tensor]:
     """M2 and M4 [R, T] row by row: Σ_h p W_O^h v_t = W_O (p ⊙ v_t) over the concatenated heads,
     one [T, H·d_h] × [H·d_h, d] product (and the same for δz = coef (v_t − z)); no [T, H, d]."""
     T, H, e = v_h.shape
     w_o = w.reshape(w.shape[0], H * e)                                # [d, H·d_h]
     contrib, loo = [], []
     for r in range(p.shape[1]):
-        scaled = (p[:, r].T[:, :, None] * v_h).reshape(T, H * e)      # p_{h,t} v_{h,t}
-        contrib.append((scaled @ w_o.T).norm(dim=-1))
-        dz = (coef[:, r].T[:, :, None] * (v_h - z[r][None])).reshape(T, H * e)
-        loo.append((dz @ w_o.T).norm(dim=-1))
+        both = torch.empty(2, T, H, e, dtype=v_h.dtype, device=v_h.device)
+        torch.mul(p[:, r].T[:, :, None], v_h, out=both[0])            # p_{h,t} v_{h,t}
+        torch.sub(v_h, z[r][None], out=both[1])
+        both[1].mul_(coef[:, r].T[:, :, None])                        # δz = coef (v_t − z)
+        norms = (both.reshape(2 * T, H * e) @ w_o.T).norm(dim=-1)     # one product for both
+        contrib.append(norms[:T])
+        loo.append(norms[T:])
     return torch.stack(contrib), torch.stack(loo)
 
 

@@ -412,19 +412,27 @@ def restricted_prefix(p: Float[Tensor, "h r k"], v_h: Float[Tensor, "h k d_h"],
         `(m, u)`, each [R, T+1, d]: index 0 is the base i = −1 (no trajectory), index i+1 the
         prefix τ_0..τ_i.
     """
-    _, R, K = p.shape
+    H, R, K = p.shape
+    T = int(trajectory.shape[0])
     base = torch.ones(K, dtype=torch.bool, device=p.device)
     base[trajectory] = False
     p_base = p[:, :, base]
-    num0 = torch.einsum("hrk,hke->hre", p_base, v_h[:, base])           # [H, R, d_h]
-    den0 = p_base.sum(-1)                                               # [H, R]
-    p_t = p[:, :, trajectory]                                           # [H, R, T]
-    pv = p_t[..., None] * v_h[:, trajectory][:, None]                   # [H, R, T, d_h]
-    num = torch.cat([num0[:, :, None], num0[:, :, None] + pv.cumsum(2)], 2)  # [H, R, T+1, d_h]
-    den = torch.cat([den0[..., None], den0[..., None] + p_t.cumsum(2)], 2)   # [H, R, T+1]
-    z = (num / den[..., None]).permute(1, 2, 0, 3).reshape(R, den.shape[-1], -1)  # [R, T+1, H·d_h]
+    num0 = torch.einsum("hrk,hke->rhe", p_base, v_h[:, base])           # [R, H, d_h]
+    den0 = p_base.sum(-1).T                                             # [R, H]
+    p_t = p[:, :, trajectory].permute(1, 2, 0)                          # [R, T, H]
+    # laid out [R, T+1, H, d_h] from the start: z is then a view, no permute copy
+    num = torch.empty((R, T + 1, H, v_h.shape[-1]), dtype=num0.dtype, device=p.device)
+    num[:, 0] = num0
+    torch.mul(p_t[..., None], v_h[:, trajectory].transpose(0, 1)[None], out=num[:, 1:])
+    num[:, 1:] = num[:, 1:].cumsum(1)
+    num[:, 1:] += num0[:, None]
+    den = torch.empty((R, T + 1, H), dtype=den0.dtype, device=p.device)     # [R, T+1, H]
+    den[:, 0] = den0
+    torch.cumsum(p_t, 1, out=den[:, 1:])
+    den[:, 1:] += den0[:, None]
+    z = num.div_(den[..., None]).reshape(R, T + 1, -1)                  # [R, T+1, H·d_h]
     if attn_out_norm is None:
-        m = resid_pre[:, None, :] + z @ w_o.T                           # [R, T+1, d]
+        m = (z @ w_o.T).add_(resid_pre[:, None, :])                     # [R, T+1, d]
         if b_o is not None:
             m = m + b_o
     else:                                                               # m = x + N(W_O z + b_O)

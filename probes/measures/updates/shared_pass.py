@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 import numpy as np
 from jaxtyping import Float32
@@ -19,6 +20,7 @@ from hooks.weights import llama_layers
 from probes import arrays
 from probes.errors import ProbesError
 from probes.measures.updates import ANSWER_ROWS as ANSWER_ROWS
+from probes.measures.updates import PRECISIONS
 
 
 def check_supported(loaded: LoadedModel) -> None:
@@ -126,11 +128,23 @@ class RunConstants:
         self.o_proj = o_proj_weights(loaded)
         self.m5 = layer_weights(loaded, with_mlp=False, device=loaded.device, any_layout=True)
         self.grams = [w.grams for w in self.m5]
+        self._grams32: Any = None
+
+    def grams_for(self, precision: str) -> Any:
+        """The Grams in the dtype of `precision`'s products (float32 copies made once)."""
+        if precision == "float64":
+            return self.grams
+        if self._grams32 is None:
+            import torch
+
+            self._grams32 = [None if gs is None else tuple(g.to(torch.float32) for g in gs)
+                             for gs in self.grams]
+        return self._grams32
 
 
 def trace_update_arrays(loaded: LoadedModel, tt, consts: RunConstants | None = None, *,
                         answer_rows: str = "first", timings: dict[str, float] | None = None,
-                        attention: str = "auto",
+                        attention: str = "auto", precision: str = "float32",
                         ) -> tuple[dict[str, Float32[np.ndarray, "l t"]], int]:
     """The stored `upd_*` arrays of one tokenized trace (float32 [n_layers, T]).
 
@@ -161,6 +175,10 @@ def trace_update_arrays(loaded: LoadedModel, tt, consts: RunConstants | None = N
             "auto" (the default: "eager" while its patterns fit `EAGER_PATTERN_BUDGET`, else
             "sdpa"; `choose_attention`). Equal to float32 rounding
             (tests/probes/measures/test_sdpa_pass.py).
+        precision: "float32" (the default) or "float64" (the reference) for the algebra after the
+            pass (`answer_alignment(precision=...)`, `key_summary_from(precision=...)`); the
+            stored arrays agree within the bounds of docs/methods.md#precision
+            (tests/probes/measures/test_precision.py).
 
     Returns:
         (arrays in `UPDATE_ARRAYS` order, query position = the first answer row).
@@ -178,6 +196,9 @@ def trace_update_arrays(loaded: LoadedModel, tt, consts: RunConstants | None = N
     if answer_rows not in ANSWER_ROWS:
         raise ProbesError(f"answer_rows must be one of {', '.join(ANSWER_ROWS)}, got "
                           f"{answer_rows!r}")
+    if precision not in PRECISIONS:
+        raise ProbesError(f"precision must be one of {', '.join(PRECISIONS)}, got "
+                          f"{precision!r}")
     attention = choose_attention(loaded, len(tt.ids), attention)
     check_updates(loaded, attention)
     consts = RunConstants(loaded) if consts is None else consts
@@ -189,10 +210,10 @@ def trace_update_arrays(loaded: LoadedModel, tt, consts: RunConstants | None = N
     if answer_rows == "mean":
         rows = list(range(answer[0] - 1, answer[1] - 1))
         return _rows_arrays(loaded, ids, (a, b), answer, consts, timings, attention, rows,
-                            None), query
+                            None, precision), query
     if attention == "sdpa":   # the same values from `al` and the stored keys only (no M5 pass)
         return _rows_arrays(loaded, ids, (a, b), answer, consts, timings, attention, [query],
-                            [0]), query
+                            [0], precision), query
     check_query(loaded, int(ids.shape[1]), query)
     _, _, traj = check_positions(loaded, ids, [query], range(a, b))
     clock = _Clock(loaded.device, timings)
@@ -200,8 +221,9 @@ def trace_update_arrays(loaded: LoadedModel, tt, consts: RunConstants | None = N
     with (query_caps(model, [query], device=None) as get_query,
           row_caps(model, [query], device=None) as get_rows):
         _bridge_forward(loaded, ids, attention)
-        al = answer_alignment(model, ids, (a, b), answer, m6_rows=[0], grams=consts.grams,
-                              attention=attention)
+        al = answer_alignment(model, ids, (a, b), answer, m6_rows=[0],
+                              grams=consts.grams_for(precision), attention=attention,
+                              precision=precision)
     clock.lap("alignment")
     upd = token_updates_from(loaded, get_query().row(0), consts.o_proj)
     clock.lap("m1_m4")
@@ -253,7 +275,7 @@ def _passes(loaded: LoadedModel, consts: RunConstants, attention: str):
 def _rows_arrays(loaded: LoadedModel, ids, trajectory: tuple[int, int],
                  answer: tuple[int, int], consts: RunConstants,
                  timings: dict[str, float] | None, attention: str, rows: list[int],
-                 m6_rows: list[int] | None) -> dict[str, np.ndarray]:
+                 m6_rows: list[int] | None, precision: str) -> dict[str, np.ndarray]:
     """Every per-row quantity at `rows`, averaged over them (`answer_rows="mean"`: rows = 𝒬,
     M6 at every row; the "first" mode of the linear-memory path: rows = [q], M6 at row 0, where
     the "mean" over one row is that row).
@@ -276,10 +298,12 @@ def _rows_arrays(loaded: LoadedModel, ids, trajectory: tuple[int, int],
     model, query_caps, _ = _passes(loaded, consts, attention)
     with query_caps(model, rows, device=None) as get_query:
         _bridge_forward(loaded, ids, attention)
-        al = answer_alignment(model, ids, (a, b), answer, m6_rows=m6_rows, grams=consts.grams,
-                              attention=attention)
+        al = answer_alignment(model, ids, (a, b), answer, m6_rows=m6_rows,
+                              grams=consts.grams_for(precision), attention=attention,
+                              precision=precision)
     clock.lap("alignment")
-    summ = key_summary_from(loaded, get_query(), traj, consts.o_proj)      # [L, Q, T]
+    summ = key_summary_from(loaded, get_query(), traj, consts.o_proj,      # [L, Q, T]
+                            precision=precision)
     clock.lap("m1_m4")
     clock.lap("m5")                                                        # inside `alignment`
     return {
