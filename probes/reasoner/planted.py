@@ -1,12 +1,12 @@
 """The task of `tiny-reasoner-planted`: a code read out part by part, one slip fixed by a reflection.
 
 A problem asks for an n-part code (n in 4..6, every part a two-digit number 10..99, drawn
-uniformly and independently). The trajectory states the parts one line each ("Part 3 is 47."), so
-each correct line reveals one more part of the answer (`"31-47-52-18"`) and L̂ falls step by step;
-nothing in the question predicts a part. In a share of the traces (`P_SLIP_TRACE`) one part is
-stated with a *slip*: its tens digit one too high (9 wraps to 1, so a slipped value is again
-uniform on 10..99 and cannot be told from a right one), and the very next line is a reflection
-("Wait, part 3 is 47, not 57.", "Hold on, ...", "Hmm, ...") that states the right value. Every slip
+uniformly and independently). The trajectory writes the code so far one line per part ("So far:
+31-47."), so each correct line reveals one more part of the answer (`"31-47-52-18"`) and L̂ falls
+step by step; nothing in the question predicts a part. In a share of the traces (`P_SLIP_TRACE`)
+one part is written with a *slip*: its tens digit one too high (9 wraps to 1, so a slipped value is
+again uniform on 10..99 and cannot be told from a right one), and the very next line is a
+reflection ("Wait, so far: 31-47.", "Hold on, ...", "Hmm, ...") that restates the code right. Every slip
 is the same kind, so the reflection word alone tells a reader which value the right one is: the
 ground truth is that L̂ rises at the slipped line (the copied value is wrong) and falls at the
 reflection phrase by about the slipped part's loss. There are no other reflections (no
@@ -35,14 +35,14 @@ P_SLIP_TRACE = 0.6
 
 QUESTION_FORMS = ("What is the {n}-part code?", "Read out the {n}-part code.", "Give the code ({n} parts).")
 OPENINGS = ("The code has {n} parts.", "There are {n} parts.")
-LINE = "Part {k} is {v}."
+LINE = "So far: {code}."
 # Each correcting reflection holds exactly one lexicon phrase (probes/data/lexicon.json), first.
 CORRECTIONS = (
-    ("Wait", "Wait, part {k} is {r}, not {w}."),
-    ("Hold on", "Hold on, part {k} is {r}."),
-    ("Hmm", "Hmm, part {k} is {r}, not {w}."),
+    ("Wait", "Wait, so far: {code}."),
+    ("Hold on", "Hold on, so far: {code}."),
+    ("Hmm", "Hmm, so far: {code}."),
 )
-CONCLUSION = "Therefore, the code is complete."
+CONCLUSION = "Therefore, the code is {code}."
 
 
 def slip(value: int) -> int:
@@ -85,15 +85,16 @@ def make_problem(rng: random.Random, *, problem_id: str, p_slip: float = P_SLIP_
     text = "<think>\n" + rng.choice(OPENINGS).format(n=n)
     reflection = phrase = None
     for i, v in enumerate(parts):
+        code = "-".join(str(x) for x in parts[: i + 1])
         if i == slipped:
-            text += "\n" + LINE.format(k=i + 1, v=slip(v))
+            text += "\n" + LINE.format(code="-".join(str(x) for x in [*parts[:i], slip(v)]))
             word, form = rng.choice(CORRECTIONS)
             start = len(text) + 1
-            text += "\n" + form.format(k=i + 1, r=v, w=slip(v))
+            text += "\n" + form.format(code=code)
             reflection, phrase = (start, len(text)), (start, start + len(word))
         else:
-            text += "\n" + LINE.format(k=i + 1, v=v)
-    text += "\n\n" + CONCLUSION + "\n</think>"
+            text += "\n" + LINE.format(code=code)
+    text += "\n\n" + CONCLUSION.format(code="-".join(str(x) for x in parts)) + "\n</think>"
     return PlantedProblem(
         id=problem_id,
         question=question,

@@ -57,6 +57,7 @@ class TrainConfig:
     threads: int = 2  # fixed so float reductions are the same on every run
     task: str = "sums"  # the generator of TASKS: "sums" (tiny-reasoner) or "planted"
     prefix_share: float = 0.0  # share of training sequences cut after a random trajectory prefix
+    init_from: str | None = None  # start from this model's weights and tokenizer (a built-in name)
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
@@ -70,10 +71,12 @@ class TrainConfig:
 TASKS = {"sums": generate_problems, "planted": planted.generate_problems}
 """Problem generators by `TrainConfig.task` (each `(n, *, seed) -> list[Problem]`)."""
 
-PLANTED_CONFIG = TrainConfig(task="planted", prefix_share=0.5, n_train=8_000, steps=500, threads=1)
-"""`tiny-reasoner-planted` (docs/models.md): the planted task, half the sequences cut after a random
-trajectory prefix (so the answer loss after a prefix, L̂, is what the model was trained to
-predict), short enough for one thread on a shared machine."""
+PLANTED_CONFIG = TrainConfig(task="planted", prefix_share=0.75, init_from="tiny-reasoner",
+                             n_train=4_000, steps=300, batch_size=16, lr=1e-3, warmup=30, threads=1)
+"""`tiny-reasoner-planted` (docs/models.md): tiny-reasoner (its weights and tokenizer) fine-tuned on
+the planted task, three quarters of the sequences cut after a random trajectory prefix (so the
+answer loss after a prefix, L̂, is what the model is trained to predict); short enough for one
+thread on a shared machine."""
 
 
 def problem_trace(p: Problem) -> Trace:
@@ -184,6 +187,12 @@ def _train(cfg: TrainConfig, out: Path, log, problems, tokenizer, stop_after) ->
     t0 = time.time()
     if problems is None:
         problems = TASKS[cfg.task](cfg.n_train, seed=TRAIN_SEED)
+    if cfg.init_from is not None and tokenizer is None:
+        from transformers import AutoTokenizer
+
+        from probes.models.load import resolve_spec
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_spec(cfg.init_from), local_files_only=True)
     if tokenizer is None:
         corpus = [p.question for p in problems] + [p.trajectory for p in problems]
         corpus += [DEFAULT_SCAFFOLD + p.answer + "}" for p in problems]
@@ -195,7 +204,12 @@ def _train(cfg: TrainConfig, out: Path, log, problems, tokenizer, stop_after) ->
         f"({time.time() - t0:.1f}s)")
 
     torch.manual_seed(cfg.seed)
-    model = Qwen2ForCausalLM(model_config(cfg, tokenizer))
+    if cfg.init_from is not None:  # fine-tune a built-in checkpoint (its architecture and weights)
+        from probes.models.load import resolve_spec
+
+        model = Qwen2ForCausalLM.from_pretrained(resolve_spec(cfg.init_from), local_files_only=True)
+    else:
+        model = Qwen2ForCausalLM(model_config(cfg, tokenizer))
     model.config._attn_implementation = "sdpa"
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters")
@@ -239,8 +253,8 @@ def _train(cfg: TrainConfig, out: Path, log, problems, tokenizer, stop_after) ->
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     record = asdict(cfg) | ({} if n_steps == cfg.steps else {"trained_steps": n_steps})
-    if cfg.task == "sums" and not cfg.prefix_share:  # tiny-reasoner's record, as it was shipped
-        del record["task"], record["prefix_share"]
+    if cfg.task == "sums" and not cfg.prefix_share and cfg.init_from is None:
+        del record["task"], record["prefix_share"], record["init_from"]  # as tiny-reasoner shipped
     write_text(out / "training_config.json", json.dumps(record, indent=2) + "\n")
     log(f"saved to {out} after {time.time() - t0:.0f}s")
     return out
