@@ -56,14 +56,14 @@ reasoner-stages: $(VENV)/.installed
 	$(PY) -m probes.reasoner.stages
 
 # The planted-effect organism tiny-reasoner-planted (docs/models.md): retrain it (deterministic, one
-# thread, about 20 min on a shared 2-core machine) and measure it; planted-power reruns the
+# thread, about 13 min on a shared 2-core machine) and measure it; planted-power reruns the
 # detection and power table of docs/statistics.md ("Power on planted effects") into planted-out/.
 reasoner-planted: $(VENV)/.installed
 	$(PY) -m probes.reasoner.train --task planted
 	$(PY) -m probes.reasoner.evaluate --task planted --model tiny-reasoner-planted --batch-size 64
 
 planted-power: $(VENV)/.installed
-	$(PY) bench/planted_power.py --out planted-out --reps 200
+	$(PY) bench/planted_power.py --out planted-out --reps 40
 
 # The README's picture of the report: the demo, then its report rendered by headless Chromium.
 screenshot: $(VENV)/.installed
