@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     shipped = PLANTED_CHECKPOINT_DIR if args.task == "planted" else CHECKPOINT_DIR
     out = args.out if args.out is not None else shipped
     if args.stop_after is not None and out.resolve() == shipped:
-        parser.error("--stop-after would overwrite a shipped checkpoint; pass --out DIR")
+        name = "tiny-reasoner-planted" if args.task == "planted" else "tiny-reasoner"
+        parser.error(f"--stop-after would overwrite the shipped {name}; pass --out DIR")
     samples = args.samples or (planted.SAMPLES_PATH if args.task == "planted" else SAMPLES_PATH)
     write_jsonl(TASKS[args.task](N_SAMPLES, seed=SAMPLE_SEED), samples)
     cfg = replace(base, steps=args.steps if args.steps is not None else base.steps,
