@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $@
 
-.PHONY: demo test test-fast lint install reasoner eval-reasoner reasoner-stages screenshot
+.PHONY: demo test test-fast lint install reasoner eval-reasoner reasoner-stages reasoner-planted planted-power screenshot
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -54,6 +54,16 @@ reasoner-stages: $(VENV)/.installed
 	$(TRAIN_VENV)/bin/pip install --quiet -e ".[train]"
 	$(TRAIN_VENV)/bin/python -m probes.reasoner.grpo --out probes/reasoner/checkpoint_grpo --max-minutes 17
 	$(PY) -m probes.reasoner.stages
+
+# The planted-effect organism tiny-reasoner-planted (docs/models.md): retrain it (deterministic, one
+# thread, about 13 min on a shared 2-core machine) and measure it; planted-power reruns the
+# detection and power table of docs/statistics.md ("Power on planted effects") into planted-out/.
+reasoner-planted: $(VENV)/.installed
+	$(PY) -m probes.reasoner.train --task planted
+	$(PY) -m probes.reasoner.evaluate --task planted --model tiny-reasoner-planted --batch-size 64
+
+planted-power: $(VENV)/.installed
+	$(PY) bench/planted_power.py --out planted-out --reps 40
 
 # The README's picture of the report: the demo, then its report rendered by headless Chromium.
 screenshot: $(VENV)/.installed

@@ -39,6 +39,9 @@ BUILTIN_MODELS: dict[str, Path] = {
     # training"); they share tiny-reasoner's tokenizer.
     "tiny-reasoner-sft-early": Path(__file__).resolve().parents[1] / "reasoner" / "checkpoint_sft_early",
     "tiny-reasoner-grpo": Path(__file__).resolve().parents[1] / "reasoner" / "checkpoint_grpo",
+    # The planted-effect organism (docs/models.md, "The planted-effect organism"): its own task
+    # (probes.reasoner.planted) and tokenizer; the reflection's effect on L̂ is known by design.
+    "tiny-reasoner-planted": Path(__file__).resolve().parents[1] / "reasoner" / "checkpoint_planted",
 }
 """Built-in model names and the checkpoint folder each resolves to (the one source of truth)."""
 
@@ -50,6 +53,7 @@ _BUILTIN_REBUILD: dict[str, str] = {
         "--out probes/reasoner/checkpoint_sft_early"
     ),
     "tiny-reasoner-grpo": "python -m probes.reasoner.grpo --out probes/reasoner/checkpoint_grpo",
+    "tiny-reasoner-planted": "python -m probes.reasoner.train --task planted",
 }
 """How to rebuild each built-in checkpoint when its folder is missing."""
 

@@ -21,8 +21,7 @@ import torch
 from hooks.model import LoadedModel
 from probes.measures.answers import answer_scores, without_trajectory
 from probes.models.load import load_model
-from probes.reasoner.task import generate_problems
-from probes.reasoner.train import EVAL_SEED, problem_trace
+from probes.reasoner.train import EVAL_SEED, TASKS, problem_trace
 from probes.traces.tokenize import DEFAULT_SCAFFOLD, tokenize_trace
 
 
@@ -121,14 +120,16 @@ def own_answers(
 
 
 def evaluate(
-    model: str = "tiny-reasoner", *, n: int = 500, device: str = "auto", batch_size: int = 1
+    model: str = "tiny-reasoner", *, n: int = 500, device: str = "auto", batch_size: int = 1,
+    task: str = "sums",
 ) -> dict:
-    """Compute the docs/models.md figures on `n` fresh problems (seed `EVAL_SEED`).
+    """Compute the docs/models.md figures on `n` fresh problems (seed `EVAL_SEED`) of `task`
+    (`probes.reasoner.train.TASKS`: "planted" for `tiny-reasoner-planted`).
 
     `batch_size` > 1 runs the own-trajectory figure through `own_answers` (left-padded batches).
     """
     loaded = load_model(model, device=device)
-    problems = generate_problems(n, seed=EVAL_SEED)
+    problems = TASKS[task](n, seed=EVAL_SEED)
     tokenized = [tokenize_trace(problem_trace(p), loaded.tokenizer) for p in problems]
     answers = [p.answer for p in problems]
     full = answer_scores(loaded, tokenized)
@@ -160,11 +161,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="tiny-reasoner", help="model spec (default built-in)")
     parser.add_argument("--n", type=int, default=500, help="fresh problems (default 500)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--task", choices=sorted(TASKS), default="sums",
+                        help="the problems: sums (tiny-reasoner's) or planted (tiny-reasoner-planted's)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="problems per batch for the own-trajectory figure (default 1: one at a time)")
     args = parser.parse_args(argv)
-    result = evaluate(args.model, n=args.n, device=args.device, batch_size=args.batch_size)
+    result = evaluate(args.model, n=args.n, device=args.device, batch_size=args.batch_size,
+                      task=args.task)
     if args.json:
         print(json.dumps(result))
     else:

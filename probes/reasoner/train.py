@@ -13,7 +13,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from probes import DATA_DIR
+from probes.reasoner import planted
 from probes.reasoner.task import Problem, generate_problems, write_jsonl
 from probes.reasoner.tokenizer import build_tokenizer
 from probes.safe_output import write_text
@@ -28,6 +29,7 @@ from probes.traces.read import Trace
 from probes.traces.tokenize import DEFAULT_SCAFFOLD, tokenize_trace
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
+PLANTED_CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint_planted"
 SAMPLES_PATH = DATA_DIR / "tiny_reasoner_traces.jsonl"
 N_SAMPLES = 200
 # Disjoint seeds: training problems, the shipped sample traces, the evaluation (docs/models.md).
@@ -53,10 +55,28 @@ class TrainConfig:
     weight_decay: float = 0.01
     seed: int = 0  # initialisation and batch order
     threads: int = 2  # fixed so float reductions are the same on every run
+    task: str = "sums"  # the generator of TASKS: "sums" (tiny-reasoner) or "planted"
+    prefix_share: float = 0.0  # share of training sequences cut after a random trajectory prefix
+    init_from: str | None = None  # start from this model's weights and tokenizer (a built-in name)
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError("d_model must divide by n_heads and n_heads by n_kv_heads")
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {sorted(TASKS)}, not {self.task!r}")
+        if not 0.0 <= self.prefix_share <= 1.0:
+            raise ValueError("prefix_share must be in [0, 1]")
+
+
+TASKS = {"sums": generate_problems, "planted": planted.generate_problems}
+"""Problem generators by `TrainConfig.task` (each `(n, *, seed) -> list[Problem]`)."""
+
+PLANTED_CONFIG = TrainConfig(task="planted", prefix_share=0.75, init_from="tiny-reasoner",
+                             n_train=4_000, steps=300, batch_size=16, lr=1e-3, warmup=30, threads=1)
+"""`tiny-reasoner-planted` (docs/models.md): tiny-reasoner (its weights and tokenizer) fine-tuned on
+the planted task, three quarters of the sequences cut after a random trajectory prefix (so the
+answer loss after a prefix, L̂, is what the model is trained to predict); short enough for one
+thread on a shared machine."""
 
 
 def problem_trace(p: Problem) -> Trace:
@@ -66,16 +86,24 @@ def problem_trace(p: Problem) -> Trace:
     )
 
 
-def encode_for_training(problems: list[Problem], tokenizer) -> list[tuple[np.ndarray, int]]:
+def encode_for_training(
+    problems: list[Problem], tokenizer, *, prefix_share: float = 0.0, seed: int = 0
+) -> list[tuple[np.ndarray, int]]:
     """Token ids (prompt, trajectory, scaffold, answer, eos) and the prompt length, per problem.
 
     Uses `probes.traces.tokenize.tokenize_trace`, so the model is trained on exactly the token layout that
-    the toolkit later feeds it.
+    the toolkit later feeds it. With `prefix_share` > 0 that share of the sequences (drawn with
+    `seed`) keep only the first t trajectory tokens (t uniform on 0..T) before the scaffold and the
+    full answer: the layout L̂ feeds the model after a prefix (`probes.measures.lhat`).
     """
+    rng = np.random.default_rng(seed)
     out = []
     for p in problems:
         tt = tokenize_trace(problem_trace(p), tokenizer)
         ids = np.concatenate([tt.ids, [tokenizer.eos_token_id]]).astype(np.int64)
+        if prefix_share and rng.random() < prefix_share:
+            a, b = tt.spans["trajectory"]
+            ids = np.concatenate([ids[: a + int(rng.integers(0, b - a + 1))], ids[b:]])
         out.append((ids, tt.spans["prompt"][1]))
     return out
 
@@ -133,8 +161,9 @@ def train(
         cfg: The training configuration.
         out: Destination folder (created; existing model files are overwritten).
         log: Where progress lines go.
-        problems: Training problems; None generates `cfg.n_train` with seed `TRAIN_SEED` (the
-            shipped model). Given, `cfg.n_train` is ignored (the support-set sweep passes its own).
+        problems: Training problems; None generates `cfg.n_train` of `cfg.task` with seed
+            `TRAIN_SEED` (the shipped model). Given, `cfg.n_train` is ignored (the support-set
+            sweep passes its own).
         tokenizer: A tokenizer to reuse; None trains the BPE on the problems' text.
         stop_after: Save after this many optimizer steps of the same `cfg.steps` schedule (the
             learning rate follows the full run's warm-up and cosine), i.e. an early checkpoint of the
@@ -157,18 +186,30 @@ def train(
 def _train(cfg: TrainConfig, out: Path, log, problems, tokenizer, stop_after) -> Path:
     t0 = time.time()
     if problems is None:
-        problems = generate_problems(cfg.n_train, seed=TRAIN_SEED)
+        problems = TASKS[cfg.task](cfg.n_train, seed=TRAIN_SEED)
+    if cfg.init_from is not None and tokenizer is None:
+        from transformers import AutoTokenizer
+
+        from probes.models.load import resolve_spec
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_spec(cfg.init_from), local_files_only=True)
     if tokenizer is None:
         corpus = [p.question for p in problems] + [p.trajectory for p in problems]
         corpus += [DEFAULT_SCAFFOLD + p.answer + "}" for p in problems]
         tokenizer = build_tokenizer(corpus, vocab_size=cfg.vocab_size)
     n_steps = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
-    seqs = encode_for_training(problems, tokenizer)
+    seqs = encode_for_training(problems, tokenizer, prefix_share=cfg.prefix_share,
+                               seed=cfg.seed)
     log(f"data: {len(seqs)} sequences, mean {np.mean([len(s) for s, _ in seqs]):.0f} tokens "
         f"({time.time() - t0:.1f}s)")
 
     torch.manual_seed(cfg.seed)
-    model = Qwen2ForCausalLM(model_config(cfg, tokenizer))
+    if cfg.init_from is not None:  # fine-tune a built-in checkpoint (its architecture and weights)
+        from probes.models.load import resolve_spec
+
+        model = Qwen2ForCausalLM.from_pretrained(resolve_spec(cfg.init_from), local_files_only=True)
+    else:
+        model = Qwen2ForCausalLM(model_config(cfg, tokenizer))
     model.config._attn_implementation = "sdpa"
     n_params = sum(p.numel() for p in model.parameters())
     log(f"model: {n_params / 1e6:.2f}M parameters")
@@ -212,6 +253,8 @@ def _train(cfg: TrainConfig, out: Path, log, problems, tokenizer, stop_after) ->
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     record = asdict(cfg) | ({} if n_steps == cfg.steps else {"trained_steps": n_steps})
+    if cfg.task == "sums" and not cfg.prefix_share and cfg.init_from is None:
+        del record["task"], record["prefix_share"], record["init_from"]  # as tiny-reasoner shipped
     write_text(out / "training_config.json", json.dumps(record, indent=2) + "\n")
     log(f"saved to {out} after {time.time() - t0:.0f}s")
     return out
@@ -220,24 +263,37 @@ def _train(cfg: TrainConfig, out: Path, log, problems, tokenizer, stop_after) ->
 def main(argv: list[str] | None = None) -> int:
     """CLI: train and write the checkpoint."""
     parser = argparse.ArgumentParser(prog="python -m probes.reasoner.train", description=__doc__)
-    parser.add_argument("--out", type=Path, default=CHECKPOINT_DIR, help="output HF folder")
-    parser.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimizer steps")
     parser.add_argument(
-        "--samples", type=Path, default=SAMPLES_PATH, help="where the 200 demo traces are written"
+        "--task", choices=sorted(TASKS), default="sums",
+        help="sums: tiny-reasoner (default); planted: tiny-reasoner-planted (its own defaults: "
+             "PLANTED_CONFIG, --out probes/reasoner/checkpoint_planted, its samples file)",
+    )
+    parser.add_argument("--out", type=Path, default=None, help="output HF folder")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    parser.add_argument(
+        "--samples", type=Path, default=None, help="where the 200 demo traces are written"
     )
     parser.add_argument(
         "--stop-after", type=int, default=None, metavar="N",
         help="save after N steps of the --steps schedule (an early checkpoint; needs --out)",
     )
     parser.add_argument(
-        "--threads", type=int, default=TrainConfig.threads,
-        help="torch threads (default 2, the shipped run's; results are reproducible for a fixed value)",
+        "--threads", type=int, default=None,
+        help="torch threads (default 2, the shipped run's, 1 for --task planted; results are "
+             "reproducible for a fixed value)",
     )
     args = parser.parse_args(argv)
-    if args.stop_after is not None and args.out.resolve() == CHECKPOINT_DIR:
-        parser.error("--stop-after would overwrite the shipped tiny-reasoner; pass --out DIR")
-    write_jsonl(generate_problems(N_SAMPLES, seed=SAMPLE_SEED), args.samples)
-    train(TrainConfig(steps=args.steps, threads=args.threads), args.out, stop_after=args.stop_after)
+    base = PLANTED_CONFIG if args.task == "planted" else TrainConfig()
+    shipped = PLANTED_CHECKPOINT_DIR if args.task == "planted" else CHECKPOINT_DIR
+    out = args.out if args.out is not None else shipped
+    if args.stop_after is not None and out.resolve() == shipped:
+        name = "tiny-reasoner-planted" if args.task == "planted" else "tiny-reasoner"
+        parser.error(f"--stop-after would overwrite the shipped {name}; pass --out DIR")
+    samples = args.samples or (planted.SAMPLES_PATH if args.task == "planted" else SAMPLES_PATH)
+    write_jsonl(TASKS[args.task](N_SAMPLES, seed=SAMPLE_SEED), samples)
+    cfg = replace(base, steps=args.steps if args.steps is not None else base.steps,
+                  threads=args.threads if args.threads is not None else base.threads)
+    train(cfg, out, stop_after=args.stop_after)
     return 0
 
 
