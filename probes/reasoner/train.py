@@ -72,11 +72,11 @@ TASKS = {"sums": generate_problems, "planted": planted.generate_problems}
 """Problem generators by `TrainConfig.task` (each `(n, *, seed) -> list[Problem]`)."""
 
 PLANTED_CONFIG = TrainConfig(task="planted", prefix_share=0.75, init_from="tiny-reasoner",
-                             n_train=4_000, steps=300, batch_size=16, lr=1e-3, warmup=30, threads=1)
+                             n_train=4_000, steps=1000, batch_size=16, lr=1e-3, warmup=30, threads=2)
 """`tiny-reasoner-planted` (docs/models.md): tiny-reasoner (its weights and tokenizer) fine-tuned on
 the planted task, three quarters of the sequences cut after a random trajectory prefix (so the
-answer loss after a prefix, L̂, is what the model is trained to predict); short enough for one
-thread on a shared machine."""
+answer loss after a prefix, L̂, is what the model is trained to predict); 1000 steps (300 left the
+reflection's effect too weak to detect), about 3.5 min on 2 idle cores."""
 
 
 def problem_trace(p: Problem) -> Trace:
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--threads", type=int, default=None,
-        help="torch threads (default 2, the shipped run's, 1 for --task planted; results are "
+        help="torch threads (default 2, the shipped runs'; results are "
              "reproducible for a fixed value)",
     )
     args = parser.parse_args(argv)

@@ -13,7 +13,7 @@ from probes.reasoner import planted
 from probes.reasoner import train as train_mod
 from probes.traces.read import read_traces
 
-N_TRACES = 20
+N_TRACES = 50
 ROW = ("reflection", "matched_to_reflection")
 
 
@@ -64,7 +64,7 @@ def test_checkpoint_is_registered_and_records_its_config():
 
 @pytest.fixture(scope="module")
 def planted_run(tmp_path_factory):
-    """L̂ of the first 20 shipped sample traces on tiny-reasoner-planted and on its random
+    """L̂ of the first N_TRACES shipped sample traces on tiny-reasoner-planted and on its random
     initialisation (seed 0), through the library runner."""
     from probes.models.controls import random_init_model
     from probes.models.load import load_model
@@ -101,13 +101,8 @@ def test_l_hat_falls_at_each_correcting_reflection(planted_run):
         if toks:
             drops.append(curves[tr.id][toks[-1] + 1] - curves[tr.id][toks[0]])
     assert len(drops) >= 8
-    assert np.median(drops) < 0, drops  # the designed effect: the reflection phrase lowers L̂
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "the shipped tiny-reasoner-planted is undertrained (300 fine-tuning steps, reference accuracy "
-    "0.63): on these 20 traces reflection > matched holds (Cliff's δ 0.6) but p_holm = 0.16, and "
-    "the random-init control shows the same direction (δ 0.64, p_holm 0.11); docs/statistics.md"))
+    # the designed effect: the reflection phrase lowers L̂, in (nearly) every trace that has one
+    assert np.median(drops) < -0.1 and np.mean(np.array(drops) < 0) >= 0.9, drops
 
 
 def test_compare_detects_the_planted_effect_and_not_on_the_control(planted_run):
