@@ -31,11 +31,19 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from analyses.calibration import family_rate, min_detectable_effect, plant, rate_rows, shift_labels
+from analyses.calibration import (
+    family_rate,
+    mde_at,
+    min_detectable_effect,
+    plant,
+    rate_rows,
+    shift_labels,
+)
 from analyses.lhat_effects import (
     DEFAULT_PAIRS,
     MATCHED_PAIRS,
@@ -46,12 +54,43 @@ from analyses.lhat_effects import (
 from analyses.stats import holm
 from analyses.token_sets import token_sets
 from analyses.update_effects import POOLED, update_comparison
+from probes import DATA_DIR
 from probes.errors import ProbesError
 from probes.readouts.compare_updates import SIGNED_UPDATES
 from probes.readouts.loader import load_traces
 from probes.readouts.matched import trajectory_log_frequency
 
 ALPHA = 0.05
+
+POWER_TABLE = DATA_DIR / "power_upd_sigma_gate.json"
+"""The measured power grid the headlines read their MDE from (written from this module's `--power
+--json` output; the commands and the cache are in its `source` and in docs/statistics.md)."""
+
+
+def power_table(path: Path = POWER_TABLE) -> dict[str, Any]:
+    """The stored power grid: `test`, `alpha`, `effect_unit`, `grid` (n_traces, effect, power, ci,
+    runs), `source`."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def mde_text(n: int, *, table: dict[str, Any] | None = None) -> str:
+    """The power clause of a headline finding of a run over `n` traces (all traces of the run, as
+    the power grid draws them; not only those holding the category), e.g. `MDE at 80% power: +48%
+    at 200 traces (planted-effect power of upd_sigma_gate, docs/statistics.md)`, computed from
+    the stored grid (`analyses.calibration.mde_at`)."""
+    t = power_table() if table is None else table
+    m = mde_at(t["grid"], n)
+    metric = t["test"].split()[0]
+    src = f"(planted-effect power of {metric}, docs/statistics.md)"
+    if m["n_measured"] is None:
+        smallest = min(int(g["n_traces"]) for g in t["grid"])
+        return f"power not measured below {smallest} traces {src}"
+    at = f"{m['n_measured']} traces" + ("" if m["n_measured"] == n else
+                                        f" (the largest measured size ≤ {n})")
+    if m["mde"] != m["mde"]:
+        return f"MDE at 80% power: more than +{m['max_effect']:.0%} at {at} {src}"
+    return f"MDE at 80% power: +{m['mde']:.0%} at {at} {src}"
 
 
 def _traces(path, *, control: bool = False) -> list[dict[str, Any]]:
