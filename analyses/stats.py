@@ -1,4 +1,6 @@
-"""Statistics for comparing token categories across traces: bootstrap CIs, rank tests, Cliff's δ, Holm.
+"""Statistics for comparing token categories across traces: bootstrap CIs, the sign-flip p-value
+(`analyses.inference.signflip_p`; the Wilcoxon signed-rank p kept as a descriptive field), Cliff's
+δ, Holm.
 
 Tokens within a trace are not independent, so every comparison first aggregates per trace (e.g. the
 mean |ΔL̂| over a trace's reflection tokens) and then treats traces as the units: CIs resample
