@@ -9,7 +9,7 @@ a false positive. Planted effects (`plant`) multiply a non-negative per-token me
 reflection tokens by 1 + effect, so the ground truth of a power run is known.
 
 Pure numpy/scipy; no I/O. Entry points: `shift_labels`, `plant`, `rate_rows`, `family_rate`,
-`min_detectable_effect`.
+`min_detectable_effect`, `mde_at` (the MDE of a stored power grid at a given n).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from analyses.inference import rate_ci
 from analyses.token_sets import REFLECTION
 
-__all__ = ["family_rate", "min_detectable_effect", "plant", "rate_rows", "shift_labels"]
+__all__ = ["family_rate", "mde_at", "min_detectable_effect", "plant", "rate_rows", "shift_labels"]
 
 
 def shift_labels(
@@ -71,8 +71,8 @@ def rate_rows(hits: Mapping[str, Sequence[bool]], *, level: float = 0.95) -> lis
     """
     rows = []
     for name, h in hits.items():
-        h = np.asarray(h, bool)
-        k, n = int(h.sum()), int(h.size)
+        hit = np.asarray(h, bool)
+        k, n = int(hit.sum()), int(hit.size)
         rows.append({"test": name, "n_runs": n, "n_hits": k,
                      "rate": k / n if n else float("nan"), "ci": list(rate_ci(k, n, level))})
     return rows
@@ -99,3 +99,30 @@ def min_detectable_effect(effects: Sequence[float], power: Sequence[float],
     if i == 0:
         return float(e[0])
     return float(e[i - 1] + (target - p[i - 1]) * (e[i] - e[i - 1]) / (p[i] - p[i - 1]))
+
+
+def mde_at(grid: Sequence[Mapping[str, Any]], n: int, target: float = 0.8) -> dict[str, Any]:
+    """The minimum detectable effect for a comparison over `n` traces, read from a measured power
+    grid (rows with `n_traces`, `effect`, `power`, as `probes.readouts.calibration --power` writes
+    them).
+
+    Power rises with n, so the MDE at `n` is at most the one measured at the largest grid size not
+    above `n`; that size's MDE is returned (conservative between grid sizes, never extrapolated
+    beyond them).
+
+    Returns:
+        `{"n_measured": size used or None (n below every size), "mde": effect or NaN (not reached
+        on the grid), "max_effect": the largest effect measured at that size, "target": target}`.
+    """
+    sizes = sorted({int(g["n_traces"]) for g in grid if int(g["n_traces"]) <= n})
+    out: dict[str, Any] = {"n_measured": None, "mde": float("nan"), "max_effect": float("nan"),
+                           "target": target}
+    if not sizes:
+        return out
+    m = sizes[-1]
+    cells = sorted((float(g["effect"]), float(g["power"])) for g in grid
+                   if int(g["n_traces"]) == m and float(g["effect"]) > 0)
+    out["n_measured"] = m
+    out["max_effect"] = cells[-1][0] if cells else float("nan")
+    out["mde"] = min_detectable_effect([e for e, _ in cells], [p for _, p in cells], target)
+    return out

@@ -5,19 +5,22 @@ The floor (`MIN_TRACES`): traces are the units of every test (`analyses.stats`),
 of them a comparison prints no CI, p-value or verdict, only n and the raw per-trace values. Why
 eight:
 
-* the two-sided exact Wilcoxon signed-rank p-value cannot go below 2 / 2^n, which is 0.0625 at
-  n = 5 (never significant at α = 0.05, whatever the data) and 0.0078 at n = 8, the smallest n at
-  which a perfectly consistent effect still passes Holm over a handful (≤ 6) of tests;
+* the two-sided sign-flip permutation p-value (`signflip_p`, the test of every comparison) cannot
+  go below 2 / 2^n, which is 0.0625 at n = 5 (never significant at α = 0.05, whatever the data)
+  and 0.0078 at n = 8, the smallest n at which a perfectly consistent effect still passes Holm
+  over a handful (≤ 6) of tests (the exact Wilcoxon signed-rank test has the same bound);
 * a bootstrap CI resamples the traces: with n traces there are C(2n−1, n) distinct resamples and
   the median takes at most n values, so at n < 8 the interval is a few order statistics with
   coverage well below its nominal level (BCa's jackknife acceleration needs n − 1 ≥ 7 leave-one-out
   values to be more than noise).
 
-Pure numpy/scipy; no I/O. Entry points: `too_few`, `bca_ci`, `rate_ci`, `falls_beyond_noise`.
+Pure numpy/scipy; no I/O. Entry points: `too_few`, `signflip_p`, `bca_ci`, `rate_ci`,
+`falls_beyond_noise`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,6 +35,8 @@ __all__ = [
     "falls_beyond_noise",
     "raw_values_text",
     "rate_ci",
+    "signflip_p",
+    "signflip_pvalues",
     "too_few",
 ]
 
@@ -47,6 +52,64 @@ def too_few(n: int, min_traces: int = MIN_TRACES) -> str | None:
     if n < min_traces:
         return f"n = {n}: too few traces for inference"
     return None
+
+
+@functools.lru_cache(maxsize=16)
+def _signs(n: int, n_perm: int, seed: int) -> np.ndarray:
+    """float64 [k, n] of ±1: every sign vector when 2^n ≤ n_perm + 1 (exact), else `n_perm`
+    random ones drawn from `seed` (cached: a table's rows of equal n share them, which keeps every
+    row's p valid and the table fast). Read-only."""
+    if 2 ** n <= n_perm + 1:
+        bits = (np.arange(2 ** n)[:, None] >> np.arange(n)) & 1
+    else:
+        bits = np.random.default_rng([seed, n]).integers(0, 2, size=(n_perm, n))
+    out = 1.0 - 2.0 * bits
+    out.setflags(write=False)
+    return out
+
+
+def signflip_p(diff: np.ndarray, *, n_perm: int = 9999, seed: int = 0) -> float:
+    """Two-sided sign-flip permutation p-value of H0: mean within-trace difference = 0.
+
+    The statistic is |Σ d_i| (the mean times n); its null distribution flips the sign of each
+    trace's difference independently (every 2^n sign vector when 2^n ≤ n_perm + 1, else `n_perm`
+    random ones, p = (1 + #{|T*| ≥ |T|}) / (n_perm + 1), the observed signs counted as a draw).
+    It tests the mean, not the pseudo-median as the signed-rank test does, so a skewed difference
+    with mean 0 is not a rejection (docs/statistics.md: why; the measured false-positive rates).
+
+    Args:
+        diff: One within-trace difference per trace (NaN-free).
+        n_perm: Random sign vectors beyond exact enumeration.
+        seed: Seed of those vectors (the same seed gives the same p).
+
+    Returns:
+        The p-value in (0, 1]; NaN for no traces or all differences 0.
+    """
+    return float(signflip_pvalues([diff], n_perm=n_perm, seed=seed)[0])
+
+
+def signflip_pvalues(diffs: Sequence[np.ndarray], *, n_perm: int = 9999,
+                     seed: int = 0) -> np.ndarray:
+    """`signflip_p` of many rows at once: rows with the same number of traces share one sign
+    matrix and one matrix product (a table of 300 rows over 200 traces in well under a second)."""
+    ds = [np.asarray(d, np.float64).reshape(-1) for d in diffs]
+    out = np.full(len(ds), np.nan)
+    by_n: dict[int, list[int]] = {}
+    for i, d in enumerate(ds):
+        if d.size and np.any(d != 0):
+            by_n.setdefault(int(d.size), []).append(i)
+    for n, rows in by_n.items():
+        signs = _signs(n, int(n_perm), int(seed))
+        D = np.stack([ds[i] for i in rows], axis=1)  # [n, k]
+        observed = np.abs(D.sum(axis=0))
+        # a relative tolerance: a sign vector giving the same |sum| counts as "as extreme"
+        tol = 1e-12 * np.abs(D).sum(axis=0)
+        hits = np.count_nonzero(np.abs(signs @ D) >= observed - tol, axis=0)
+        if 2 ** n <= n_perm + 1:  # exact: every sign vector, the observed one among them
+            out[rows] = hits / signs.shape[0]
+        else:
+            out[rows] = (hits + 1) / (signs.shape[0] + 1)
+    return out
 
 
 def raw_values_text(a: Sequence[float], b: Sequence[float], *, spec: str = ".3g",

@@ -1,4 +1,6 @@
-"""Statistics for comparing token categories across traces: bootstrap CIs, rank tests, Cliff's δ, Holm.
+"""Statistics for comparing token categories across traces: bootstrap CIs, the sign-flip p-value
+(`analyses.inference.signflip_p`; the Wilcoxon signed-rank p kept as a descriptive field), Cliff's
+δ, Holm.
 
 Tokens within a trace are not independent, so every comparison first aggregates per trace (e.g. the
 mean |ΔL̂| over a trace's reflection tokens) and then treats traces as the units: CIs resample
@@ -16,15 +18,21 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
-from analyses.inference import MIN_TRACES, bca_ci, too_few
+from analyses.inference import MIN_TRACES, bca_ci, signflip_pvalues, too_few
 
 __all__ = [
+    "PERMUTATIONS",
     "PairedComparison",
     "bootstrap_ci",
     "cliffs_delta",
     "compare_paired",
     "holm",
 ]
+
+
+PERMUTATIONS = 9999
+"""Random sign flips per permutation p-value: the smallest p is 1 / 10000, below Holm's
+0.05 / 300 for compare's largest family."""
 
 
 def cliffs_delta(x: np.ndarray, y: np.ndarray) -> float:
@@ -75,7 +83,7 @@ def bootstrap_ci(
     return (float(lo), float(hi))
 
 
-def holm(pvalues: Sequence[float]) -> np.ndarray:
+def holm(pvalues: Sequence[float] | np.ndarray) -> np.ndarray:
     """Holm–Bonferroni adjusted p-values (step-down, monotone, capped at 1); NaNs stay NaN."""
     p = np.asarray(pvalues, float)
     out = np.full_like(p, np.nan)
@@ -105,8 +113,11 @@ class PairedComparison:
         median_diff: Median over traces of (A − B) within a trace.
         ci_median_diff: Bootstrap CI of `median_diff`.
         cliffs_delta: Cliff's δ between the per-trace aggregates of A and B.
-        wilcoxon_p: Two-sided Wilcoxon signed-rank p-value of the within-trace differences.
-        p_holm: Holm-adjusted p-value (set by `compare_paired` over its comparisons).
+        wilcoxon_p: Two-sided Wilcoxon signed-rank p-value of the within-trace differences
+            (descriptive only: not calibrated on this project's data, docs/statistics.md).
+        p: The calibrated p-value the verdicts use: two-sided sign-flip permutation test of the
+            mean within-trace difference (`analyses.inference.signflip_p`).
+        p_holm: Holm-adjusted `p` (set by `compare_paired` over its comparisons).
         testable: False below the floor (`analyses.inference.MIN_TRACES`): then every CI and
             p-value is NaN (the row is outside the Holm family) and `note` says why.
         note: `"n = 2: too few traces for inference"` for an untestable row, else "".
@@ -127,6 +138,7 @@ class PairedComparison:
     ci_median_diff: tuple[float, float]
     cliffs_delta: float
     wilcoxon_p: float
+    p: float = float("nan")
     p_holm: float = float("nan")
     testable: bool = True
     note: str = ""
@@ -163,9 +175,9 @@ def _paired(a_name: str, b_name: str, a: np.ndarray, b: np.ndarray, *, n_boot: i
                                 values_a=tuple(float(x) for x in a),
                                 values_b=tuple(float(x) for x in b))
     if np.any(diff != 0):
-        p = float(stats.wilcoxon(a, b, zero_method="wilcox", alternative="two-sided").pvalue)
+        wp = float(stats.wilcoxon(a, b, zero_method="wilcox", alternative="two-sided").pvalue)
     else:
-        p = float("nan")
+        wp = float("nan")
 
     def ci(v, s):
         if ci_method == "none":
@@ -179,7 +191,7 @@ def _paired(a_name: str, b_name: str, a: np.ndarray, b: np.ndarray, *, n_boot: i
         ci_median_a=ci(a, seed),
         ci_median_b=ci(b, seed + 1),
         ci_median_diff=ci(diff, seed + 2),
-        wilcoxon_p=p,
+        wilcoxon_p=wp,
     )
 
 
@@ -191,6 +203,7 @@ def compare_paired(
     seed: int = 0,
     min_traces: int = MIN_TRACES,
     ci_method: str = "BCa",
+    n_perm: int = PERMUTATIONS,
 ) -> list[PairedComparison]:
     """Compare categories pairwise with traces as units, Holm-correcting over `pairs`.
 
@@ -204,9 +217,13 @@ def compare_paired(
             or Holm entry, only its raw values (`analyses.inference`).
         ci_method: "BCa" (`scipy.stats.bootstrap`, the default), "percentile" (`bootstrap_ci`)
             or "none" (no intervals: the tests alone, e.g. for calibration runs).
+        n_perm: Random sign flips of the permutation p-value (`analyses.inference.signflip_p`;
+            exact enumeration where 2^n is not larger); they are drawn from `seed`, so a row's p
+            is the same for the same seed.
 
     Returns:
-        One `PairedComparison` per pair, with `p_holm` filled in (Holm over the testable rows).
+        One `PairedComparison` per pair, with `p_holm` filled in (Holm of `p` over the testable
+        rows).
     """
     if ci_method not in ("BCa", "percentile", "none"):
         raise ValueError(f"ci_method must be 'BCa', 'percentile' or 'none', got {ci_method!r}.")
@@ -215,8 +232,14 @@ def compare_paired(
                 n_boot=n_boot, seed=seed + 10 * i, min_traces=min_traces, ci_method=ci_method)
         for i, (a, b) in enumerate(pairs)
     ]
-    adjusted = holm([r.wilcoxon_p for r in results])
+    diffs = []
+    for r, (a, b) in zip(results, pairs, strict=True):
+        x, y = np.asarray(per_trace[a], float), np.asarray(per_trace[b], float)
+        both = ~(np.isnan(x) | np.isnan(y))
+        diffs.append((x - y)[both] if r.testable else np.zeros(0))
+    p = signflip_pvalues(diffs, n_perm=n_perm, seed=seed)
+    adjusted = holm(p)
     return [
-        PairedComparison(**{**r.to_dict(), "p_holm": float(p)})
-        for r, p in zip(results, adjusted, strict=True)
+        PairedComparison(**{**r.to_dict(), "p": float(q), "p_holm": float(h)})
+        for r, q, h in zip(results, p, adjusted, strict=True)
     ]

@@ -7,7 +7,7 @@ ordinary tokens, shuffled labels). Pure numpy/scipy; no model, no I/O.
 
 Statistics as for the L̂ effects (docs/methods.md#controls): per trace and layer, one aggregate per set
 (mean or median over the set's tokens), then comparisons with traces as units
-(`analyses.stats.compare_paired`: bootstrap CIs resampling traces, Wilcoxon signed-rank, Cliff's
+(`analyses.stats.compare_paired`: bootstrap CIs resampling traces, the sign-flip p-value, Cliff's
 δ). Holm's correction runs over EVERY comparison of a table: all metrics × (layers + pooled) ×
 pairs. "Pooled" is the per-token mean over layers (NaN-ignoring), so a token's pooled value is its
 average magnitude through the network.

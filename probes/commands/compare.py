@@ -89,8 +89,8 @@ def add_parser(sub: Any) -> None:
         description=(
             "From the cache alone (no model): per-trace aggregates of the chosen per-token metric "
             "for reflection, delimiter and ordinary tokens, each lexicon phrase, and the controls "
-            "(paragraph-initial ordinary tokens, position-matched ordinary tokens, shuffled labels), "
-            "compared across traces with bootstrap 95% CIs, Wilcoxon signed-rank tests, Cliff's "
+            "(matched and paragraph-initial ordinary tokens, shuffled labels), "
+            "compared across traces with bootstrap 95% CIs, sign-flip permutation tests, Cliff's "
             "delta and Holm's correction; whether L-hat falls along the trajectory; RePro scores. "
             "For caches with update arrays (from `updates`): the same statistics per layer and "
             "pooled for every upd_* metric, with the shuffled-label null and (--control) a "

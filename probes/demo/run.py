@@ -109,9 +109,15 @@ def run_demo(*, out: Path | None = None, limit: int | None = None, device: str =
     return summary
 
 
-def _headline_lines(lh: dict, rv: dict) -> list[str]:
-    """The L̂ and reflection headline lines: n always; CI and p only above the floor on inference
-    (`analyses.inference.MIN_TRACES`), else the finding is "not testable at this n"."""
+def _headline_lines(lh: dict, rv: dict, table: dict | None = None,
+                    updates: dict | None = None) -> list[str]:
+    """The L̂, reflection and update headline lines. Each finding states n, its matched baseline,
+    its random-init baseline, the calibrated p-value (sign-flip permutation,
+    `analyses.inference.signflip_p`; Holm over its table) and the MDE at 80% power at its n (from
+    the stored power grid, `probes.readouts.calibration.mde_text`); below the floor on inference
+    (`analyses.inference.MIN_TRACES`) it is "not testable at this n" with no CI or p."""
+    from probes.readouts.calibration import mde_text
+
     if lh["wilcoxon_p"] is None:
         stats = (f"median change {_num(lh['median_change'], '.3g')} nats; n = {lh['n_traces']}: too "
                  "few traces for inference")
@@ -124,18 +130,41 @@ def _headline_lines(lh: dict, rv: dict) -> list[str]:
         f"its noise floor in {_num(lh['share_falling'], '.0%')} of traces, {stats}; fast = "
         f"per-prefix re-run within {_num(lh['naive_max_abs_diff'], '.1e')} nats"
     ]
+    row: dict = next((r for r in (table or {}).get("rows", [])
+                if (r["a"], r["b"]) == ("reflection", "matched_to_reflection")), {})
     head = (f"reflections vs matched ordinary tokens ({rv['metric']}, n = {rv['n_traces']} traces): "
-            f"{_num(rv['median_reflection'], '.3g')} vs {_num(rv['median_ordinary'], '.3g')}, "
-            f"difference {_num(rv['median_diff'], '.3g')}")
+            f"{_num(rv['median_reflection'], '.3g')} vs {_num(rv['median_ordinary'], '.3g')} "
+            f"(matched baseline), difference {_num(rv['median_diff'], '.3g')}")
     verdict = rv["reflections_move_lhat"]
     if verdict.startswith(("not testable", "not measurable")):
         lines.append(f"{head}: {verdict}")
     else:
         lo, hi = rv["median_diff_ci"]
         lines.append(f"{head} [95% CI {_num(lo, '.3g')}, {_num(hi, '.3g')}], Cliff's delta "
-                     f"{_num(rv['cliffs_delta'], '.2f')}, Holm p {_num(rv['p_holm'], '.2g')}: "
-                     f"reflections move L̂ {verdict} than ordinary tokens (calibration and power: "
-                     "docs/statistics.md)")
+                     f"{_num(rv['cliffs_delta'], '.2f')}, p {_num(row.get('p'), '.2g')} "
+                     f"(sign-flip permutation; Holm {_num(rv['p_holm'], '.2g')}): reflections move "
+                     f"L̂ {verdict} than ordinary tokens; random-init baseline: not measured for L̂; "
+                     f"{mde_text(int(lh['n_traces']))}")
+    upd = next((h for h in (updates or {}).get("headline", [])
+                if (h["metric"], h["a"], h["b"]) == ("upd_sigma_gate", "reflection",
+                                                     "matched_to_reflection")), None)
+    if upd is not None:
+        head = (f"upd_sigma_gate at reflections vs matched ordinary tokens (pooled layers, n = "
+                f"{upd['n_traces']} traces): {_num(upd['median_a'], '.3g')} vs "
+                f"{_num(upd['median_b'], '.3g')} (matched baseline)")
+        if upd["effect"] == "not testable":
+            lines.append(f"{head}: not testable at this n (n = {upd['n_traces']}: too few traces "
+                         "for inference)")
+        else:
+            lo, hi = upd["ci_median_diff"]
+            ctrl = upd.get("control_effect")
+            base = ("not measured" if ctrl is None else
+                    f"random-init model {ctrl}" + (" (reproduced)" if upd.get(
+                        "reproduced_by_random_init") else ""))
+            lines.append(f"{head}, difference {_num(upd['median_diff'], '.3g')} [95% CI "
+                         f"{_num(lo, '.3g')}, {_num(hi, '.3g')}], Holm p "
+                         f"{_num(upd['p_holm'], '.2g')} (sign-flip permutation): {upd['effect']}; "
+                         f"random-init baseline: {base}; {mde_text(int((updates or {})['n_traces']))}")
     return lines
 
 
@@ -337,7 +366,7 @@ def format_summary(s: dict) -> str:
             f"inspect it with `python -m probes.run inspect {c['path']}`)"
         )
     lh, rv = s["lhat"], s["reflection_vs_ordinary"]
-    lines += _headline_lines(lh, rv)
+    lines += _headline_lines(lh, rv, s.get("comparison_table"), s.get("implicit_updates"))
     lines += _format_updates(s["implicit_updates"])
     if s["plots"]:
         lines.append(f"plots: {', '.join(s['plots'])}")

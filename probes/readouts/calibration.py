@@ -4,13 +4,15 @@
     python -m probes.readouts.calibration RUN.h5 --power --effects 0.1 0.2 0.4 --sizes 10 20 50
 
 Calibration: the comparison pipeline that `compare` runs (token sets with the confound-matched
-controls, per-trace aggregates, Wilcoxon signed-rank, Holm over the whole table) is rerun `--reps`
+controls, per-trace aggregates, the sign-flip permutation p-value, Holm over the whole table) is
+rerun `--reps`
 times on null label sets: every trace's labels shifted circularly by a random offset
 (`analyses.calibration.shift_labels`), on the trained model's arrays and (with `--control`) on the
 random-init model's. Printed: the false-positive rate at α of every test with its exact binomial
-CI, and the family-wise error rate after Holm. The random-init model with the REAL labels is run
-once, matched and unmatched: its Holm-significant rows are token properties (position, identity,
-frequency), the confound the matching is meant to remove.
+CI, and the family-wise error rate after Holm; next to them the same rates of the Wilcoxon
+signed-rank p-value on the same runs (the test used before, kept as `wilcoxon_p`). The random-init
+model with the REAL labels is run once, matched and unmatched: its Holm-significant rows are
+token properties (position, identity, frequency), the confound the matching is meant to remove.
 
 Power (`--power`): the same pipeline on shifted labels with a planted effect (the reflection
 tokens' `--planted-metric` multiplied by 1 + effect, `analyses.calibration.plant`) on random
@@ -29,11 +31,19 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from analyses.calibration import family_rate, min_detectable_effect, plant, rate_rows, shift_labels
+from analyses.calibration import (
+    family_rate,
+    mde_at,
+    min_detectable_effect,
+    plant,
+    rate_rows,
+    shift_labels,
+)
 from analyses.lhat_effects import (
     DEFAULT_PAIRS,
     MATCHED_PAIRS,
@@ -41,14 +51,46 @@ from analyses.lhat_effects import (
     per_trace_aggregates,
     token_effects,
 )
+from analyses.stats import holm
 from analyses.token_sets import token_sets
 from analyses.update_effects import POOLED, update_comparison
+from probes import DATA_DIR
 from probes.errors import ProbesError
 from probes.readouts.compare_updates import SIGNED_UPDATES
 from probes.readouts.loader import load_traces
 from probes.readouts.matched import trajectory_log_frequency
 
 ALPHA = 0.05
+
+POWER_TABLE = DATA_DIR / "power_upd_sigma_gate.json"
+"""The measured power grid the headlines read their MDE from (written from this module's `--power
+--json` output; the commands and the cache are in its `source` and in docs/statistics.md)."""
+
+
+def power_table(path: Path = POWER_TABLE) -> dict[str, Any]:
+    """The stored power grid: `test`, `alpha`, `effect_unit`, `grid` (n_traces, effect, power, ci,
+    runs), `source`."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def mde_text(n: int, *, table: dict[str, Any] | None = None) -> str:
+    """The power clause of a headline finding of a run over `n` traces (all traces of the run, as
+    the power grid draws them; not only those holding the category), e.g. `MDE at 80% power: +48%
+    at 200 traces (planted-effect power of upd_sigma_gate, docs/statistics.md)`, computed from
+    the stored grid (`analyses.calibration.mde_at`)."""
+    t = power_table() if table is None else table
+    m = mde_at(t["grid"], n)
+    metric = t["test"].split()[0]
+    src = f"(planted-effect power of {metric}, docs/statistics.md)"
+    if m["n_measured"] is None:
+        smallest = min(int(g["n_traces"]) for g in t["grid"])
+        return f"power not measured below {smallest} traces {src}"
+    at = f"{m['n_measured']} traces" + ("" if m["n_measured"] == n else
+                                        f" (the largest measured size ≤ {n})")
+    if m["mde"] != m["mde"]:
+        return f"MDE at 80% power: more than +{m['max_effect']:.0%} at {at} {src}"
+    return f"MDE at 80% power: +{m['mde']:.0%} at {at} {src}"
 
 
 def _traces(path, *, control: bool = False) -> list[dict[str, Any]]:
@@ -96,11 +138,12 @@ def _is_null(name: str) -> bool:
 
 def run_once(traces, log_freq, rng, *, matched: bool = True, shuffle: bool = True,
              lhat: bool = True, values_key: str = "upd", planted: tuple[str, float] | None = None,
-             metrics: list[str] | None = None) -> dict[str, tuple[float, float, float]]:
-    """One pass of compare's tests: {test name: (p, p_holm, median diff)} (untestable rows left out)."""
+             metrics: list[str] | None = None) -> dict[str, tuple[float, float, float, float]]:
+    """One pass of compare's tests: {test name: (p, p_holm, median diff, Wilcoxon p)} (untestable
+    rows left out)."""
     pairs = MATCHED_PAIRS if matched else DEFAULT_PAIRS
     labels = [_labels(tr, rng, shuffle) for tr in traces]
-    out: dict[str, tuple[float, float, float]] = {}
+    out: dict[str, tuple[float, float, float, float]] = {}
     if lhat and all(tr["lhat"] is not None for tr in traces):
         effects = [token_effects(tr["lhat"], c, p, f, paragraph_start=tr["paragraph_start"], rng=rng,
                                  log_freq=log_freq.get(tr["id"]), matched=matched)
@@ -109,7 +152,7 @@ def run_once(traces, log_freq, rng, *, matched: bool = True, shuffle: bool = Tru
                                     ci_method="none")
         for r in table.rows:
             if r.testable:
-                out[f"L̂ |Δ| {r.a} vs {r.b}"] = (r.wilcoxon_p, r.p_holm, r.median_diff)
+                out[f"L̂ |Δ| {r.a} vs {r.b}"] = (r.p, r.p_holm, r.median_diff, r.wilcoxon_p)
     have = set.intersection(*(set(tr[values_key]) for tr in traces))
     metrics = sorted(have if metrics is None else have & set(metrics))
     if metrics:
@@ -125,7 +168,8 @@ def run_once(traces, log_freq, rng, *, matched: bool = True, shuffle: bool = Tru
         for row in cmp.rows:
             c = row.comparison
             if c.testable:
-                out[f"{row.metric} {row.layer} {c.a} vs {c.b}"] = (c.wilcoxon_p, c.p_holm, c.median_diff)
+                out[f"{row.metric} {row.layer} {c.a} vs {c.b}"] = (c.p, c.p_holm, c.median_diff,
+                                                                   c.wilcoxon_p)
     return out
 
 
@@ -136,19 +180,30 @@ def calibrate(traces, log_freq, *, reps: int, seed: int, matched: bool = True,
     `NOT_NULL` are tested as in `compare` but not counted)."""
     rng = np.random.default_rng(seed)
     hits: dict[str, list[bool]] = {}
-    fam_lhat, fam_upd = [], []
+    hits_w: dict[str, list[bool]] = {}
+    fam: dict[str, list[bool]] = {"lhat": [], "upd": [], "lhat_w": [], "upd_w": []}
     for _ in range(reps):
         res = run_once(traces, log_freq, rng, matched=matched, values_key=values_key, lhat=lhat,
                        metrics=metrics)
-        res = {n: v for n, v in res.items() if _is_null(n)}
-        for name, (p, _, _) in res.items():
-            hits.setdefault(name, []).append(bool(p < alpha))
-        fam_lhat.append(any(h < alpha for n, (_, h, _) in res.items() if n.startswith("L̂")))
-        fam_upd.append(any(h < alpha for n, (_, h, _) in res.items() if not n.startswith("L̂")))
+        for part, is_part in (("lhat", lambda n: n.startswith("L̂")),
+                              ("upd", lambda n: not n.startswith("L̂"))):
+            mine = {n: v for n, v in res.items() if is_part(n)}
+            # the Wilcoxon p-values Holm-adjusted over the same family as compare's p
+            w_holm = dict(zip(mine, holm([v[3] for v in mine.values()]), strict=True))
+            fam[part].append(any(v[1] < alpha for n, v in mine.items() if _is_null(n)))
+            fam[part + "_w"].append(any(w_holm[n] < alpha for n in mine if _is_null(n)))
+        for name, (p, _, _, wp) in res.items():
+            if _is_null(name):
+                hits.setdefault(name, []).append(bool(p < alpha))
+                hits_w.setdefault(name, []).append(bool(wp < alpha))
     rows = rate_rows(hits)
+    for row, w in zip(rows, rate_rows(hits_w), strict=True):
+        row["wilcoxon"] = {k: w[k] for k in ("n_hits", "rate", "ci")}
     return {"reps": reps, "alpha": alpha, "rows": rows,
-            "fwer_lhat": family_rate(fam_lhat) if lhat else None,
-            "fwer_updates": family_rate(fam_upd)}
+            "fwer_lhat": family_rate(fam["lhat"]) if lhat else None,
+            "fwer_updates": family_rate(fam["upd"]),
+            "wilcoxon_fwer_lhat": family_rate(fam["lhat_w"]) if lhat else None,
+            "wilcoxon_fwer_updates": family_rate(fam["upd_w"])}
 
 
 def power(traces, log_freq, *, metric: str, effects, sizes, reps: int, seed: int,
@@ -166,7 +221,7 @@ def power(traces, log_freq, *, metric: str, effects, sizes, reps: int, seed: int
                 sub = [traces[i] for i in rng.choice(len(traces), size=n, replace=False)]
                 res = run_once(sub, log_freq, rng, lhat=False, planted=(metric, eff),
                                metrics=metrics)
-                p, ph, d = res.get(name, (np.nan, np.nan, np.nan))
+                p, ph, d, _ = res.get(name, (np.nan, np.nan, np.nan, np.nan))
                 det.append(bool(ph < alpha and d * np.sign(eff) > 0) if eff else bool(ph < alpha))
             (row,) = rate_rows({name: det})
             grid.append({"n_traces": n, "effect": eff, "power": row["rate"], "ci": row["ci"],
@@ -185,21 +240,32 @@ def format_calibration(cal: dict[str, Any], title: str) -> list[str]:
     lines = [f"{title}: {cal['reps']} runs, α = {a}"]
     shown = [r for r in cal["rows"] if r["test"].startswith("L̂") or f" {POOLED} " in r["test"]]
     w = max(len(r["test"]) for r in shown) if shown else 10
-    lines.append(f"  {'test':<{w}}  runs  FPR     95% CI")
+    lines.append(f"  {'test':<{w}}  runs  FPR     95% CI          (Wilcoxon, before)")
     for r in shown:
         flag = "  ABOVE α" if r["ci"][0] > a else ""
+        wx = r.get("wilcoxon")
+        old = "" if wx is None else f"  ({wx['rate']:.3f} [{wx['ci'][0]:.3f}, {wx['ci'][1]:.3f}])"
         lines.append(f"  {r['test']:<{w}}  {r['n_runs']:>4}  {r['rate']:.3f}  "
-                     f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]{flag}")
+                     f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]{old}{flag}")
     every = cal["rows"]
     above = [r["test"] for r in every if r["ci"][0] > a]
     lines.append(f"  all {len(every)} tests: mean FPR {np.mean([r['rate'] for r in every]):.3f}, "
                  f"max {max(r['rate'] for r in every):.3f}; CI above α: {len(above)}"
                  + (f" ({', '.join(above[:8])}{', ...' if len(above) > 8 else ''})" if above else ""))
+    if every and "wilcoxon" in every[0]:
+        w_above = sum(r["wilcoxon"]["ci"][0] > a for r in every)
+        lines.append(f"  (Wilcoxon on the same runs: mean FPR "
+                     f"{np.mean([r['wilcoxon']['rate'] for r in every]):.3f}, max "
+                     f"{max(r['wilcoxon']['rate'] for r in every):.3f}; CI above α: {w_above})")
     for key, label in (("fwer_lhat", "L̂ table"), ("fwer_updates", "update table")):
         f = cal.get(key)
         if f is not None:
             lines.append(f"  family-wise error after Holm, {label}: {f['rate']:.3f} "
                          f"[{f['ci'][0]:.3f}, {f['ci'][1]:.3f}] ({f['n_hits']}/{f['n_runs']})")
+        f = cal.get("wilcoxon_" + key)
+        if f is not None:
+            lines.append(f"    (Wilcoxon, before: {f['rate']:.3f} [{f['ci'][0]:.3f}, "
+                         f"{f['ci'][1]:.3f}])")
     return lines
 
 
@@ -267,9 +333,10 @@ def main(argv: list[str] | None = None) -> int:
                     res = run_once(both, log_freq, rng, matched=matched, shuffle=False,
                                    values_key="ctrl", lhat=False, metrics=args.metrics)
                     real["matched" if matched else "unmatched"] = {
-                        "n_tests": len(res), "n_holm_significant": sum(h < ALPHA for _, h, _ in res.values()),
+                        "n_tests": len(res),
+                        "n_holm_significant": sum(v[1] < ALPHA for v in res.values()),
                         "category_rows_significant": sorted(
-                            n for n, (_, h, _) in res.items() if h < ALPHA and "shuffled" not in n)}
+                            n for n, v in res.items() if v[1] < ALPHA and "shuffled" not in n)}
                 result["random_init_real_labels"] = real
                 lines.append("random-init model with the REAL labels (token properties, not learning):")
                 for k, v in real.items():

@@ -26,7 +26,7 @@ def test_below_the_floor_no_ci_no_p_but_raw_values(n):
     (r,) = compare_paired({"a": a, "b": b}, [("a", "b")], n_boot=200)
     assert r.n_traces == n and not r.testable
     assert r.note == f"n = {n}: too few traces for inference"
-    assert np.isnan(r.wilcoxon_p) and np.isnan(r.p_holm)
+    assert np.isnan(r.wilcoxon_p) and np.isnan(r.p) and np.isnan(r.p_holm)
     assert all(np.isnan(x) for x in (*r.ci_median_a, *r.ci_median_b, *r.ci_median_diff))
     assert r.values_a == tuple(a) and r.values_b == tuple(b)
     assert r.median_diff == pytest.approx(np.median(a - b))
@@ -41,9 +41,10 @@ def test_at_the_floor_a_consistent_effect_is_tested_and_holm_skips_untestable_ro
     a8, b8 = rng.normal(5, 1, 8), rng.normal(0, 1, 8)
     two = {"a": np.r_[a8[:2], [np.nan] * 6], "b": np.r_[b8[:2], [np.nan] * 6]}
     (r8, r2) = compare_paired({"a8": a8, "b8": b8, **two}, [("a8", "b8"), ("a", "b")], n_boot=300)
-    assert r8.testable and r8.wilcoxon_p == pytest.approx(2 / 2**8)
+    # exact sign-flip enumeration at n = 8: only all-plus and all-minus are as extreme
+    assert r8.testable and r8.p == pytest.approx(2 / 2**8)
     # the untestable row is not in the Holm family: one test, so p_holm == p
-    assert r8.p_holm == pytest.approx(r8.wilcoxon_p)
+    assert r8.p_holm == pytest.approx(r8.p)
     assert not r2.testable and np.isnan(r2.p_holm)
     lo, hi = r8.ci_median_diff
     assert 0 < lo < np.median(a8 - b8) < hi
@@ -149,3 +150,58 @@ def test_shifted_labels_keep_runs_and_planting_is_exact():
     assert row["rate"] == 0.05 and row["ci"][0] < 0.05 < row["ci"][1]
     assert min_detectable_effect([0.1, 0.2, 0.4], [0.3, 0.6, 1.0]) == pytest.approx(0.3)
     assert np.isnan(min_detectable_effect([0.1, 0.2], [0.1, 0.2]))
+
+
+def _shifted_null_differences(draws: int, *, n: int = 40, T: int = 100, effect: float = 0.0,
+                              seed: int = 0) -> list[np.ndarray]:
+    """Per draw, one within-trace difference per trace: the mean of a log-normal per-token value
+    at a one-token "reflection" minus its mean over the trace's other tokens, with the labels
+    rolled by `analyses.calibration.shift_labels` (the calibration's null) and the reflection's
+    value scaled by 1 + effect (`analyses.calibration.plant`). The difference has mean 0 under the
+    null but is right-skewed: its median is below 0."""
+    from analyses.calibration import plant, shift_labels
+
+    rng = np.random.default_rng(seed)
+    values = [rng.lognormal(0.0, 0.5, T) for _ in range(n)]
+    cat = np.zeros(T, np.uint8)
+    cat[T // 2] = REFLECTION
+    out = []
+    for _ in range(draws):
+        d = []
+        for v in values:
+            c, _, _ = shift_labels(cat, None, None, rng)
+            w = plant(v, c, effect)
+            d.append(w[c == REFLECTION].mean() - w[c == ORDINARY].mean())
+        out.append(np.asarray(d))
+    return out
+
+
+def test_signflip_p_is_calibrated_on_a_skewed_label_shift_null_where_wilcoxon_is_not():
+    from scipy import stats
+
+    from analyses.inference import signflip_pvalues
+
+    diffs = _shifted_null_differences(200)
+    p = signflip_pvalues(diffs, seed=1)
+    k = int(np.sum(p < 0.05))
+    lo, hi = rate_ci(k, 200)
+    assert lo <= 0.05 <= hi, (k, lo, hi)
+    # the signed-rank test on the same draws rejects far more often than 5%
+    kw = sum(stats.wilcoxon(d).pvalue < 0.05 for d in diffs)
+    assert rate_ci(kw, 200)[0] > 0.05, kw
+
+
+def test_signflip_p_detects_a_planted_effect_and_is_deterministic():
+    from analyses.inference import signflip_p, signflip_pvalues
+
+    planted = _shifted_null_differences(20, effect=0.5, seed=2)
+    p = signflip_pvalues(planted, seed=3)
+    assert np.all(p < 0.05)
+    assert np.all(p == signflip_pvalues(planted, seed=3))  # same seed, same p, batch or not
+    assert [signflip_p(d, seed=3) for d in planted] == list(p)
+    assert not np.array_equal(signflip_pvalues(_shifted_null_differences(20, seed=2), seed=3),
+                              signflip_pvalues(_shifted_null_differences(20, seed=2), seed=4))
+    # exact below 2^n <= n_perm + 1; the Monte-Carlo p never reaches 0
+    assert signflip_p(np.ones(8)) == 2 / 2**8
+    assert signflip_p(np.ones(40), n_perm=999) == 1 / 1000
+    assert np.isnan(signflip_p(np.zeros(10)))

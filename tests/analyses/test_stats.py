@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from analyses.stats import bootstrap_ci, cliffs_delta, compare_paired, holm
+from analyses.stats import PERMUTATIONS, bootstrap_ci, cliffs_delta, compare_paired, holm
 
 
 def test_cliffs_delta_extremes_and_brute_force():
@@ -42,12 +42,14 @@ def test_planted_effect_is_found_and_null_is_not():
     null = {"reflection": base + rng.normal(0, 0.3, n), "ordinary": base + rng.normal(0, 0.3, n)}
     (eff,) = compare_paired(planted, [("reflection", "ordinary")], n_boot=1000)
     assert eff.n_traces == n
-    assert eff.wilcoxon_p < 1e-6 and eff.p_holm < 1e-6
+    assert eff.wilcoxon_p < 1e-6
+    # no random sign flip is as extreme: the smallest permutation p-value
+    assert eff.p == eff.p_holm == 1 / (PERMUTATIONS + 1)
     assert eff.ci_median_diff[0] > 0
     assert eff.cliffs_delta > 0.3
     (no,) = compare_paired(null, [("reflection", "ordinary")], n_boot=1000)
     assert no.ci_median_diff[0] < 0 < no.ci_median_diff[1]
-    assert no.wilcoxon_p > 0.05
+    assert no.wilcoxon_p > 0.05 and no.p > 0.05
 
 
 def test_traces_missing_a_category_are_dropped_from_the_pair():

@@ -142,15 +142,39 @@ def _identity(scan: _Scan, control: Path | None) -> list[Table]:
             Table(["analysis", "traces"], held, caption="what the cache holds")]
 
 
+def _finding(row: dict[str, Any], n_run: int, what: str) -> str:
+    """One headline finding: n, the matched baseline, the random-init baseline (where a control was
+    compared), the calibrated p (sign-flip permutation, `analyses.inference.signflip_p`) and its
+    Holm adjustment, the MDE at 80% power for a run of `n_run` traces; below the floor on
+    inference "not testable at this n" and no CI or p."""
+    from probes.readouts.calibration import mde_text
+
+    head = (f"{what} ({row['n_traces']} traces): {fmt(row['median_a'])} vs {fmt(row['median_b'])} "
+            f"({row['b']}, the matched baseline)" if row["b"].startswith("matched_") else
+            f"{what} ({row['n_traces']} traces): {fmt(row['median_a'])} vs {fmt(row['median_b'])} "
+            f"({row['b']})")
+    if row.get("testable") is False:
+        return f"{head}: not testable at this n ({row.get('note')})"
+    lo, hi = row["ci_median_diff"]
+    ctrl = row.get("control")
+    base = ("not measured" if not ctrl else
+            f"difference {fmt(ctrl.get('median_diff'))}, {row.get('control_effect')}")
+    return (f"{head}: difference {fmt(row['median_diff'])} [{fmt(lo)}, {fmt(hi)}], p "
+            f"{fmt(row.get('p'), '.2g')} (sign-flip permutation), Holm p {fmt(row['p_holm'], '.2g')}"
+            f"; random-init baseline: {base}; {mde_text(n_run)}")
+
+
 def headline_lines(scan_counts: dict[str, Any], compare: dict[str, Any] | None) -> list[str]:
     """The report's summary lines: size of the run, L̂ trend, reflections vs ordinary tokens,
-    the update comparisons and the behaviour fit (those present)."""
+    the update comparisons and the behaviour fit (those present). Each comparison finding carries
+    n, its matched and random-init baselines, the calibrated p and the MDE (`_finding`)."""
     lines = [f"{scan_counts['n_traces']} traces of {scan_counts['model']}: "
              f"{scan_counts['tokens']} tokens, {scan_counts['reflection']} reflection and "
              f"{scan_counts['delimiter']} delimiter tokens ({scan_counts['with_reflection']} traces "
              "with a reflection)"]
     if compare is None:
         return [*lines, "no L̂ curves or update arrays yet: run `lhat` and/or `updates` on it"]
+    n_run = int(compare.get("n_traces") or scan_counts["n_traces"])
     if "trend" in compare:
         t = compare["trend"]
         lines.append(f"L̂ falls along the trajectory in {fmt(t.get('share_falling'), '.0%')} of traces "
@@ -161,13 +185,12 @@ def headline_lines(scan_counts: dict[str, Any], compare: dict[str, Any] | None) 
         if row is not None:
             meta = compare["table"]["meta"]
             metric = _METRIC_NAMES.get(meta.get("metric"), meta.get("metric"))
-            lo, hi = row["ci_median_diff"]
-            lines.append(f"{row['a']} vs {row['b']} tokens, per-trace {meta.get('statistic')} {metric} "
-                         f"({row['n_traces']} traces): difference "
-                         f"{fmt(row['median_diff'])} [{fmt(lo)}, {fmt(hi)}], Holm p "
-                         f"{fmt(row['p_holm'], '.2g')}")
+            lines.append(_finding(row, n_run, f"{row['a']} vs {row['b']} tokens, per-trace "
+                                              f"{meta.get('statistic')} {metric}")
+                         .replace("; random-init baseline: not measured",
+                                  "; random-init baseline: not measured for L̂"))
     if "updates" in compare:
-        lines += _update_headline(compare["updates"])
+        lines += _update_headline(compare["updates"], n_run)
     fits = (compare.get("fit") or {}).get("fits", {})
     if "delta" in fits:
         f = fits["delta"]
@@ -177,7 +200,7 @@ def headline_lines(scan_counts: dict[str, Any], compare: dict[str, Any] | None) 
     return lines
 
 
-def _update_headline(u: dict[str, Any]) -> list[str]:
+def _update_headline(u: dict[str, Any], n_run: int) -> list[str]:
     rows = u["comparison"]["rows"]
     sig = [r for r in rows if r["effect"] in ("more", "less")]
     null = [r for r in rows if (r["a"], r["b"]) == ("shuffled_reflection", "shuffled_ordinary")]
@@ -185,14 +208,17 @@ def _update_headline(u: dict[str, Any]) -> list[str]:
     ctrl = f", {rep} of them reproduced by the random-init model" if u.get("control") else ""
     lines = [f"implicit updates: {len(sig)} of {len(rows)} comparisons significant after Holm{ctrl}; "
              f"shuffled-label null significant in {sum(r in sig for r in null)} of {len(null)}"]
-    pooled = [r for r in sig if r["layer"] == "pooled" and (r["a"], r["b"]) in (
+    heads = [r for r in rows if r["layer"] == "pooled" and (r["a"], r["b"]) in (
         ("reflection", "matched_to_reflection"), ("reflection", "ordinary"))]
+    pooled = [r for r in heads if r in sig]
     strong = sorted(pooled, key=lambda r: -abs(r["cliffs_delta"] or 0))[:2]
     for r in strong:
-        tail = ("" if r.get("reproduced_by_random_init") is None else
-                "; also in random-init" if r["reproduced_by_random_init"] else "; not in random-init")
-        lines.append(f"  {r['metric']}: reflection tokens {r['effect']} than ordinary "
-                     f"(Cliff's δ {fmt(r['cliffs_delta'], '.2f')}{tail})")
+        lines.append(f"  {r['metric']}: reflection tokens {r['effect']} than ordinary; "
+                     + _finding(r, n_run, f"{r['metric']} pooled, {r['a']} vs {r['b']}"))
+    untestable = sorted({r["metric"] for r in heads if r.get("testable") is False})
+    if untestable:
+        lines.append(f"  not testable at this n: {', '.join(untestable)} (reflection vs "
+                     f"{heads[0]['b']}, pooled: below the floor on inference)")
     return lines
 
 

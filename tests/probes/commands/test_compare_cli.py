@@ -50,7 +50,10 @@ def test_table_with_random_init_control(caches, capsys):
     n_layers, metrics = upd["n_layers"], upd["metrics"]
     assert n_layers == 4 and {"upd_contrib", "upd_loo", "upd_sigma_gate"} <= set(metrics)
     rows = upd["comparison"]["rows"]
-    assert len(rows) == len(metrics) * (n_layers + 1) * 6
+    # 5 pairs: two matched category rows, reflection vs delimiter / paragraph_initial, the null
+    # (position_matched is no row: anti-conservative, docs/statistics.md)
+    assert len(rows) == len(metrics) * (n_layers + 1) * 5
+    assert not any("position_matched" in (r["a"], r["b"]) for r in rows)
     assert upd["comparison"]["meta"]["n_tests"] == len(rows)
     assert {r["layer"] for r in rows} == {0, 1, 2, 3, "pooled"}
     for r in rows:
