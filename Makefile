@@ -1,8 +1,9 @@
 # Two commands for a fresh machine (Python >= 3.10, pip, make):
 #   make demo   build .venv, install the toolkit, run the demo on the built-in tiny-reasoner
 #   make test   build .venv, install the toolkit with its test extras, run the test suite
-#   make test-fast  the same without the process-level tests (marked `slow`: kill -9 loops,
-#               torchrun, the headless browser, the wheel, CLI end-to-end runs in subprocesses)
+#   make test-fast  the edit loop: the suite without the tests marked `slow` (kill -9 loops,
+#               torchrun, the headless browser, the wheel, CLI runs in subprocesses, multi-stage
+#               end-to-end runs), on every core (pytest-xdist); docs/development.md#test-tiers
 #   make lint   the house checks: ruff, the import-linter contracts and mypy (pyproject.toml)
 # torch is pinned here (2.13.0, the CPU build on our machines) and installed only when .venv has
 # no torch yet: on a GPU box install the torch build you want into .venv first and it is kept.
@@ -27,8 +28,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+# --dist loadscope keeps a module's tests on one worker: its module-scoped fixtures are built once.
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n auto --dist loadscope
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -15,17 +15,37 @@ MODEL = ["--model", "tiny-reasoner", "--device", "cpu", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory):
-    """16 traces: L̂ + updates of the trained model in run.h5, the random-init control in rand.h5."""
-    root = tmp_path_factory.mktemp("cmpupd")
-    traces = root / "t.jsonl"
-    traces.write_text("".join(SAMPLES_PATH.read_text().splitlines(keepends=True)[:16]))
-    run, rand, only = root / "run.h5", root / "rand.h5", root / "only.h5"
-    for argv in (["lhat", "--resume", "--out", str(run)], ["updates", "--resume", "--out", str(run)],
-                 ["updates", "--resume", "--out", str(rand), "--control", "random-init"],
-                 ["updates", "--resume", "--out", str(only), "--limit", "8"]):
-        assert main([argv[0], *MODEL, "--traces", str(traces), *argv[1:]]) == 0
-    return {"run": run, "rand": rand, "only": only}
+def traces(tmp_path_factory):
+    """The first 16 sample traces of tiny-reasoner."""
+    path = tmp_path_factory.mktemp("cmpupd") / "t.jsonl"
+    path.write_text("".join(SAMPLES_PATH.read_text().splitlines(keepends=True)[:16]))
+    return path
+
+
+def _updates(traces, out, *extra) -> None:
+    assert main(["updates", *MODEL, "--traces", str(traces), "--resume", "--out", str(out),
+                 *extra]) == 0
+
+
+@pytest.fixture(scope="module")
+def caches(traces):
+    """`only`: updates of the trained model on 8 traces; `rand`: the random-init control's on 2
+    (enough to be refused as the main cache)."""
+    only, rand = traces.parent / "only.h5", traces.parent / "rand2.h5"
+    _updates(traces, only, "--limit", "8")
+    _updates(traces, rand, "--limit", "2", "--control", "random-init")
+    return {"only": only, "rand": rand}
+
+
+@pytest.fixture(scope="module")
+def full(traces):
+    """All 16 traces: L̂ + updates of the trained model in run.h5, the random-init control in
+    rand.h5 (the fit of ΔL̂ needs them all: the slow tests only)."""
+    run, rand = traces.parent / "run.h5", traces.parent / "rand.h5"
+    assert main(["lhat", *MODEL, "--traces", str(traces), "--resume", "--out", str(run)]) == 0
+    _updates(traces, run)
+    _updates(traces, rand, "--control", "random-init")
+    return {"run": run, "rand": rand}
 
 
 def _report(capsys, *argv) -> dict:
@@ -44,7 +64,9 @@ def test_updates_store_the_labels_compare_needs(caches):
         assert tr["phrase_id"].shape == tr.tokens.shape
 
 
-def test_table_with_random_init_control(caches, capsys):
+@pytest.mark.slow  # L̂ + updates of two models on 16 traces, then compare's table and fit on them
+def test_table_with_random_init_control(full, capsys):
+    caches = full
     rep = _report(capsys, str(caches["run"]), "--control", str(caches["rand"]))
     upd = rep["updates"]
     n_layers, metrics = upd["n_layers"], upd["metrics"]
@@ -89,7 +111,9 @@ def test_updates_only_cache_has_no_lhat_part(caches, capsys):
     assert rep["updates"]["n_traces"] == 8
 
 
-def test_text_report_and_plots(caches, tmp_path, capsys):
+@pytest.mark.slow  # the same 16-trace caches, with every plot
+def test_text_report_and_plots(full, tmp_path, capsys):
+    caches = full
     capsys.readouterr()
     assert main(["compare", str(caches["run"]), "--control", str(caches["rand"]), "--n-boot",
                  "100", "--plots", str(tmp_path / "plots"), "--layers", "all"]) == 0
@@ -105,7 +129,7 @@ def test_text_report_and_plots(caches, tmp_path, capsys):
 @pytest.mark.parametrize("which", ["control_is_trained", "main_is_control", "unknown_metric"])
 def test_bad_control_or_metric_is_one_line_error(caches, capsys, which):
     argv = {
-        "control_is_trained": [str(caches["run"]), "--control", str(caches["only"])],
+        "control_is_trained": [str(caches["only"]), "--control", str(caches["only"])],
         "main_is_control": [str(caches["rand"])],
         "unknown_metric": [str(caches["only"]), "--update-metrics", "upd_nope"],
     }[which]
@@ -119,8 +143,7 @@ def test_bad_control_or_metric_is_one_line_error(caches, capsys, which):
     assert expected in err[0]
 
 
-def test_layers_subset_is_stored_labelled_and_enforced(caches, tmp_path, capsys):
-    traces = caches["run"].parent / "t.jsonl"
+def test_layers_subset_is_stored_labelled_and_enforced(traces, caches, tmp_path, capsys):
     sub = tmp_path / "sub.h5"
     argv = ["updates", "--resume", *MODEL, "--traces", str(traces), "--out", str(sub), "--limit", "8"]
     assert main([*argv, "--layers", "1", "3"]) == 0
@@ -138,8 +161,7 @@ def test_layers_subset_is_stored_labelled_and_enforced(caches, tmp_path, capsys)
     assert len(err) == 1 and "holds update arrays of layers [1, 3]" in err[0]
 
 
-def test_control_with_other_answer_rows_is_refused(caches, tmp_path, capsys):
-    traces = caches["run"].parent / "t.jsonl"
+def test_control_with_other_answer_rows_is_refused(traces, caches, tmp_path, capsys):
     rand_mean = tmp_path / "rand_mean.h5"
     assert main(["updates", "--resume", *MODEL, "--traces", str(traces), "--out", str(rand_mean), "--limit",
                  "8", "--control", "random-init", "--answer-rows", "mean"]) == 0

@@ -346,6 +346,7 @@ def test_spool_without_room_is_one_error(traces, references, tmp_path, capsys, m
     assert snapshot(out) == expected
 
 
+@pytest.mark.slow  # two `cache` runs in child processes (in-process: the spool tests above)
 def test_spool_on_a_full_tmpfs_is_no_sigbus(traces, references, tmp_path):
     """Writes into a memory-mapped spool on a full disk ended the process with SIGBUS (exit -7,
     no message); the space is reserved first, so the run ends with one error line, exit 2."""

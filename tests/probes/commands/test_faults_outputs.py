@@ -114,8 +114,9 @@ def _report(d, f):
 
 
 def _fit(d, f):
-    return ["fit", *BASE, "--traces", str(d["traces"]), "--limit", "2", "--no-nll", "--n-boot", "20",
-            "-q", "--out", str(f / "fit.json")], [f / "fit.json"]
+    # one layer: what is under test is the write of the report, not the size of the fits
+    return ["fit", *BASE, "--traces", str(d["traces"]), "--limit", "2", "--layers", "0", "--no-nll",
+            "--n-boot", "20", "-q", "--out", str(f / "fit.json")], [f / "fit.json"]
 
 
 def _effects(d, f):
@@ -296,6 +297,7 @@ def test_full_tmpfs(name, data, reference, tmp_path, capsys):
         _umount(disk)
 
 
+@pytest.mark.slow  # six child processes, each loading the toolkit and writing the page
 @pytest.mark.parametrize(("kind", "kib"), [("ulimit", 50), ("ulimit", 200), ("ulimit", 500),
                                          ("tmpfs", 100), ("tmpfs", 300), ("tmpfs", 600)])
 def test_report_room(kind, kib, data, reference, tmp_path):
@@ -367,6 +369,7 @@ def _check_cut(path: Path, before: bytes, lines: list[bytes], err: str, cause: s
     assert path.read_bytes() == before + lines[0]  # every complete record, no partial line
 
 
+@pytest.mark.slow  # a child process that loads the model and generates (in-process: full tmpfs)
 @pytest.mark.parametrize("kib", [8, 16, 24])
 def test_generate_file_size_limit_in_a_child_process(kib, generated, tmp_path):
     """`ulimit -f` in a child process: exit 2 (not SIGXFSZ), the file ends with its last complete
@@ -438,6 +441,7 @@ def updates_store(data, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # five child processes without CAP_DAC_OVERRIDE, each loading the toolkit
 def test_unwritable_outputs_are_refused_before_any_work(data, generated, updates_store, tmp_path):
     """A read-only folder (generate, report, grade), a read-only JSONL to resume, a read-only
     store lock file (updates --resume): one line each, exit 2, nothing written."""

@@ -23,6 +23,7 @@ def samples(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # fit of the trained and the random-init model, then the library fits again
 def test_report_matches_the_library(samples, tmp_path, capsys):
     out = tmp_path / "fit.json"
     assert main(["fit", "--model", "tiny-reasoner", "--traces", str(samples), "--device", "cpu",

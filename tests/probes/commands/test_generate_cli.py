@@ -47,6 +47,7 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow  # the demo's generation part: 24 samples, graded, L̂ on them, then updates
 def test_own_samples_through_lhat_and_updates(tiny, tmp_path, capsys):
     """The demo's part (smaller: 6 fresh questions x 4 samples), graded, L̂ on them; then `updates`."""
     figures = generation_demo(tiny, tmp_path, n_questions=6)
