@@ -114,3 +114,5 @@ def test_compare_detects_the_planted_effect_and_not_on_the_control(planted_run):
     assert row["p_holm"] < 0.05
     assert null["testable"] and np.isfinite(null["p_holm"]) and not null["p_holm"] < 0.05
     assert null["cliffs_delta"] < 0.3  # the control must not show the trained direction
+    # the random-init baseline: at most a token-identity effect, far below the trained one
+    assert abs(null["median_diff"]) < 0.02 * row["median_diff"]
