@@ -18,7 +18,7 @@ import struct
 import numpy as np
 import pytest
 
-import probes.models.load as load_module
+import probes.pipeline.loop as load_module  # the write loop loads every model: patch it there
 from cache import open_cache, segments_dir
 from probes.reasoner.train import CHECKPOINT_DIR, SAMPLES_PATH
 from probes.run import main
