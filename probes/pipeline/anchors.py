@@ -2,7 +2,6 @@
 
 Per trace (through the write loop, `probes.pipeline.loop.write_traces`): the chunks and their
 labels (`probes.traces.chunks`; always), then the analyses asked for with `--analyses`:
-
 - `receiver`: vertical scores of every layer × head and the per-head kurtosis
   (`probes.measures.anchors.receivers.chunk_attention`);
 - `suppression`: the chunk × chunk KL matrix and the answer-NLL change of masking each chunk's
@@ -28,10 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from analyses import anchor_plots
+from cache import open_cache
 from hooks.model import LoadedModel
 from probes.errors import ProbesError
 from probes.measures.anchors import receivers as anc
 from probes.measures.anchors import resampling as rs
+from probes.measures.lhat.fast import lhat_fast
 from probes.models.spec import ModelSpec
 from probes.pipeline.configs import (
     ANALYSES,
@@ -41,6 +43,7 @@ from probes.pipeline.configs import (
 )
 from probes.pipeline.loop import Log, Plan, TraceOutput, WriteJob, WriteResult, loader, write_traces
 from probes.pipeline.progress import Stages
+from probes.safe_output import save_figure
 from probes.traces.categories import CATEGORY_NAMES, categorize, load_lexicon
 from probes.traces.chunks import chunk_labels, token_chunks
 
@@ -189,9 +192,6 @@ def anchors_traces(model: ModelSpec | LoadedModel | str, traces: TraceSource | s
 def draw_plots(path: str | Path, summary: dict[str, Any], folder: Path) -> list[str]:
     """Receiver-head kurtosis (layer × head), and the suppression matrix and chunk measures of the
     first trace that has them, as PNGs in `folder`."""
-    from analyses import anchor_plots
-    from cache import open_cache
-    from probes.safe_output import save_figure
 
     out = []
     if summary.get("mean_kurtosis"):
@@ -221,8 +221,6 @@ def draw_plots(path: str | Path, summary: dict[str, Any], folder: Path) -> list[
 
 def _resampling_arrays(loaded, tt, chunks, cfg: AnchorsConfig, embed, result: AnchorsRunResult,
                        bar: Stages) -> dict[str, np.ndarray]:
-    from probes.measures.lhat.fast import lhat_fast
-
     clock = time.perf_counter()
     samples = rs.resample(loaded, tt, chunks.spans, cfg.resample,
                           on_batch=lambda n: bar.advance(n))
@@ -251,7 +249,6 @@ CHUNK_MEASURES: tuple[tuple[str, str], ...] = (
 
 def summarize_anchors(path: str | Path, *, top_heads: int = anc.TOP_K_HEADS) -> dict[str, Any]:
     """Receiver heads and per-category chunk measures of an anchors cache (JSON-able)."""
-    from cache import open_cache
 
     per_trace: list[dict[str, np.ndarray]] = []
     with open_cache(path) as reader:

@@ -13,6 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from cache import (
+    CacheError,
+    CacheLockedError,
+    CacheMismatchError,
+    check_segments_folder,
+    check_unlocked,
+    open_cache,
+    store_exists,
+)
 from probes.errors import ProbesError
 from probes.pipeline.job import WriteJob
 from probes.pipeline.shards import current_shard
@@ -32,7 +41,6 @@ def check_out(out: Path, *, resume: bool, overwrite: bool = False) -> None:
     Raises:
         CacheError: A folder, a missing parent folder, or an existing file without `resume`.
     """
-    from cache import CacheError
 
     if not out.parent.is_dir():
         raise CacheError(f"cannot create {out}: folder {out.parent} does not exist; create it "
@@ -111,13 +119,6 @@ def read_stored(job: WriteJob) -> Stored | None:
     Opening it also reports a locked, truncated, foreign or other-version file before the model
     is loaded.
     """
-    from cache import (
-        CacheLockedError,
-        check_segments_folder,
-        check_unlocked,
-        open_cache,
-        store_exists,
-    )
 
     if job.overwrite or not (job.out.exists() or (job.resume and store_exists(job.out))):
         return None  # (segments without their index file are replaced unless --resume)
@@ -150,7 +151,6 @@ def new_file_config(job: WriteJob, *, prompt_format: str | None, scaffold: str) 
 def check_tokens(out: Path, stored: Stored, tokenized: Iterable[TokenizedTrace],
                   traces_path: Path) -> None:
     """Refuse (before anything is written) a trace whose stored tokens differ."""
-    from cache import CacheMismatchError
 
     for tt in tokenized:
         prior = stored.traces.get(tt.trace.id)

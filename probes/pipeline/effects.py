@@ -3,7 +3,6 @@ directions, into an HDF5 cache (docs/methods.md#effects, #directions).
 
 Per trace (through the one write loop, `probes.pipeline.loop.write_traces`; resumable, done =
 `eff_dl_mlp` present):
-
 * (layer ℓ, token t) pairs are sampled, `--pairs-per-category` per category (reflection, delimiter,
   ordinary; seeded per trace id), and for each the two real edits of `probes.measures.effects.edits` are
   run to the answer loss, batched `--batch-size` edited copies per forward: the attention knockout
@@ -44,8 +43,22 @@ import numpy as np
 
 from analyses.token_sets import CATEGORY_CODES, CATEGORY_NAMES
 from hooks.model import LoadedModel
+from hooks.weights import llama_layers
 from probes import arrays
 from probes.errors import ProbesError
+from probes.measures.effects.directions import (
+    DIRECTION_CATEGORIES,
+    DirectionAccumulator,
+    DirectionsError,
+    cosines,
+    loo_residual,
+    probe_accuracy,
+    projections,
+    trajectory_residuals,
+)
+from probes.measures.effects.edits import EffectsError, causal_effects, sample_pairs
+from probes.measures.updates.alignment import answer_alignment
+from probes.measures.updates.shared_pass import check_supported
 from probes.models.controls import random_init_model
 from probes.models.spec import ModelSpec
 from probes.pipeline.configs import (
@@ -64,6 +77,8 @@ from probes.pipeline.loop import (
     write_traces,
 )
 from probes.safe_output import write_file
+from probes.traces.categories import categorize, load_lexicon
+from probes.traces.tokenize import tokenize_traces
 
 NAME = "effects"
 
@@ -95,8 +110,6 @@ def _rng(seed: int, trace_id: str) -> np.random.Generator:
 
 
 def _trajectory_names(tt, lexicon) -> np.ndarray:
-    from probes.traces.categories import categorize
-
     a, b = tt.spans["trajectory"]
     codes = categorize(tt, lexicon).category[a:b]
     return np.array([CATEGORY_NAMES[int(c)] for c in codes], dtype=object)
@@ -105,13 +118,6 @@ def _trajectory_names(tt, lexicon) -> np.ndarray:
 def _directions_pass(loaded: LoadedModel, tokenized, lexicon, seed: int, log: Log
                      ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Pass 1: the difference-of-means directions and the probe accuracies over all traces."""
-    from probes.measures.effects.directions import (
-        DIRECTION_CATEGORIES,
-        DirectionAccumulator,
-        DirectionsError,
-        probe_accuracy,
-        trajectory_residuals,
-    )
 
     acc = DirectionAccumulator()
     feats: dict[str, list[np.ndarray]] = {c: [] for c in DIRECTION_CATEGORIES}
@@ -157,18 +163,6 @@ def effects_traces(model: ModelSpec | LoadedModel | str, traces: TraceSource | s
         ProbesError, CacheError: Bad input, an unsupported model, a cache made with another model
             or other effects settings.
     """
-    from probes.measures.effects.directions import (
-        DIRECTION_CATEGORIES,
-        cosines,
-        loo_residual,
-        projections,
-        trajectory_residuals,
-    )
-    from probes.measures.effects.edits import causal_effects, sample_pairs
-    from probes.measures.updates.alignment import answer_alignment
-    from probes.measures.updates.shared_pass import check_supported
-    from probes.traces.categories import load_lexicon
-    from probes.traces.tokenize import tokenize_traces
 
     source = trace_source(traces, cfg)
     out = Path(out)
@@ -254,9 +248,6 @@ def effects_traces(model: ModelSpec | LoadedModel | str, traces: TraceSource | s
 
 
 def _layer_views(loaded: LoadedModel):
-    from hooks.weights import llama_layers
-    from probes.measures.effects.edits import EffectsError
-
     return llama_layers(loaded, what="effects", error=EffectsError)
 
 

@@ -1,7 +1,6 @@
 """`python -m probes.run fit`: the fitted linear maps (M12, docs/methods.md#m12) on a set of traces.
 
 Needs the model (the fitted vectors are d-dimensional per token and layer, not stored in caches):
-
 * (a) pseudo-gradient map (`probes.measures.fits.pseudo_gradient.fit_pseudo_gradient`): per layer,
   the exact leave-one-out change of the answer row's attention output caused by each trajectory
   token, regressed on the token's Dai / RaML pseudo-gradient term (scalar implicit learning rate η
@@ -26,8 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from analyses.stats import bootstrap_ci
 from hooks.model import LoadedModel
 from probes.errors import ProbesError
+from probes.measures.fits.pseudo_gradient import fit_pseudo_gradient, pseudo_gradient_samples
+from probes.measures.fits.thought_patch import thought_patch_fit, thought_patch_nll
+from probes.models.controls import random_init_model
 from probes.models.spec import ModelSpec
 from probes.pipeline.configs import (
     FitConfig,
@@ -35,6 +38,7 @@ from probes.pipeline.configs import (
     trace_source,
 )
 from probes.pipeline.loop import loader
+from probes.traces.tokenize import tokenize_traces
 
 NAME = "fit"
 
@@ -45,8 +49,6 @@ are left out of `share_recovered` (its denominator)."""
 
 
 def _median_ci(x: np.ndarray, n_boot: int, seed: int) -> tuple[float, list[float]]:
-    from analyses.stats import bootstrap_ci
-
     x = np.asarray(x, float)
     x = x[~np.isnan(x)]
     if x.size == 0:
@@ -56,8 +58,6 @@ def _median_ci(x: np.ndarray, n_boot: int, seed: int) -> tuple[float, list[float
 
 def _model_fits(loaded: LoadedModel, tts, cfg: FitConfig) -> dict[str, Any]:
     """(a), (b) and optionally (b') for one model."""
-    from probes.measures.fits.pseudo_gradient import fit_pseudo_gradient, pseudo_gradient_samples
-    from probes.measures.fits.thought_patch import thought_patch_fit, thought_patch_nll
 
     rng = np.random.default_rng(cfg.seed)
     layers = list(cfg.layers) if cfg.layers is not None else None
@@ -122,8 +122,6 @@ def fit_traces(model: ModelSpec | LoadedModel | str, traces: TraceSource | str |
     Raises:
         ProbesError: Bad input, fewer than 2 usable traces, an unsupported architecture.
     """
-    from probes.models.controls import random_init_model
-    from probes.traces.tokenize import tokenize_traces
 
     source = trace_source(traces, cfg)
     traces_path = source.path

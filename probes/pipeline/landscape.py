@@ -2,7 +2,6 @@
 weights, with the exact implicit-update path (docs/methods.md#landscape).
 
 Per trace (through the write loop, so `--resume` skips traces that already have `land_grid`):
-
 * `land_grid` [n, n]: the answer NLL with the trajectory removed, on a seeded random plane
   (`--style raml`: tensor-wise normalised, 1-D tensors kept; `--style filter`: Li et al.'s
   filter-wise normalisation, 1-D tensors zeroed; embeddings and unembedding never moved), axes
@@ -29,7 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from analyses.landscape_plots import landscape_figure, path_loss_figure
 from hooks.model import LoadedModel
+from probes import DATA_DIR
 from probes.measures.answers import answer_scores, without_trajectory
 from probes.measures.landscape.path import (
     implicit_path,
@@ -64,6 +65,8 @@ from probes.pipeline.loop import (
     same_settings,
     write_traces,
 )
+from probes.pipeline.outputs import plot_file_name
+from probes.safe_output import save_figure
 from probes.traces.categories import categorize, load_lexicon
 
 NAME = "landscape"
@@ -195,10 +198,6 @@ def landscape_traces(model: ModelSpec | LoadedModel | str, traces: TraceSource |
 
 def _plots(cfg: LandscapeConfig, trace_id: str, grid, xs, coords, pgrid, axes, pcoords, cats,
            cap_pca: float, cap_rand: float, along) -> list[str]:
-    from analyses.landscape_plots import landscape_figure, path_loss_figure
-    from probes.pipeline.outputs import plot_file_name
-    from probes.safe_output import save_figure
-
     def name(kind: str) -> str:
         return str(Path(cfg.plot_dir) / plot_file_name("landscape", trace_id, f"_{kind}.png"))
 
@@ -225,7 +224,6 @@ def demo_section(loaded: LoadedModel, folder: Path, *, keep: bool, n_traces: int
         `n_traces`, `grid`, `seconds`, the captured fractions, the endpoint identity's largest
         |difference|, the median NLLs and (with `keep`) `cache` and `plots`.
     """
-    from probes import DATA_DIR
 
     t0 = time.perf_counter()
     path = folder / "landscape.h5"

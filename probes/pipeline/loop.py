@@ -2,7 +2,6 @@
 (`cache`, `lhat`, `updates`, and every later one) runs through `write_traces`.
 
 One rule set for all of them:
-
 - **Output.** `--out` must be a file path in an existing folder. An existing `--out` is an error
   unless `--resume` is given (`RESUME_HELP`); checked before the model loads and again under the
   writer lock after it (`open_writer` mode "create"), so a second run started on the same new
@@ -48,6 +47,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cache import check_identity, open_writer, remove_cache, store_bytes, store_exists
 from probes.arrays import check_declared
 from probes.errors import ProbesError
 from probes.models.identity import run_metadata
@@ -142,7 +142,6 @@ def write_traces(
         ProbesError, CacheError, HooksError: Bad input, a file that cannot take this run, a trace
             whose stored tokens differ (`CacheMismatchError`), an unsupported model.
     """
-    from cache import remove_cache, store_bytes, store_exists
 
     t_start = time.perf_counter()
     shard = current_shard()
@@ -178,7 +177,6 @@ def write_traces(
         shard.pin_gpu()
     loaded = load()
     if stored is not None:  # the model, before `plan` (which may pass over every trace)
-        from cache import check_identity
 
         check_identity(out, stored.metadata, run_metadata(loaded, lexicon, config={}),
                        keys=MODEL_KEYS)
@@ -260,7 +258,6 @@ def write_traces(
 def _open_store(out: Path, meta: dict[str, Any], mode: str, shard: Shard | None) -> Iterator[Any]:
     """`open_writer` for one process, or for one rank of a distributed run (own shard; rank 0
     creates the store and keeps the index, the others open it after rank 0 has)."""
-    from cache import open_writer
 
     if shard is None:
         with open_writer(out, metadata=meta, mode=mode) as writer:

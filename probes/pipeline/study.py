@@ -38,8 +38,11 @@ from hooks.model import LoadedModel
 from probes.errors import ProbesError
 from probes.measures.effects.edits import EffectsError
 from probes.measures.updates.attention import UpdatesError
+from probes.models.controls import random_init_model
 from probes.models.load import load_model
 from probes.models.spec import ModelSpec, model_spec
+from probes.pipeline.anchors import anchors_traces
+from probes.pipeline.capture import cache_traces
 from probes.pipeline.configs import (
     ANALYSES,
     AnchorsConfig,
@@ -49,10 +52,13 @@ from probes.pipeline.configs import (
     StudyConfig,
     UpdatesConfig,
 )
+from probes.pipeline.effects import effects_traces
 from probes.pipeline.job import Log, WriteResult
+from probes.pipeline.lhat import lhat_traces
 from probes.pipeline.progress import Stages
 from probes.pipeline.shards import current_shard
 from probes.pipeline.shards import describe as describe_shard
+from probes.pipeline.updates import updates_traces
 from probes.safe_output import check_writable, write_text
 
 NAME = "study"
@@ -302,34 +308,23 @@ def _runner(stage: str, cfg: StudyConfig) -> StageRun:
     control = stage.endswith("-control")
 
     if stage == "activations":
-        from probes.pipeline.capture import cache_traces
-
         return lambda m, t, o, p, log: cache_traces(m, t, o, CacheConfig(**common), resume=True,
                                                     progress=p, log=log)
     if stage.startswith("lhat"):
-        from probes.pipeline.lhat import lhat_traces
-
         def lhat(m: LoadedModel, t: Path, o: Path, p: bool, log: Log) -> WriteResult:
             if control:
-                from probes.models.controls import random_init_model
-
                 m = random_init_model(m, cfg.seed)
             return lhat_traces(m, t, o, LhatConfig(**common), resume=True, progress=p, log=log)
 
         return lhat
     if stage.startswith("updates"):
-        from probes.pipeline.updates import updates_traces
-
         ucfg = UpdatesConfig(**common, control="random-init" if control else "none", seed=cfg.seed)
         return lambda m, t, o, p, log: updates_traces(m, t, o, ucfg, resume=True, progress=p,
                                                       log=log)
     if stage == "anchors":
-        from probes.pipeline.anchors import anchors_traces
-
         acfg = AnchorsConfig(**common, analyses=tuple(a for a in ANALYSES if a in cfg.analyses))
         return lambda m, t, o, p, log: anchors_traces(m, t, o, acfg, resume=True, progress=p,
                                                       log=log)
-    from probes.pipeline.effects import effects_traces
 
     ecfg = EffectsConfig(**common, control="random-init" if control else "none",
                          control_seed=cfg.seed, pairs_per_category=cfg.pairs_per_category)

@@ -18,7 +18,6 @@ of 𝒬, averaged; there M5's σ and cosine come from the step norms / cosines `
 for M6 at every row, the same frozen-upstream prefixes and Grams, instead of a second pass). Only
 the trajectory keys a..b-1 are kept, so every array is float32 [n_layers, T] with index i =
 trajectory token i (the per-row definitions below; "at q" = at each row for "mean"):
-
 * `upd_contrib`: M2 ‖Σ_h p W_O^h v_t‖ (`contrib_sum_norm`).
 * `upd_loo`: M4 ‖Σ_h W_O^h δz_{h,t}‖ (`loo_sum_norm`).
 * `upd_mass`: M1 attention mass p_{h,t} AVERAGED over the query heads (mean, so it is in [0, 1]).
@@ -73,6 +72,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cache import open_cache
 from hooks.model import LoadedModel
 from probes.errors import ProbesError
 from probes.measures.updates.shared_pass import (
@@ -182,8 +182,6 @@ def _check_cache(out: Path, layers: tuple[int, ...] | None, n_layers: int,
     if bad:
         raise ProbesError(f"--layers {bad} out of range: the model has {n_layers} layers")
     if out.exists():
-        from cache import open_cache
-
         with open_cache(out) as reader:
             for tr in reader:
                 if "upd_contrib" in tr.names():

@@ -4,7 +4,6 @@ For one tokenized trace `x = [P | 𝒯 | 𝒮 | 𝒜]` and the answer loss
 `L = −(1/m) Σ_j log p(a_j | x_{<pos(a_j)})` (mean NLL of the answer span, as `probes.answers`),
 ONE forward pass of the underlying HF model (eager attention; the unembedding only at the rows
 a_1−1 .. N−1, `logits_to_keep`) plus ONE backward pass (`torch.autograd.grad`) gives:
-
 * the true gradients `G_gate = ∂L/∂W_gate`, `G_up = ∂L/∂W_up` of every layer (d_ff × d, HF weight
   layout `out = W u`, so the parameter gradient IS `G = Σ_p g_p u_pᵀ`; materialised once per layer as
   §7.3 M6 says);
@@ -24,7 +23,6 @@ matrix
 and, with §0.4's rank-1 algebra (`⟨a bᵀ, G⟩ = aᵀ G b = δuᵀ Wᵀ (G b)`, `‖a bᵀ‖ = ‖a‖‖b‖`, the
 d-vector `Wᵀ(G u^{(−1)})` per row and the d × d Gram `WᵀW` per layer, which a caller may pass in once
 per run):
-
 * `inner` = ⟨G, step_i⟩ = first-order ΔL if step_i were applied as a weight edit (ΔL^pred);
 * `cos` = −⟨G, step_i⟩ / (‖G‖_F ‖step_i‖_F) (descent alignment; > 0 means a descent direction);
 * `eta` = η*_i = −⟨G, step_i⟩ / ‖G‖_F² (the doc's per-token fitted implicit learning rate: the least
@@ -84,6 +82,7 @@ from probes.errors import ProbesError
 from probes.measures.updates import PRECISIONS
 from probes.measures.updates.families import eager_model, norm_functions, views
 from probes.measures.updates.mlp import restricted_prefix
+from probes.measures.updates.sdpa_pass import ATTENTION_PATHS, record_attention, sdpa_view
 from probes.traces.tokenize import TokenizedTrace
 
 __all__ = [
@@ -363,7 +362,6 @@ def answer_alignment(model: LoadedModel | torch.nn.Module, ids: _Ids,
         AlignmentError: For an unsupported model, bad spans, an unknown `attention`, or a
             non-eager attention with `attention="eager"`.
     """
-    from probes.measures.updates.sdpa_pass import ATTENTION_PATHS, record_attention, sdpa_view
 
     if attention not in ATTENTION_PATHS:
         raise AlignmentError(f"attention must be one of {', '.join(ATTENTION_PATHS)}; got "

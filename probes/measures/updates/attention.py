@@ -2,7 +2,6 @@
 
 For one query position `q` (e.g. the position predicting the first answer token) and every key
 `t ≤ q`, per layer ℓ and query head h, from ONE bridge forward with hooks:
-
 * M1 `mass` = p_{h,t}: the pattern row of q.
 * M2 `contrib_norm` = ‖c_{h,t}‖ with c_{h,t} = p_{h,t} W_O^h v_{g(h),t} (exact decomposition of
   attn_out at q: Σ_{h,t} c_{h,t} + b_O = attn_out_q); `contrib_sum_norm` = ‖Σ_h c_{h,t}‖.
@@ -52,6 +51,7 @@ from hooks.model import LoadedModel
 from probes.errors import ProbesError
 from probes.measures.updates.captures import QueryCapture, QueryRowsCapture
 from probes.measures.updates.families import check_family, qk_sites, views
+from probes.measures.updates.sdpa_pass import ATTENTION_PATHS, sdpa_query_rows_capture, sdpa_view
 
 __all__ = [
     "QueryCapture",
@@ -308,8 +308,6 @@ def capture_query_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor
     rows = check_query_rows(loaded, int(ids.shape[1]), rows)
     _check_attention(attention)
     if attention == "sdpa":
-        from probes.measures.updates.sdpa_pass import sdpa_query_rows_capture, sdpa_view
-
         view = sdpa_view(loaded)
         with sdpa_query_rows_capture(view, rows) as get:
             view(ids.to(loaded.device), logits_to_keep=1)
@@ -320,8 +318,6 @@ def capture_query_rows(loaded: LoadedModel, ids: Int[Tensor, "1 n"] | Int[Tensor
 
 
 def _check_attention(attention: str) -> None:
-    from probes.measures.updates.sdpa_pass import ATTENTION_PATHS
-
     if attention not in ATTENTION_PATHS:
         raise UpdatesError(f"attention must be one of {', '.join(ATTENTION_PATHS)}; got "
                            f"{attention!r}.")

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from hooks.families import FAMILIES, model_types
+from hooks.hf_fast import plain_view
 from hooks.model import LoadedModel
 from hooks.weights import LLAMA_FAMILIES, LayerView, layer_views
 
@@ -117,7 +118,6 @@ def eager_model(hf: nn.Module) -> nn.Module:
     runs fused projections (GPT-2's `c_attn`, Phi-3's `qkv_proj` / `gate_up_proj`) through its own
     split weights, so hooks on the HF modules would not fire.
     """
-    from hooks.hf_fast import plain_view
 
     if family_of(hf) in LLAMA_FAMILIES:
         return hf

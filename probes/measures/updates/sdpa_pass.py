@@ -6,7 +6,6 @@ The reference passes (`probes.measures.updates.attention.query_rows_capture`,
 `probes.measures.updates.alignment.answer_alignment(attention="eager")`) run the bridge / HF eager
 attention, which materialises every layer's pattern [H, N, N]; for `answer_alignment` autograd
 keeps all L of them until the backward, so memory grows as N². Here instead:
-
 * `sdpa_view(model)` is a private plain-HF view of the model (`hooks.hf_fast.plain_view`: the
   bridge components swapped back for the HF modules they wrap, parameters shared) whose attention
   implementation is `RECORDING_ATTENTION`: `torch.nn.functional.scaled_dot_product_attention`
@@ -44,6 +43,8 @@ from hooks.weights import LayerView
 from probes.errors import ProbesError
 from probes.measures.updates import ATTENTION_PATHS as ATTENTION_PATHS
 from probes.measures.updates.captures import QueryRowsCapture
+from probes.measures.updates.families import views
+from probes.measures.updates.mlp import RowCapture
 
 __all__ = [
     "ATTENTION_PATHS",
@@ -260,8 +261,6 @@ def is_sdpa_view(hf: torch.nn.Module) -> bool:
 
 
 def _layer_modules(view: torch.nn.Module) -> list[LayerView]:
-    from probes.measures.updates.families import views
-
     return views(view, what="the linear-memory pass", error=LinearPassError)
 
 
@@ -362,7 +361,6 @@ def sdpa_row_capture(model: LoadedModel | torch.nn.Module, rows: Sequence[int], 
     Run the forward of `sdpa_view(model)` inside the block; then `get(logits=None) -> RowCapture`
     (float32, on `device`; None = the model's device).
     """
-    from probes.measures.updates.mlp import RowCapture
 
     view = sdpa_view(model)
     rows = [int(r) for r in rows]

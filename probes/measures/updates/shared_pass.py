@@ -16,11 +16,29 @@ import numpy as np
 from jaxtyping import Float32
 
 from hooks.model import LoadedModel
-from hooks.weights import llama_layers
+from hooks.weights import LLAMA_FAMILIES, llama_layers
 from probes import arrays
 from probes.errors import ProbesError
 from probes.measures.updates import ANSWER_ROWS as ANSWER_ROWS
 from probes.measures.updates import PRECISIONS
+from probes.measures.updates.alignment import answer_alignment
+from probes.measures.updates.attention import (
+    UpdatesError,
+    check_query,
+    check_query_rows,
+    o_proj_weights,
+    query_rows_capture,
+    token_updates_from,
+)
+from probes.measures.updates.attention_rows import key_summary_from
+from probes.measures.updates.families import EAGER_MISSING, SDPA_MISSING, check_family
+from probes.measures.updates.mlp import check_positions, layer_weights, mlp_updates_from, row_capture
+from probes.measures.updates.sdpa_pass import (
+    ATTENTION_PATHS,
+    sdpa_query_rows_capture,
+    sdpa_row_capture,
+    sdpa_view,
+)
 
 
 def check_supported(loaded: LoadedModel) -> None:
@@ -31,7 +49,6 @@ def check_supported(loaded: LoadedModel) -> None:
         UpdatesError: Unless the model is Llama-style (`hooks.weights.llama_layers`: RoPE, GQA
             attention with o_proj, RMSNorm, a gated MLP).
     """
-    from probes.measures.updates.attention import UpdatesError
 
     llama_layers(loaded, what="updates", error=UpdatesError, require_rope=True)
 
@@ -48,8 +65,6 @@ def check_updates(loaded: LoadedModel, attention: str = "auto") -> None:
             what is missing), "eager" for a family measured on the linear-memory pass only
             (Phi-3) or "sdpa" for one measured on the eager pass only (Gemma-2).
     """
-    from probes.measures.updates.attention import UpdatesError
-    from probes.measures.updates.families import check_family
 
     check_family(loaded, what="updates", error=UpdatesError, attention=attention)
 
@@ -68,8 +83,6 @@ def choose_attention(loaded: LoadedModel, n_tokens: int, attention: str = "auto"
     Raises:
         ProbesError: For an attention that is not "auto", "sdpa" or "eager".
     """
-    from probes.measures.updates.families import EAGER_MISSING, SDPA_MISSING
-    from probes.measures.updates.sdpa_pass import ATTENTION_PATHS
 
     if attention == "auto":
         if loaded.arch.family in EAGER_MISSING:        # the one pass such a family has
@@ -121,9 +134,6 @@ class RunConstants:
     view = None
 
     def __init__(self, loaded: LoadedModel) -> None:
-        from probes.measures.updates.attention import o_proj_weights
-        from probes.measures.updates.mlp import layer_weights
-
         check_updates(loaded)
         self.o_proj = o_proj_weights(loaded)
         self.m5 = layer_weights(loaded, with_mlp=False, device=loaded.device, any_layout=True)
@@ -189,9 +199,6 @@ def trace_update_arrays(loaded: LoadedModel, tt, consts: RunConstants | None = N
     """
     import torch
 
-    from probes.measures.updates.alignment import answer_alignment
-    from probes.measures.updates.attention import check_query, token_updates_from
-    from probes.measures.updates.mlp import check_positions, mlp_updates_from
 
     if answer_rows not in ANSWER_ROWS:
         raise ProbesError(f"answer_rows must be one of {', '.join(ANSWER_ROWS)}, got "
@@ -251,7 +258,6 @@ def _bridge_forward(loaded: LoadedModel, ids, attention: str) -> None:
     so they get one bridge forward of their own (no grad). A no-op otherwise."""
     import torch
 
-    from hooks.weights import LLAMA_FAMILIES
 
     if attention == "eager" and loaded.arch.family not in LLAMA_FAMILIES:
         with torch.no_grad():
@@ -261,11 +267,7 @@ def _bridge_forward(loaded: LoadedModel, ids, attention: str) -> None:
 def _passes(loaded: LoadedModel, consts: RunConstants, attention: str):
     """(model to run, query-rows capture, M5 row capture) of one `attention` path."""
     if attention == "eager":
-        from probes.measures.updates.attention import query_rows_capture
-        from probes.measures.updates.mlp import row_capture
-
         return loaded, query_rows_capture, row_capture
-    from probes.measures.updates.sdpa_pass import sdpa_query_rows_capture, sdpa_row_capture, sdpa_view
 
     if consts.view is None:
         consts.view = sdpa_view(loaded)
@@ -286,10 +288,6 @@ def _rows_arrays(loaded: LoadedModel, ids, trajectory: tuple[int, int],
     restricted-attention prefixes and Gram products as `mlp_updates_rows_from`, which would repeat
     that O(Q·T·d²) work).
     """
-    from probes.measures.updates.alignment import answer_alignment
-    from probes.measures.updates.attention import check_query_rows
-    from probes.measures.updates.attention_rows import key_summary_from
-    from probes.measures.updates.mlp import check_positions
 
     a, b = trajectory
     check_query_rows(loaded, int(ids.shape[1]), rows)

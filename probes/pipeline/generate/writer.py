@@ -28,6 +28,7 @@ from probes.models.generate import (
     Sampling,
     VllmGenerator,
 )
+from probes.models.identity import model_label
 from probes.models.spec import ModelSpec, model_spec
 from probes.pipeline.generate.grade import record_statistics
 from probes.pipeline.generate.settings import MAX_DEFAULT_NEW_TOKENS, GenerateConfig, GenerateResult
@@ -86,7 +87,6 @@ def _start(out: str | Path, command: str, bad: Sequence[Any], existing: Existing
 def _identity(generator: Generator, dtype: str | None, cfg: GenerateConfig, variant: str,
               jobs: Sequence[_Job]) -> dict[str, Any]:
     """The settings every record of one file shares (checked on resume)."""
-    from probes.models.identity import model_label
 
     label = generator.label if generator.backend == "vllm" else model_label(generator.loaded)
     return {"variant": variant, "model": label, "backend": generator.backend,
