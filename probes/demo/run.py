@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cache import remove_cache, store_bytes
 from probes.demo import SAMPLE_TRACES
 from probes.demo.anchors import anchors_demo, format_anchors_demo
 from probes.demo.effects import demo_section as effects_demo
@@ -31,7 +32,8 @@ from probes.pipeline.landscape import demo_section as landscape_demo
 from probes.pipeline.landscape import format_demo_line as format_landscape_demo
 from probes.pipeline.lhat import LhatConfig, lhat_traces
 from probes.pipeline.updates import UpdatesConfig, updates_traces
-from probes.readouts.compare import compare_cache
+from probes.readouts.calibration import mde_text
+from probes.readouts.compare import compare_cache, report_json
 from probes.readouts.configs import CompareConfig
 from probes.readouts.efficiency import demo_section as efficiency_demo
 from probes.readouts.efficiency import format_demo_line as format_efficiency_demo
@@ -116,7 +118,6 @@ def _headline_lines(lh: dict, rv: dict, table: dict | None = None,
     `analyses.inference.signflip_p`; Holm over its table) and the MDE at 80% power at its n (from
     the stored power grid, `probes.readouts.calibration.mde_text`); below the floor on inference
     (`analyses.inference.MIN_TRACES`) it is "not testable at this n" with no CI or p."""
-    from probes.readouts.calibration import mde_text
 
     if lh["wilcoxon_p"] is None:
         stats = (f"median change {_num(lh['median_change'], '.3g')} nats; n = {lh['n_traces']}: too "
@@ -184,8 +185,6 @@ def _verdict(row: dict) -> str:
 
 def _cache_and_lhat(loaded, folder: Path, *, limit: int | None, keep: bool) -> dict:
     """Write the activation cache, add L̂ curves to it, compare categories, draw the plots."""
-    from cache import remove_cache, store_bytes
-    from probes.readouts.compare import report_json
 
     cfg = CacheConfig(limit=limit)
     path = folder / "run.h5"

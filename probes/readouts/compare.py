@@ -22,8 +22,22 @@ from typing import Any
 
 import numpy as np
 
+from analyses.curves import compare_curves, lhat_trend
+from analyses.lhat_effects import (
+    DEFAULT_PAIRS,
+    MATCHED_PAIRS,
+    category_comparison,
+    format_comparison_table,
+    per_trace_aggregates,
+    pooled_values,
+    token_effects,
+)
+from analyses.plots import category_distributions_figure, lhat_curve_figure
+from analyses.repro import repro_scores
+from analyses.token_sets import RAML_NOTEBOOK_WORDS, Occurrence
 from probes.errors import ProbesError
 from probes.jsonable import jsonable
+from probes.pipeline.outputs import plot_file_name
 from probes.readouts.compare_updates import _fit_part, _update_plots, _updates_part, folder_saver
 from probes.readouts.configs import LAYER_VIEWS as LAYER_VIEWS
 from probes.readouts.configs import UPDATE_UNITS as UPDATE_UNITS
@@ -31,6 +45,9 @@ from probes.readouts.configs import (
     CompareConfig,
     PlotSave,
 )
+from probes.readouts.loader import load_traces, open_cache
+from probes.readouts.matched import matching_summary, trajectory_log_frequency
+from probes.traces.categories import load_lexicon
 
 NAME = "compare"
 
@@ -41,7 +58,6 @@ NAME = "compare"
 
 def _phrase_names(reader) -> list[str] | None:
     """Phrase texts by id, if the cache's lexicon is the built-in one (fingerprints equal)."""
-    from probes.traces.categories import load_lexicon
 
     lexicon = load_lexicon()
     if reader.metadata.get("lexicon_fingerprint") == lexicon.fingerprint():
@@ -55,7 +71,6 @@ _LABELS = ("phrase_id", "phrase_first", "paragraph_start")
 
 def load_curves(path: Path) -> tuple[list[dict[str, Any]], Any]:
     """Per trace with `lhat`: the curve, labels and trajectory span, read from the cache."""
-    from probes.readouts.loader import load_traces, open_cache
 
     rows = []
     with open_cache(path) as reader:
@@ -89,7 +104,6 @@ def load_curves(path: Path) -> tuple[list[dict[str, Any]], Any]:
 
 def _cache_parts(path: Path) -> dict[str, int]:
     """How many complete traces have an L̂ curve / update arrays."""
-    from probes.readouts.loader import load_traces
 
     traces = load_traces(path, [])
     return {"lhat": sum("lhat" in tr.stored for tr in traces),
@@ -133,19 +147,6 @@ def compare_cache(path: Path, cfg: CompareConfig) -> dict[str, Any]:
 
 def _lhat_part(path: Path, cfg: CompareConfig) -> dict[str, Any]:
     """The L̂ comparison (`table`, `table_text`, `trend`, `repro`, `plots`, `versus`)."""
-    from analyses.curves import lhat_trend
-    from analyses.lhat_effects import (
-        DEFAULT_PAIRS,
-        MATCHED_PAIRS,
-        category_comparison,
-        format_comparison_table,
-        per_trace_aggregates,
-        pooled_values,
-        token_effects,
-    )
-    from analyses.repro import repro_scores
-    from analyses.token_sets import RAML_NOTEBOOK_WORDS, Occurrence
-    from probes.readouts.matched import matching_summary, trajectory_log_frequency
 
     rows, names = load_curves(path)
     log_freq = trajectory_log_frequency(path) if cfg.matched else {}
@@ -218,8 +219,6 @@ def _lhat_part(path: Path, cfg: CompareConfig) -> dict[str, Any]:
 
 
 def _versus(rows, cfg: CompareConfig) -> dict[str, Any]:
-    from analyses.curves import compare_curves
-
     assert cfg.versus is not None, "called with --versus only"
     other, _ = load_curves(cfg.versus)
     by_id = {r["id"]: r["lhat"] for r in other}
@@ -243,9 +242,6 @@ def _saver(cfg: CompareConfig) -> PlotSave | None:
 
 
 def _plots(save: PlotSave, rows, effects, pooled, metric) -> list[str]:
-    from analyses.plots import category_distributions_figure, lhat_curve_figure
-    from probes.pipeline.outputs import plot_file_name
-
     paths = [save(category_distributions_figure(pooled, metric), f"categories_{metric}.png")]
     # the curves of the first traces that contain a reflection, else the first traces
     order = sorted(range(len(rows)), key=lambda i: not any(o.category == 1 for o in effects[i].occurrences))

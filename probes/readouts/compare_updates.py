@@ -11,9 +11,23 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from analyses.behaviour_fit import behaviour_design, fit_behaviour, format_fit
+from analyses.lhat_effects import DEFAULT_PAIRS, MATCHED_PAIRS
+from analyses.plots import step_curve_figure, update_heatmap_figure
+from analyses.token_sets import token_sets
+from analyses.update_effects import (
+    format_update_table,
+    heatmap_values,
+    summary_rows,
+    update_comparison,
+)
 from probes import arrays
 from probes.errors import ProbesError
 from probes.measures.updates.shared_pass import stored_layers
+from probes.pipeline.outputs import plot_file_name
+from probes.readouts.loader import load_traces, open_cache
+from probes.readouts.matched import matching_summary, trajectory_log_frequency
+from probes.safe_output import save_figure
 
 if TYPE_CHECKING:
     from probes.readouts.configs import CompareConfig, PlotSave
@@ -30,7 +44,6 @@ PLOT_DPI = 120
 
 def folder_saver(folder: Path) -> PlotSave:
     """Plots saved as PNG files in `folder` (`probes.safe_output.save_figure`, `--plots`)."""
-    from probes.safe_output import save_figure
 
     def save(fig: Any, name: str) -> str:
         return str(save_figure(fig, folder / name, dpi=PLOT_DPI))
@@ -57,7 +70,6 @@ def load_updates(path: Path, *, control: bool = False) -> list[dict[str, Any]]:
     Raises:
         ProbesError: A trace whose `upd_control` attribute does not fit the role of the file.
     """
-    from probes.readouts.loader import load_traces
 
     rows = []
     for tr in load_traces(path, ["upd_contrib"],
@@ -95,12 +107,6 @@ def load_updates(path: Path, *, control: bool = False) -> list[dict[str, Any]]:
 
 def _updates_part(path: Path, cfg: CompareConfig):
     """The per-layer update comparison; returns (report part, rows, token sets)."""
-    from analyses.token_sets import token_sets
-    from analyses.update_effects import (
-        format_update_table,
-        summary_rows,
-        update_comparison,
-    )
 
     rows = load_updates(path)
     layer_ids = rows[0]["layers"]
@@ -123,8 +129,6 @@ def _updates_part(path: Path, cfg: CompareConfig):
         by_id = {r["id"]: r for r in load_updates(cfg.control, control=True)}
         common = [r for r in rows if r["id"] in by_id]
         if len(common) < 2:
-            from probes.readouts.loader import open_cache
-
             with open_cache(cfg.control) as reader:
                 held = set(reader.trace_ids())
             shared = [r["id"] for r in rows if r["id"] in held and r["id"] not in by_id]
@@ -157,8 +161,6 @@ def _updates_part(path: Path, cfg: CompareConfig):
             raise ProbesError(f"--control {cfg.control} and {path} were measured with different "
                               f"--answer-rows ({sorted(modes)}); run both `updates` with the same "
                               "--answer-rows")
-    from analyses.lhat_effects import DEFAULT_PAIRS, MATCHED_PAIRS
-    from probes.readouts.matched import matching_summary, trajectory_log_frequency
 
     rng = np.random.default_rng(cfg.seed)
     log_freq = trajectory_log_frequency(path) if cfg.matched else {}
@@ -201,7 +203,6 @@ def _updates_part(path: Path, cfg: CompareConfig):
 
 def _fit_part(rows, sets, upd: dict[str, Any], cfg: CompareConfig) -> dict[str, Any]:
     """ΔL̂_t and |ΔL̂_t| explained by the update features (traces with L̂ only)."""
-    from analyses.behaviour_fit import behaviour_design, fit_behaviour, format_fit
 
     keep = [i for i, r in enumerate(rows) if r["lhat"] is not None]
     if len(keep) < 2:
@@ -229,9 +230,6 @@ def _fit_part(rows, sets, upd: dict[str, Any], cfg: CompareConfig) -> dict[str, 
 def _update_plots(save: PlotSave, rows, sets, upd: dict[str, Any]) -> list[str]:
     """Heatmaps (median magnitude by category x layer; trained, random-init, ratio to ordinary)
     and the step-size curve of the first traces with a reflection."""
-    from analyses.plots import step_curve_figure, update_heatmap_figure
-    from analyses.update_effects import heatmap_values
-    from probes.pipeline.outputs import plot_file_name
 
     def heatmap(values, name: str, **kwargs: Any) -> str:
         return save(update_heatmap_figure(values, metric=metric, layer_ids=upd["layers"], **kwargs),

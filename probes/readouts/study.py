@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from probes.errors import ProbesError
+from probes.pipeline.effects import summary_path
 from probes.pipeline.study import STORES, Step
+from probes.readouts.compare import compare_cache, report_json
+from probes.readouts.configs import CompareConfig, ReportConfig
+from probes.readouts.effects import summarize
+from probes.readouts.report.build import write_report
 from probes.safe_output import write_text
 
 REPORT = "report.html"
@@ -38,10 +43,6 @@ def compare_step(folder: Path, stages: dict[str, dict[str, Any]]) -> dict[str, A
     it was run) and the effects summary (with the control's as `--versus`). A comparison that
     refuses its stores (e.g. too few traces) is listed under "refused" with its one-line reason and
     the others still run; when none runs the step is skipped with the reasons."""
-    from probes.pipeline.effects import summary_path
-    from probes.readouts.compare import compare_cache, report_json
-    from probes.readouts.configs import CompareConfig
-    from probes.readouts.effects import summarize
 
     files, refused = [], []
     for name, stage, control in COMPARISONS:
@@ -81,8 +82,6 @@ def report_source(folder: Path, stages: dict[str, dict[str, Any]]) -> tuple[Path
 
 def report_step(folder: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any] | str:
     """`folder/report.html`."""
-    from probes.readouts.configs import ReportConfig
-    from probes.readouts.report.build import write_report
 
     source, control = report_source(folder, stages)
     if source is None:

@@ -21,6 +21,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from probes import DATA_DIR
+from probes.models.load import resolve_spec
 from probes.reasoner import planted
 from probes.reasoner.task import Problem, generate_problems, write_jsonl
 from probes.reasoner.tokenizer import build_tokenizer
@@ -190,7 +191,6 @@ def _train(cfg: TrainConfig, out: Path, log, problems, tokenizer, stop_after) ->
     if cfg.init_from is not None and tokenizer is None:
         from transformers import AutoTokenizer
 
-        from probes.models.load import resolve_spec
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_spec(cfg.init_from), local_files_only=True)
     if tokenizer is None:
@@ -205,7 +205,6 @@ def _train(cfg: TrainConfig, out: Path, log, problems, tokenizer, stop_after) ->
 
     torch.manual_seed(cfg.seed)
     if cfg.init_from is not None:  # fine-tune a built-in checkpoint (its architecture and weights)
-        from probes.models.load import resolve_spec
 
         model = Qwen2ForCausalLM.from_pretrained(resolve_spec(cfg.init_from), local_files_only=True)
     else:
