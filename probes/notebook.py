@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from probes.arrays import BY_NAME
+from cache.reader import parse_axes
+from probes.arrays import BY_NAME, UPDATES, names
 from probes.errors import ProbesError
+from probes.pipeline.outputs import check_output_file
 from probes.readouts.loader import TraceArrays, load_traces, open_cache
 from probes.traces.categories import CATEGORY_CODES, categorize, load_lexicon
 from probes.traces.labels import label_arrays
@@ -52,7 +54,7 @@ def load_model(spec: str | ModelSpec, *, device: str | None = None,
     """A model, strictly offline: a built-in name ("tiny-reasoner"), a local folder, or a hub id
     already in the local HF cache, or a `probes.models.spec.ModelSpec`
     (`probes.models.load.load_model`)."""
-    from probes.models.load import load_model as _load
+    from probes.models.load import load_model as _load  # model code: imported when used
 
     return _load(spec, device=device, dtype=dtype)
 
@@ -104,7 +106,6 @@ def _tokenized(model: LoadedModel, trace: TraceLike, *, prompt_format: str | Non
 def _result(model: LoadedModel, tt: TokenizedTrace, arrays: Mapping[str, np.ndarray],
             attrs: Mapping[str, Any] | None = None) -> TraceArrays:
     """A measured trace as the typed record the cache loader returns (same axes, same methods)."""
-    from cache.reader import parse_axes
 
     cats = categorize(tt, load_lexicon())
     stored = {**label_arrays(tt, cats, model.tokenizer), **dict(arrays)}
@@ -120,7 +121,7 @@ def lhat(model: LoadedModel, trace: TraceLike, *, prompt_format: str | None = No
          scaffold: str = DEFAULT_SCAFFOLD) -> TraceArrays:
     """L̂ after every trajectory prefix of one trace and its per-token changes, as `lhat` stores
     them (`lhat` [T+1], `lhat_delta`, `lhat_rho`, `lhat_log_ratio` [T]; docs/methods.md#m8)."""
-    from probes.measures.lhat.fast import lhat_fast
+    from probes.measures.lhat.fast import lhat_fast  # model code: imported when used
     from probes.measures.lhat.per_token import lhat_arrays
 
     tt = _tokenized(model, trace, prompt_format=prompt_format, scaffold=scaffold)
@@ -131,7 +132,10 @@ def updates(model: LoadedModel, trace: TraceLike, *, prompt_format: str | None =
             scaffold: str = DEFAULT_SCAFFOLD, attention: str = "auto") -> TraceArrays:
     """M1–M7 per layer and trajectory token of one trace, as `updates` stores them (`upd_*`
     [L, T]; docs/methods.md#m1 to #m7)."""
-    from probes.measures.updates.shared_pass import check_updates, trace_update_arrays
+    from probes.measures.updates.shared_pass import (  # model code: imported when used
+        check_updates,
+        trace_update_arrays,
+    )
 
     check_updates(model, attention)
     tt = _tokenized(model, trace, prompt_format=prompt_format, scaffold=scaffold)
@@ -153,7 +157,6 @@ def _traces_file(traces: str | os.PathLike[str] | Iterable[TraceLike], out: Path
         lines.append(json.dumps({"id": found.id, "question": found.question,
                                  "trajectory": found.trajectory, "answer": found.answer,
                                  **found.meta}, ensure_ascii=False))
-    from probes.pipeline.outputs import check_output_file
 
     check_output_file(path, "out")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -165,7 +168,7 @@ def run_lhat(model: str | ModelSpec | LoadedModel, traces: str | os.PathLike[str
              **settings: Any) -> list[TraceArrays]:
     """`lhat` over a dataset into the cache `out` (resumable, the command's write loop); returns
     the stored curves. `settings` are `LhatConfig` fields (chunk_size, limit, scaffold, ...)."""
-    from probes.pipeline.lhat import LhatConfig, lhat_traces
+    from probes.pipeline.lhat import LhatConfig, lhat_traces  # model code: imported when used
 
     out = Path(out)
     model_arg: Any = model
@@ -179,8 +182,7 @@ def run_updates(model: str | ModelSpec | LoadedModel, traces: str | os.PathLike[
                 **settings: Any) -> list[TraceArrays]:
     """`updates` over a dataset into the cache `out`; returns the stored M1–M7 arrays.
     `settings` are `UpdatesConfig` fields."""
-    from probes.arrays import UPDATES, names
-    from probes.pipeline.updates import UpdatesConfig, updates_traces
+    from probes.pipeline.updates import UpdatesConfig, updates_traces  # model code: imported when used
 
     out = Path(out)
     updates_traces(model, _traces_file(traces, out), out, UpdatesConfig(**settings),

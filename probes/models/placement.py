@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from hooks.model import resolve_dtype
 from probes.models.choices import DEVICE_MAPS as DEVICE_MAPS
 from probes.models.spec import PlacementError as PlacementError
 from probes.models.spec import parse_max_memory as parse_max_memory
@@ -55,8 +56,6 @@ def plan_device_map(config: Any, *, max_memory: dict[int | str, str | int],
     from accelerate import init_empty_weights
     from accelerate.utils import get_balanced_memory, infer_auto_device_map
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from hooks.model import resolve_dtype
 
     if strategy not in DEVICE_MAPS:
         raise PlacementError(f"device map strategy {strategy!r} is not one of "

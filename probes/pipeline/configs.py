@@ -91,7 +91,7 @@ class TraceSource:
 
     def read(self) -> TraceSet:
         """The traces file, read (`probes.traces.read.read_traces`; `strict` as set)."""
-        from probes.traces.read import read_traces
+        from probes.traces.read import read_traces  # here: keeps the flag-building module small
 
         return read_traces(self.path, strict=self.strict)
 
