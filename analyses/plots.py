@@ -47,6 +47,7 @@ from analyses.token_sets import DELIMITER, REFLECTION, Occurrence, phrase_occurr
 
 __all__ = [
     "HEATMAP_ROW_ORDER",
+    "LAYER_COLOURS",
     "MARKER_COLOURS",
     "category_distributions_figure",
     "ema_alpha_for",
@@ -62,6 +63,11 @@ __all__ = [
 ]
 
 MARKER_COLOURS = {REFLECTION: "tab:red", DELIMITER: "tab:green"}
+
+LAYER_COLOURS: tuple[str, ...] = ("tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink",
+                                  "tab:gray", "tab:cyan", "navy", "goldenrod", "black")
+"""Line colours of per-layer curves (`step_curve_figure`): never the markers' red (reflection) or
+green (delimiter), nor near them; beyond 10 layers the colours repeat dashed, then dotted."""
 
 EMA_SPAN = 0.05
 """The EMA's time constant 1/α as a share of the trace (`ema_alpha_for`)."""
@@ -543,8 +549,10 @@ def step_curve_figure(
     fig = Figure(figsize=figsize)
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(n_tok)
-    for row, label in zip(y, labels):
-        ax.plot(x, row, lw=0.9, label=label, marker="." if n_tok == 1 else None)
+    for k, (row, label) in enumerate(zip(y, labels)):
+        ax.plot(x, row, lw=0.9, label=label, marker="." if n_tok == 1 else None,
+                color=LAYER_COLOURS[k % len(LAYER_COLOURS)],
+                linestyle=("-", "--", ":")[(k // len(LAYER_COLOURS)) % 3])
     handles, leg_labels = ax.get_legend_handles_labels()
     mh, ml = _draw_markers(ax, occs, 1.0, 0.0)
     handles += mh
