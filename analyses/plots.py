@@ -3,7 +3,10 @@
 Matplotlib (Agg, no pyplot). Plot functions, each writing one PNG and returning its path:
 
 * `plot_lhat_curve`: L̂ against the normalised trajectory position, raw and EMA-smoothed as RaML's
-  notebook draws it (α = 0.01), with vertical markers at reflection and delimiter occurrences.
+  notebook draws it, with vertical markers at reflection and delimiter occurrences. RaML's
+  α = 0.01 suits its traces of thousands of tokens; by default α is chosen for the trace's length
+  (`ema_alpha_for`: a time constant of 5% of the trace), so a short trace's bold line falls when
+  L̂ does instead of lagging at its start value.
 * `plot_category_distributions`: box (or violin) plots of a metric such as |ΔL̂| per category, on
   a log scale.
 * `plot_update_heatmap`: a per-category × per-layer heatmap of an implicit-update magnitude (e.g.
@@ -44,8 +47,10 @@ from analyses.token_sets import DELIMITER, REFLECTION, Occurrence, phrase_occurr
 
 __all__ = [
     "HEATMAP_ROW_ORDER",
+    "LAYER_COLOURS",
     "MARKER_COLOURS",
     "category_distributions_figure",
+    "ema_alpha_for",
     "heatmap_matrix",
     "lhat_curve_figure",
     "marker_occurrences",
@@ -58,6 +63,22 @@ __all__ = [
 ]
 
 MARKER_COLOURS = {REFLECTION: "tab:red", DELIMITER: "tab:green"}
+
+LAYER_COLOURS: tuple[str, ...] = ("tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink",
+                                  "tab:gray", "tab:cyan", "navy", "goldenrod", "black")
+"""Line colours of per-layer curves (`step_curve_figure`): never the markers' red (reflection) or
+green (delimiter), nor near them; beyond 10 layers the colours repeat dashed, then dotted."""
+
+EMA_SPAN = 0.05
+"""The EMA's time constant 1/α as a share of the trace (`ema_alpha_for`)."""
+RAML_ALPHA = 0.01
+"""RaML's EMA factor (its traces: thousands of tokens); the smallest α `ema_alpha_for` gives."""
+
+
+def ema_alpha_for(n_tokens: int) -> float:
+    """The EMA factor of an L̂ curve of `n_tokens` tokens: 1 / (`EMA_SPAN` · n), at least RaML's
+    0.01 and at most 1 (a 200-token trace: 0.1; 2000 tokens and more: 0.01)."""
+    return float(min(1.0, max(RAML_ALPHA, 1.0 / (EMA_SPAN * max(n_tokens, 1)))))
 """Marker colour per category code."""
 
 HEATMAP_ROW_ORDER = ("reflection", "delimiter", "ordinary")
@@ -138,7 +159,7 @@ def plot_lhat_curve(
     markers: Sequence[Occurrence] | Sequence[tuple[int, int, int, int]] | np.ndarray | None,
     path: str | Path,
     *,
-    ema_alpha: float | None = 0.01,
+    ema_alpha: float | str | None = "auto",
     title: str | None = None,
     logy: bool = False,
     drop_zeros: bool = False,
@@ -147,7 +168,8 @@ def plot_lhat_curve(
     """Plot one L̂ curve with reflection/delimiter markers.
 
     x is the normalised position `t / T` of prefix t (t = 0: no trajectory, 1: full); the raw
-    curve is drawn thin and light, the EMA (`s_t = α L̂_t + (1−α) s_{t−1}`, RaML's α = 0.01) bold.
+    curve is drawn thin on top of the bold EMA (`s_t = α L̂_t + (1−α) s_{t−1}`; α for the trace's
+    length, `ema_alpha_for`, unless given; RaML's notebook uses 0.01).
     A marker is drawn at the prefix that first includes an occurrence, `x = (start + 1) / T`:
     reflection in red, delimiter in green.
 
@@ -157,7 +179,8 @@ def plot_lhat_curve(
             per-trajectory-token category array [T] (runs of reflection/delimiter codes become
             occurrences), or None.
         path: Output PNG path (parent folders are created).
-        ema_alpha: EMA factor; None to draw the raw curve only.
+        ema_alpha: EMA factor; "auto" (`ema_alpha_for` the trace's length); None to draw the
+            raw curve only.
         title: Figure title.
         logy: Log-scale y axis (non-positive points are not drawn).
         drop_zeros: Drop points with L̂ = 0 before smoothing, as the RaML notebook does.
@@ -175,7 +198,7 @@ def lhat_curve_figure(
     lhat: np.ndarray | Sequence[float],
     markers: Sequence[Occurrence] | Sequence[tuple[int, int, int, int]] | np.ndarray | None,
     *,
-    ema_alpha: float | None = 0.01,
+    ema_alpha: float | str | None = "auto",
     title: str | None = None,
     logy: bool = False,
     drop_zeros: bool = False,
@@ -193,9 +216,11 @@ def lhat_curve_figure(
 
     fig = Figure(figsize=(9, 4.5))
     ax = fig.add_subplot(1, 1, 1)
-    ax.plot(xs, ys, color="tab:blue", alpha=0.35, lw=0.8, label="L̂ (raw)")
-    if ema_alpha is not None and ys.size:
-        ax.plot(xs, ema(ys, ema_alpha), color="navy", lw=2.0, label=f"EMA (α={ema_alpha:g})")
+    alpha = ema_alpha_for(ys.size - 1) if ema_alpha == "auto" else ema_alpha
+    if alpha is not None and ys.size:
+        ax.plot(xs, ema(ys, float(alpha)), color="navy", lw=2.0, alpha=0.8, zorder=2,
+                label=f"EMA (α={float(alpha):.2g})")
+    ax.plot(xs, ys, color="tab:blue", alpha=0.7, lw=0.8, zorder=3, label="L̂ (raw)")
     handles, labels = ax.get_legend_handles_labels()
     mh, ml = _draw_markers(ax, occs, 1.0 / n_tok, 1.0)
     handles += mh
@@ -524,8 +549,10 @@ def step_curve_figure(
     fig = Figure(figsize=figsize)
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(n_tok)
-    for row, label in zip(y, labels):
-        ax.plot(x, row, lw=0.9, label=label, marker="." if n_tok == 1 else None)
+    for k, (row, label) in enumerate(zip(y, labels)):
+        ax.plot(x, row, lw=0.9, label=label, marker="." if n_tok == 1 else None,
+                color=LAYER_COLOURS[k % len(LAYER_COLOURS)],
+                linestyle=("-", "--", ":")[(k // len(LAYER_COLOURS)) % 3])
     handles, leg_labels = ax.get_legend_handles_labels()
     mh, ml = _draw_markers(ax, occs, 1.0, 0.0)
     handles += mh

@@ -104,6 +104,8 @@ def render_markdown(report: Report) -> str:
     n_plots = 0
     for s in report.sections:
         lines += [f"## {s.title}", ""]
+        if s.links:
+            lines += [" · ".join(f"[{text}]({href})" for text, href in s.links), ""]
         for b in s.blocks:
             if isinstance(b, Table):
                 lines += _table_md(b)

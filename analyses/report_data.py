@@ -107,11 +107,15 @@ class Section:
         id: Anchor (letters, digits, '-').
         title: Heading.
         blocks: Paragraphs, tables, plots and folded tables, in order.
+        links: (text, href) pairs shown under the heading (the method notes).
+        computed: False for an analysis the input does not hold (its blocks say how to run it).
     """
 
     id: str
     title: str
     blocks: Sequence[Block] = ()
+    links: Sequence[tuple[str, str]] = ()
+    computed: bool = True
 
 
 @dataclass(frozen=True)

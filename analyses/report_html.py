@@ -22,6 +22,7 @@ from analyses.report_data import (
     ColourScale,
     Plot,
     Report,
+    Section,
     Table,
     TokenKey,
     TokenView,
@@ -83,6 +84,8 @@ border-radius:5px;padding:6px 9px;font-size:12px;box-shadow:0 2px 8px #0003;poin
 #tip table{margin:4px 0 0;font-size:11.5px}#tip td{padding:1px 5px}#tip tr.cur{font-weight:600}
 footer{color:var(--muted);font-size:12px;border-top:1px solid var(--line);margin-top:30px;padding-top:8px}
 code{background:var(--panel);padding:0 3px;border-radius:3px}
+.links{font-size:12px;margin:0 0 6px}.links a{color:var(--accent)}
+section.absent h2{color:var(--muted)}section.absent p{color:var(--muted);font-style:italic}
 """
 
 _JS = """
@@ -344,6 +347,15 @@ def _tokens_section(report: Report, category_names: Mapping[int, str]) -> str:
             f'<script type="application/json" id="probes-data">{data}</script></section>')
 
 
+def _section_html(s: Section) -> str:
+    links = " · ".join(f'<a href="{_esc(href)}">{_esc(text)}</a>' for text, href in s.links)
+    cls = "" if s.computed else ' class="absent"'
+    return (f'<section id="{_esc(_anchor(s.id))}"{cls} data-computed="{str(s.computed).lower()}">'
+            f"<h2>{_esc(s.title)}</h2>"
+            + (f'<p class="links">{links}</p>' if links else "")
+            + "".join(_block_html(b) for b in s.blocks) + "</section>")
+
+
 def render_html(report: Report, *, category_names: Mapping[int, str] | None = None) -> str:
     """The report as one self-contained HTML page (images inline, no network, small inline JS).
 
@@ -364,11 +376,7 @@ def render_html(report: Report, *, category_names: Mapping[int, str] | None = No
     identity = "".join(f"<div>{_table_html(t)}</div>" for t in report.identity)
     headline = "".join(f'<p class="in">{_esc(line.strip())}</p>' if line.startswith("  ")
                        else f"<p>{_esc(line)}</p>" for line in report.headline)
-    sections = "".join(
-        f'<section id="{_esc(_anchor(s.id))}"><h2>{_esc(s.title)}</h2>'
-        + "".join(_block_html(b) for b in s.blocks) + "</section>"
-        for s in report.sections
-    )
+    sections = "".join(_section_html(s) for s in report.sections)
     footer = "".join(f"<p>{_esc(line)}</p>" for line in report.footer)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -16,6 +16,18 @@ def _ci(value: Any, ci: Sequence[Any] | None) -> str:
     return f"{fmt(value)} [{fmt(lo)}, {fmt(hi)}]"
 
 
+def is_empty_row(row: Mapping[str, Any]) -> bool:
+    """A comparison row with nothing in it: no trace (n = 0) or no difference measured (n/a)."""
+    n = row.get("n_traces")
+    diff = row.get("median_diff")
+    return (not n) or diff is None or (isinstance(diff, float) and math.isnan(diff))
+
+
+def _dropped_note(n_dropped: int) -> str:
+    return (f"; {n_dropped} empty row{'s' if n_dropped != 1 else ''} (n = 0 or no difference "
+            "measurable) left out" if n_dropped else "")
+
+
 def _effect_cell(effect: str | None) -> tuple[str, str]:
     text = effect or "n/a"
     return (text, {"more": "more", "less": "less"}.get(text, "ns"))
@@ -25,10 +37,13 @@ def lhat_comparison_table(table: Mapping[str, Any], *, caption: str = "") -> Tab
     """`compare`'s L̂ comparison (`report["table"]`) as a table with 95% CIs.
 
     Columns: comparison, traces, median a [CI], median b [CI], median difference [CI], Cliff's δ,
-    Wilcoxon p, Holm p, and the verdict at Holm p < 0.05 with a CI excluding 0.
+    Wilcoxon p, Holm p, and the verdict at Holm p < 0.05 with a CI excluding 0. Empty rows
+    (`is_empty_row`) are left out; the note says how many.
     """
     rows = []
-    for r in table.get("rows", []):
+    kept = [r for r in table.get("rows", []) if not is_empty_row(r)]
+    n_dropped = len(table.get("rows", [])) - len(kept)
+    for r in kept:
         lo, hi = (r.get("ci_median_diff") or (None, None))[:2]
         p = r.get("p_holm")
         if p is None or lo is None or hi is None or (isinstance(p, float) and math.isnan(p)):
@@ -48,7 +63,7 @@ def lhat_comparison_table(table: Mapping[str, Any], *, caption: str = "") -> Tab
     meta = table.get("meta", {})
     note = (f"per-trace {meta.get('statistic', 'mean')} of {meta.get('metric', '?')} "
             f"(unit: {meta.get('unit', '?')}); medians over traces with bootstrap 95% CIs; "
-            "Wilcoxon signed-rank, Holm over every row")
+            "Wilcoxon signed-rank, Holm over every row" + _dropped_note(n_dropped))
     return Table(["comparison", "traces", "median a [95% CI]", "median b [95% CI]",
                   "difference [95% CI]", "Cliff's δ", "Wilcoxon p", "Holm p", "a vs b"],
                  rows, caption=caption, note=note)
@@ -66,8 +81,11 @@ def update_comparison_table(comparison: Mapping[str, Any], *, layers: str = "poo
     Returns:
         Columns: metric, layer, comparison, traces, median a, median b, difference [CI], Cliff's δ,
         Holm p, effect, and with a control: its effect and whether it reproduces the effect.
+        Empty rows (`is_empty_row`) are left out; the note says how many.
     """
-    rows_in = [r for r in comparison.get("rows", []) if layers == "all" or r.get("layer") == "pooled"]
+    chosen = [r for r in comparison.get("rows", []) if layers == "all" or r.get("layer") == "pooled"]
+    rows_in = [r for r in chosen if not is_empty_row(r)]
+    n_dropped = len(chosen) - len(rows_in)
     magnitude = set(comparison.get("meta", {}).get("signed_as_magnitude", []))
     has_control = any(r.get("control") is not None for r in rows_in)
     rows = []
@@ -91,7 +109,7 @@ def update_comparison_table(comparison: Mapping[str, Any], *, layers: str = "poo
     note = (f"per-trace {meta.get('statistic', 'mean')} over tokens (unit: {meta.get('unit', '?')})"
             f"; one Holm family of {meta.get('n_tests', len(comparison.get('rows', [])))} tests "
             f"({meta.get('holm_family', 'metrics x layers x pairs')}); |x|: signed values "
-            "compared by magnitude")
+            "compared by magnitude" + _dropped_note(n_dropped))
     return Table(columns, rows, caption=caption, note=note)
 
 

@@ -324,3 +324,43 @@ def test_heatmap_layer_ids_label_the_columns():
     assert labels == ["3", "7"]
     with pytest.raises(ValueError, match="layer_ids has 3 entries for 2 layer columns"):
         update_heatmap_figure(values, metric="σ", layer_ids=[1, 2, 3])
+
+
+def test_ema_alpha_follows_the_trace_length_so_the_bold_line_falls_when_lhat_does():
+    from analyses.lhat_effects import ema
+    from analyses.plots import ema_alpha_for, lhat_curve_figure
+
+    assert ema_alpha_for(200) == pytest.approx(0.1)
+    assert ema_alpha_for(2000) == pytest.approx(0.01)
+    assert ema_alpha_for(50_000) == pytest.approx(0.01)  # never below RaML's 0.01
+    assert ema_alpha_for(3) == 1.0
+    lhat = np.linspace(3.0, 0.5, 201)  # falls by 2.5 nats over 200 tokens
+    fig = lhat_curve_figure(lhat, None)
+    ax = fig.axes[0]
+    bold = next(line for line in ax.get_lines() if line.get_label().startswith("EMA"))
+    assert bold.get_label() == "EMA (α=0.1)"
+    drop = bold.get_ydata()[0] - bold.get_ydata()[-1]
+    assert drop == pytest.approx(3.0 - ema(lhat, 0.1)[-1])
+    assert drop > 0.9 * 2.5  # RaML's α = 0.01 shows under 60% of it
+    assert 3.0 - ema(lhat, 0.01)[-1] < 0.6 * 2.5
+    raw = next(line for line in ax.get_lines() if line.get_label() == "L̂ (raw)")
+    assert raw.get_zorder() > bold.get_zorder()  # the raw curve is drawn on top
+
+
+def test_layer_lines_never_take_the_category_marker_colours():
+    from matplotlib.colors import to_rgb
+
+    from analyses.plots import LAYER_COLOURS, MARKER_COLOURS, step_curve_figure
+
+    markers = {to_rgb(c) for c in MARKER_COLOURS.values()}
+    values = np.random.default_rng(0).random((12, 40))
+    cats = np.zeros(40, np.uint8)
+    cats[[5, 6]] = 1
+    cats[20] = 2
+    fig = step_curve_figure(values, cats, metric="upd_sigma_gate")
+    lines = [ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("upd_sigma_gate [")]
+    assert len(lines) == 12
+    styles = {(to_rgb(ln.get_color()), ln.get_linestyle()) for ln in lines}
+    assert len(styles) == 12  # every layer told apart
+    assert not {c for c, _ in styles} & markers
+    assert not {to_rgb(c) for c in LAYER_COLOURS} & markers

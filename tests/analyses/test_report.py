@@ -234,3 +234,30 @@ def test_markdown_has_the_tables_and_no_images():
     assert "<details><summary>all rows</summary>" in text
     assert "  - indented" in text
     assert "data:image" not in text and "1 plots and 2 token heat maps are in the HTML report" in text
+
+
+def test_empty_comparison_rows_are_dropped_with_their_count():
+    empty = [{**ROW, "n_traces": 0, "median_diff": None}, {**ROW, "median_diff": float("nan")}]
+    t = lhat_comparison_table({"meta": {}, "rows": [ROW, *empty]})
+    assert [r[0] for r in t.rows] == ["reflection vs ordinary"]
+    assert t.note.endswith("; 2 empty rows (n = 0 or no difference measurable) left out")
+    upd = {"meta": {}, "rows": [{**ROW, "metric": "upd_m7", "layer": "pooled", "effect": "more"},
+                                {**empty[0], "metric": "upd_loo", "layer": "pooled", "effect": None},
+                                {**empty[0], "metric": "upd_loo", "layer": 1, "effect": None}]}
+    pooled = update_comparison_table(upd)
+    assert [r[0] for r in pooled.rows] == ["upd_m7"]
+    assert pooled.note.endswith("; 1 empty row (n = 0 or no difference measurable) left out")
+    assert update_comparison_table(upd, layers="all").note.endswith("; 2 empty rows (n = 0 or no "
+                                                                     "difference measurable) left out")
+    assert "left out" not in lhat_comparison_table({"meta": {}, "rows": [ROW]}).note
+
+
+def test_latex_becomes_plain_text():
+    from analyses.report_text import plain_text
+
+    assert plain_text(r"so $\frac{3}{4} \times 8 = 6$, answer \boxed{6}") == "so 3/4 × 8 = 6, answer [6]"
+    assert plain_text(r"\[ x = \frac{-b \pm \sqrt{b^2-4ac}}{2a} \]") == " x = (-b ± √(b^2-4ac))/(2a) "
+    assert plain_text(r"\(\dfrac{\text{total}}{n_{i}} \le 10\%\)") == "total/(n_i) ≤ 10%"
+    assert plain_text(r"\boxed{\frac{1}{\frac{2}{3}}}") == "[1/(2/3)]"
+    assert plain_text("no latex here: 3 < 4") == "no latex here: 3 < 4"
+    assert "\\" not in plain_text(r"$\left( \alpha + \beta \right) \cdot \mathrm{d}x$")

@@ -21,21 +21,31 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from analyses.report import render_html, render_markdown
-from analyses.report_data import Report
+from analyses.report_data import Plot, Report
 from cache import store_bytes
+from probes.errors import ProbesError
 from probes.pipeline.loop import human_size
 from probes.pipeline.outputs import check_output_file
 from probes.pipeline.progress import Stages
 from probes.readouts.configs import (
     ReportConfig,
 )
-from probes.readouts.report.scan import _default_key, _pick_views, _scan, _token_views
-from probes.readouts.report.sections import _compare, _footer, _identity, _sections, headline_lines
+from probes.readouts.report.analysis_sections import extra_sections, not_computed
+from probes.readouts.report.scan import _decoder, _default_key, _pick_views, _scan, _token_views
+from probes.readouts.report.sections import (
+    _compare,
+    _footer,
+    _identity,
+    _read_compare_json,
+    _sections,
+    headline_lines,
+)
+from probes.readouts.report.stores import Found, Store, find_stores
 from probes.safe_output import write_text
 
 NAME = "report"
@@ -84,16 +94,26 @@ class ReportResult:
 
 def build_report(path: Path, cfg: ReportConfig, *,
                  stages: Stages | None = None) -> tuple[Report, dict[str, Any]]:
-    """The report of a cache, and facts for the summary line (`n_traces`, `n_plots`, ...).
+    """The report of a cache or of a folder of caches (the demo's or `study`'s output), and facts
+    for the summary line (`n_traces`, `n_plots`, ...).
+
+    In a folder, the store holding L̂ / updates / activations of the trained model is the one the
+    token views and `compare` read; a random-init store holding updates beside it is its control
+    (unless `cfg.control` names one), and its saved `compare.json` is used when it matches.
 
     Raises:
         ProbesError: Unknown `trace_ids` or `colour_by`, a control that does not match, a bad
-            `compare_json`.
+            `compare_json`, a folder without a store.
         CacheError: The cache cannot be read.
     """
     stages = stages or Stages(total=0, desc=NAME, enabled=False)
-    stages.step("reading the cache")
-    scan = _scan(Path(path))
+    stages.step("reading the stores")
+    found = find_stores(Path(path))
+    primary = found.primary()
+    if primary is None:  # only controls: read the first as the run
+        primary = found.stores[0]
+    cfg = _folder_config(found, primary, cfg)
+    scan = _scan(primary.path)
     stages.advance()
     view_ids = _pick_views(scan, cfg)
     stages.set_total(3 + len(view_ids))
@@ -106,15 +126,45 @@ def build_report(path: Path, cfg: ReportConfig, *,
               "delimiter": scan.tokens.get("delimiter", 0),
               "with_reflection": scan.traces_with.get("reflection", 0)}
     headline = headline_lines(counts, compare)
+    decode, _ = _decoder(scan.meta)
+    with stages.working("the other analyses (landscape, anchors, effects, ...)"):
+        sections = _sections(compare, plots, scan)
+        have = {s.id for s in sections}
+        sections[:0] = [not_computed(a) for a in ("lhat", "updates") if a not in have]
+        sections += extra_sections(found, decode, n_boot=cfg.n_boot, seed=cfg.seed)
+    absent = [s.id for s in sections if not s.computed]
+    if absent:
+        headline.append(f"not computed: {', '.join(absent)} (run `trajectory-probes study --analyses "
+                        f"{','.join(absent)}`)")
+    n_plots = sum(isinstance(b, Plot) for s in sections for b in s.blocks)
     report = Report(
-        title=f"trajectory-probes report: {scan.path.name}",
-        subtitle=f"{scan.meta.get('model')} · {len(scan.ids)} traces · {scan.path}",
-        identity=_identity(scan, cfg.control), headline=headline, views=views, keys=keys,
-        default_key=default, sections=_sections(compare, plots, scan), footer=_footer(scan, cfg))
-    facts = {"n_traces": len(scan.ids), "n_views": len(views), "n_plots": len(plots),
+        title=f"trajectory-probes report: {found.root.name}",
+        subtitle=f"{scan.meta.get('model')} · {len(scan.ids)} traces · {found.root}",
+        identity=_identity(scan, cfg.control, found), headline=headline, views=views, keys=keys,
+        default_key=default, sections=sections, footer=_footer(scan, cfg))
+    facts = {"n_traces": len(scan.ids), "n_views": len(views), "n_plots": n_plots,
              "n_view_tokens": sum(v.n_trajectory for v in views), "headline": headline,
-             "notes": [note] if note else []}
+             "notes": [note] if note else [], "absent": absent}
     return report, facts
+
+
+def _folder_config(found: Found, primary: Store, cfg: ReportConfig) -> ReportConfig:
+    """`cfg` with the folder's control and saved comparison when the user named none."""
+    if not found.root.is_dir():
+        return cfg
+    control = cfg.control
+    if control is None and "updates" in primary.analyses:
+        ctrl = found.control_of(primary, "updates")
+        control = ctrl.path if ctrl is not None else None
+    compare_json = cfg.compare_json
+    saved = primary.path.parent / "compare.json"
+    if compare_json is None and saved.is_file():
+        try:
+            _read_compare_json(saved, primary.path, control)
+            compare_json = saved
+        except ProbesError:  # made for other caches, or older than them: compare again
+            compare_json = None
+    return replace(cfg, control=control, compare_json=compare_json)
 
 
 def write_report(path: Path, out: Path | None, cfg: ReportConfig, *, progress: bool = False) -> ReportResult:
@@ -126,7 +176,7 @@ def write_report(path: Path, out: Path | None, cfg: ReportConfig, *, progress: b
     """
     t0 = time.perf_counter()
     path = Path(path)
-    out = Path(out) if out is not None else path.parent / f"report.{cfg.format}"
+    out = Path(out) if out is not None else (path if path.is_dir() else path.parent) / f"report.{cfg.format}"
     check_output_file(out, "--out", make_parents=True)
     with Stages(total=3 + (len(cfg.trace_ids) or cfg.n_views), desc=NAME, enabled=progress) as stages:
         report, facts = build_report(path, cfg, stages=stages)
@@ -160,23 +210,19 @@ def screenshot(html_file: Path, png: Path, *, max_height: int = 1800, width: int
 
 
 def report_demo(out_dir: str | os.PathLike[str], *, progress: bool = False) -> tuple[Path, list[str]]:
-    """Write `out_dir/report.html` for the demo's caches and return it with a short summary.
+    """Write `out_dir/report.html` for the demo's folder and return it with a short summary.
 
-    Uses `out_dir/run.h5`, `out_dir/random_init.h5` (if present) and, when the demo saved it and
-    it is newer than both caches, its comparison `out_dir/compare.json` (else `compare` runs
-    again, with the demo's `DEMO_N_BOOT`). The summary (at most 15 lines) takes the answer
-    accuracy and timing from `out_dir/summary.json` when present.
+    The report of the whole folder (`build_report`): `run.h5` with its random-init control and,
+    when it matches them, the saved `compare.json` (else `compare` runs again, with the demo's
+    `DEMO_N_BOOT`), and every other store and output the demo wrote. The summary (at most 15
+    lines) takes the answer accuracy and timing from `out_dir/summary.json` when present.
 
     Returns:
         (the report path, the summary lines).
     """
     folder = Path(out_dir)
-    run, control, saved = folder / "run.h5", folder / "random_init.h5", folder / "compare.json"
-    control_path = control if control.is_file() else None
-    compare_json = saved if (saved.is_file() and saved.stat().st_mtime >= max(
-        p.stat().st_mtime for p in (run, control_path) if p is not None)) else None
-    cfg = ReportConfig(control=control_path, n_boot=DEMO_N_BOOT, compare_json=compare_json)
-    result = write_report(run, folder / "report.html", cfg, progress=progress)
+    cfg = ReportConfig(n_boot=DEMO_N_BOOT)
+    result = write_report(folder, folder / "report.html", cfg, progress=progress)
     return result.out, demo_summary_lines(folder, result)
 
 

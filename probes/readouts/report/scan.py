@@ -5,7 +5,6 @@ shows: the traces picked, their per-token values and the colouring keys.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from analyses.report_data import TokenKey, TokenView
+from analyses.report_text import plain_text
+from cache import store_bytes
 from probes import arrays
 from probes.errors import ProbesError
 from probes.pipeline.progress import Stages
@@ -47,6 +48,7 @@ class _Scan:
     sites: dict[str, Any]
     reflective: list[str]
     file_bytes: int
+    """Size on disk: the index file plus its segments (`cache.store_bytes`)."""
 
 
 def _scan(path: Path) -> _Scan:
@@ -74,7 +76,7 @@ def _scan(path: Path) -> _Scan:
         if counts[codes["reflection"]] > 0:
             reflective.append(tr.id)
     return _Scan(path, meta, ids, n_incomplete, tokens, traces_with, n_lhat, n_upd, sites,
-                 reflective, os.path.getsize(path))
+                 reflective, store_bytes(path))
 
 
 def _pick_views(scan: _Scan, cfg: ReportConfig) -> list[str]:
@@ -109,7 +111,8 @@ def _read_view(tr: TraceArrays, decode: Any, names: list[str] | None) -> dict[st
     """One trace's token texts, labels, values (keyed as the colouring keys) and [L, T] arrays."""
     ids = tr.tokens
     got = tr.arrays
-    pieces = decode(ids.tolist()) if decode is not None else [f"[{int(i)}]" for i in ids]
+    pieces = ([plain_text(p) for p in decode(ids.tolist())] if decode is not None
+              else [f"[{int(i)}]" for i in ids])
     phrase_ids = got["phrase_id"] if "phrase_id" in got else np.full(len(ids), -1)
     phrase = [(names[p] if names is not None and 0 <= p < len(names) else f"phrase {p}") if p >= 0
               else "" for p in phrase_ids.tolist()]

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from analyses.report_data import Block, Collapsed, Plot, Section, Table, fmt
 from analyses.report_tables import fit_table, lhat_comparison_table, trend_lines, update_comparison_table
 from probes import __version__
+from probes.arrays import METHODS
 from probes.errors import ProbesError
 from probes.pipeline.loop import human_size
 from probes.pipeline.progress import Stages
@@ -19,6 +20,7 @@ from probes.readouts.compare import compare_cache, report_json
 from probes.readouts.compare_updates import PLOT_DPI
 from probes.readouts.configs import CompareConfig
 from probes.readouts.report.scan import _Scan
+from probes.readouts.report.stores import REPORT_ANALYSES, Found
 from probes.safe_output import figure_png
 
 if TYPE_CHECKING:
@@ -109,7 +111,33 @@ def _plot_title(stem: str) -> str:
 # Assembling the page
 
 
-def _identity(scan: _Scan, control: Path | None) -> list[Table]:
+def _stored_line(cfg: dict[str, Any]) -> str:
+    """What activations the cache holds, in words ("no activations stored" when none)."""
+    sites = list(cfg.get("sites") or {})
+    if not sites:
+        return "no activations stored"
+    positions = cfg.get("positions")
+    dtype = cfg.get("storage_dtype")
+    return (f"sites {', '.join(sites)}" + (f" on {positions} tokens" if positions else "")
+            + (f", {dtype}" if dtype else ""))
+
+
+def _stores_table(found: Found) -> Table:
+    rows = []
+    for s in found.stores:
+        try:
+            name = str(s.path.relative_to(found.root))
+        except ValueError:
+            name = str(s.path)
+        held = ", ".join(a for a in (*REPORT_ANALYSES, "sites") if a in s.analyses) or "labels only"
+        rows.append([name, s.meta.get("model"), "random-init control" if s.control else "trained",
+                     held, fmt(s.n_traces), human_size(s.bytes)])
+    return Table(["store", "model", "kind", "holds", "traces", "size"], rows,
+                 caption="stores read", note="size = index file + segments; "
+                 + (f"unreadable: {'; '.join(found.problems)}" if found.problems else "all readable"))
+
+
+def _identity(scan: _Scan, control: Path | None, found: Found | None = None) -> list[Table]:
     m, arch = scan.meta, scan.meta.get("architecture", {})
     cfg, info = m.get("config", {}), m.get("info", {})
     lexicon_files = info.get("lexicon_files") or ["built-in"]
@@ -121,8 +149,7 @@ def _identity(scan: _Scan, control: Path | None) -> list[Table]:
                          f"d_mlp {arch.get('d_mlp')}, {arch.get('norm')}, {arch.get('positional')}, "
                          f"vocab {arch.get('vocab_size')}, context {arch.get('n_ctx')}"],
         ["model dtype", m.get("model_dtype")],
-        ["stored", f"sites {', '.join(cfg.get('sites', {})) or 'none'} on {cfg.get('positions', '?')} "
-                   f"tokens, {cfg.get('storage_dtype', '?')}"],
+        ["stored", _stored_line(cfg)],
         ["lexicon", f"{', '.join(Path(f).name for f in lexicon_files)} "
                     f"(fingerprint {str(m.get('lexicon_fingerprint', ''))[:12]})"],
         ["tokenizer", f"fingerprint {str(m.get('tokenizer_fingerprint', ''))[:12]}"],
@@ -137,9 +164,12 @@ def _identity(scan: _Scan, control: Path | None) -> list[Table]:
     counts.append(["all", fmt(sum(scan.tokens.values())), fmt(len(scan.ids))])
     held = [["L̂ curves (lhat)", fmt(scan.n_lhat)], ["implicit updates (updates)", fmt(scan.n_updates)]]
     held += [[f"site {n} {s['dtype']} {s['row_shape']}", fmt(len(scan.ids))] for n, s in scan.sites.items()]
-    return [Table(["", ""], run, caption="run"),
-            Table(["category", "tokens", "traces with it"], counts, caption="tokens per category"),
-            Table(["analysis", "traces"], held, caption="what the cache holds")]
+    tables = [Table(["", ""], run, caption="run"),
+              Table(["category", "tokens", "traces with it"], counts, caption="tokens per category"),
+              Table(["analysis", "traces"], held, caption="what the cache holds")]
+    if found is not None and (len(found.stores) > 1 or found.root.is_dir()):
+        tables.append(_stores_table(found))
+    return tables
 
 
 def _finding(row: dict[str, Any], n_run: int, what: str) -> str:
@@ -238,7 +268,8 @@ def _sections(compare: dict[str, Any] | None, plots: list[Plot], scan: _Scan) ->
         meta = compare["table"]["meta"]
         blocks.append(lhat_comparison_table(
             compare["table"], caption=f"{meta['metric']} per trace: categories, controls and phrases"))
-        out.append(Section("lhat", "L̂: the answer loss along the trajectory", blocks + by_part["lhat"]))
+        out.append(Section("lhat", "L̂: the answer loss along the trajectory", blocks + by_part["lhat"],
+                           links=[(f"method: {METHODS}#m8", f"{METHODS}#m8")]))
     if compare is not None and "updates" in compare:
         u = compare["updates"]
         ctrl = f"; random-init control {u['control']}" if u.get("control") else ""
@@ -247,7 +278,9 @@ def _sections(compare: dict[str, Any] | None, plots: list[Plot], scan: _Scan) ->
                   update_comparison_table(u["comparison"], caption="pooled over layers"),
                   Collapsed(f"every layer ({len(u['comparison']['rows'])} rows)",
                             update_comparison_table(u["comparison"], layers="all"))]
-        out.append(Section("updates", "Implicit updates per token", blocks + by_part["updates"]))
+        out.append(Section("updates", "Implicit updates per token", blocks + by_part["updates"],
+                           links=[(f"method: {METHODS}#{a}", f"{METHODS}#{a}")
+                                  for a in ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "controls")]))
     if compare is not None and "fit" in compare:
         f = compare["fit"]
         block: Block = (fit_table(f, caption="ΔL̂ per token regressed on the mechanistic features")
