@@ -116,7 +116,8 @@ def test_report_uses_the_numbers_of_compare(run, tmp_path, capsys):
     assert main(["report", str(run.run), "--control", str(run.control), "--format", "md",
                  "--n-boot", "200", "--out", str(fresh), "-q"]) == 0
     assert main(["report", str(run.run), "--control", str(run.control), "--format", "md",
-                 "--compare-json", str(run.compare_json), "--out", str(saved), "-q"]) == 0
+                 "--compare-json", str(run.compare_json), "--n-boot", "200",  # the efficiency
+                 "--out", str(saved), "-q"]) == 0                          # section's own CIs
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith(f"report: 4 traces, tables -> {saved} (")
 
