@@ -37,7 +37,10 @@ def add_parser(sub: Any) -> None:
             "and every plot it draws. --format md writes the same tables as Markdown."
         ),
     )
-    p.add_argument("path", type=Path, help="the .h5 cache (from `cache`, `lhat`, `updates`), or a folder of them (a `study` or `demo` output: every store, JSON and graded JSONL in it is read by what it holds)")
+    p.add_argument("path", type=Path,
+                   help="the .h5 cache (from `cache`, `lhat`, `updates`), or a folder of them (a "
+                        "`study` or `demo` output: every store, JSON and graded JSONL in it is "
+                        "read by what it holds)")
     p.add_argument("--control", type=Path, default=None,
                    help="a cache of the same traces from `updates --control random-init`")
     p.add_argument("--out", type=Path, default=None,

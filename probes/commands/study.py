@@ -35,10 +35,11 @@ def add_parser(sub: Any) -> None:
         NAME, formatter_class=flags.HelpFormatter,
         help=SUMMARIES[NAME],
         description=(
-            "Run every analysis of your model on your traces into one folder: one store per stage "
-            "(activations.h5 with --analyses activations, lhat.h5, updates.h5, anchors.h5, "
-            "effects.h5, and with --control random-init lhat-control.h5, updates-control.h5, "
-            "effects-control.h5), the comparisons (compare-*.json), report.html and the "
+            "Run every analysis of your model on your traces into one folder: activations.h5 "
+            "with --analyses activations, run.h5 (L-hat and updates), anchors.h5, effects.h5, "
+            "and with --control random-init lhat-control.h5, random_init.h5 (updates), "
+            "effects-control.h5; the comparisons (compare.json, compare-control.json), the "
+            "report of the whole folder (report.html) and the "
             "manifest study.json (settings; per stage done or skipped, why, seconds). A stage the "
             "model's family does not support is skipped with the reason. Run the same command "
             "again after an interruption: finished stages are skipped, an interrupted one is "

@@ -1,8 +1,9 @@
 """`python -m probes.run study`: every analysis of one model on one traces file, into one folder.
 
-The stages (`STAGES`, in this order) are the writing runners of this package, each into its own
-store in the folder (`STORES`): `activations` (`probes.pipeline.capture`, opt-in), `lhat`,
-`updates`, `anchors` (the receiver / suppression / resampling analyses asked for), `effects`, and
+The stages (`STAGES`, in this order) are the writing runners of this package, each into its
+store in the folder (`STORES`; the model's L̂ and updates share `run.h5`):
+`activations` (`probes.pipeline.capture`, opt-in), `lhat`, `updates`, `anchors` (the receiver /
+suppression / resampling analyses asked for), `effects`, and
 with `control="random-init"` the same L̂, updates and effects on a seeded random initialisation of
 the same architecture (`lhat-control`, `updates-control`, `effects-control`). After them come the
 steps that read the stores without the model (the comparisons and the report:
@@ -73,9 +74,16 @@ STAGES: tuple[str, ...] = ("activations", "lhat", "updates", "anchors", "effects
 """The stages that run the model, in the order they run."""
 
 
-STORES: dict[str, str] = {stage: f"{stage}.h5" for stage in STAGES}
-"""The store of each stage, a file name in the study folder (`effects` also writes
-`effects.h5.directions.npz` beside its store)."""
+STORES: dict[str, str] = {
+    "activations": "activations.h5", "lhat": "run.h5", "updates": "run.h5",
+    "anchors": "anchors.h5", "effects": "effects.h5", "lhat-control": "lhat-control.h5",
+    "updates-control": "random_init.h5", "effects-control": "effects-control.h5"}
+"""The store of each stage, a file name in the study folder. The model's L̂ and updates share
+`run.h5` (as `lhat` then `updates --resume` would write it), so that `compare` reads both together
+(the ΔL̂ fit needs them in one store) and the report's token views carry every per-token array;
+the control's updates are `random_init.h5` (`compare --control`'s), its L̂ `lhat-control.h5`
+(compared alone: `compare` refuses a control's updates store as the compared cache); `effects`
+also writes `effects.h5.directions.npz` beside its store."""
 
 
 UNSUPPORTED: tuple[type[Exception], ...] = (UpdatesError, EffectsError, UnsupportedModelError)

@@ -2,9 +2,10 @@
 comparisons (`compare` of each store, `compare --control` of the updates with the random-init
 control, the effects summary with the control beside it) and the report.
 
-Files written into the study folder: `compare-lhat.json`, `compare-updates.json`,
-`compare-lhat-control.json` (each `compare --json` of that store), `effects.h5.effects.json`
-(what `effects` writes) and `report.html`.
+Files written into the study folder: `compare.json` (`compare --json` of `run.h5`, with
+`random_init.h5` as `--control` when the updates control ran), `compare-control.json` (of the
+control's L̂ store alone), `effects.h5.effects.json` (what `effects` writes) and `report.html` (the
+report of the whole folder, which reuses `compare.json`).
 """
 
 from __future__ import annotations
@@ -26,12 +27,11 @@ REPORT = "report.html"
 """The study's report in its folder."""
 
 
-COMPARISONS: tuple[tuple[str, str, str | None], ...] = (
-    ("compare-lhat.json", "lhat", None),
-    ("compare-updates.json", "updates", "updates-control"),
-    ("compare-lhat-control.json", "lhat-control", None),
+COMPARISONS: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
+    ("compare.json", ("lhat", "updates"), "updates-control"),
+    ("compare-control.json", ("lhat-control",), None),
 )
-"""(file, stage compared, stage passed as its --control when done) of each comparison."""
+"""(file, stages whose store is compared (one store), stage passed as its --control when done)."""
 
 
 def _done(stages: dict[str, dict[str, Any]], stage: str | None) -> bool:
@@ -45,9 +45,10 @@ def compare_step(folder: Path, stages: dict[str, dict[str, Any]]) -> dict[str, A
     the others still run; when none runs the step is skipped with the reasons."""
 
     files, refused = [], []
-    for name, stage, control in COMPARISONS:
-        if not _done(stages, stage):
+    for name, compared, control in COMPARISONS:
+        if not any(_done(stages, s) for s in compared):
             continue
+        stage = compared[0]
         ctrl = folder / STORES[control] if control is not None and _done(stages, control) else None
         try:
             report = report_json(compare_cache(folder / STORES[stage], CompareConfig(control=ctrl)))
@@ -67,29 +68,14 @@ def compare_step(folder: Path, stages: dict[str, dict[str, Any]]) -> dict[str, A
     return {"files": files, **({"refused": refused} if refused else {})}
 
 
-def report_source(folder: Path, stages: dict[str, dict[str, Any]]) -> tuple[Path | None, Path | None]:
-    """The store the report is built from and its random-init control: the L̂ store, else the
-    updates store (with its control), else the activations (None: no store the report reads)."""
-    if _done(stages, "lhat"):
-        return folder / STORES["lhat"], None
-    if _done(stages, "updates"):
-        control = folder / STORES["updates-control"] if _done(stages, "updates-control") else None
-        return folder / STORES["updates"], control
-    if _done(stages, "activations"):
-        return folder / STORES["activations"], None
-    return None, None
-
-
 def report_step(folder: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any] | str:
-    """`folder/report.html`."""
-
-    source, control = report_source(folder, stages)
-    if source is None:
+    """`folder/report.html`: the report of the whole folder (every store, `compare.json`)."""
+    if not any(_done(stages, s) for s in ("lhat", "updates", "activations")):
         return "no L̂, updates or activations store to report"
     try:
-        result = write_report(source, folder / REPORT, ReportConfig(control=control))
+        result = write_report(folder, folder / REPORT, ReportConfig())
     except ProbesError as exc:  # a comparison the report holds refused these stores
-        return f"{source.name}: {exc}"
+        return str(exc)
     return {"files": [REPORT], "summary": result.summary()}
 
 

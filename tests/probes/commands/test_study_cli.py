@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,6 +42,14 @@ def _arrays(path: Path) -> dict[str, dict[str, tuple[str, tuple[int, ...], bytes
     return out
 
 
+def _stage_status(folder: Path, stage: str) -> str | None:
+    """A stage's status in the manifest as it stands (None: not there yet, or being rewritten)."""
+    try:
+        return json.loads((folder / "study.json").read_text())["stages"][stage]["status"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def _manifest(folder: Path) -> dict:
     return json.loads((folder / MANIFEST).read_text())
 
@@ -65,19 +74,24 @@ def test_every_stage_runs_into_its_store_then_compare_and_report(full, tmp_path)
         assert m["stages"][stage]["store"] == STORES[stage]
         assert m["stages"][stage]["n_written"] == 3, stage
         assert len(_arrays(full / STORES[stage])) == 3, stage
-    assert m["stages"]["compare"]["files"] == ["compare-lhat.json", "compare-updates.json",
-                                               "compare-lhat-control.json",
+    assert m["stages"]["compare"]["files"] == ["compare.json", "compare-control.json",
                                                "effects.h5.effects.json"]
     assert m["stages"]["report"]["files"] == ["report.html"]
     assert (full / "report.html").read_text().lstrip().lower().startswith("<!doctype html")
     # the updates comparison ran with the random-init control beside it
-    upd = json.loads((full / "compare-updates.json").read_text())["updates"]["comparison"]["rows"]
+    upd = json.loads((full / "compare.json").read_text())["updates"]["comparison"]["rows"]
     assert any(r["control_effect"] is not None for r in upd)
-    # each stage's store equals its own command's run (the lhat one here)
-    alone = tmp_path / "lhat.h5"
-    assert main(["lhat", "--model", "tiny-reasoner", "--device", "cpu", "--no-progress",
-                 "--traces", str(TRACES), "--limit", "3", "--out", str(alone)]) == 0
-    assert _arrays(alone) == _arrays(full / "lhat.h5")
+    # the report is of the whole folder: L̂, updates and the analyses of the other stores
+    page = (full / "report.html").read_text()
+    for section in ("lhat", "updates", "fit", "anchors", "effects"):
+        assert re.search(rf'<section id="{section}"[^>]*data-computed="true"', page), section
+    # the run store equals what its own commands write: lhat, then updates --resume into it
+    alone = tmp_path / "run.h5"
+    common = ["--model", "tiny-reasoner", "--device", "cpu", "--no-progress",
+              "--traces", str(TRACES), "--limit", "3", "--out", str(alone)]
+    assert main(["lhat", *common]) == 0
+    assert main(["updates", *common, "--resume"]) == 0
+    assert _arrays(alone) == _arrays(full / "run.h5")
 
 
 def test_a_rerun_skips_every_stage_done_and_says_so(full, capsys):
@@ -110,7 +124,7 @@ def test_default_analyses_leave_out_activations_and_the_control(tmp_path):
     assert stages["anchors"]["reason"] == "not asked (--analyses receiver,suppression,resampling runs it)"
     assert stages["updates-control"]["reason"] == "not asked (--control random-init runs it)"
     assert stages["report"]["status"] == "done" and (folder / "report.html").is_file()
-    assert sorted(p.name for p in folder.glob("*.h5")) == ["lhat.h5"]
+    assert sorted(p.name for p in folder.glob("*.h5")) == ["run.h5"]
 
 
 def _neox(folder: Path) -> str:
@@ -142,9 +156,11 @@ def test_a_family_a_stage_does_not_measure_skips_that_stage_with_the_reason(tmp_
     for stage in ("updates", "effects"):
         assert stages[stage]["status"] == "skipped", stage
         assert "'gpt_neox'" in stages[stage]["reason"], stages[stage]
-        assert not (folder / STORES[stage]).exists()
         assert f"{stage}: skipped: {stages[stage]['reason']}" in out
     assert stages["updates"]["reason"].startswith("updates does not measure 'gpt_neox' models yet")
+    assert not (folder / STORES["effects"]).exists()  # refused before its store was made
+    stored = {name for arrays in _arrays(folder / STORES["updates"]).values() for name in arrays}
+    assert "lhat" in stored and not any(n.startswith("upd_") for n in stored)  # run.h5: L̂ only
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -210,8 +226,8 @@ def test_a_study_killed_mid_stage_and_run_again_equals_one_uninterrupted_run(tmp
     proc = subprocess.Popen([*args, "--out", str(killed)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        while proc.poll() is None and not (killed / "updates.h5").exists():
-            time.sleep(0.05)
+        while proc.poll() is None and _stage_status(killed, "lhat") != "done":
+            time.sleep(0.05)  # killed in the updates stage, which adds to run.h5
         assert proc.poll() is None, "the study ended before the kill"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -223,8 +239,8 @@ def test_a_study_killed_mid_stage_and_run_again_equals_one_uninterrupted_run(tmp
     done = subprocess.run([*args, "--out", str(killed)], cwd=ROOT, env=env, check=True,
                           capture_output=True, text=True)
     assert "[2/10] lhat: done (already done)" in done.stdout, done.stdout
-    for stage in ("lhat", "updates", "lhat-control", "updates-control"):
-        assert _arrays(killed / STORES[stage]) == _arrays(whole / STORES[stage]), stage
+    for store in ("run.h5", "random_init.h5", "lhat-control.h5"):
+        assert _arrays(killed / store) == _arrays(whole / store), store
     assert (killed / "report.html").is_file()
     assert _manifest(killed)["settings"] == _manifest(whole)["settings"]
 
@@ -238,11 +254,11 @@ def test_a_comparison_that_refuses_its_stores_is_listed_and_the_study_ends(tmp_p
                  "--control", "random-init"]) == 0
     stages = _manifest(folder)["stages"]
     assert stages["updates"]["status"] == stages["updates-control"]["status"] == "done"
-    reason = ("compare-updates.json: --control {c} shares 1 traces with {u}; run `updates "
+    reason = ("compare.json: --control {c} shares 1 traces with {u}; run `updates "
               "--control random-init` on the same traces file").format(
-        c=folder / "updates-control.h5", u=folder / "updates.h5")
+        c=folder / "random_init.h5", u=folder / "run.h5")
     assert stages["compare"] == {"status": "skipped", "reason": reason}
     assert stages["report"]["status"] == "skipped"
-    assert stages["report"]["reason"] == "updates.h5: " + reason.split(": ", 1)[1]
+    assert stages["report"]["reason"] == reason.split(": ", 1)[1]
     assert not (folder / "report.html").exists()
     assert f"compare: skipped: {reason}" in capsys.readouterr().out
