@@ -70,4 +70,4 @@ planted-power: $(VENV)/.installed
 # The README's picture of the report: the demo, then its report rendered by headless Chromium.
 screenshot: $(VENV)/.installed
 	$(PY) -m probes.run demo --out demo-out
-	$(PY) -m probes.run report demo-out/run.h5 --control demo-out/random_init.h5 --compare-json demo-out/compare.json --out demo-out/report.html --screenshot docs/report.png
+	$(PY) -m probes.run report demo-out --out demo-out/report.html --screenshot docs/report.png

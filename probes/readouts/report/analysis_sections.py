@@ -34,6 +34,18 @@ TITLES: dict[str, str] = {
 }
 """Section title of every analysis (`stores.REPORT_ANALYSES`)."""
 
+HOW_TO_COMPUTE: dict[str, str] = {
+    "lhat": "trajectory-probes study --analyses lhat",
+    "updates": "trajectory-probes study --analyses updates",
+    "landscape": "trajectory-probes landscape",
+    "anchors": "trajectory-probes study --analyses receiver,suppression",
+    "effects": "trajectory-probes study --analyses effects",
+    "efficiency": "trajectory-probes efficiency",
+    "models": "trajectory-probes compare-models",
+    "generation": "trajectory-probes generate, then grade",
+}
+"""The command that computes each analysis (the study's own analyses through `study`)."""
+
 METHOD_ANCHORS: dict[str, str] = {
     "lhat": "m8", "updates": "controls", "landscape": "landscape", "anchors": "chunks",
     "effects": "effects", "efficiency": "efficiency", "models": "stability", "generation": "controls",
@@ -56,7 +68,7 @@ def method_link(analysis: str) -> tuple[str, str]:
 def not_computed(analysis: str) -> Section:
     """The section of an analysis the input does not hold."""
     return Section(analysis, TITLES[analysis],
-                   [f"not computed (run `trajectory-probes study --analyses {analysis}`)"],
+                   [f"not computed (run `{HOW_TO_COMPUTE[analysis]}`)"],
                    links=[method_link(analysis)], computed=False)
 
 

@@ -35,7 +35,7 @@ from probes.pipeline.progress import Stages
 from probes.readouts.configs import (
     ReportConfig,
 )
-from probes.readouts.report.analysis_sections import extra_sections, not_computed
+from probes.readouts.report.analysis_sections import HOW_TO_COMPUTE, extra_sections, not_computed
 from probes.readouts.report.scan import _decoder, _default_key, _pick_views, _scan, _token_views
 from probes.readouts.report.sections import (
     _compare,
@@ -134,8 +134,7 @@ def build_report(path: Path, cfg: ReportConfig, *,
         sections += extra_sections(found, decode, n_boot=cfg.n_boot, seed=cfg.seed)
     absent = [s.id for s in sections if not s.computed]
     if absent:
-        headline.append(f"not computed: {', '.join(absent)} (run `trajectory-probes study --analyses "
-                        f"{','.join(absent)}`)")
+        headline.append("not computed: " + "; ".join(f"{a} (`{HOW_TO_COMPUTE[a]}`)" for a in absent))
     n_plots = sum(isinstance(b, Plot) for s in sections for b in s.blocks)
     report = Report(
         title=f"trajectory-probes report: {found.root.name}",
