@@ -29,6 +29,7 @@ from analyses.report_data import (
     fmt,
     token_scales,
 )
+from analyses.token_sets import CATEGORY_NAMES
 
 # --------------------------------------------------------------------------------------------------
 # HTML
@@ -368,8 +369,6 @@ def render_html(report: Report, *, category_names: Mapping[int, str] | None = No
         The HTML text.
     """
     if category_names is None:
-        from analyses.token_sets import CATEGORY_NAMES
-
         category_names = CATEGORY_NAMES
     nav = ['<a href="#run">run</a>'] + (['<a href="#tokens">tokens</a>'] if report.views else [])
     nav += [f'<a href="#{_esc(_anchor(s.id))}">{_esc(s.title)}</a>' for s in report.sections]

@@ -15,10 +15,18 @@ from typing import Any
 
 import numpy as np
 
+from analyses.effects import scatter_figure, v7_table
+from analyses.landscape_plots import landscape_figure, path_loss_figure
 from analyses.report_data import Block, Plot, Section, Table, fmt
 from analyses.report_text import plain_text
+from analyses.token_sets import CATEGORY_NAMES
 from probes.arrays import METHODS
+from probes.pipeline.anchors import draw_plots, summarize_anchors
+from probes.pipeline.generate.grade import record_statistics
 from probes.readouts.compare_updates import PLOT_DPI
+from probes.readouts.effects import read_effects
+from probes.readouts.efficiency import efficiency_report
+from probes.readouts.loader import load_traces
 from probes.readouts.report.stores import Found, Store
 from probes.safe_output import figure_png
 
@@ -94,9 +102,6 @@ def _source(found: Found, store: Store, control: Store | None) -> str:
 
 
 def _landscape_panels(store: Store, label: str) -> tuple[list[Block], list[list[Any]]]:
-    from analyses.landscape_plots import landscape_figure, path_loss_figure
-    from probes.readouts.loader import load_traces
-
     blocks: list[Block] = []
     rows: list[list[Any]] = []
     for k, tr in enumerate(load_traces(store.path, ["land_grid", "land_path"],
@@ -156,8 +161,6 @@ def landscape_section(found: Found) -> Section:
 
 
 def _anchor_plots(store: Store, summary: dict[str, Any], label: str) -> list[Block]:
-    from probes.pipeline.anchors import draw_plots
-
     with tempfile.TemporaryDirectory(prefix="probes-report-") as tmp:
         files = draw_plots(store.path, summary, Path(tmp))
         return [Plot(f"{label}: {Path(f).stem.replace('_', ' ')}", Path(f).read_bytes())
@@ -178,9 +181,6 @@ def _by_category_table(summaries: list[tuple[str, dict[str, Any]]]) -> Table:
 
 
 def _top_chunks(store: Store, decode: Callable[[list[int]], list[str]] | None) -> Table:
-    from analyses.token_sets import CATEGORY_NAMES
-    from probes.readouts.loader import load_traces
-
     found: list[tuple[float, list[Any]]] = []
     measure = "anc_supp_dl"
     for tr in load_traces(store.path, ["chunk_spans", "chunk_category"],
@@ -207,8 +207,6 @@ def _top_chunks(store: Store, decode: Callable[[list[int]], list[str]] | None) -
 
 
 def anchors_section(found: Found, decode: Callable[[list[int]], list[str]] | None) -> Section:
-    from probes.pipeline.anchors import summarize_anchors
-
     stores = found.holding("anchors")
     if not stores:
         return not_computed("anchors")
@@ -245,9 +243,6 @@ def _v7_rows(label: str, v7: dict[str, dict[str, dict[str, float]]]) -> list[lis
 
 
 def effects_section(found: Found) -> Section:
-    from analyses.effects import scatter_figure, v7_table
-    from probes.readouts.effects import read_effects
-
     stores = found.holding("effects")
     if not stores:
         return not_computed("effects")
@@ -277,8 +272,6 @@ def effects_section(found: Found) -> Section:
 
 
 def efficiency_section(found: Found, n_boot: int, seed: int) -> Section:
-    from probes.readouts.efficiency import efficiency_report
-
     stores = found.holding("lhat")
     demo = ((found.jsons.get("summary.json") or {}).get("efficiency") or {})
     if not stores and not demo:
@@ -347,8 +340,6 @@ def _stats_rows(label: str, s: dict[str, Any]) -> list[list[Any]]:
 
 
 def generation_section(found: Found) -> Section:
-    from probes.pipeline.generate.grade import record_statistics
-
     rows: list[list[Any]] = []
     for file in found.graded:
         with file.open(encoding="utf-8") as f:

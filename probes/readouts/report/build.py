@@ -36,6 +36,7 @@ from probes.readouts.configs import (
     ReportConfig,
 )
 from probes.readouts.report.analysis_sections import HOW_TO_COMPUTE, extra_sections, not_computed
+from probes.readouts.report.browser import Page
 from probes.readouts.report.scan import _decoder, _default_key, _pick_views, _scan, _token_views
 from probes.readouts.report.sections import (
     _compare,
@@ -201,7 +202,6 @@ def screenshot(html_file: Path, png: Path, *, max_height: int = 1800, width: int
     Raises:
         BrowserError: No Chromium, or it failed.
     """
-    from probes.readouts.report.browser import Page
 
     with Page(html_file, width=width, height=max_height) as page:
         page.hover_over(HOVER_FOR_SCREENSHOT)

@@ -17,7 +17,9 @@ from analyses.report_text import plain_text
 from cache import store_bytes
 from probes import arrays
 from probes.errors import ProbesError
+from probes.models.cache_text import cache_decoder, phrase_names
 from probes.pipeline.progress import Stages
+from probes.readouts.loader import load_traces, open_cache
 
 if TYPE_CHECKING:
     from probes.readouts.configs import ReportConfig
@@ -52,8 +54,6 @@ class _Scan:
 
 
 def _scan(path: Path) -> _Scan:
-    from probes.readouts.loader import load_traces, open_cache
-
     with open_cache(path) as reader:
         meta = dict(reader.metadata)
         codes = dict(sorted(reader.category_codes.items(), key=lambda kv: kv[1]))
@@ -94,7 +94,6 @@ def _pick_views(scan: _Scan, cfg: ReportConfig) -> list[str]:
 
 def _decoder(meta: dict[str, Any]) -> tuple[Any, str]:
     """The token-text decoder of the cache's tokenizer, or (None, why not)."""
-    from probes.models.cache_text import cache_decoder
 
     try:
         return cache_decoder(meta), ""
@@ -136,8 +135,6 @@ def _read_view(tr: TraceArrays, decode: Any, names: list[str] | None) -> dict[st
 
 def _token_views(scan: _Scan, ids: list[str], stages: Stages) -> tuple[list[TokenView], list[TokenKey], str]:
     """The heat-map traces and the keys they can be coloured by; a note ("" if none)."""
-    from probes.models.cache_text import phrase_names
-    from probes.readouts.loader import load_traces, open_cache
 
     if not ids:
         return [], [], ""

@@ -16,6 +16,7 @@ from probes.arrays import METHODS
 from probes.errors import ProbesError
 from probes.pipeline.loop import human_size
 from probes.pipeline.progress import Stages
+from probes.readouts.calibration import mde_text
 from probes.readouts.compare import compare_cache, report_json
 from probes.readouts.compare_updates import PLOT_DPI
 from probes.readouts.configs import CompareConfig
@@ -177,7 +178,6 @@ def _finding(row: dict[str, Any], n_run: int, what: str) -> str:
     compared), the calibrated p (sign-flip permutation, `analyses.inference.signflip_p`) and its
     Holm adjustment, the MDE at 80% power for a run of `n_run` traces; below the floor on
     inference "not testable at this n" and no CI or p."""
-    from probes.readouts.calibration import mde_text
 
     head = (f"{what} ({row['n_traces']} traces): {fmt(row['median_a'])} vs {fmt(row['median_b'])} "
             f"({row['b']}, the matched baseline)" if row["b"].startswith("matched_") else

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cache import store_bytes
+from cache import CacheError, store_bytes
 from probes import arrays
 from probes.errors import ProbesError
+from probes.readouts.loader import open_cache
 
 ANALYSES: dict[str, tuple[str, ...]] = {
     "lhat": arrays.names(arrays.LHAT),
@@ -110,7 +111,6 @@ def read_store(path: Path) -> Store:
     Raises:
         CacheError: It cannot be read.
     """
-    from probes.readouts.loader import open_cache
 
     with open_cache(path) as reader:
         meta = dict(reader.metadata)
@@ -147,7 +147,6 @@ def find_stores(path: Path) -> Found:
         ProbesError: `path` does not exist, or a folder holds no store.
         CacheError: A single store given cannot be read.
     """
-    from cache import CacheError
 
     path = Path(path)
     if path.is_file() or (not path.exists() and Path(str(path) + _SEGMENTS).is_dir()):

@@ -228,12 +228,12 @@ def test_token_table_of_a_real_run_equals_the_cache(run):
 
 
 def test_token_ids_are_shown_when_the_tokenizer_cannot_be_loaded(run, tmp_path, monkeypatch, capsys):
-    import probes.models.cache_text as cache_text
+    import probes.readouts.report.scan as scan  # the report's decoder, where the report looks it up
 
     def unavailable(meta):
         raise ProbesError("no tokenizer files here")
 
-    monkeypatch.setattr(cache_text, "cache_decoder", unavailable)
+    monkeypatch.setattr(scan, "cache_decoder", unavailable)
     out = tmp_path / "ids.html"
     assert main(["report", str(run.run), "--control", str(run.control), "--compare-json",
                  str(run.compare_json), "--trace-id", "tr-2-0", "--out", str(out), "-q"]) == 0
