@@ -37,7 +37,8 @@ def lhat_comparison_table(table: Mapping[str, Any], *, caption: str = "") -> Tab
     """`compare`'s L̂ comparison (`report["table"]`) as a table with 95% CIs.
 
     Columns: comparison, traces, median a [CI], median b [CI], median difference [CI], Cliff's δ,
-    Wilcoxon p, Holm p, and the verdict at Holm p < 0.05 with a CI excluding 0. Empty rows
+    p (the sign-flip permutation test of the mean per-trace difference), its Holm adjustment, and
+    the verdict at Holm p < 0.05 with a CI excluding 0. Empty rows
     (`is_empty_row`) are left out; the note says how many.
     """
     rows = []
@@ -58,14 +59,15 @@ def lhat_comparison_table(table: Mapping[str, Any], *, caption: str = "") -> Tab
                      _ci(r.get("median_a"), r.get("ci_median_a")),
                      _ci(r.get("median_b"), r.get("ci_median_b")),
                      _ci(r.get("median_diff"), r.get("ci_median_diff")),
-                     fmt(r.get("cliffs_delta"), ".2f"), fmt(r.get("wilcoxon_p"), ".2g"),
+                     fmt(r.get("cliffs_delta"), ".2f"), fmt(r.get("p"), ".2g"),
                      fmt(p, ".2g"), _effect_cell(verdict)])
     meta = table.get("meta", {})
     note = (f"per-trace {meta.get('statistic', 'mean')} of {meta.get('metric', '?')} "
             f"(unit: {meta.get('unit', '?')}); medians over traces with bootstrap 95% CIs; "
-            "Wilcoxon signed-rank, Holm over every row" + _dropped_note(n_dropped))
+            "p: sign-flip permutation test of the mean per-trace difference, Holm over every row"
+            + _dropped_note(n_dropped))
     return Table(["comparison", "traces", "median a [95% CI]", "median b [95% CI]",
-                  "difference [95% CI]", "Cliff's δ", "Wilcoxon p", "Holm p", "a vs b"],
+                  "difference [95% CI]", "Cliff's δ", "p", "Holm p", "a vs b"],
                  rows, caption=caption, note=note)
 
 
