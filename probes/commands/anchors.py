@@ -62,15 +62,6 @@ RESAMPLE_NOT_FLAGS: tuple[str, ...] = ("max_answer_tokens", "grade_method", "bat
 """`ResampleSettings` fields the command line leaves at their defaults."""
 
 
-def _analyses(text: str) -> tuple[str, ...]:
-    items = tuple(a.strip() for a in text.split(",") if a.strip())
-    bad = [a for a in items if a not in ANALYSES]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(ANALYSES)} (comma-separated), "
-                                         f"got {text!r}")
-    return items
-
-
 def add_parser(sub: Any) -> None:
     """Register `anchors` and its flags."""
 
@@ -90,7 +81,7 @@ def add_parser(sub: Any) -> None:
     flags.model_flags(p)
     flags.traces_flags(p)
     flags.out_flags(p, what="the .h5 cache")
-    flags.dataclass_flags(p, AnchorsConfig, meta={"analyses": {"type": _analyses}})
+    flags.dataclass_flags(p, AnchorsConfig, meta={"analyses": {"type": flags.comma_choices(ANALYSES)}})
     flags.dataclass_flags(p, ResampleSettings, skip=RESAMPLE_NOT_FLAGS, meta=RESAMPLE_FLAGS)
     flags.report_flags(p, json_help="end with one JSON object")
     p.set_defaults(func=run)

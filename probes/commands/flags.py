@@ -82,6 +82,18 @@ def _int_in(text: str, low: int, high: int) -> int:
     return value
 
 
+def comma_choices(choices: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    """argparse type of a comma-separated subset of `choices` (`--analyses lhat,updates`)."""
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(a.strip() for a in text.split(",") if a.strip())
+        if not items or any(a not in choices for a in items):
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} "
+                                             f"(comma-separated), got {text!r}")
+        return items
+
+    return parse
+
+
 def nonnegative_float(text: str) -> float:
     """argparse type: a finite number >= 0."""
     return _float_in(text, 0.0, math.inf, "a finite number >= 0", low_open=False)

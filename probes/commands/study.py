@@ -19,15 +19,6 @@ from probes.pipeline.progress import progress_on
 NAME = name_of(__name__)
 
 
-def _analyses(text: str) -> tuple[str, ...]:
-    items = tuple(a.strip() for a in text.split(",") if a.strip())
-    bad = [a for a in items if a not in STUDY_ANALYSES]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(STUDY_ANALYSES)} "
-                                         f"(comma-separated), got {text!r}")
-    return items
-
-
 def add_parser(sub: Any) -> None:
     """Register `study` and its flags."""
 
@@ -51,7 +42,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", type=Path, required=True,
                    help="the study folder (created; a folder of an interrupted study with the "
                         "same settings is finished)")
-    p.add_argument("--analyses", type=_analyses, default=DEFAULT_STUDY_ANALYSES,
+    p.add_argument("--analyses", type=flags.comma_choices(STUDY_ANALYSES), default=DEFAULT_STUDY_ANALYSES,
                    metavar="A,B,...",
                    help=f"comma-separated, from {', '.join(STUDY_ANALYSES)} (receiver, "
                         "suppression and resampling are the anchors stage; resampling "
