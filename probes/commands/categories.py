@@ -34,7 +34,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """`categories` from parsed flags."""
-    from probes.models.load import load_tokenizer
+    from probes.models.load import load_tokenizer  # here, not at the top: keeps --help fast
     from probes.traces.categories import count_categories, format_category_table, load_lexicon
     from probes.traces.tokenize import tokenize_traces
 

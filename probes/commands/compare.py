@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from probes.commands import SUMMARIES, flags, name_of
+from probes.pipeline.outputs import check_plot_folder
 from probes.pipeline.progress import Stages, progress_on
 from probes.readouts.configs import (
     COMPARE_METRICS,
@@ -142,8 +143,6 @@ def run(args: argparse.Namespace) -> int:
     )
 
     if args.plots is not None:
-        from probes.pipeline.outputs import check_plot_folder
-
         check_plot_folder(args.plots)
     cfg = CompareConfig(metric=args.metric, unit=args.unit, statistic=args.statistic,
                         raml_notebook=args.raml_notebook, n_boot=args.n_boot, seed=args.seed,

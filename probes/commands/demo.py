@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         run_demo,
     )
     from probes.pipeline.progress import Stages, progress_on
-    from probes.readouts.report.build import report_demo
+    from probes.readouts.report.build import report_demo  # here, not at the top: keeps --help fast
 
     flags.silence_hf()
     if args.out is not None and args.out.exists() and not args.out.is_dir():

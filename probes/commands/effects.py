@@ -60,7 +60,7 @@ def _check_versus(path: Path) -> None:
     Raises:
         ProbesError, CacheError: Missing, not a cache, or no effects arrays.
     """
-    from cache import open_cache
+    from cache import open_cache  # here, not at the top: keeps --help fast
     from probes.pipeline.effects import DONE_KEY  # here, not at the top: keeps --help fast
 
     if not path.is_file():

@@ -24,7 +24,7 @@ NAME = name_of(__name__)
 
 def format_report(report: dict[str, Any]) -> str:
     """Human form: the measures' medians, their relation to length, the variant comparison."""
-    from analyses.efficiency import verdict
+    from analyses.efficiency import verdict  # here, not at the top: keeps --help fast
 
     lines = [f"{report['n_traces']} traces from {report['cache']}",
              "per-trace measures (median [95% CI], n):"]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from probes.commands import SUMMARIES, flags, name_of
 from probes.jsonable import jsonable
 from probes.pipeline.configs import FitConfig
+from probes.pipeline.outputs import check_output_file
 from probes.pipeline.progress import Stages, progress_on
 from probes.safe_output import write_text
 
@@ -100,8 +101,6 @@ def run(args: argparse.Namespace) -> int:
 
     flags.silence_hf()
     if args.out is not None:
-        from probes.pipeline.outputs import check_output_file
-
         check_output_file(args.out, "--out")
     with Stages(total=1, desc=NAME, enabled=progress_on(args.quiet)) as stages, \
             stages.working("model passes and fits"):

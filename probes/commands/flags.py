@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from probes.models.spec import ModelSpec
+from probes.models.spec import ModelSpec, max_memory_flag
 from probes.pipeline.configs import TraceSource
 from probes.pipeline.job import RESUME_HELP
 from probes.pipeline.progress import QUIET_HELP
@@ -158,8 +158,6 @@ def _type_of(name: str | Callable[[str], Any]) -> Callable[[str], Any]:
     if callable(name):
         return name
     if name == "max_memory":
-        from probes.models.spec import max_memory_flag
-
         return max_memory_flag
     return TYPES[name]
 

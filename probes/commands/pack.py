@@ -33,7 +33,7 @@ def pack(source: Path, out: Path, *, overwrite: bool = False) -> dict[str, Any]:
         ProbesError: `out` is `source`, exists (without `overwrite`), or is not writable.
         CacheError: `source` is not a readable cache, or the copy failed (one line, with the fix).
     """
-    from cache import open_cache, pack_cache, store_exists
+    from cache import open_cache, pack_cache, store_exists  # here, not at the top: keeps --help fast
 
     if out.resolve() == source.resolve():
         raise ProbesError(f"--out {out} is the cache itself; choose another file")
